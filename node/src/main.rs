@@ -1,0 +1,244 @@
+//! `nakshatra`: the command-line front of the node library.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nakshatra_node::engine::pipeline::{generate, GenerateParams, LocalChain};
+use nakshatra_node::engine::tokenizer::{Tokenizer, Utf8Stream};
+use nakshatra_node::engine::{EngineConfig, SamplerSpec, SliceEngine};
+use nakshatra_node::{layers, slices};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nakshatra",
+    version,
+    about = "Run one large language model split across many machines"
+)]
+struct Cli {
+    /// Where identities, slices and caches live (default: the platform's data dir).
+    #[arg(long, global = true, env = "NAKSHATRA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Look at GGUF models.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Write the slice of a model holding layers A..B as a standalone GGUF.
+    Slice {
+        /// The whole model (GGUF).
+        path: PathBuf,
+        /// Layers to keep, half-open: `0..10` keeps layers 0 to 9.
+        #[arg(long, value_parser = layers::parse_range)]
+        layers: std::ops::Range<u32>,
+        /// Output file.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Run a model in this process, optionally split into ranges run one
+    /// after another (the reference for the network path).
+    Run(RunArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCmd {
+    /// Architecture, layers, sizes, per-block bytes and the content id.
+    Inspect {
+        /// The GGUF file.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The whole model (GGUF).
+    #[arg(long)]
+    model: PathBuf,
+    /// Split points: `10,20` runs layers 0..10, 10..20 and 20..n as three ranges.
+    #[arg(long, value_delimiter = ',')]
+    split: Vec<u32>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0: off).
+    #[arg(long, default_value_t = 40)]
+    top_k: i32,
+    /// Top-p (1.0: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Seed of the random draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u32,
+    /// Tokenize the prompt as plain text (no chat template).
+    #[arg(long)]
+    raw: bool,
+    /// llama.cpp threads (default: all cores).
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Tokens one session holds (prompt + output).
+    #[arg(long, default_value_t = 2048)]
+    ctx_size: u32,
+    /// Physical micro-batch.
+    #[arg(long, default_value_t = 512)]
+    ubatch: u32,
+    /// The prompt.
+    prompt: String,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,llama-cpp-2=error")),
+        )
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(slices::default_data_dir);
+    match cli.cmd {
+        Cmd::Model {
+            cmd: ModelCmd::Inspect { path, json },
+        } => inspect(&path, json),
+        Cmd::Slice { path, layers, out } => {
+            let o = nakshatra_slicer::write_slice(&path, layers.start, layers.end, &out)?;
+            println!("wrote {} ({} bytes)", o.path.display(), o.bytes);
+            if let Some(s) = o.embd_sidecar {
+                println!("wrote {} (token embeddings for the first hop)", s.display());
+            }
+            Ok(())
+        }
+        Cmd::Run(args) => run(&data_dir, args),
+    }
+}
+
+fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
+    let info = nakshatra_slicer::inspect(path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("id:         {}", info.id);
+    println!("arch:       {}", info.arch);
+    println!("layers:     {}", info.n_layers);
+    println!("hidden:     {}", info.n_embd);
+    println!("vocab:      {}", info.n_vocab);
+    println!("tied:       {}", info.tied_embeddings);
+    println!("file bytes: {}", info.file_bytes);
+    if let Some(s) = &info.slice {
+        println!(
+            "slice:      layers {}..{} of {} from {}",
+            s.start, s.end, s.n_layers_total, s.source_id
+        );
+    }
+    for (i, (b, h)) in info.block_bytes.iter().zip(&info.block_hashes).enumerate() {
+        println!("block {i:>3}: {b:>12} bytes  {h}");
+    }
+    Ok(())
+}
+
+fn run(data_dir: &std::path::Path, a: RunArgs) -> Result<()> {
+    let info = nakshatra_slicer::inspect(&a.model)
+        .with_context(|| format!("reading {}", a.model.display()))?;
+    let ranges = layers::split_ranges(&a.split, info.n_layers).map_err(anyhow::Error::msg)?;
+    let cfg = EngineConfig {
+        threads: a
+            .threads
+            .unwrap_or_else(nakshatra_node::engine::default_threads),
+        ctx_per_session: a.ctx_size,
+        max_sessions: 1,
+        n_ubatch: a.ubatch,
+        ..EngineConfig::default()
+    };
+    let tok = Tokenizer::load(&a.model)?;
+    let text = if a.raw {
+        a.prompt.clone()
+    } else {
+        tok.chat_prompt(&a.prompt)?
+    };
+    let prompt = tok.tokenize(&text);
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if prompt.len() > a.ctx_size as usize {
+        bail!(
+            "prompt is {} tokens, longer than the context of {} tokens (raise --ctx-size)",
+            prompt.len(),
+            a.ctx_size
+        );
+    }
+    let mut stages = Vec::with_capacity(ranges.len());
+    for r in &ranges {
+        let p = slices::ensure_slice(data_dir, &a.model, &info, r)?;
+        stages.push(SliceEngine::load(&p, None, &cfg)?);
+    }
+    let mut chain = LocalChain::new(stages)?;
+    let session = chain.open()?;
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampler: SamplerSpec {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        keep_logits: false,
+    };
+    let mut utf8 = Utf8Stream::default();
+    let stdout = std::io::stdout();
+    let g = generate(
+        &mut chain,
+        &session,
+        &prompt,
+        &params,
+        |t| tok.is_eog(t),
+        |t| {
+            let s = utf8.push(&tok.piece(t));
+            let mut out = stdout.lock();
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+        },
+    )?;
+    let rest = utf8.finish();
+    let mut out = stdout.lock();
+    out.write_all(rest.as_bytes())?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    let split: Vec<String> = ranges
+        .iter()
+        .map(|r| format!("{}..{}", r.start, r.end))
+        .collect();
+    eprintln!(
+        "stats: ranges {} | prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s",
+        split.join(","),
+        g.n_prompt,
+        g.prefill_tps(),
+        g.tokens.len(),
+        g.decode_tps()
+    );
+    Ok(())
+}

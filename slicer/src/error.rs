@@ -1,0 +1,255 @@
+//! Error types. Messages are written for end users: each says which file,
+//! what is wrong, and where possible what to do about it.
+
+use std::io;
+use std::path::PathBuf;
+
+/// An error while opening or parsing a GGUF file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The file could not be opened, inspected or mapped.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The file does not start with the GGUF magic bytes (this includes an
+    /// empty file).
+    #[error("{} is not a GGUF model file (it does not start with the bytes \"GGUF\")", path.display())]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+    },
+
+    /// The file ends before a structure it declares.
+    #[error(
+        "{} is truncated or corrupt: reading {what} needs {needed} bytes at offset {offset}, \
+         but the file is only {file_len} bytes long",
+        path.display()
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// What was being read.
+        what: String,
+        /// Where it starts.
+        offset: u64,
+        /// How many bytes it needs (at least).
+        needed: u64,
+        /// The file length.
+        file_len: u64,
+    },
+
+    /// The GGUF version is not 2 or 3.
+    #[error(
+        "{} uses GGUF version {version}, which is not supported (only versions 2 and 3 are; \
+         a huge number usually means a big-endian file)",
+        path.display()
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version found.
+        version: u32,
+    },
+
+    /// A tensor has a ggml type id that this build does not know.
+    #[error("unknown ggml tensor type id {0} (the file is corrupt, or needs a newer nakshatra)")]
+    UnknownType(u32),
+
+    /// A metadata value has a type tag that is not a GGUF type.
+    #[error("{}: metadata key '{key}' has unknown value type {tag}", path.display())]
+    UnknownValueType {
+        /// The file.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+        /// The type tag found.
+        tag: u32,
+    },
+
+    /// A key, tensor name or string value is not valid UTF-8.
+    #[error("{}: {what} is not valid UTF-8", path.display())]
+    InvalidUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// Which string.
+        what: String,
+    },
+
+    /// A boolean value is neither 0 nor 1.
+    #[error("{}: metadata key '{key}' holds the invalid boolean byte {value}", path.display())]
+    InvalidBool {
+        /// The file.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+        /// The byte found.
+        value: u8,
+    },
+
+    /// Arrays are nested deeper than this reader allows.
+    #[error("{}: metadata key '{key}' nests arrays more than {max} deep", path.display())]
+    TooDeep {
+        /// The file.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+        /// The limit.
+        max: u32,
+    },
+
+    /// A metadata key is empty or appears twice.
+    #[error("{}: invalid metadata key {key:?}: {reason}", path.display())]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+
+    /// `general.alignment` is not a non-zero power of two stored as `u32`.
+    #[error("{}: general.alignment must be a u32 power of two, found {found}", path.display())]
+    BadAlignment {
+        /// The file.
+        path: PathBuf,
+        /// The value found, printed.
+        found: String,
+    },
+
+    /// A tensor info is invalid (shape, size, offset or duplicate name).
+    #[error("{}: tensor '{name}' is invalid: {reason}", path.display())]
+    BadTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An error while writing a GGUF file with [`crate::write_gguf`].
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The underlying writer failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The metadata is not writable (empty or duplicate key, bad alignment).
+    #[error("invalid metadata: {0}")]
+    BadMetadata(String),
+    /// A tensor's type, shape or data is inconsistent.
+    #[error("invalid tensor '{name}': {reason}")]
+    BadTensor {
+        /// The tensor name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An error while inspecting or slicing a model.
+#[derive(Debug, thiserror::Error)]
+pub enum SliceError {
+    /// The file is not a readable GGUF file.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+
+    /// The layer range has no layers (`start >= end`).
+    #[error("layer range {start}..{end} is empty: the first layer must be lower than the end")]
+    EmptyRange {
+        /// First layer.
+        start: u32,
+        /// One past the last layer.
+        end: u32,
+    },
+
+    /// The layer range goes past the model's layers.
+    #[error("layers {start}..{end} are out of range: model has {n_layers} layers (0..{n_layers})")]
+    RangeOutOfBounds {
+        /// First layer.
+        start: u32,
+        /// One past the last layer.
+        end: u32,
+        /// Layers in the model.
+        n_layers: u32,
+    },
+
+    /// The model architecture cannot be sliced (yet).
+    #[error(
+        "model architecture '{arch}' is not supported for slicing (supported: {})",
+        crate::SUPPORTED_ARCHS.join(", ")
+    )]
+    UnsupportedArch {
+        /// The architecture found in `general.architecture`.
+        arch: String,
+    },
+
+    /// A required metadata key is absent.
+    #[error("model metadata has no '{0}' key")]
+    MissingKey(String),
+
+    /// A metadata key has the wrong type or an impossible value.
+    #[error("model metadata key '{key}' is invalid: {reason}")]
+    BadKey {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A required tensor is absent.
+    #[error("model has no tensor '{0}'")]
+    MissingTensor(String),
+
+    /// The tensors do not form a model we understand (e.g. a block index past
+    /// `block_count`).
+    #[error("model is malformed: {0}")]
+    BadModel(String),
+
+    /// The input file was itself made by nakshatra (a slice or an embedding
+    /// sidecar); only original models are sliced, which keeps ids simple.
+    #[error(
+        "{} is already a nakshatra slice of model {source_id}; slice the original model file instead",
+        path.display()
+    )]
+    AlreadySliced {
+        /// The input file.
+        path: PathBuf,
+        /// The id of the model it was cut from.
+        source_id: String,
+    },
+
+    /// The output path is the input file.
+    #[error("refusing to overwrite the input model {} with a slice", path.display())]
+    OutputIsInput {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// Creating, writing, syncing or renaming an output file failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Producing the GGUF bytes failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: WriteError,
+    },
+}

@@ -1,0 +1,466 @@
+//! Writing layer-range slices (see the crate docs for the recipe).
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::error::{SliceError, WriteError};
+use crate::gguf::read::Gguf;
+use crate::gguf::types::GGML_TYPE_F32;
+use crate::gguf::value::MetaValue;
+use crate::gguf::write::{write_gguf, NewTensor, TensorData};
+use crate::info::EMBD;
+use crate::info::{arch_of, classify, inspect, model_info, n_layers_of, ModelInfo, TensorKind};
+use crate::keys;
+
+/// Architectures [`write_slice`] can cut. They share one recipe: blocks do
+/// not depend on their layer index, and the only special tensors are the
+/// token embedding, `output_norm`, and the optional `output.weight` /
+/// `output.bias` head.
+pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// The version written to `nakshatra.format_version`.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Per-layer-looking arrays (length may equal `block_count` by chance) that
+/// must never be cut. Keys are relative to `{arch}.`.
+const NOT_PER_LAYER: &[&str] = &["rope.dimension_sections"];
+
+/// `Ok` if `arch` can be sliced, else [`SliceError::UnsupportedArch`] (whose
+/// message lists the supported ones).
+pub fn supported_arch(arch: &str) -> Result<(), SliceError> {
+    if SUPPORTED_ARCHS.contains(&arch) {
+        Ok(())
+    } else {
+        Err(SliceError::UnsupportedArch { arch: arch.into() })
+    }
+}
+
+/// The path of the embedding sidecar written next to a first (non-last)
+/// slice: `<out>.embd.gguf`, i.e. `.embd.gguf` appended to the full file
+/// name (`/m/s.gguf` → `/m/s.gguf.embd.gguf`).
+pub fn embd_sidecar_path(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_os_string();
+    s.push(".embd.gguf");
+    PathBuf::from(s)
+}
+
+/// What [`write_slice`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceOutput {
+    /// The slice file (the `out` argument).
+    pub path: PathBuf,
+    /// The embedding sidecar ([`embd_sidecar_path`]), written only for a
+    /// first slice that is not also the last (`start == 0 && end < n`).
+    pub embd_sidecar: Option<PathBuf>,
+    /// [`ModelInfo`] of the written slice (its own id; `slice` is set).
+    pub info: ModelInfo,
+    /// Total bytes written: the slice plus the sidecar, if any.
+    pub bytes: u64,
+}
+
+/// Writes the layers `start..end` of the model at `src` as a GGUF file at
+/// `out` that stock llama.cpp can load, plus an embedding sidecar for a first
+/// slice.
+///
+/// - Metadata: all keys in their original order, except
+///   `{arch}.block_count = end - start`; `{arch}.*` arrays with one entry per
+///   layer cut to `start..end`; and, unless `end` is the last layer, every
+///   `tokenizer.*` key replaced by `tokenizer.ggml.model = "none"` and
+///   `{arch}.vocab_size = 1`. Appended: `nakshatra.source_model_id`,
+///   `nakshatra.layer_start`, `nakshatra.layer_end`,
+///   `nakshatra.n_layers_total`, `nakshatra.format_version`.
+/// - Tensors, in original order: `blk.{i}.*` for `i` in range renamed
+///   `blk.{i-start}.*`, byte-identical; every other tensor kept, except that
+///   a non-last slice gets an all-zero F32 `[n_embd, 1]` `token_embd.weight`
+///   and no `output.weight`/`output.bias`.
+/// - The last slice keeps `token_embd.weight` even when the model has an
+///   untied `output.weight`: llama.cpp's llama/qwen loaders require
+///   `token_embd` with shape `[n_embd, n_vocab]`, and `n_vocab` comes from the
+///   real tokenizer that the last slice keeps. It costs disk only: fed
+///   embeddings, llama.cpp never reads it, so its mapped pages stay cold.
+///
+/// Same alignment as the source, zero padding, deterministic bytes. Each file
+/// is written to `<path>.tmp-<pid>`, synced and renamed into place; on error
+/// the temporary files are removed. A stale sidecar from an earlier slice at
+/// the same `out` is removed when this slice has none. Refuses files that are
+/// already slices ([`SliceError::AlreadySliced`]).
+pub fn write_slice(
+    src: &Path,
+    start: u32,
+    end: u32,
+    out: &Path,
+) -> Result<SliceOutput, SliceError> {
+    let t0 = Instant::now();
+    let g = Gguf::open(src)?;
+    let arch = arch_of(&g)?;
+    if let Some(id) = g.get(keys::SOURCE_MODEL_ID) {
+        return Err(SliceError::AlreadySliced {
+            path: src.to_path_buf(),
+            source_id: id.as_str().unwrap_or("?").to_string(),
+        });
+    }
+    supported_arch(&arch)?;
+    let n = n_layers_of(&g, &arch)?;
+    if start >= end {
+        return Err(SliceError::EmptyRange { start, end });
+    }
+    if end > n {
+        return Err(SliceError::RangeOutOfBounds {
+            start,
+            end,
+            n_layers: n,
+        });
+    }
+    if is_same_file(src, out) {
+        return Err(SliceError::OutputIsInput {
+            path: out.to_path_buf(),
+        });
+    }
+
+    let source = model_info(&g)?;
+    let t_hash = t0.elapsed();
+    let last = end == n;
+    let metadata = slice_metadata(&g, &arch, n, start, end, &source.id)?;
+    let tensors = slice_tensors(&g, source.n_embd, start, end, last)?;
+
+    let sidecar = if start == 0 && !last {
+        let embd = g
+            .tensor(EMBD)
+            .ok_or_else(|| SliceError::MissingTensor(EMBD.into()))?;
+        let mut meta = vec![(keys::ARCH.to_string(), MetaValue::String(arch.clone()))];
+        if let Some(a) = g.get(keys::ALIGNMENT) {
+            meta.push((keys::ALIGNMENT.to_string(), a.clone()));
+        }
+        meta.push((
+            keys::SOURCE_MODEL_ID.to_string(),
+            MetaValue::String(source.id.clone()),
+        ));
+        meta.push((
+            keys::ROLE.to_string(),
+            MetaValue::String("token_embd".into()),
+        ));
+        meta.push((
+            keys::FORMAT_VERSION.to_string(),
+            MetaValue::U32(FORMAT_VERSION),
+        ));
+        let tensor = NewTensor {
+            name: EMBD.to_string(),
+            ggml_type: embd.ggml_type,
+            dims: embd.dims.clone(),
+            data: TensorData::Bytes(g.tensor_data(embd)),
+        };
+        let path = embd_sidecar_path(out);
+        let tmp = TmpFile::write(&path, |w| write_gguf(w, &meta, &[tensor]))?;
+        Some(tmp)
+    } else {
+        None
+    };
+    let main = TmpFile::write(out, |w| write_gguf(w, &metadata, &tensors))?;
+
+    // Both files are complete and synced: move them into place, sidecar first
+    // so that a visible slice always has its sidecar.
+    let mut bytes = main.bytes;
+    let embd_sidecar = match sidecar {
+        Some(s) => {
+            bytes += s.bytes;
+            Some(s.commit()?)
+        }
+        None => {
+            let stale = embd_sidecar_path(out);
+            if stale.exists() {
+                tracing::info!(path = %stale.display(), "removing stale embedding sidecar");
+                fs::remove_file(&stale).map_err(|source| SliceError::Io {
+                    path: stale.clone(),
+                    source,
+                })?;
+            }
+            None
+        }
+    };
+    let path = main.commit()?;
+    drop(g);
+
+    let info = inspect(&path)?;
+    if info.block_hashes.as_slice()
+        != source
+            .block_hashes
+            .get(start as usize..end as usize)
+            .unwrap_or(&[])
+    {
+        return Err(SliceError::BadModel(format!(
+            "internal error: the block hashes of {} do not match the source layers {start}..{end}",
+            path.display()
+        )));
+    }
+    tracing::info!(
+        src = %src.display(),
+        out = %path.display(),
+        start,
+        end,
+        bytes,
+        hash_ms = t_hash.as_millis() as u64,
+        total_ms = t0.elapsed().as_millis() as u64,
+        "wrote slice"
+    );
+    Ok(SliceOutput {
+        path,
+        embd_sidecar,
+        info,
+        bytes,
+    })
+}
+
+/// The slice's metadata (see [`write_slice`]).
+fn slice_metadata(
+    g: &Gguf,
+    arch: &str,
+    n: u32,
+    start: u32,
+    end: u32,
+    source_id: &str,
+) -> Result<Vec<(String, MetaValue)>, SliceError> {
+    let last = end == n;
+    let prefix = format!("{arch}.");
+    let block_count_key = format!("{arch}.block_count");
+    let vocab_key = format!("{arch}.vocab_size");
+    let has_vocab_key = g.get(&vocab_key).is_some();
+    let mut out: Vec<(String, MetaValue)> = Vec::with_capacity(g.metadata().len() + 6);
+    let mut put_tokenizer_model = !last;
+
+    for (k, v) in g.metadata() {
+        if k.starts_with("nakshatra.") {
+            continue;
+        }
+        if !last && k.starts_with("tokenizer.") {
+            if put_tokenizer_model {
+                out.push((
+                    "tokenizer.ggml.model".into(),
+                    MetaValue::String("none".into()),
+                ));
+                put_tokenizer_model = false;
+            }
+            continue;
+        }
+        if *k == block_count_key {
+            out.push((k.clone(), same_int_type(v, end - start)));
+            if !last && !has_vocab_key {
+                out.push((vocab_key.clone(), MetaValue::U32(1)));
+            }
+            continue;
+        }
+        if !last && *k == vocab_key {
+            out.push((k.clone(), MetaValue::U32(1)));
+            continue;
+        }
+        let per_layer = k
+            .strip_prefix(&prefix)
+            .filter(|rest| !NOT_PER_LAYER.contains(rest))
+            .and_then(|_| v.as_array())
+            .filter(|a| a.len() == n as usize);
+        match per_layer {
+            Some(a) => {
+                let cut = a
+                    .sub_array(start as usize..end as usize)
+                    .map(MetaValue::Array)
+                    .ok_or_else(|| SliceError::BadKey {
+                        key: k.clone(),
+                        reason: "cannot cut the per-layer array".into(),
+                    })?;
+                out.push((k.clone(), cut));
+            }
+            None => out.push((k.clone(), v.clone())),
+        }
+    }
+    if put_tokenizer_model {
+        out.push((
+            "tokenizer.ggml.model".into(),
+            MetaValue::String("none".into()),
+        ));
+    }
+    out.push((
+        keys::SOURCE_MODEL_ID.into(),
+        MetaValue::String(source_id.into()),
+    ));
+    out.push((keys::LAYER_START.into(), MetaValue::U32(start)));
+    out.push((keys::LAYER_END.into(), MetaValue::U32(end)));
+    out.push((keys::N_LAYERS_TOTAL.into(), MetaValue::U32(n)));
+    out.push((keys::FORMAT_VERSION.into(), MetaValue::U32(FORMAT_VERSION)));
+    Ok(out)
+}
+
+/// `n` as an integer value of the same GGUF type as `like` (falls back to
+/// `u32` if it does not fit or `like` is not an integer).
+fn same_int_type(like: &MetaValue, n: u32) -> MetaValue {
+    let fallback = MetaValue::U32(n);
+    match like {
+        MetaValue::U8(_) => u8::try_from(n).map(MetaValue::U8).unwrap_or(fallback),
+        MetaValue::I8(_) => i8::try_from(n).map(MetaValue::I8).unwrap_or(fallback),
+        MetaValue::U16(_) => u16::try_from(n).map(MetaValue::U16).unwrap_or(fallback),
+        MetaValue::I16(_) => i16::try_from(n).map(MetaValue::I16).unwrap_or(fallback),
+        MetaValue::I32(_) => i32::try_from(n).map(MetaValue::I32).unwrap_or(fallback),
+        MetaValue::U64(_) => MetaValue::U64(n.into()),
+        MetaValue::I64(_) => MetaValue::I64(n.into()),
+        _ => fallback,
+    }
+}
+
+/// The slice's tensors (see [`write_slice`]).
+fn slice_tensors<'a>(
+    g: &'a Gguf,
+    n_embd: u32,
+    start: u32,
+    end: u32,
+    last: bool,
+) -> Result<Vec<NewTensor<'a>>, SliceError> {
+    let mut out = Vec::new();
+    for t in g.tensors() {
+        let copy = |name: String| NewTensor {
+            name,
+            ggml_type: t.ggml_type,
+            dims: t.dims.clone(),
+            data: TensorData::Bytes(g.tensor_data(t)),
+        };
+        match classify(&t.name)? {
+            TensorKind::Block { layer, suffix } => {
+                if (start..end).contains(&layer) {
+                    out.push(copy(format!("blk.{}.{suffix}", layer - start)));
+                }
+            }
+            TensorKind::Embd if !last => out.push(NewTensor {
+                name: EMBD.into(),
+                ggml_type: GGML_TYPE_F32,
+                dims: vec![n_embd.into(), 1],
+                data: TensorData::Zeros,
+            }),
+            TensorKind::Head if !last => {}
+            TensorKind::Global if !last && t.name == "output.bias" => {}
+            _ => out.push(copy(t.name.clone())),
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `a` and `b` name the same existing file.
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A fully written and synced temporary file, renamed into place by
+/// [`TmpFile::commit`] and removed if dropped uncommitted.
+struct TmpFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    bytes: u64,
+    committed: bool,
+}
+
+impl TmpFile {
+    /// Writes `dest`'s content to `<dest>.tmp-<pid>` with `f`, flushes and
+    /// fsyncs it.
+    fn write(
+        dest: &Path,
+        f: impl FnOnce(&mut dyn Write) -> Result<u64, WriteError>,
+    ) -> Result<TmpFile, SliceError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SliceError::Io { path, source }
+        };
+        let name = dest.file_name().ok_or_else(|| SliceError::Io {
+            path: dest.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the output path has no file name",
+            ),
+        })?;
+        let mut tmp_name = name.to_os_string();
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let mut tmp = TmpFile {
+            tmp: dest.with_file_name(tmp_name),
+            dest: dest.to_path_buf(),
+            bytes: 0,
+            committed: false,
+        };
+        let file = File::create(&tmp.tmp).map_err(io_err(&tmp.tmp))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        tmp.bytes = f(&mut w).map_err(|source| match source {
+            WriteError::Io(source) => SliceError::Io {
+                path: tmp.tmp.clone(),
+                source,
+            },
+            source => SliceError::Write {
+                path: tmp.tmp.clone(),
+                source,
+            },
+        })?;
+        let file = w.into_inner().map_err(|e| SliceError::Io {
+            path: tmp.tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err(&tmp.tmp))?;
+        Ok(tmp)
+    }
+
+    /// Renames the temporary file to its destination and syncs the directory
+    /// (best effort).
+    fn commit(mut self) -> Result<PathBuf, SliceError> {
+        fs::rename(&self.tmp, &self.dest).map_err(|source| SliceError::Io {
+            path: self.dest.clone(),
+            source,
+        })?;
+        self.committed = true;
+        if let Some(dir) = self.dest.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+                tracing::debug!(dir = %dir.display(), error = %e, "could not fsync directory");
+            }
+        }
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_path_appends() {
+        assert_eq!(
+            embd_sidecar_path(Path::new("/m/s.gguf")),
+            PathBuf::from("/m/s.gguf.embd.gguf")
+        );
+    }
+
+    #[test]
+    fn block_count_keeps_type() {
+        assert_eq!(same_int_type(&MetaValue::U64(30), 10), MetaValue::U64(10));
+        assert_eq!(same_int_type(&MetaValue::U32(30), 10), MetaValue::U32(10));
+        assert_eq!(same_int_type(&MetaValue::U8(30), 300), MetaValue::U32(300));
+    }
+
+    #[test]
+    fn unsupported_arch_lists_supported() {
+        let e = supported_arch("gpt2").unwrap_err().to_string();
+        assert!(
+            e.contains("'gpt2'") && e.contains("llama, qwen2, qwen3"),
+            "{e}"
+        );
+        assert!(supported_arch("llama").is_ok());
+    }
+}

@@ -1,0 +1,115 @@
+//! The composed libp2p behaviour and how it is configured.
+
+use libp2p::{
+    identify,
+    identity::Keypair,
+    kad::{self, store::MemoryStore, store::MemoryStoreConfig, Mode, StoreInserts},
+    mdns, ping, request_response,
+    swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
+    StreamProtocol,
+};
+use nakshatra_protocol::rpc::INFO_PROTOCOL;
+
+use crate::{codec::InfoCodec, config::Role, SwarmConfig};
+
+/// Kademlia protocol name: a private DHT, apart from the public IPFS one.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/nakshatra/kad/1.0.0");
+
+/// identify `protocol_version` of nakshatra nodes.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/nakshatra/1";
+
+/// Largest Kademlia message: a 16 KiB signed record plus framing must fit
+/// in a PUT_VALUE / GET_VALUE message, and a provider list of up to
+/// `MAX_PROVIDERS_PER_KEY` peers with addresses in a GET_PROVIDERS answer.
+/// Every node of a swarm must accept this size.
+pub(crate) const KAD_MAX_PACKET: usize = 256 * 1024;
+
+/// Providers stored per key (libp2p's default is K = 20; the models key is
+/// provided by every serving node).
+pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 256;
+
+/// The node's behaviour.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) kad: kad::Behaviour<MemoryStore>,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(crate) info: request_response::Behaviour<InfoCodec>,
+}
+
+impl Behaviour {
+    pub(crate) fn new(key: &Keypair, config: &SwarmConfig) -> Self {
+        let peer_id = key.public().to_peer_id();
+
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config
+            .set_record_filtering(StoreInserts::FilterBoth)
+            .set_record_ttl(Some(config.record_ttl))
+            .set_provider_record_ttl(Some(config.record_ttl))
+            // Re-announcing is ours (event loop, every `refresh`, with a
+            // freshly signed info); kad's own jobs would only duplicate it.
+            .set_provider_publication_interval(None)
+            .set_publication_interval(None)
+            .set_replication_interval(None)
+            .set_query_timeout(config.query_timeout)
+            .set_max_packet_size(KAD_MAX_PACKET)
+            .set_caching(kad::Caching::Disabled);
+        let store = MemoryStore::with_config(
+            peer_id,
+            MemoryStoreConfig {
+                max_records: 4096,
+                max_value_bytes: nakshatra_protocol::MAX_RECORD_BYTES + 1,
+                max_providers_per_key: MAX_PROVIDERS_PER_KEY,
+                max_provided_keys: 16 * 1024,
+            },
+        );
+        let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+        kad.set_mode(Some(match config.role {
+            // Forced: on a LAN or loopback there is no confirmed external
+            // address, and in automatic mode nobody would answer queries.
+            Role::Server => Mode::Server,
+            Role::Client => Mode::Client,
+        }));
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_string(), key.public())
+                .with_agent_version(config.agent_version.clone())
+                .with_push_listen_addr_updates(true),
+        );
+
+        let ping = ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval));
+
+        let mdns = if config.mdns {
+            match mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(error = %e, "mDNS unavailable, continuing without it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let support = match config.role {
+            Role::Server => request_response::ProtocolSupport::Full,
+            Role::Client => request_response::ProtocolSupport::Outbound,
+        };
+        let info = request_response::Behaviour::with_codec(
+            InfoCodec,
+            [(StreamProtocol::new(INFO_PROTOCOL), support)],
+            request_response::Config::default()
+                .with_request_timeout(config.request_timeout)
+                .with_max_concurrent_streams(64),
+        );
+
+        Behaviour {
+            kad,
+            identify,
+            ping,
+            mdns: Toggle::from(mdns),
+            info,
+        }
+    }
+}

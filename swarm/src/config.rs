@@ -1,0 +1,135 @@
+//! How a node joins the swarm: role, addresses, timings.
+
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use nakshatra_protocol::MAX_RECORD_LIFETIME_MS;
+
+/// Whether the node serves the DHT (and announces), or only asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A serving node: Kademlia server mode (answers DHT queries, stores
+    /// records and provider records), answers `/nakshatra/info/1`, may
+    /// announce.
+    Server,
+    /// A short-lived asker (`swarm status`, `ask`): Kademlia client mode,
+    /// serves nothing, cannot announce.
+    Client,
+}
+
+/// Configuration of one swarm node. Start from [`SwarmConfig::server`] or
+/// [`SwarmConfig::client`] and adjust the fields.
+///
+/// **Swarm-wide settings.** `record_ttl` is applied by the nodes that
+/// *store* provider records (Kademlia's `provider_record_ttl` is a receiver
+/// setting), so every node of one swarm must use the same `record_ttl`;
+/// `refresh` must be well below it (the defaults, 90 s and 30 s, leave
+/// room for two lost refreshes).
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    /// Server or client.
+    pub role: Role,
+    /// Addresses to listen on (`/ip4/0.0.0.0/tcp/0` for a server by
+    /// default, none for a client).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (`.../p2p/<peer id>` optional). Unreachable
+    /// ones are retried in the background with exponential backoff.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Lifetime of announcements: provider records expire this long after
+    /// their last refresh, signed infos carry `expires_at = issued_at +
+    /// record_ttl`. Default 90 s; at most one hour.
+    pub record_ttl: Duration,
+    /// How often a serving node re-announces (provider records and a
+    /// freshly signed info). Default 30 s.
+    pub refresh: Duration,
+    /// Timeout of one Kademlia query (lookup, put). Default 30 s.
+    pub query_timeout: Duration,
+    /// Timeout of one `/nakshatra/info/1` request. Default 10 s.
+    pub request_timeout: Duration,
+    /// Interval between pings on each connection (RTT measurement).
+    /// Default 15 s.
+    pub ping_interval: Duration,
+    /// How long an idle connection is kept open. Default 60 s.
+    pub idle_connection_timeout: Duration,
+    /// First retry delay when no bootstrap peer is reachable; doubles up to
+    /// `bootstrap_backoff_max`. Default 1 s.
+    pub bootstrap_backoff_initial: Duration,
+    /// Longest delay between bootstrap retries. Default 30 s.
+    pub bootstrap_backoff_max: Duration,
+    /// The `agent_version` identify reports.
+    pub agent_version: String,
+}
+
+impl SwarmConfig {
+    /// Defaults for a serving node: listens on `/ip4/0.0.0.0/tcp/0`, mDNS
+    /// on, 90 s TTL refreshed every 30 s.
+    pub fn server() -> Self {
+        SwarmConfig {
+            role: Role::Server,
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr")],
+            bootstrap: Vec::new(),
+            mdns: true,
+            record_ttl: Duration::from_secs(90),
+            refresh: Duration::from_secs(30),
+            query_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(15),
+            idle_connection_timeout: Duration::from_secs(60),
+            bootstrap_backoff_initial: Duration::from_secs(1),
+            bootstrap_backoff_max: Duration::from_secs(30),
+            agent_version: format!("nakshatra/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// Defaults for an asking node: no listener, mDNS on, client mode.
+    pub fn client() -> Self {
+        SwarmConfig {
+            role: Role::Client,
+            listen: Vec::new(),
+            ..SwarmConfig::server()
+        }
+    }
+
+    /// Checks the timings: non-zero, `refresh < record_ttl`, `record_ttl`
+    /// at most the protocol's longest record lifetime.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("record_ttl", self.record_ttl),
+            ("refresh", self.refresh),
+            ("query_timeout", self.query_timeout),
+            ("request_timeout", self.request_timeout),
+            ("ping_interval", self.ping_interval),
+            ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),
+        ];
+        for (name, d) in nonzero {
+            if d.is_zero() {
+                return Err(format!("{name} must be > 0"));
+            }
+        }
+        if self.refresh >= self.record_ttl {
+            return Err(format!(
+                "refresh ({:?}) must be shorter than record_ttl ({:?})",
+                self.refresh, self.record_ttl
+            ));
+        }
+        if self.record_ttl > Duration::from_millis(MAX_RECORD_LIFETIME_MS) {
+            return Err(format!(
+                "record_ttl ({:?}) exceeds the protocol's maximum record lifetime ({} ms)",
+                self.record_ttl, MAX_RECORD_LIFETIME_MS
+            ));
+        }
+        if self.bootstrap_backoff_max < self.bootstrap_backoff_initial {
+            return Err("bootstrap_backoff_max must be >= bootstrap_backoff_initial".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for SwarmConfig {
+    /// [`SwarmConfig::server`].
+    fn default() -> Self {
+        SwarmConfig::server()
+    }
+}
