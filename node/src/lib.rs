@@ -6,4 +6,6 @@
 
 pub mod engine;
 pub mod layers;
+pub mod serve;
 pub mod slices;
+pub mod status;

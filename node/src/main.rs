@@ -9,6 +9,7 @@ use nakshatra_node::engine::pipeline::{generate, GenerateParams, LocalChain};
 use nakshatra_node::engine::tokenizer::{Tokenizer, Utf8Stream};
 use nakshatra_node::engine::{EngineConfig, SamplerSpec, SliceEngine};
 use nakshatra_node::{layers, slices};
+use nakshatra_swarm::Multiaddr;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -46,6 +47,79 @@ enum Cmd {
     /// Run a model in this process, optionally split into ranges run one
     /// after another (the reference for the network path).
     Run(RunArgs),
+    /// Take part in a swarm.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Look at the swarm.
+    Swarm {
+        #[command(subcommand)]
+        cmd: SwarmCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Serve a range of a model's layers and announce it on the swarm.
+    Join(JoinArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum SwarmCmd {
+    /// Per model: which blocks are covered, by whom, and the gaps.
+    Status {
+        /// Peers to bootstrap from (multiaddr, `/p2p/<id>` optional).
+        #[arg(long)]
+        bootstrap: Vec<Multiaddr>,
+        /// Do not look for peers on the LAN with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
+        /// Seconds to wait for a first peer.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct JoinArgs {
+    /// The whole model (GGUF).
+    #[arg(long)]
+    model: PathBuf,
+    /// Layers to serve, half-open: `0..10`.
+    #[arg(long, value_parser = layers::parse_range)]
+    layers: std::ops::Range<u32>,
+    /// Peers to bootstrap from (multiaddr, `/p2p/<id>` optional).
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// Addresses to listen on.
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    listen: Vec<Multiaddr>,
+    /// Do not look for peers on the LAN with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// llama.cpp threads (default: all cores). Nodes sharing a host must
+    /// split the cores between them.
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Sessions served at once.
+    #[arg(long, default_value_t = 8)]
+    max_sessions: u32,
+    /// Tokens one session holds.
+    #[arg(long, default_value_t = 2048)]
+    ctx_size: u32,
+    /// Seconds an announcement lives (every node of a swarm must agree).
+    #[arg(long, default_value_t = 90)]
+    record_ttl: u64,
+    /// Seconds between re-announcements.
+    #[arg(long, default_value_t = 30)]
+    refresh: u64,
+    /// Test-only fault injection.
+    #[arg(long, hide = true, value_enum)]
+    fault: Option<nakshatra_node::serve::Fault>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,15 +174,19 @@ struct RunArgs {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // A serving node logs what it does; one-shot commands stay quiet.
+    let default_filter = match cli.cmd {
+        Cmd::Node { .. } => "info,libp2p_kad=error,llama-cpp-2=error",
+        _ => "warn,libp2p_kad=error,llama-cpp-2=error",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,llama-cpp-2=error")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .init();
-    let cli = Cli::parse();
     if let Err(e) = real_main(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -133,7 +211,96 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run(&data_dir, args),
+        Cmd::Node {
+            cmd: NodeCmd::Join(args),
+        } => runtime()?.block_on(join(data_dir, args)),
+        Cmd::Swarm {
+            cmd:
+                SwarmCmd::Status {
+                    bootstrap,
+                    no_mdns,
+                    wait,
+                    json,
+                },
+        } => runtime()?.block_on(async move {
+            let view = nakshatra_node::status::swarm_status(
+                bootstrap,
+                !no_mdns,
+                std::time::Duration::from_secs(wait),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&view)?);
+            } else {
+                print!("{}", nakshatra_node::status::render(&view));
+            }
+            Ok(())
+        }),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
+    use nakshatra_node::serve;
+    let fault = a.fault;
+    let opts = serve::JoinOptions {
+        model: a.model,
+        layers: a.layers,
+        bootstrap: a.bootstrap,
+        listen: a.listen,
+        data_dir: data_dir.clone(),
+        mdns: !a.no_mdns,
+        engine: EngineConfig {
+            threads: a
+                .threads
+                .unwrap_or_else(nakshatra_node::engine::default_threads),
+            ctx_per_session: a.ctx_size,
+            max_sessions: a.max_sessions,
+            ..EngineConfig::default()
+        },
+        record_ttl: std::time::Duration::from_secs(a.record_ttl),
+        refresh: std::time::Duration::from_secs(a.refresh),
+    };
+    let mut node = serve::start(opts).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        for addr in &node.addrs {
+            writeln!(out, "listening on {addr}")?;
+        }
+        out.flush()?;
+    }
+    eprintln!(
+        "serving layers {}..{} of model {} as {}",
+        node.info.start,
+        node.info.end,
+        node.info.model_id,
+        node.swarm.peer_id()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                if let Err(e) = node.refresh_capacity().await {
+                    tracing::warn!("re-announce failed: {e}");
+                }
+                if fault == Some(serve::Fault::ForgeRecords) {
+                    node.forge_records(&data_dir).await?;
+                }
+            }
+        }
+    }
+    eprintln!("leaving the swarm");
+    node.leave().await?;
+    Ok(())
 }
 
 fn inspect(path: &std::path::Path, json: bool) -> Result<()> {

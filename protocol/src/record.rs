@@ -38,9 +38,9 @@ pub enum RecordError {
     #[error("record signed by {signer}, but it claims to describe {expected}")]
     PeerMismatch {
         /// The peer the record should describe (DHT key, connection).
-        expected: PeerId,
+        expected: Box<PeerId>,
         /// The peer whose key signed it.
-        signer: PeerId,
+        signer: Box<PeerId>,
     },
     /// Another protocol version.
     #[error("protocol version {found}, this node speaks {expected}")]
@@ -233,22 +233,22 @@ pub fn verify_with(
     }
     let signed: SignedServerInfo = match wire::decode(bytes, limits.max_bytes) {
         Ok(s) => s,
-        Err(e) => {
-            // A record of another version may not even decode; say so when
-            // its leading version number tells.
-            if let Ok((found, _)) = bincode::serde::decode_from_slice::<u32, _>(
+        Err(RecordError::Malformed(why)) => {
+            // A record of another version may not even decode; its leading
+            // version number is the best hint there is (garbage reads as
+            // some number too, so this stays `Malformed`).
+            let hint = bincode::serde::decode_from_slice::<u32, _>(
                 bytes,
                 bincode::config::standard().with_limit::<16>(),
-            ) {
-                if found != PROTOCOL_VERSION {
-                    return Err(RecordError::WrongVersion {
-                        found,
-                        expected: PROTOCOL_VERSION,
-                    });
+            );
+            return Err(match hint {
+                Ok((found, _)) if found != PROTOCOL_VERSION => {
+                    RecordError::Malformed(format!("{why} (leading version field reads {found})"))
                 }
-            }
-            return Err(e);
+                _ => RecordError::Malformed(why),
+            });
         }
+        Err(e) => return Err(e),
     };
     if signed.version != PROTOCOL_VERSION {
         return Err(RecordError::WrongVersion {
@@ -262,8 +262,8 @@ pub fn verify_with(
     if let Some(expected) = expected_peer {
         if *expected != signer {
             return Err(RecordError::PeerMismatch {
-                expected: *expected,
-                signer,
+                expected: Box::new(*expected),
+                signer: Box::new(signer),
             });
         }
     }

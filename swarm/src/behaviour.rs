@@ -81,7 +81,11 @@ impl Behaviour {
         let ping = ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval));
 
         let mdns = if config.mdns {
-            match mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id) {
+            let mdns_config = mdns::Config {
+                query_interval: config.mdns_query_interval,
+                ..mdns::Config::default()
+            };
+            match mdns::tokio::Behaviour::new(mdns_config, peer_id) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     tracing::warn!(error = %e, "mDNS unavailable, continuing without it");

@@ -54,11 +54,7 @@ impl request_response::Codec for InfoCodec {
         InfoRequest::from_bytes(&body).map_err(invalid)
     }
 
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<InfoResponse>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<InfoResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -107,7 +103,9 @@ mod tests {
         let mut c = InfoCodec;
         let mut buf = Cursor::new(Vec::new());
         let resp = InfoResponse::Serving(vec![5; 100]);
-        c.write_response(&proto(), &mut buf, resp.clone()).await.unwrap();
+        c.write_response(&proto(), &mut buf, resp.clone())
+            .await
+            .unwrap();
         let mut rd = Cursor::new(buf.into_inner());
         assert_eq!(c.read_response(&proto(), &mut rd).await.unwrap(), resp);
 

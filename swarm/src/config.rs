@@ -37,6 +37,9 @@ pub struct SwarmConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the local network with mDNS.
     pub mdns: bool,
+    /// How often mDNS queries the network when nothing was heard (any mDNS
+    /// packet resets the timer). Default 30 s.
+    pub mdns_query_interval: Duration,
     /// Lifetime of announcements: provider records expire this long after
     /// their last refresh, signed infos carry `expires_at = issued_at +
     /// record_ttl`. Default 90 s; at most one hour.
@@ -71,6 +74,7 @@ impl SwarmConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr")],
             bootstrap: Vec::new(),
             mdns: true,
+            mdns_query_interval: Duration::from_secs(30),
             record_ttl: Duration::from_secs(90),
             refresh: Duration::from_secs(30),
             query_timeout: Duration::from_secs(30),
@@ -101,6 +105,7 @@ impl SwarmConfig {
             ("query_timeout", self.query_timeout),
             ("request_timeout", self.request_timeout),
             ("ping_interval", self.ping_interval),
+            ("mdns_query_interval", self.mdns_query_interval),
             ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),
         ];
         for (name, d) in nonzero {

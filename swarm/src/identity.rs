@@ -228,7 +228,11 @@ mod tests {
             let err = load_or_create_identity(&path).unwrap_err();
             assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");
             assert!(err.to_string().contains("move it away"), "{err}");
-            assert_eq!(fs::read(&path).unwrap(), junk, "file must be left untouched");
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                junk,
+                "file must be left untouched"
+            );
         }
     }
 

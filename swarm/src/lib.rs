@@ -1,10 +1,136 @@
-//! nakshatra's libp2p layer: identity, transports, Kademlia records, mDNS,
-//! the stream protocols and chain planning. Knows bytes and peers, never
-//! llama.cpp.
+//! nakshatra's libp2p layer: identity, transports, the Kademlia DHT that is
+//! the swarm's only registry, mDNS, identify, ping and the direct info
+//! protocol. Knows bytes and peers, never llama.cpp.
 //!
-//! Filled by the swarm work; for now it only re-exports the protocol
-//! version it speaks.
+//! # Shape
+//!
+//! [`spawn`] builds a libp2p [`libp2p::Swarm`] (TCP + noise + yamux, QUIC
+//! with the `quic` feature, DNS), starts listening and moves the swarm into
+//! an event-loop task; it hands back a [`Client`] (cloneable handle; every
+//! method is a command sent to the loop, answered over a oneshot channel)
+//! and the task's `JoinHandle`.
+//!
+//! # What a serving node announces
+//!
+//! - Kademlia **provider records** (bound to the sender's PeerId by the
+//!   connection) for `/nakshatra/1/models`, `/nakshatra/1/model/{id}` and
+//!   `/nakshatra/1/block/{id}/{b}` for every held block: any block's holders
+//!   are one O(log n) lookup away.
+//! - A **signed [`ServerInfo`]** record at `/nakshatra/1/info/{peer id}`,
+//!   signed with the node's ed25519 identity. Every node stores inbound
+//!   records only after [`nakshatra_protocol::verify`] (Kademlia
+//!   `StoreInserts::FilterBoth`); askers verify again whatever they read.
+//! - Both are refreshed every [`SwarmConfig::refresh`] and expire after
+//!   [`SwarmConfig::record_ttl`] (same value on every node!).
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use nakshatra_swarm::{load_or_create_identity, spawn, ServerInfo, SwarmConfig};
+//!
+//! let key = load_or_create_identity("data/identity.key".as_ref())?;
+//! let mut config = SwarmConfig::server();
+//! config.bootstrap = vec!["/ip4/10.0.0.1/tcp/4001".parse()?];
+//! let (client, task) = spawn(key, config).await?;
+//! for addr in client.listen_addrs().await? {
+//!     println!("{addr}/p2p/{}", client.peer_id());
+//! }
+//! let mut info = ServerInfo::new("ab".repeat(32), "llama", 30, 0..10, 2048);
+//! info.max_sessions = 4;
+//! info.free_sessions = 4;
+//! client.announce(info).await?;
+//! // ... serve ...
+//! client.shutdown().await?; // withdraws, then stops the loop
+//! task.await?;
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 
-pub use nakshatra_protocol::PROTOCOL_VERSION;
+mod behaviour;
+mod client;
+mod codec;
+mod config;
+mod error;
+mod event_loop;
+mod identity;
+mod view;
+
+use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm, SwarmBuilder};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+pub use behaviour::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
+pub use client::Client;
+pub use config::{Role, SwarmConfig};
+pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
+pub use event_loop::SwarmStats;
+pub use identity::{load_or_create_identity, signing_key, IdentityError};
+pub use view::{build_model_view, ModelView, PeerView, SwarmView};
+
+/// Multiaddr components (e.g. `Protocol::P2p(peer)` to append `/p2p/<peer id>`).
+pub use libp2p::multiaddr::Protocol;
+pub use libp2p::{identity::Keypair as IdentityKeypair, Multiaddr, PeerId};
+pub use nakshatra_protocol::{
+    self as protocol, DeviceInfo, ServerInfo, ServerState, PROTOCOL_VERSION,
+};
+
+/// Starts a swarm node with identity `keypair` (must be ed25519; see
+/// [`load_or_create_identity`]) and `config`, on the current tokio runtime.
+///
+/// Listens on every `config.listen` address before returning (a port in
+/// use is an error here), then runs the event loop in a spawned task and
+/// dials the bootstrap peers from it. Unreachable bootstrap peers are not
+/// an error: the loop logs a warning and retries with exponential backoff
+/// (`bootstrap_backoff_initial` doubling up to `bootstrap_backoff_max`).
+///
+/// The `JoinHandle` completes after [`Client::shutdown`], or once every
+/// `Client` clone is dropped. Aborting it drops the swarm at once (a
+/// crash, as far as the other peers can tell).
+pub async fn spawn(
+    keypair: Keypair,
+    config: SwarmConfig,
+) -> Result<(Client, JoinHandle<()>), SwarmError> {
+    config.validate().map_err(SwarmError::Config)?;
+    let signing_key = signing_key(&keypair).map_err(|_| SwarmError::NotEd25519)?;
+    let mut swarm = build_swarm(keypair, &config)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| SwarmError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let peer_id = *swarm.local_peer_id();
+    let (tx, rx) = mpsc::channel(256);
+    let event_loop = event_loop::EventLoop::new(swarm, rx, config, signing_key);
+    let task = tokio::spawn(event_loop.run());
+    Ok((Client::new(tx, peer_id), task))
+}
+
+fn build_swarm(
+    keypair: Keypair,
+    config: &SwarmConfig,
+) -> Result<Swarm<behaviour::Behaviour>, SwarmError> {
+    let transport_err = |e: &dyn std::fmt::Display| SwarmError::Transport(e.to_string());
+    let builder = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| transport_err(&e))?;
+    #[cfg(feature = "quic")]
+    let builder = builder.with_quic();
+    let idle = config.idle_connection_timeout;
+    let swarm = builder
+        .with_dns()
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|key| behaviour::Behaviour::new(key, config))
+        .map_err(|e| transport_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+    Ok(swarm)
+}

@@ -1,11 +1,16 @@
-//! Helpers for end-to-end tests that start real `nakshatra` processes.
+//! Helpers for end-to-end tests that start real `nakshatra` processes on
+//! 127.0.0.1 (or inside network namespaces the tests create).
 //!
 //! The tests run the release binary the README's test command builds
 //! (`target/release/nakshatra`), or the one named by `NAKSHATRA_BIN`.
 
 #![warn(missing_docs)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// The `nakshatra` binary under test.
 pub fn nakshatra_bin() -> PathBuf {
@@ -37,4 +42,288 @@ pub fn test_model() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// A running `nakshatra` process; killed (SIGKILL) when dropped.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Its `listening on` addresses, once seen.
+    pub addrs: Vec<String>,
+}
+
+impl Proc {
+    /// Starts `nakshatra ARGS` (optionally through a prefix such as
+    /// `ip netns exec NS`) with its own data dir.
+    pub fn spawn(prefix: &[&str], data_dir: &Path, args: &[&str]) -> Proc {
+        let bin = nakshatra_bin();
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "info,libp2p_kad=error,llama-cpp-2=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn nakshatra");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let err = child.stderr.take().expect("stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        Proc {
+            child,
+            lines: rx,
+            stderr,
+            addrs: Vec::new(),
+        }
+    }
+
+    /// Starts `nakshatra node join` and waits until it prints its
+    /// `listening on` line(s).
+    pub fn join(data_dir: &Path, args: &[&str]) -> Proc {
+        Self::join_in(&[], data_dir, args)
+    }
+
+    /// [`Proc::join`] through a command prefix (e.g. `ip netns exec NS`).
+    pub fn join_in(prefix: &[&str], data_dir: &Path, args: &[&str]) -> Proc {
+        let mut full = vec!["node", "join"];
+        full.extend_from_slice(args);
+        let mut p = Proc::spawn(prefix, data_dir, &full);
+        p.wait_listening(Duration::from_secs(60));
+        p
+    }
+
+    /// Waits for the first `listening on` line (and any that follow at
+    /// once).
+    pub fn wait_listening(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.addrs.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("listening on ") {
+                        self.addrs.push(a.trim().to_string());
+                    }
+                }
+                Err(_) => panic!(
+                    "no `listening on` line within {within:?}; stderr:\n{}",
+                    self.stderr()
+                ),
+            }
+        }
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                self.addrs.push(a.trim().to_string());
+            }
+        }
+    }
+
+    /// The first address (`/ip4/.../tcp/.../p2p/<id>`).
+    pub fn addr(&self) -> &str {
+        &self.addrs[0]
+    }
+
+    /// The peer id from its address.
+    pub fn peer_id(&self) -> String {
+        self.addr()
+            .rsplit("/p2p/")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL (a crash, as far as the swarm can tell).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status (None on timeout).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY-free: use the `kill` command to deliver SIGTERM.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `nakshatra ARGS` to completion.
+pub fn nakshatra(args: &[&str]) -> Output {
+    Command::new(nakshatra_bin())
+        .args(args)
+        .env("RUST_LOG", "warn,libp2p_kad=error,llama-cpp-2=error")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nakshatra")
+}
+
+/// `nakshatra swarm status --json` through `bootstrap` (mDNS off).
+pub fn status_json(bootstrap: &str) -> Option<serde_json::Value> {
+    let o = nakshatra(&[
+        "swarm",
+        "status",
+        "--no-mdns",
+        "--json",
+        "--wait",
+        "5",
+        "--bootstrap",
+        bootstrap,
+    ]);
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+/// Blocks of the first model that have at least one holder.
+pub fn covered_blocks(view: &serde_json::Value) -> Vec<usize> {
+    view["models"][0]["coverage"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .filter(|(_, h)| h.as_array().is_some_and(|h| !h.is_empty()))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Holders of block `b` of the first model.
+pub fn holders(view: &serde_json::Value, b: usize) -> Vec<String> {
+    view["models"][0]["coverage"][b]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `f` until it returns `Some` or `within` passes.
+pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A network namespace made for one test, deleted on drop.
+pub struct NetNs {
+    /// Its name.
+    pub name: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    /// An empty namespace with `lo` up.
+    pub fn new(tag: &str) -> Result<NetNs, String> {
+        let name = format!("nk-{tag}-{}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Two namespaces joined by a veth pair — two hosts on a private LAN,
+    /// `10.77.0.1` and `10.77.0.2`, with multicast (mDNS) between them and
+    /// no route to anything else. `Err` says why they cannot be made here
+    /// (not root, no `ip`, no netns or veth support).
+    pub fn lan_pair(tag: &str) -> Result<(NetNs, NetNs), String> {
+        let a = NetNs::new(&format!("{tag}a"))?;
+        let b = NetNs::new(&format!("{tag}b"))?;
+        ip(&[
+            "-n", &a.name, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns",
+            &b.name,
+        ])?;
+        for (ns, dev, addr) in [(&a, "v0", "10.77.0.1/24"), (&b, "v1", "10.77.0.2/24")] {
+            ip(&["-n", &ns.name, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", &ns.name, "link", "set", dev, "multicast", "on"])?;
+            ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+        }
+        Ok((a, b))
+    }
+
+    /// The command prefix that runs a program inside.
+    pub fn prefix(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.name]
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
 }

@@ -189,7 +189,9 @@ unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut 
             nbytes,
         );
     }
-    true
+    // Stop here: what follows `l_out` in a non-last range (final norm and a
+    // one-row head) is never read, and skipping it saves a graph piece.
+    false
 }
 
 /// An owned `llama_context` with an optional hidden-state capture.

@@ -19,6 +19,7 @@
 
 mod ffi;
 pub mod pipeline;
+pub mod service;
 pub mod tokenizer;
 
 use std::collections::HashMap;
@@ -659,5 +660,44 @@ impl Sampler {
 impl std::fmt::Debug for Sampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Sampler")
+    }
+}
+
+impl SliceEngine {
+    /// Measures decode speed through this range: a short prefill, then
+    /// `steps` one-token steps in a scratch session. Returns one-token steps
+    /// per second through the whole range.
+    pub fn measure_decode(&mut self, steps: u32) -> Result<f64, EngineError> {
+        let id = self.open_session()?;
+        let r = self.measure_in(id, steps.max(1));
+        let _ = self.close_session(id);
+        r
+    }
+
+    fn measure_in(&mut self, id: SessionId, steps: u32) -> Result<f64, EngineError> {
+        let n_embd = self.layout.n_embd as usize;
+        // Deterministic, bounded stand-ins for real hidden states / tokens.
+        let hidden = |n: usize| -> Vec<f32> {
+            (0..n * n_embd)
+                .map(|i| ((i as f32) * 0.37).sin() * 0.1)
+                .collect()
+        };
+        let prefill = 8usize;
+        let first = self.layout.is_first();
+        let tokens: Vec<i32> = (0..prefill as i32).map(|i| 100 + i).collect();
+        let h = hidden(prefill);
+        let input = |n: usize| {
+            if first {
+                StepInput::Tokens(&tokens[..n])
+            } else {
+                StepInput::Hidden(&h[..n * n_embd])
+            }
+        };
+        self.forward(id, input(prefill))?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..steps {
+            self.forward(id, input(1))?;
+        }
+        Ok(f64::from(steps) / t0.elapsed().as_secs_f64().max(1e-9))
     }
 }

@@ -1,0 +1,1079 @@
+//! The task that owns the [`Swarm`]: it runs libp2p, executes the
+//! [`crate::Client`]'s commands, re-announces on a timer, filters what
+//! other peers try to store here, and retries bootstrap peers.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use ed25519_dalek::SigningKey;
+use futures::StreamExt;
+use libp2p::{
+    identify,
+    kad::{
+        self, store::RecordStore, GetProvidersOk, GetRecordOk, InboundRequest, ProviderRecord,
+        QueryId, QueryResult, Quorum, Record, RecordKey,
+    },
+    mdns,
+    multiaddr::Protocol,
+    ping,
+    request_response::{self, OutboundRequestId},
+    swarm::{dial_opts::DialOpts, ConnectionId, DialError, SwarmEvent},
+    Multiaddr, PeerId, Swarm,
+};
+use nakshatra_protocol::{
+    keys::{self, DhtKey},
+    now_ms,
+    rpc::{InfoRequest, InfoResponse},
+    sign, verify, RecordError, ServerInfo, ServerState, PROTOCOL_VERSION,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
+    config::Role,
+    error::AnnounceError,
+    SwarmConfig,
+};
+
+/// Most addresses remembered per peer.
+const MAX_ADDRS_PER_PEER: usize = 8;
+/// Most peers in the address book.
+const MAX_ADDR_BOOK: usize = 4096;
+/// Dial attempts for a peer found by mDNS before giving up (mDNS reports
+/// it again when its record is refreshed after expiry).
+const MDNS_DIAL_ATTEMPTS: u32 = 3;
+/// Delay before re-dialling an mDNS peer, times the attempt number.
+const MDNS_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Longest a lookup waits for the routing table's first peer.
+const DEFER_LOOKUPS_MAX: Duration = Duration::from_secs(5);
+/// Most listen addresses put into a signed info.
+const MAX_ADVERTISED_ADDRS: usize = 16;
+
+/// Counters of what this node did with what it received.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SwarmStats {
+    /// Inbound signed-info records verified and stored.
+    pub records_accepted: u64,
+    /// Inbound records dropped (bad signature, wrong peer, expired,
+    /// oversized, foreign key, ...).
+    pub records_rejected: u64,
+    /// Inbound provider records stored.
+    pub providers_accepted: u64,
+    /// Inbound provider records dropped (foreign key, store full).
+    pub providers_rejected: u64,
+    /// Peers with an open connection now.
+    pub connected_peers: usize,
+    /// Peers in the Kademlia routing table now.
+    pub routing_table_peers: usize,
+    /// Whether this node currently announces.
+    pub announcing: bool,
+}
+
+pub(crate) enum Command {
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Announce {
+        info: Box<ServerInfo>,
+        reply: oneshot::Sender<Result<(), AnnounceError>>,
+    },
+    Withdraw {
+        reply: oneshot::Sender<()>,
+    },
+    GetProviders {
+        key: RecordKey,
+        reply: oneshot::Sender<HashSet<PeerId>>,
+    },
+    GetInfoRecords {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
+    RequestInfo {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<InfoResponse, String>>,
+    },
+    Rtt {
+        peer: PeerId,
+        dial: bool,
+        reply: oneshot::Sender<Option<Duration>>,
+    },
+    LearnAddrs {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Stats {
+        reply: oneshot::Sender<SwarmStats>,
+    },
+    LocalRecord {
+        key: RecordKey,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
+    PutRaw {
+        key: RecordKey,
+        value: Vec<u8>,
+        reply: oneshot::Sender<bool>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A lookup in progress: what it found so far, and who waits for it.
+type Pending<T> = (T, oneshot::Sender<T>);
+
+struct Announcement {
+    info: ServerInfo,
+    keys: Vec<RecordKey>,
+}
+
+struct Bootstrap {
+    /// Dials of the current round still in flight.
+    round: HashSet<ConnectionId>,
+    /// Some dial of the current round connected.
+    round_ok: bool,
+    /// Connected to a bootstrap peer at some point (and not lost since).
+    joined: bool,
+    backoff: Duration,
+    next_retry: Option<Instant>,
+    attempts: u32,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    config: SwarmConfig,
+    signing_key: SigningKey,
+    local_peer: PeerId,
+    listen_addrs: Vec<Multiaddr>,
+    listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
+    announcement: Option<Announcement>,
+    /// The last signed info we published (answers `/nakshatra/info/1`).
+    current_signed: Option<Vec<u8>>,
+    /// The last publication happened with an empty routing table (it only
+    /// reached the local store): publish again once a peer shows up.
+    published_alone: bool,
+    pending_providers: HashMap<QueryId, Pending<HashSet<PeerId>>>,
+    pending_records: HashMap<QueryId, Pending<Vec<Vec<u8>>>>,
+    pending_withdraw: HashMap<QueryId, oneshot::Sender<()>>,
+    pending_info: HashMap<OutboundRequestId, oneshot::Sender<Result<InfoResponse, String>>>,
+    rtt: HashMap<PeerId, Duration>,
+    rtt_waiters: HashMap<PeerId, Vec<oneshot::Sender<Option<Duration>>>>,
+    addr_book: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Lookups waiting for the routing table's first peer (deadline).
+    deferred_lookups: Vec<(Instant, Command)>,
+    /// mDNS-discovered peers whose dial failed: (attempts, next retry).
+    mdns_retries: HashMap<PeerId, (u32, Option<Instant>)>,
+    bootstrap: Bootstrap,
+    stats: SwarmStats,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        config: SwarmConfig,
+        signing_key: SigningKey,
+    ) -> Self {
+        let local_peer = *swarm.local_peer_id();
+        let backoff = config.bootstrap_backoff_initial;
+        EventLoop {
+            swarm,
+            commands,
+            config,
+            signing_key,
+            local_peer,
+            listen_addrs: Vec::new(),
+            listen_waiters: Vec::new(),
+            announcement: None,
+            current_signed: None,
+            published_alone: false,
+            pending_providers: HashMap::new(),
+            pending_records: HashMap::new(),
+            pending_withdraw: HashMap::new(),
+            pending_info: HashMap::new(),
+            rtt: HashMap::new(),
+            rtt_waiters: HashMap::new(),
+            addr_book: HashMap::new(),
+            deferred_lookups: Vec::new(),
+            mdns_retries: HashMap::new(),
+            bootstrap: Bootstrap {
+                round: HashSet::new(),
+                round_ok: false,
+                joined: false,
+                backoff,
+                next_retry: None,
+                attempts: 0,
+            },
+            stats: SwarmStats::default(),
+        }
+    }
+
+    /// Runs until [`Command::Shutdown`] or until every [`crate::Client`] is
+    /// dropped (then without withdrawing: like a crash, announcements
+    /// expire after the TTL).
+    pub(crate) async fn run(mut self) {
+        let mut refresh = tokio::time::interval(self.config.refresh);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        refresh.tick().await; // the first tick is immediate
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        tracing::info!(peer_id = %self.local_peer, role = ?self.config.role, "swarm node started");
+        self.dial_bootstraps();
+
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        let _ = reply.send(());
+                        break;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => {
+                        tracing::debug!("every client handle dropped; stopping");
+                        break;
+                    }
+                },
+                _ = refresh.tick() => {
+                    if let Err(e) = self.publish() {
+                        tracing::error!(error = %e, "cannot re-announce");
+                    }
+                }
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+        }
+        tracing::info!(peer_id = %self.local_peer, "swarm node stopped");
+    }
+
+    // ---- commands -------------------------------------------------------
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs { reply } => {
+                if !self.listen_addrs.is_empty() || self.config.listen.is_empty() {
+                    let _ = reply.send(self.listen_addrs.clone());
+                } else {
+                    self.listen_waiters.push(reply);
+                }
+            }
+            Command::Announce { info, reply } => {
+                let _ = reply.send(self.announce(*info));
+            }
+            Command::Withdraw { reply } => self.withdraw(reply),
+            lookup @ (Command::GetProviders { .. } | Command::GetInfoRecords { .. }) => {
+                if self.dht_joining() {
+                    // Connected (or dialling) but identify has not filled
+                    // the routing table yet: a lookup now would end at once
+                    // with nothing. Run it when the first peer is in.
+                    self.deferred_lookups
+                        .push((Instant::now() + DEFER_LOOKUPS_MAX, lookup));
+                } else {
+                    self.start_lookup(lookup);
+                }
+            }
+            Command::RequestInfo { peer, reply } => {
+                if peer == self.local_peer {
+                    let _ = reply.send(Ok(self.info_response()));
+                    return;
+                }
+                let addrs = self.addr_book.get(&peer).cloned().unwrap_or_default();
+                let id = self.swarm.behaviour_mut().info.send_request_with_addresses(
+                    &peer,
+                    InfoRequest::default(),
+                    addrs,
+                );
+                self.pending_info.insert(id, reply);
+            }
+            Command::Rtt { peer, dial, reply } => {
+                if peer == self.local_peer {
+                    let _ = reply.send(Some(Duration::ZERO));
+                } else if let Some(rtt) = self.rtt.get(&peer) {
+                    let _ = reply.send(Some(*rtt));
+                } else if dial && !self.swarm.is_connected(&peer) && !self.dial_peer(peer) {
+                    // No address known: nothing to measure.
+                    let _ = reply.send(None);
+                } else {
+                    self.rtt_waiters.entry(peer).or_default().push(reply);
+                }
+            }
+            Command::LearnAddrs { peer, addrs } => {
+                for a in addrs {
+                    self.remember_addr(peer, a);
+                }
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Stats { reply } => {
+                let mut stats = self.stats.clone();
+                stats.connected_peers = self.swarm.connected_peers().count();
+                stats.routing_table_peers = self.routing_table_size();
+                stats.announcing = self.announcement.is_some();
+                let _ = reply.send(stats);
+            }
+            Command::LocalRecord { key, reply } => {
+                let value = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .get(&key)
+                    .map(|r| r.value.clone());
+                let _ = reply.send(value);
+            }
+            Command::PutRaw { key, value, reply } => {
+                let record = Record {
+                    key,
+                    value,
+                    publisher: None,
+                    expires: Some(Instant::now() + self.config.record_ttl),
+                };
+                let ok = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .put_record(record, Quorum::One)
+                    .is_ok();
+                let _ = reply.send(ok);
+            }
+            // Handled in `run` (it ends the loop); nothing to do here.
+            Command::Shutdown { reply } => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn start_lookup(&mut self, lookup: Command) {
+        match lookup {
+            Command::GetProviders { key, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.pending_providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::GetInfoRecords { peer, reply } => {
+                let key = RecordKey::new(&keys::info_key(&peer));
+                let id = self.swarm.behaviour_mut().kad.get_record(key);
+                self.pending_records.insert(id, (Vec::new(), reply));
+            }
+            other => self.on_command(other),
+        }
+    }
+
+    /// Whether the DHT is about to become usable: the routing table is
+    /// empty, but a connection is open or a bootstrap dial is in flight.
+    fn dht_joining(&mut self) -> bool {
+        self.routing_table_size() == 0
+            && (self.swarm.connected_peers().next().is_some() || !self.bootstrap.round.is_empty())
+    }
+
+    fn run_deferred_lookups(&mut self, all: bool) {
+        if self.deferred_lookups.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred_lookups)
+            .into_iter()
+            .partition(|(deadline, _)| all || now >= *deadline);
+        self.deferred_lookups = keep;
+        for (_, lookup) in due {
+            self.start_lookup(lookup);
+        }
+    }
+
+    fn announce(&mut self, mut info: ServerInfo) -> Result<(), AnnounceError> {
+        if self.config.role == Role::Client {
+            return Err(AnnounceError::NotServer);
+        }
+        info.protocol_version = PROTOCOL_VERSION;
+        info.validate()?;
+        let new_keys = announcement_keys(&info);
+        if let Some(old) = self.announcement.take() {
+            for key in old.keys.iter().filter(|k| !new_keys.contains(k)) {
+                self.swarm.behaviour_mut().kad.stop_providing(key);
+            }
+        }
+        tracing::info!(
+            model = %info.model_id,
+            range = ?info.range(),
+            keys = new_keys.len(),
+            "announcing"
+        );
+        self.announcement = Some(Announcement {
+            info,
+            keys: new_keys,
+        });
+        if let Err(e) = self.publish() {
+            self.announcement = None;
+            self.current_signed = None;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Signs a fresh info (new `issued_at` / `expires_at`), (re)starts
+    /// providing every key and puts the info record.
+    fn publish(&mut self) -> Result<(), RecordError> {
+        let Some(ann) = self.announcement.as_ref() else {
+            return Ok(());
+        };
+        let signed = self.sign_fresh(&ann.info, ServerState::Online)?;
+        let keys = ann.keys.clone();
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        for key in keys {
+            if let Err(e) = kad.start_providing(key) {
+                tracing::warn!(error = ?e, "cannot store a local provider record");
+            }
+        }
+        self.put_info_record(signed.clone());
+        self.current_signed = Some(signed);
+        self.published_alone = self.routing_table_size() == 0;
+        tracing::debug!(alone = self.published_alone, "announcement published");
+        Ok(())
+    }
+
+    fn sign_fresh(&self, info: &ServerInfo, state: ServerState) -> Result<Vec<u8>, RecordError> {
+        let mut info = info.clone();
+        let now = now_ms();
+        info.state = if info.state == ServerState::Joining && state == ServerState::Online {
+            ServerState::Joining
+        } else {
+            state
+        };
+        info.issued_at_ms = now;
+        info.expires_at_ms = now.saturating_add(self.config.record_ttl.as_millis() as u64);
+        if info.listen_addrs.is_empty() {
+            info.listen_addrs = self.advertised_addrs();
+        }
+        Ok(sign(&self.signing_key, &info)?.to_bytes())
+    }
+
+    fn put_info_record(&mut self, value: Vec<u8>) -> Option<QueryId> {
+        let record = Record {
+            key: RecordKey::new(&keys::info_key(&self.local_peer)),
+            value,
+            publisher: None,
+            expires: Some(Instant::now() + self.config.record_ttl),
+        };
+        match self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .put_record(record, Quorum::One)
+        {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(error = ?e, "cannot store the info record locally");
+                None
+            }
+        }
+    }
+
+    fn withdraw(&mut self, reply: oneshot::Sender<()>) {
+        let Some(ann) = self.announcement.take() else {
+            let _ = reply.send(());
+            return;
+        };
+        for key in &ann.keys {
+            self.swarm.behaviour_mut().kad.stop_providing(key);
+        }
+        self.current_signed = None;
+        tracing::info!(model = %ann.info.model_id, "withdrawing the announcement");
+        // Tombstone: a freshly signed `Offline` info replaces the stored
+        // one, so askers drop this node at once although its provider
+        // records live on elsewhere until they expire.
+        match self.sign_fresh(&ann.info, ServerState::Offline) {
+            Ok(tombstone) => match self.put_info_record(tombstone) {
+                Some(id) => {
+                    self.pending_withdraw.insert(id, reply);
+                }
+                None => {
+                    let _ = reply.send(());
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sign the withdrawal");
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn info_response(&self) -> InfoResponse {
+        match &self.current_signed {
+            Some(bytes) => InfoResponse::Serving(bytes.clone()),
+            None => InfoResponse::NotServing,
+        }
+    }
+
+    fn advertised_addrs(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for a in self
+            .swarm
+            .external_addresses()
+            .chain(self.listen_addrs.iter())
+        {
+            let s = a.to_string();
+            if !out.contains(&s) && s.len() <= 256 {
+                out.push(s);
+            }
+        }
+        out.truncate(MAX_ADVERTISED_ADDRS);
+        out
+    }
+
+    // ---- bootstrap and housekeeping ------------------------------------
+
+    fn dial_bootstraps(&mut self) {
+        if self.config.bootstrap.is_empty() {
+            return;
+        }
+        self.bootstrap.round.clear();
+        self.bootstrap.round_ok = false;
+        self.bootstrap.next_retry = None;
+        self.bootstrap.attempts += 1;
+        for addr in self.config.bootstrap.clone() {
+            let peer = match addr.iter().last() {
+                Some(Protocol::P2p(p)) => Some(p),
+                _ => None,
+            };
+            if let Some(p) = peer {
+                if p == self.local_peer {
+                    tracing::debug!(%addr, "bootstrap address is this node; skipping");
+                    continue;
+                }
+                if self.swarm.is_connected(&p) {
+                    self.bootstrap.round_ok = true;
+                    continue;
+                }
+            }
+            let opts = match peer {
+                Some(p) => DialOpts::peer_id(p)
+                    .addresses(vec![addr.clone()])
+                    .allocate_new_port()
+                    .build(),
+                None => DialOpts::unknown_peer_id()
+                    .address(addr.clone())
+                    .allocate_new_port()
+                    .build(),
+            };
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.bootstrap.round.insert(id);
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "cannot dial bootstrap peer"),
+            }
+        }
+        if self.bootstrap.round_ok {
+            self.on_bootstrap_joined();
+        } else if self.bootstrap.round.is_empty() {
+            self.schedule_bootstrap_retry();
+        }
+    }
+
+    fn on_bootstrap_joined(&mut self) {
+        if !self.bootstrap.joined {
+            tracing::info!(
+                attempts = self.bootstrap.attempts,
+                "joined the swarm through a bootstrap peer"
+            );
+        }
+        self.bootstrap.joined = true;
+        self.bootstrap.round_ok = true;
+        self.bootstrap.backoff = self.config.bootstrap_backoff_initial;
+        self.bootstrap.next_retry = None;
+        self.bootstrap.attempts = 0;
+    }
+
+    fn schedule_bootstrap_retry(&mut self) {
+        let delay = self.bootstrap.backoff;
+        let addrs: Vec<String> = self
+            .config
+            .bootstrap
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        tracing::warn!(
+            attempt = self.bootstrap.attempts,
+            retry_in = ?delay,
+            bootstrap = ?addrs,
+            "no bootstrap peer reachable; retrying"
+        );
+        self.bootstrap.next_retry = Some(Instant::now() + delay);
+        self.bootstrap.backoff = (delay * 2).min(self.config.bootstrap_backoff_max);
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        match self.bootstrap.next_retry {
+            Some(t) if now >= t => self.dial_bootstraps(),
+            None if self.bootstrap.joined
+                && self.bootstrap.round.is_empty()
+                && self.swarm.connected_peers().next().is_none() =>
+            {
+                tracing::debug!("no connection left; dialling the bootstrap peers again");
+                self.bootstrap.joined = false;
+                self.dial_bootstraps();
+            }
+            _ => {}
+        }
+        let joining = self.dht_joining();
+        self.run_deferred_lookups(!joining);
+        let due: Vec<PeerId> = self
+            .mdns_retries
+            .iter_mut()
+            .filter_map(|(peer, (_, next))| match next {
+                Some(t) if now >= *t => {
+                    *next = None;
+                    Some(*peer)
+                }
+                _ => None,
+            })
+            .collect();
+        for peer in due {
+            if !self.swarm.is_connected(&peer) {
+                self.dial_peer(peer);
+            }
+        }
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .retain(|_, r| !r.is_expired(now));
+        self.rtt_waiters.retain(|_, ws| {
+            ws.retain(|w| !w.is_closed());
+            !ws.is_empty()
+        });
+        if !self.listen_addrs.is_empty() {
+            for w in self.listen_waiters.drain(..) {
+                let _ = w.send(self.listen_addrs.clone());
+            }
+        }
+    }
+
+    /// Dials `peer` at every address we know (ours and the behaviours').
+    /// Always from a fresh port: two listening nodes dialling each other at
+    /// once from their listen ports would make one TCP simultaneous open,
+    /// whose noise handshake fails on both sides.
+    /// Returns `false` when no address of `peer` is known at all.
+    fn dial_peer(&mut self, peer: PeerId) -> bool {
+        let addrs = self.addr_book.get(&peer).cloned().unwrap_or_default();
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .allocate_new_port()
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => true,
+            Err(DialError::NoAddresses) => {
+                tracing::debug!(%peer, "no known address to dial");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "not dialling peer");
+                true
+            }
+        }
+    }
+
+    fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
+        if peer == self.local_peer {
+            return;
+        }
+        // Store addresses without a trailing /p2p.
+        let addr = match addr.iter().last() {
+            Some(Protocol::P2p(_)) => {
+                let mut a = addr;
+                a.pop();
+                a
+            }
+            _ => addr,
+        };
+        if !self.addr_book.contains_key(&peer) && self.addr_book.len() >= MAX_ADDR_BOOK {
+            // Crude bound: forget somebody (addresses come back through
+            // identify, mDNS, the DHT).
+            if let Some(victim) = self.addr_book.keys().next().copied() {
+                self.addr_book.remove(&victim);
+            }
+        }
+        let entry = self.addr_book.entry(peer).or_default();
+        if !entry.contains(&addr) {
+            if entry.len() >= MAX_ADDRS_PER_PEER {
+                entry.remove(0);
+            }
+            entry.push(addr);
+        }
+    }
+
+    fn routing_table_size(&mut self) -> usize {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum()
+    }
+
+    // ---- swarm events ---------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                for addr in info.listen_addrs {
+                    self.remember_addr(peer_id, addr.clone());
+                    if speaks_kad {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if peer == self.local_peer {
+                        continue;
+                    }
+                    tracing::debug!(%peer, %addr, "mDNS discovered a peer");
+                    self.remember_addr(peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        // Kademlia learns the peer from identify once
+                        // connected (if it speaks our DHT protocol).
+                        self.mdns_retries.entry(peer).or_insert((0, None));
+                        self.dial_peer(peer);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                for (peer, _) in gone {
+                    self.mdns_retries.remove(&peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                self.rtt.insert(peer, rtt);
+                if let Some(waiters) = self.rtt_waiters.remove(&peer) {
+                    for w in waiters {
+                        let _ = w.send(Some(rtt));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Info(e)) => self.on_info(e),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+                // Waiters are answered by the next housekeeping tick, so
+                // that a wildcard listener has reported every interface.
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(error = %error, "listener error");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_dialer() {
+                    self.remember_addr(peer_id, endpoint.get_remote_address().clone());
+                }
+                self.mdns_retries.remove(&peer_id);
+                if self.bootstrap.round.remove(&connection_id) {
+                    self.on_bootstrap_joined();
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                if self.bootstrap.round.remove(&connection_id) {
+                    tracing::debug!(error = %error, "bootstrap dial failed");
+                    if self.bootstrap.round.is_empty() && !self.bootstrap.round_ok {
+                        self.schedule_bootstrap_retry();
+                    }
+                } else {
+                    tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+                }
+                if let Some(peer) = peer_id {
+                    if !self.swarm.is_connected(&peer) {
+                        if let Some((attempts, next)) = self.mdns_retries.get_mut(&peer) {
+                            *attempts += 1;
+                            if *attempts > MDNS_DIAL_ATTEMPTS {
+                                self.mdns_retries.remove(&peer);
+                            } else {
+                                *next = Some(Instant::now() + MDNS_RETRY_DELAY * *attempts);
+                            }
+                        }
+                        if let Some(waiters) = self.rtt_waiters.remove(&peer) {
+                            for w in waiters {
+                                let _ = w.send(None);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_info(&mut self, event: request_response::Event<InfoRequest, InfoResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                if request.version != PROTOCOL_VERSION {
+                    tracing::debug!(%peer, version = request.version, "info request of another protocol version");
+                }
+                let response = self.info_response();
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .info
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "info request gone before the answer");
+                }
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending_info.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_info.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound info request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest { request } => match request {
+                InboundRequest::PutRecord {
+                    source,
+                    record: Some(record),
+                    ..
+                } => self.filter_record(source, record),
+                InboundRequest::AddProvider {
+                    record: Some(record),
+                } => self.filter_provider(record),
+                _ => {}
+            },
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                QueryResult::GetProviders(result) => {
+                    let done = match result {
+                        Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
+                            if let Some((set, _)) = self.pending_providers.get_mut(&id) {
+                                set.extend(providers);
+                            }
+                            step.last
+                        }
+                        Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "provider lookup ended early");
+                            true
+                        }
+                    };
+                    if done {
+                        if let Some((set, reply)) = self.pending_providers.remove(&id) {
+                            let _ = reply.send(set);
+                        }
+                    }
+                }
+                QueryResult::GetRecord(result) => {
+                    let done = match result {
+                        Ok(GetRecordOk::FoundRecord(r)) => {
+                            if let Some((found, _)) = self.pending_records.get_mut(&id) {
+                                if found.len() < 64 {
+                                    found.push(r.record.value);
+                                }
+                            }
+                            step.last
+                        }
+                        Ok(GetRecordOk::FinishedWithNoAdditionalRecord { .. }) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "record lookup ended");
+                            true
+                        }
+                    };
+                    if done {
+                        if let Some((found, reply)) = self.pending_records.remove(&id) {
+                            let _ = reply.send(found);
+                        }
+                    }
+                }
+                QueryResult::PutRecord(result) => {
+                    if let Err(e) = &result {
+                        tracing::debug!(error = %e, "putting the info record did not reach a quorum");
+                    }
+                    if let Some(reply) = self.pending_withdraw.remove(&id) {
+                        let _ = reply.send(());
+                    }
+                }
+                QueryResult::StartProviding(Err(e)) => {
+                    tracing::debug!(error = %e, "provider announcement did not complete");
+                }
+                QueryResult::Bootstrap(Err(e)) => {
+                    tracing::debug!(error = %e, "DHT bootstrap query failed");
+                }
+                _ => {}
+            },
+            kad::Event::RoutingUpdated {
+                peer, is_new_peer, ..
+            } => {
+                tracing::debug!(%peer, is_new_peer, "routing table updated");
+                self.run_deferred_lookups(true);
+                if is_new_peer && self.published_alone && self.announcement.is_some() {
+                    // Our last announcement reached nobody: repeat it now
+                    // rather than at the next refresh.
+                    if let Err(e) = self.publish() {
+                        tracing::error!(error = %e, "cannot re-announce");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `StoreInserts::FilterBoth`: an inbound PUT_VALUE is stored only if
+    /// it is a valid signed info of the peer its key names, and newer than
+    /// what we hold.
+    fn filter_record(&mut self, source: PeerId, mut record: Record) {
+        let key_peer = match DhtKey::parse(record.key.as_ref()) {
+            Some(DhtKey::Info(p)) => p,
+            _ => {
+                self.stats.records_rejected += 1;
+                tracing::warn!(
+                    %source,
+                    key = %printable_key(record.key.as_ref()),
+                    "dropping DHT record: not a nakshatra record key"
+                );
+                return;
+            }
+        };
+        let now = now_ms();
+        let verified = match verify(&record.value, Some(&key_peer), now) {
+            Ok(v) => v,
+            Err(e) => {
+                self.stats.records_rejected += 1;
+                tracing::warn!(%source, peer = %key_peer, reason = %e, "dropping invalid DHT record");
+                return;
+            }
+        };
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        if let Some(existing) = store.get(&record.key).map(|r| r.value.clone()) {
+            if let Ok(old) = verify(&existing, Some(&key_peer), now) {
+                if old.info.issued_at_ms > verified.info.issued_at_ms {
+                    tracing::debug!(%source, peer = %key_peer, "ignoring an older info record");
+                    return;
+                }
+            }
+        }
+        let left = Duration::from_millis(verified.info.expires_at_ms.saturating_sub(now));
+        let deadline = Instant::now() + left;
+        record.expires = Some(record.expires.map_or(deadline, |e| e.min(deadline)));
+        match store.put(record) {
+            Ok(()) => {
+                self.stats.records_accepted += 1;
+                tracing::trace!(%source, peer = %key_peer, "stored info record");
+            }
+            Err(e) => tracing::warn!(%source, error = ?e, "cannot store info record"),
+        }
+    }
+
+    /// `StoreInserts::FilterBoth` for ADD_PROVIDER: the provider is the
+    /// sender (kad checked that); the key must be one of ours.
+    fn filter_provider(&mut self, record: ProviderRecord) {
+        match DhtKey::parse(record.key.as_ref()) {
+            Some(k) if k.is_provider_key() => {}
+            _ => {
+                self.stats.providers_rejected += 1;
+                tracing::warn!(
+                    provider = %record.provider,
+                    key = %printable_key(record.key.as_ref()),
+                    "dropping provider record: not a nakshatra provider key"
+                );
+                return;
+            }
+        }
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        let now = Instant::now();
+        let expired: Vec<PeerId> = store
+            .providers(&record.key)
+            .into_iter()
+            .filter(|p| p.is_expired(now))
+            .map(|p| p.provider)
+            .collect();
+        for p in expired {
+            store.remove_provider(&record.key, &p);
+        }
+        let provider = record.provider;
+        match store.add_provider(record) {
+            Ok(()) => self.stats.providers_accepted += 1,
+            Err(e) => {
+                self.stats.providers_rejected += 1;
+                tracing::warn!(%provider, error = ?e, "cannot store provider record");
+            }
+        }
+    }
+}
+
+/// Every provider key a server with `info` announces.
+fn announcement_keys(info: &ServerInfo) -> Vec<RecordKey> {
+    let mut keys = vec![
+        RecordKey::new(&keys::MODELS_KEY),
+        RecordKey::new(&keys::model_key(&info.model_id)),
+    ];
+    keys.extend(
+        info.range()
+            .map(|b| RecordKey::new(&keys::block_key(&info.model_id, b))),
+    );
+    keys
+}
+
+/// A DHT key for a log line: lossy UTF-8, control characters escaped,
+/// truncated.
+fn printable_key(raw: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&raw[..raw.len().min(120)]);
+    s.escape_debug().to_string()
+}

@@ -1,0 +1,275 @@
+//! What `swarm status` shows: per model, which peers hold which blocks.
+//!
+//! The JSON shape (checked by outside tools; keep the keys):
+//!
+//! ```json
+//! {"models":[{"id":"<64 hex>","arch":"llama","n_layers":30,
+//!   "coverage":[["<peer id>", ...], ...],
+//!   "peers":[{"peer_id":"<peer id>","range":[0,6],"backend":"CPU","throughput":12.5,"rtt_ms":0.3, ...}],
+//!   "gaps":[[12,18]]}]}
+//! ```
+//!
+//! `coverage[b]` lists the peers holding block `b`; `range` and `gaps` are
+//! half-open `[start, end)` block ranges.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use libp2p::PeerId;
+use nakshatra_protocol::{DeviceInfo, ServerInfo, ServerState};
+use serde::{Deserialize, Serialize};
+
+/// Every model announced in the swarm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SwarmView {
+    /// One entry per model id, sorted by id.
+    pub models: Vec<ModelView>,
+}
+
+/// One model: its blocks, who holds them, and what is missing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ModelView {
+    /// Model id (64 hex).
+    pub id: String,
+    /// Architecture, as its servers announce it.
+    pub arch: String,
+    /// Number of blocks of the model (0 when no server announced it).
+    pub n_layers: u32,
+    /// `coverage[b]`: peers holding block `b` (online, verified), sorted.
+    pub coverage: Vec<Vec<PeerId>>,
+    /// Serving peers of this model, sorted by range start then peer id.
+    pub peers: Vec<PeerView>,
+    /// Maximal runs of blocks nobody holds, as half-open `[start, end)`.
+    pub gaps: Vec<[u32; 2]>,
+}
+
+/// One serving peer as the view shows it (from its verified, signed info
+/// plus the locally measured RTT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// Held blocks, half-open `[start, end)`.
+    pub range: [u32; 2],
+    /// Backends of its devices (`CUDA`, `CPU+Metal`, ...).
+    pub backend: String,
+    /// Announced throughput through its range, tokens per second.
+    pub throughput: f64,
+    /// Round-trip time measured from this node, milliseconds (`null` when
+    /// no ping came back in time).
+    pub rtt_ms: Option<f64>,
+    /// Announced state (`online` or `joining`).
+    pub state: ServerState,
+    /// Sessions it can open now.
+    pub free_sessions: u32,
+    /// Sessions it can hold.
+    pub max_sessions: u32,
+    /// Context tokens per session.
+    pub context_per_session: u32,
+    /// Hidden-state width.
+    pub n_embd: u32,
+    /// Its devices.
+    pub devices: Vec<DeviceInfo>,
+    /// Addresses it announced.
+    pub listen_addrs: Vec<String>,
+    /// When its info was issued (unix ms).
+    pub issued_at_ms: u64,
+    /// When its info expires (unix ms).
+    pub expires_at_ms: u64,
+}
+
+impl ModelView {
+    /// Whether every block has at least one holder.
+    pub fn is_fully_covered(&self) -> bool {
+        self.n_layers > 0 && self.gaps.is_empty()
+    }
+}
+
+/// Builds the view of `model_id` from verified infos (any model; others are
+/// ignored) and measured RTTs. Offline peers are left out; `joining` peers
+/// are listed but do not count as coverage. Peers whose `n_layers_total`
+/// or `arch` disagree with the majority are left out (one model id is one
+/// content hash, so they are lying or broken).
+pub fn build_model_view(
+    model_id: &str,
+    infos: &[(PeerId, ServerInfo)],
+    rtts: &HashMap<PeerId, Duration>,
+) -> ModelView {
+    let mine: Vec<&(PeerId, ServerInfo)> = infos
+        .iter()
+        .filter(|(_, i)| i.model_id == model_id && i.state != ServerState::Offline)
+        .collect();
+
+    // Majority vote on (n_layers, arch); ties go to the larger layer count.
+    let mut votes: BTreeMap<(u32, &str), usize> = BTreeMap::new();
+    for (_, i) in &mine {
+        *votes
+            .entry((i.n_layers_total, i.arch.as_str()))
+            .or_default() += 1;
+    }
+    let Some(((n_layers, arch), _)) = votes
+        .iter()
+        .max_by_key(|((n, _), count)| (**count, *n))
+        .map(|(k, v)| (*k, *v))
+    else {
+        return ModelView {
+            id: model_id.to_string(),
+            ..ModelView::default()
+        };
+    };
+    for (peer, i) in &mine {
+        if i.n_layers_total != n_layers || i.arch != arch {
+            tracing::warn!(
+                %peer,
+                model = model_id,
+                n_layers = i.n_layers_total,
+                arch = %i.arch,
+                "peer disagrees with the majority about the model's shape; ignoring it"
+            );
+        }
+    }
+    let mut peers: Vec<PeerView> = mine
+        .iter()
+        .filter(|(_, i)| i.n_layers_total == n_layers && i.arch == arch)
+        .map(|(peer, i)| PeerView {
+            peer_id: *peer,
+            range: [i.start, i.end],
+            backend: i.backend_summary(),
+            throughput: i.throughput,
+            rtt_ms: rtts.get(peer).map(|d| d.as_secs_f64() * 1000.0),
+            state: i.state,
+            free_sessions: i.free_sessions,
+            max_sessions: i.max_sessions,
+            context_per_session: i.context_per_session,
+            n_embd: i.n_embd,
+            devices: i.devices.clone(),
+            listen_addrs: i.listen_addrs.clone(),
+            issued_at_ms: i.issued_at_ms,
+            expires_at_ms: i.expires_at_ms,
+        })
+        .collect();
+    peers.sort_by(|a, b| {
+        (a.range[0], a.peer_id.to_base58()).cmp(&(b.range[0], b.peer_id.to_base58()))
+    });
+
+    let mut coverage: Vec<Vec<PeerId>> = vec![Vec::new(); n_layers as usize];
+    for p in peers.iter().filter(|p| p.state == ServerState::Online) {
+        for b in p.range[0]..p.range[1].min(n_layers) {
+            coverage[b as usize].push(p.peer_id);
+        }
+    }
+    for holders in &mut coverage {
+        holders.sort_by_key(|p| p.to_base58());
+        holders.dedup();
+    }
+    ModelView {
+        id: model_id.to_string(),
+        arch: arch.to_string(),
+        n_layers,
+        gaps: gaps(&coverage),
+        coverage,
+        peers,
+    }
+}
+
+/// Maximal runs of empty entries, half-open.
+fn gaps(coverage: &[Vec<PeerId>]) -> Vec<[u32; 2]> {
+    let mut out = Vec::new();
+    let mut start: Option<u32> = None;
+    for (b, holders) in coverage.iter().enumerate() {
+        let b = b as u32;
+        match (holders.is_empty(), start) {
+            (true, None) => start = Some(b),
+            (false, Some(s)) => {
+                out.push([s, b]);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        out.push([s, coverage.len() as u32]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(seed: u8) -> PeerId {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        nakshatra_protocol::peer_id_of(&sk.verifying_key().to_bytes()).unwrap()
+    }
+
+    fn info(model: &str, n: u32, a: u32, b: u32) -> ServerInfo {
+        ServerInfo::new(model, "llama", n, a..b, 64)
+    }
+
+    #[test]
+    fn coverage_and_gaps() {
+        let m = "ab".repeat(32);
+        let other = "cd".repeat(32);
+        let (p1, p2, p3, p4) = (peer(1), peer(2), peer(3), peer(4));
+        let mut offline = info(&m, 10, 8, 10);
+        offline.state = ServerState::Offline;
+        let infos = vec![
+            (p1, info(&m, 10, 0, 3)),
+            (p2, info(&m, 10, 2, 5)),
+            (p3, offline),
+            (p4, info(&other, 10, 5, 8)),
+        ];
+        let rtts = HashMap::from([(p1, Duration::from_micros(1500))]);
+        let v = build_model_view(&m, &infos, &rtts);
+        assert_eq!(v.n_layers, 10);
+        assert_eq!(v.arch, "llama");
+        assert_eq!(v.peers.len(), 2);
+        assert_eq!(v.peers[0].peer_id, p1);
+        assert_eq!(v.peers[0].rtt_ms, Some(1.5));
+        assert_eq!(v.peers[1].rtt_ms, None);
+        assert_eq!(v.coverage[2].len(), 2);
+        assert_eq!(v.coverage[0], vec![p1]);
+        assert!(v.coverage[9].is_empty());
+        assert_eq!(v.gaps, vec![[5, 10]]);
+        assert!(!v.is_fully_covered());
+
+        let json = serde_json::to_value(SwarmView { models: vec![v] }).unwrap();
+        let m0 = &json["models"][0];
+        for k in ["id", "arch", "n_layers", "coverage", "peers", "gaps"] {
+            assert!(m0.get(k).is_some(), "{k}");
+        }
+        let p0 = &m0["peers"][0];
+        for k in ["peer_id", "range", "backend", "throughput", "rtt_ms"] {
+            assert!(p0.get(k).is_some(), "{k}");
+        }
+        assert_eq!(p0["peer_id"], serde_json::json!(p1.to_base58()));
+        assert_eq!(p0["range"], serde_json::json!([0, 3]));
+        assert_eq!(m0["coverage"][0], serde_json::json!([p1.to_base58()]));
+        assert_eq!(m0["gaps"], serde_json::json!([[5, 10]]));
+    }
+
+    #[test]
+    fn liars_about_shape_are_outvoted() {
+        let m = "ab".repeat(32);
+        let infos = vec![
+            (peer(1), info(&m, 10, 0, 5)),
+            (peer(2), info(&m, 10, 5, 10)),
+            (peer(3), info(&m, 12, 0, 12)),
+        ];
+        let v = build_model_view(&m, &infos, &HashMap::new());
+        assert_eq!(v.n_layers, 10);
+        assert_eq!(v.peers.len(), 2);
+        assert!(v.is_fully_covered());
+        assert!(v.gaps.is_empty());
+    }
+
+    #[test]
+    fn empty() {
+        let v = build_model_view(&"ab".repeat(32), &[], &HashMap::new());
+        assert_eq!(v.n_layers, 0);
+        assert!(v.coverage.is_empty() && v.gaps.is_empty() && !v.is_fully_covered());
+        assert_eq!(gaps(&[vec![], vec![peer(1)], vec![]]), vec![[0, 1], [2, 3]]);
+    }
+}
