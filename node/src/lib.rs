@@ -4,8 +4,11 @@
 
 #![warn(missing_docs)]
 
+pub mod ask;
 pub mod engine;
+pub mod hop;
 pub mod layers;
+pub mod net;
 pub mod serve;
 pub mod slices;
 pub mod status;

@@ -63,6 +63,59 @@ enum Cmd {
 enum NodeCmd {
     /// Serve a range of a model's layers and announce it on the swarm.
     Join(JoinArgs),
+    /// Ask the swarm: generate text with a model no single node holds.
+    Ask(AskArgs),
+}
+
+#[derive(Args, Debug)]
+struct AskArgs {
+    /// Peers to bootstrap from (multiaddr, `/p2p/<id>` optional).
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// Do not look for peers on the LAN with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Model id (default: the only model the swarm serves).
+    #[arg(long)]
+    model: Option<String>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0: off).
+    #[arg(long, default_value_t = 40)]
+    top_k: i32,
+    /// Top-p (1.0: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Seed of the random draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u32,
+    /// Tokenize the prompt as plain text (no chat template).
+    #[arg(long)]
+    raw: bool,
+    /// Hidden states between hops: f32 (exact) or f16 (half the bytes).
+    #[arg(long, value_enum, default_value_t = Wire::F32)]
+    wire: Wire,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for a first peer.
+    #[arg(long, default_value_t = 10)]
+    wait: u64,
+    /// Seconds one step may take.
+    #[arg(long, default_value_t = 60)]
+    step_timeout: u64,
+    /// The prompt.
+    prompt: String,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Wire {
+    F32,
+    F16,
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,9 +170,16 @@ struct JoinArgs {
     /// Seconds between re-announcements.
     #[arg(long, default_value_t = 30)]
     refresh: u64,
+    /// Seconds a session may stay idle before its KV cache is freed.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
     /// Test-only fault injection.
     #[arg(long, hide = true, value_enum)]
     fault: Option<nakshatra_node::serve::Fault>,
+    /// Test-only: milliseconds of delay on every probe and activation frame
+    /// (a slow link).
+    #[arg(long, hide = true)]
+    test_link_delay_ms: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,7 +237,9 @@ fn main() {
     let cli = Cli::parse();
     // A serving node logs what it does; one-shot commands stay quiet.
     let default_filter = match cli.cmd {
-        Cmd::Node { .. } => "info,libp2p_kad=error,llama-cpp-2=error",
+        Cmd::Node {
+            cmd: NodeCmd::Join(_),
+        } => "info,libp2p_kad=error,llama-cpp-2=error",
         _ => "warn,libp2p_kad=error,llama-cpp-2=error",
     };
     tracing_subscriber::fmt()
@@ -214,6 +276,9 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Node {
             cmd: NodeCmd::Join(args),
         } => runtime()?.block_on(join(data_dir, args)),
+        Cmd::Node {
+            cmd: NodeCmd::Ask(args),
+        } => runtime()?.block_on(ask(data_dir, args)),
         Cmd::Swarm {
             cmd:
                 SwarmCmd::Status {
@@ -237,6 +302,64 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }),
     }
+}
+
+async fn ask(data_dir: PathBuf, a: AskArgs) -> Result<()> {
+    use nakshatra_node::ask::{chain_line, AskOptions};
+    use nakshatra_swarm::protocol::act::{Sampling, WireDtype};
+    let opts = AskOptions {
+        bootstrap: a.bootstrap,
+        mdns: !a.no_mdns,
+        model: a.model,
+        prompt: a.prompt,
+        raw: a.raw,
+        max_tokens: a.max_tokens,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        wire: match a.wire {
+            Wire::F32 => WireDtype::F32,
+            Wire::F16 => WireDtype::F16,
+        },
+        data_dir,
+        connect_wait: std::time::Duration::from_secs(a.wait),
+        step_timeout: std::time::Duration::from_secs(a.step_timeout),
+        attempts: 3,
+    };
+    let json = a.json;
+    let stdout = std::io::stdout();
+    let out = nakshatra_node::ask::ask(
+        opts,
+        |chain| eprintln!("{}", chain_line(chain)),
+        |text| {
+            if !json {
+                let mut o = stdout.lock();
+                let _ = o.write_all(text.as_bytes());
+                let _ = o.flush();
+            }
+        },
+    )
+    .await?;
+    let t = &out.timings;
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!();
+    }
+    eprintln!(
+        "stats: prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s | hop overhead median {:.3} ms, p99 {:.3} ms | setup {:.2} s",
+        t.prompt_tokens,
+        t.prefill_tps,
+        out.tokens.len(),
+        t.decode_tps,
+        t.hop_overhead_median_ms,
+        t.hop_overhead_p99_ms,
+        t.setup_s
+    );
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -266,6 +389,8 @@ async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
         },
         record_ttl: std::time::Duration::from_secs(a.record_ttl),
         refresh: std::time::Duration::from_secs(a.refresh),
+        test_link_delay: a.test_link_delay_ms.map(std::time::Duration::from_millis),
+        idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
     };
     let mut node = serve::start(opts).await?;
     {

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use nakshatra_swarm::{DeviceInfo, IdentityKeypair, Multiaddr, ServerInfo, SwarmConfig};
 
+use std::sync::Arc;
+
 use crate::engine::service::EngineService;
 use crate::engine::{self, EngineConfig, SliceEngine};
+use crate::hop::{spawn_servers, HopContext};
 use crate::slices;
 
 /// Errors of `node join`, each a clear message for the user.
@@ -79,6 +82,11 @@ pub struct JoinOptions {
     pub record_ttl: Duration,
     /// Re-announce period.
     pub refresh: Duration,
+    /// Test-only: delay added to every probe and activation frame (a slow
+    /// link).
+    pub test_link_delay: Option<Duration>,
+    /// Sessions idle this long are closed and their KV freed.
+    pub idle_timeout: Duration,
 }
 
 /// The identity file inside a data dir.
@@ -173,7 +181,25 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     cfg.mdns = opts.mdns;
     cfg.record_ttl = opts.record_ttl;
     cfg.refresh = opts.refresh;
+    cfg.test_link_delay = opts.test_link_delay;
     let (swarm, task) = nakshatra_swarm::spawn(keypair, cfg).await?;
+    let vocab = {
+        let (model, info) = (opts.model.clone(), info.clone());
+        tokio::task::spawn_blocking(move || crate::ask::vocab_offer(&model, &info))
+            .await
+            .map_err(|e| JoinError::Task(e.to_string()))?
+    };
+    let ctx = Arc::new(HopContext {
+        engine: engine.clone(),
+        control: swarm.stream_control(),
+        swarm: swarm.clone(),
+        me: swarm.peer_id(),
+        model_id: info.id.clone(),
+        vocab,
+        delay: opts.test_link_delay,
+        idle_timeout: opts.idle_timeout,
+    });
+    spawn_servers(ctx).map_err(JoinError::Task)?;
     let listen = swarm.listen_addrs().await.map_err(|_| JoinError::Stopped)?;
     let me = swarm.peer_id();
     let addrs: Vec<Multiaddr> = listen

@@ -1,10 +1,11 @@
 //! What a serving node says about itself.
 
-use std::ops::Range;
+use std::{ops::Range, str::FromStr};
 
+use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::{RecordError, MAX_LAYERS, PROTOCOL_VERSION};
+use crate::{RecordError, MAX_LAYERS, MAX_NEXT_RTTS, PROTOCOL_VERSION};
 
 /// Most devices one record may list.
 const MAX_DEVICES: usize = 16;
@@ -20,6 +21,9 @@ const MAX_BACKEND_LEN: usize = 32;
 const MAX_DESCRIPTION_LEN: usize = 256;
 /// Largest embedding width a record may claim.
 const MAX_N_EMBD: u32 = 1 << 20;
+/// Longest peer id string in [`NextRtt::peer_id`], bytes (a base58 PeerId
+/// of an ed25519 key is 52 characters).
+const MAX_PEER_ID_LEN: usize = 128;
 
 /// Lifecycle state of a serving node, as it announces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -50,6 +54,26 @@ pub struct DeviceInfo {
     pub memory_total: u64,
     /// Free device memory when the record was issued, in bytes.
     pub memory_free: u64,
+}
+
+/// A round-trip time this node measured to a holder of the block right after
+/// its range (a candidate next hop), as Petals servers report `next_pings`.
+/// Askers use it as the link cost from this node to that peer when planning
+/// a chain.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NextRtt {
+    /// The probed peer, base58 (must parse as a PeerId).
+    pub peer_id: String,
+    /// Best-of-three application-level RTT (`/nakshatra/probe/1`), in
+    /// milliseconds; finite and `>= 0`.
+    pub rtt_ms: f32,
+}
+
+impl NextRtt {
+    /// The probed peer, if `peer_id` parses.
+    pub fn peer(&self) -> Option<PeerId> {
+        PeerId::from_str(&self.peer_id).ok()
+    }
 }
 
 /// What a serving node announces: which layers of which model it holds and
@@ -91,6 +115,10 @@ pub struct ServerInfo {
     pub issued_at_ms: u64,
     /// When the record stops being valid, unix time in milliseconds.
     pub expires_at_ms: u64,
+    /// RTTs this node measured to holders of block `end` (its candidate
+    /// next hops); empty for a node holding the last block, or before its
+    /// first measurement. At most [`MAX_NEXT_RTTS`] entries.
+    pub next_rtts: Vec<NextRtt>,
 }
 
 impl ServerInfo {
@@ -204,6 +232,29 @@ impl ServerInfo {
         }
         for a in &self.listen_addrs {
             check_text("listen_addrs", a, MAX_ADDR_LEN)?;
+        }
+        if self.next_rtts.len() > MAX_NEXT_RTTS {
+            return Err(bad(
+                "next_rtts",
+                format!("{} entries, at most {MAX_NEXT_RTTS}", self.next_rtts.len()),
+            ));
+        }
+        for r in &self.next_rtts {
+            if r.peer_id.len() > MAX_PEER_ID_LEN || r.peer().is_none() {
+                return Err(bad(
+                    "next_rtts.peer_id",
+                    format!(
+                        "{:?} is not a peer id",
+                        r.peer_id.chars().take(80).collect::<String>()
+                    ),
+                ));
+            }
+            if !r.rtt_ms.is_finite() || r.rtt_ms < 0.0 {
+                return Err(bad(
+                    "next_rtts.rtt_ms",
+                    format!("{} is not a finite time >= 0", r.rtt_ms),
+                ));
+            }
         }
         Ok(())
     }

@@ -13,8 +13,8 @@
 //! - [`rpc`]: messages of the direct `/nakshatra/info/1` request-response
 //!   protocol.
 //!
-//! Later issues add the frames of the activation and slice protocols next to
-//! these modules.
+//! - [`act`]: frames of the activation, token-return and vocabulary
+//!   protocols (a chain of hops pushing hidden states).
 //!
 //! # Example
 //!
@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+pub mod act;
 mod bytes;
 mod info;
 pub mod keys;
@@ -43,7 +44,7 @@ mod record;
 pub mod rpc;
 mod wire;
 
-pub use info::{validate_model_id, DeviceInfo, ServerInfo, ServerState};
+pub use info::{validate_model_id, DeviceInfo, NextRtt, ServerInfo, ServerState};
 pub use record::{
     now_ms, peer_id_of, sign, verify, verify_with, RecordError, SignedServerInfo,
     VerifiedServerInfo, VerifyLimits,
@@ -55,7 +56,11 @@ pub use wire::{decode, encode};
 pub use libp2p_identity::PeerId;
 
 /// Version of the wire protocol; peers refuse records of another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added [`ServerInfo::next_rtts`].
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Most [`NextRtt`] entries one [`ServerInfo`] may carry.
+pub const MAX_NEXT_RTTS: usize = 16;
 
 /// Largest encoded [`SignedServerInfo`] a peer accepts, in bytes.
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;

@@ -1,6 +1,10 @@
 //! Messages of the direct info protocol, `/nakshatra/info/1`: any peer asks
 //! a node for its current signed [`crate::ServerInfo`]; the asker verifies
 //! the answer like any DHT record (and binds it to the peer it asked).
+//!
+//! Also the constants of the RTT probe protocol, `/nakshatra/probe/1` (a raw
+//! stream: the prober writes a [`PROBE_NONCE_LEN`]-byte nonce, the other
+//! side writes the same bytes back; repeat on the same stream).
 
 use serde::{Deserialize, Serialize};
 
@@ -8,6 +12,12 @@ use crate::{wire, RecordError, MAX_RECORD_BYTES, PROTOCOL_VERSION};
 
 /// libp2p protocol name of the direct info protocol.
 pub const INFO_PROTOCOL: &str = "/nakshatra/info/1";
+
+/// libp2p protocol name of the RTT probe protocol (raw stream, nonce echo).
+pub const PROBE_PROTOCOL: &str = "/nakshatra/probe/1";
+
+/// Bytes of one probe nonce (and of its echo).
+pub const PROBE_NONCE_LEN: usize = 8;
 
 /// Largest encoded [`InfoRequest`], bytes.
 pub const MAX_INFO_REQUEST_BYTES: usize = 64;

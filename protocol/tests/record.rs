@@ -4,8 +4,8 @@
 
 use ed25519_dalek::SigningKey;
 use nakshatra_protocol::{
-    peer_id_of, sign, verify, DeviceInfo, PeerId, RecordError, ServerInfo, ServerState,
-    SignedServerInfo, MAX_CLOCK_SKEW_MS, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME_MS,
+    peer_id_of, sign, verify, DeviceInfo, NextRtt, PeerId, RecordError, ServerInfo, ServerState,
+    SignedServerInfo, MAX_CLOCK_SKEW_MS, MAX_NEXT_RTTS, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME_MS,
     PROTOCOL_VERSION,
 };
 
@@ -215,7 +215,10 @@ fn wrong_protocol_version_is_refused() {
     let mut future = nakshatra_protocol::encode(&(PROTOCOL_VERSION + 1)).unwrap();
     future.extend_from_slice(b"something else entirely");
     match verify(&future, None, NOW) {
-        Err(RecordError::Malformed(why)) => assert!(why.contains("version field reads 2"), "{why}"),
+        Err(RecordError::Malformed(why)) => assert!(
+            why.contains(&format!("version field reads {}", PROTOCOL_VERSION + 1)),
+            "{why}"
+        ),
         other => panic!("{other:?}"),
     }
 }
@@ -236,6 +239,12 @@ fn oversized_is_refused() {
         };
         16
     ];
+    i.next_rtts = (0..MAX_NEXT_RTTS as u8)
+        .map(|n| NextRtt {
+            peer_id: peer(&key(100 + n)).to_base58(),
+            rtt_ms: 1234.5,
+        })
+        .collect();
     assert!(sign(&k, &i).is_ok(), "the largest valid record fits");
     // A hand-made record over the limit (validly signed).
     let payload = vec![0u8; MAX_RECORD_BYTES];
@@ -304,6 +313,102 @@ fn bad_fields_are_refused_even_when_signed() {
             },
             |e| matches!(e, RecordError::BadField { .. }),
         ),
+        (
+            ServerInfo {
+                next_rtts: vec![next_rtt(2, 1.0); MAX_NEXT_RTTS + 1],
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "next_rtts",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                next_rtts: vec![next_rtt(2, f32::NAN)],
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "next_rtts.rtt_ms",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                next_rtts: vec![next_rtt(2, f32::INFINITY)],
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "next_rtts.rtt_ms",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                next_rtts: vec![next_rtt(2, -0.5)],
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "next_rtts.rtt_ms",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                next_rtts: vec![NextRtt {
+                    peer_id: "not-a-peer".into(),
+                    rtt_ms: 1.0,
+                }],
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "next_rtts.peer_id",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                next_rtts: vec![NextRtt {
+                    peer_id: "1".repeat(5000),
+                    rtt_ms: 1.0,
+                }],
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "next_rtts.peer_id",
+                        ..
+                    }
+                )
+            },
+        ),
     ];
     for (i, is_expected) in cases {
         let err = sign(&k, &i).unwrap_err();
@@ -364,6 +469,25 @@ fn malformed_bytes_are_refused_without_panic() {
     let mut bad_key = sign(&k, &info()).unwrap();
     bad_key.public_key = [0xff; 32];
     assert!(verify(&bad_key.to_bytes(), None, NOW).is_err());
+}
+
+fn next_rtt(seed: u8, rtt_ms: f32) -> NextRtt {
+    NextRtt {
+        peer_id: peer(&key(seed)).to_base58(),
+        rtt_ms,
+    }
+}
+
+#[test]
+fn next_rtts_round_trip() {
+    let k = key(5);
+    let mut i = info();
+    i.next_rtts = vec![next_rtt(6, 0.0), next_rtt(7, 12.25)];
+    let v = verify(&sign(&k, &i).unwrap().to_bytes(), Some(&peer(&k)), NOW).unwrap();
+    assert_eq!(v.info.next_rtts, i.next_rtts);
+    assert_eq!(v.info.next_rtts[1].peer(), Some(peer(&key(7))));
+    i.next_rtts = vec![next_rtt(6, 1.0); MAX_NEXT_RTTS];
+    assert!(sign(&k, &i).is_ok());
 }
 
 #[test]

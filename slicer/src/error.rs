@@ -226,6 +226,48 @@ pub enum SliceError {
         source_id: String,
     },
 
+    /// The input file was made by nakshatra (a slice, an embedding sidecar
+    /// or a vocabulary file) where only an original model will do (see
+    /// [`crate::vocab_gguf`]).
+    #[error(
+        "{} was made by nakshatra from model {source_id} (a slice, sidecar or vocabulary file), \
+         not an original model; use the original model file instead",
+        path.display()
+    )]
+    NotOriginalModel {
+        /// The input file.
+        path: PathBuf,
+        /// The id of the model it was made from (`"unknown"` if the file
+        /// does not say).
+        source_id: String,
+    },
+
+    /// A vocabulary file's content does not hash to the model id it was
+    /// asked for (see [`crate::verify_vocab`]): it is not that model's
+    /// vocabulary, or the model hashes given with it are wrong.
+    #[error(
+        "the vocabulary does not belong to model {expected}: together with the given model \
+         hashes it hashes to model id {got}; it was tampered with, is from another model, or \
+         the hashes are wrong (fetch it again from another peer)"
+    )]
+    IdMismatch {
+        /// The model id that was asked for.
+        expected: String,
+        /// The id the vocabulary and hashes actually give.
+        got: String,
+    },
+
+    /// A vocabulary file is malformed (holds tensors, lacks its
+    /// `nakshatra.role`, names another source model, ...).
+    #[error("invalid vocabulary file: {0}")]
+    BadVocab(String),
+
+    /// The [`crate::ModelHashes`] given to [`crate::verify_vocab`] are
+    /// malformed or do not fit the vocabulary's metadata (e.g. the wrong
+    /// number of block hashes).
+    #[error("invalid model hashes: {0}")]
+    BadHashes(String),
+
     /// The output path is the input file.
     #[error("refusing to overwrite the input model {} with a slice", path.display())]
     OutputIsInput {

@@ -137,7 +137,7 @@ pub(crate) fn get_u32(g: &Gguf, key: &str) -> Result<u32, SliceError> {
     })
 }
 
-fn bad_key(key: &str, reason: String) -> SliceError {
+pub(crate) fn bad_key(key: &str, reason: String) -> SliceError {
     SliceError::BadKey {
         key: key.into(),
         reason,
@@ -256,19 +256,35 @@ pub(crate) fn model_info(g: &Gguf) -> Result<ModelInfo, SliceError> {
     })
 }
 
-fn n_vocab_of(g: &Gguf, arch: &str, embd: &TensorInfo) -> Result<u32, SliceError> {
+/// The vocabulary size as far as metadata alone tells it:
+/// `{arch}.vocab_size`, else the length of `tokenizer.ggml.tokens`, else
+/// `None`. The first two steps of [`ModelInfo::n_vocab`]'s rule, shared by
+/// [`model_info`] and [`crate::verify_vocab`] so both derive it identically.
+pub(crate) fn n_vocab_from_metadata(g: &Gguf, arch: &str) -> Result<Option<u32>, SliceError> {
     let key = format!("{arch}.vocab_size");
     if g.get(&key).is_some() {
-        return get_u32(g, &key);
+        return get_u32(g, &key).map(Some);
     }
-    if let Some(v) = g.get("tokenizer.ggml.tokens") {
+    if let Some(v) = g.get(TOKENS) {
         let n = v
             .as_array()
             .map(|a| a.len())
-            .ok_or_else(|| bad_key("tokenizer.ggml.tokens", "expected an array".to_string()))?;
+            .ok_or_else(|| bad_key(TOKENS, "expected an array".to_string()))?;
         return u32::try_from(n)
-            .map_err(|_| bad_key("tokenizer.ggml.tokens", format!("{n} tokens is too many")));
+            .map(Some)
+            .map_err(|_| bad_key(TOKENS, format!("{n} tokens is too many")));
     }
+    Ok(None)
+}
+
+/// The token list key.
+pub(crate) const TOKENS: &str = "tokenizer.ggml.tokens";
+
+fn n_vocab_of(g: &Gguf, arch: &str, embd: &TensorInfo) -> Result<u32, SliceError> {
+    if let Some(n) = n_vocab_from_metadata(g, arch)? {
+        return Ok(n);
+    }
+    let key = format!("{arch}.vocab_size");
     embd.dims
         .get(1)
         .and_then(|&d| u32::try_from(d).ok())

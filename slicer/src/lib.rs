@@ -4,14 +4,17 @@
 //! stock llama.cpp loads unmodified, so that one model can run split across
 //! machines. Stand-alone: no llama.cpp, no network.
 //!
-//! - [`Gguf`]: a memory-mapped, fully validated GGUF v2/v3 file (metadata,
-//!   tensor infos with absolute data offsets, tensor bytes). Damaged or
-//!   hostile input gives a [`GgufError`], never a panic.
+//! - [`Gguf`]: a memory-mapped (or in-memory), fully validated GGUF v2/v3
+//!   file (metadata, tensor infos with absolute data offsets, tensor bytes).
+//!   Damaged or hostile input gives a [`GgufError`], never a panic.
 //! - [`inspect`]: shape and content hashes of a model or slice
 //!   ([`ModelInfo`]).
 //! - [`write_slice`]: writes layers `start..end` as a new GGUF (and, for a
 //!   first slice, an embedding sidecar).
 //! - [`write_gguf`]: the streaming GGUF writer underneath.
+//! - [`vocab_gguf`] / [`verify_vocab`]: a tensor-less GGUF carrying a model's
+//!   tokenizer and chat template, for nodes without the model file, and its
+//!   check against the model id.
 //!
 //! ## Slicing recipe
 //!
@@ -44,6 +47,7 @@ mod gguf;
 pub mod hash;
 mod info;
 mod slice;
+mod vocab;
 
 pub use error::{GgufError, SliceError, WriteError};
 pub use gguf::read::{Gguf, TensorInfo};
@@ -55,6 +59,7 @@ pub use info::{inspect, ModelInfo, SliceMeta};
 pub use slice::{
     embd_sidecar_path, supported_arch, write_slice, SliceOutput, FORMAT_VERSION, SUPPORTED_ARCHS,
 };
+pub use vocab::{verify_vocab, vocab_gguf, ModelHashes, VocabInfo, VOCAB_ROLE};
 
 /// Metadata keys read or written by this crate.
 pub mod keys {
@@ -72,6 +77,7 @@ pub mod keys {
     pub const N_LAYERS_TOTAL: &str = "nakshatra.n_layers_total";
     /// Version of the slice format (u32, currently 1).
     pub const FORMAT_VERSION: &str = "nakshatra.format_version";
-    /// Role of an auxiliary file: `"token_embd"` for an embedding sidecar.
+    /// Role of an auxiliary file: `"token_embd"` for an embedding sidecar,
+    /// `"vocab"` ([`crate::VOCAB_ROLE`]) for a vocabulary file.
     pub const ROLE: &str = "nakshatra.role";
 }

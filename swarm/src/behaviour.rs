@@ -36,6 +36,9 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) info: request_response::Behaviour<InfoCodec>,
+    /// Raw streams (`/nakshatra/probe/1`, and the node's own protocols
+    /// through [`crate::Client::stream_control`]).
+    pub(crate) stream: libp2p_stream::Behaviour,
 }
 
 impl Behaviour {
@@ -114,6 +117,7 @@ impl Behaviour {
             ping,
             mdns: Toggle::from(mdns),
             info,
+            stream: libp2p_stream::Behaviour::new(),
         }
     }
 }

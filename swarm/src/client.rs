@@ -2,11 +2,14 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    fmt,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use futures::{stream, StreamExt};
-use libp2p::{kad::RecordKey, Multiaddr, PeerId};
+use libp2p::{kad::RecordKey, Multiaddr, PeerId, Stream, StreamProtocol};
+use libp2p_stream::{Control, OpenStreamError};
 use nakshatra_protocol::{
     keys, now_ms, rpc::InfoResponse, validate_model_id, verify, RecordError, ServerInfo,
     ServerState, MAX_LAYERS,
@@ -16,6 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     error::{AnnounceError, InfoError, LookupError, Stopped},
     event_loop::{Command, SwarmStats},
+    plan::{plan_chain, Chain, PlanError, PlanOptions},
+    probe,
     view::{build_model_view, ModelView, SwarmView},
 };
 
@@ -27,23 +32,92 @@ const RTT_WAIT: Duration = Duration::from_secs(5);
 const VIEW_RTT_WAIT: Duration = Duration::from_secs(3);
 /// Most lookups / info requests a view runs at once.
 const CONCURRENCY: usize = 32;
+/// Longest [`Client::open_stream`] takes, dial included.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most probe streams kept open for reuse.
+const MAX_KEPT_PROBE_STREAMS: usize = 256;
+
+/// How a view measures each peer's RTT.
+#[derive(Clone, Copy)]
+enum RttMode<'a> {
+    /// libp2p ping (what `swarm status` shows).
+    Ping,
+    /// `/nakshatra/probe/1`, only for peers a chain could use.
+    Probe { exclude: &'a HashSet<PeerId> },
+}
+
+/// What every clone of a [`Client`] shares about raw streams.
+pub(crate) struct StreamShared {
+    control: Control,
+    probe_streams: Mutex<HashMap<PeerId, Stream>>,
+    test_link_delay: Option<Duration>,
+}
 
 /// Handle to a running swarm node (see [`crate::spawn`]). Cheap to clone;
 /// every method sends a command to the event loop and waits for its
 /// answer. Once the event loop has stopped, methods fail with
 /// [`Stopped`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    streams: Arc<StreamShared>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("peer_id", &self.peer_id)
+            .field("test_link_delay", &self.streams.test_link_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Client`] that does not keep the event loop alive (for the swarm's
+/// own background tasks).
+pub(crate) struct WeakClient {
+    tx: mpsc::WeakSender<Command>,
+    peer_id: PeerId,
+    streams: Arc<StreamShared>,
+}
+
+impl WeakClient {
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        Some(Client {
+            tx: self.tx.upgrade()?,
+            peer_id: self.peer_id,
+            streams: self.streams.clone(),
+        })
+    }
 }
 
 impl Client {
-    pub(crate) fn new(tx: mpsc::Sender<Command>, peer_id: PeerId) -> Self {
-        Client { tx, peer_id }
+    pub(crate) fn new(
+        tx: mpsc::Sender<Command>,
+        peer_id: PeerId,
+        control: Control,
+        test_link_delay: Option<Duration>,
+    ) -> Self {
+        Client {
+            tx,
+            peer_id,
+            streams: Arc::new(StreamShared {
+                control,
+                probe_streams: Mutex::new(HashMap::new()),
+                test_link_delay,
+            }),
+        }
     }
 
-    async fn call<T>(
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient {
+            tx: self.tx.downgrade(),
+            peer_id: self.peer_id,
+            streams: self.streams.clone(),
+        }
+    }
+
+    pub(crate) async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, Stopped> {
@@ -162,7 +236,10 @@ impl Client {
                 Ok(v) if v.info.state == ServerState::Offline => {
                     return Err(InfoError::NotServing(peer))
                 }
-                Ok(v) => return Ok(v.info),
+                Ok(v) => {
+                    self.learn_info_addrs(peer, &v.info).await;
+                    return Ok(v.info);
+                }
                 Err(e) => {
                     tracing::warn!(%peer, reason = %e, "dropping invalid info answered by the peer");
                     last = Some(e);
@@ -198,20 +275,22 @@ impl Client {
         match best {
             Some(info) if info.state == ServerState::Offline => Err(InfoError::NotServing(peer)),
             Some(info) => {
-                // Let later dials (RTT, sessions) use the addresses the
-                // peer signed.
-                let addrs: Vec<Multiaddr> = info
-                    .listen_addrs
-                    .iter()
-                    .filter_map(|a| a.parse().ok())
-                    .collect();
-                if !addrs.is_empty() {
-                    let _ = self.tx.send(Command::LearnAddrs { peer, addrs }).await;
-                }
+                self.learn_info_addrs(peer, &info).await;
                 Ok(info)
             }
             None => Err(InfoError::NotFound { peer, last }),
         }
+    }
+
+    /// Lets later dials (RTT, probes, streams by PeerId) use the addresses
+    /// the peer signed.
+    async fn learn_info_addrs(&self, peer: PeerId, info: &ServerInfo) {
+        let addrs: Vec<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        self.add_peer_addresses(peer, addrs).await;
     }
 
     /// Round-trip time to `peer` from libp2p ping: the latest measurement,
@@ -232,6 +311,151 @@ impl Client {
             .await
             .ok()?;
         tokio::time::timeout(wait, rx).await.ok()?.ok()?
+    }
+
+    /// A handle on this node's raw libp2p streams (libp2p-stream): open
+    /// outbound streams with [`Control::open_stream`], serve a protocol
+    /// with [`Control::accept`]. Every call returns a clone of the same
+    /// control.
+    ///
+    /// **Accept loops must keep up.** A protocol nobody has `accept`ed is
+    /// refused (the opener gets `UnsupportedProtocol`). libp2p-stream hands
+    /// inbound streams over a channel of capacity 0: a stream negotiated
+    /// while the previous one has not been taken off the
+    /// [`libp2p_stream::IncomingStreams`] yet is dropped (the opener's
+    /// `open_stream` succeeds, then its reads hit end-of-stream). Call
+    /// `accept` before announcing, poll the `IncomingStreams` in a
+    /// dedicated task that awaits nothing else, and spawn a task per
+    /// stream. `accept` works once per protocol (`AlreadyRegistered` after
+    /// that, until the `IncomingStreams` is dropped).
+    ///
+    /// **Dialling.** `open_stream` dials a peer it is not connected to by
+    /// its PeerId alone, with the addresses the swarm knows (identify,
+    /// Kademlia, and every address of a verified info or given to
+    /// [`Client::add_peer_addresses`]). libp2p-stream queues at most one
+    /// such dial at a time, so several concurrent `open_stream`s to
+    /// unconnected peers can lose a dial and wait forever: wrap them in a
+    /// timeout, or use [`Client::open_stream`], which connects first.
+    pub fn stream_control(&self) -> Control {
+        self.streams.control.clone()
+    }
+
+    /// Opens a raw stream for `protocol` to `peer`: connects first if
+    /// needed (dialling every address this node knows of `peer`, from a
+    /// fresh port), then negotiates the stream. Fails if `peer` cannot be
+    /// reached, does not accept `protocol`, or all of it takes longer than
+    /// 15 s (`TimedOut`).
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenStreamError> {
+        let io = |kind, why: String| OpenStreamError::Io(std::io::Error::new(kind, why));
+        let open = async {
+            match self.call(|reply| Command::Connect { peer, reply }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => return Err(io(std::io::ErrorKind::NotConnected, why)),
+                Err(Stopped) => {
+                    return Err(io(std::io::ErrorKind::NotConnected, Stopped.to_string()))
+                }
+            }
+            let mut control = self.streams.control.clone();
+            control.open_stream(peer, protocol).await
+        };
+        match tokio::time::timeout(OPEN_STREAM_TIMEOUT, open).await {
+            Ok(result) => result,
+            Err(_) => Err(io(
+                std::io::ErrorKind::TimedOut,
+                format!("no stream to {peer} within {OPEN_STREAM_TIMEOUT:?}"),
+            )),
+        }
+    }
+
+    /// Adds `addrs` to what this node knows about `peer` (its own address
+    /// book and the swarm's, which every dial by PeerId consults,
+    /// [`Control::open_stream`]'s included). Addresses ending in `/p2p/..`
+    /// are stored without it. Returns once they are in (a dial right after
+    /// uses them). Verified infos' `listen_addrs` are added automatically.
+    pub async fn add_peer_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if addrs.is_empty() {
+            return;
+        }
+        let _ = self
+            .call(|reply| Command::LearnAddrs { peer, addrs, reply })
+            .await;
+    }
+
+    /// Application-level round-trip time to `peer` over
+    /// `/nakshatra/probe/1`: best of three nonce echoes on one stream (kept
+    /// open for the next probe; dialling the peer if needed), within 3 s.
+    /// Includes the peer's [`crate::SwarmConfig::test_link_delay`]. `None`
+    /// when no echo came back in time. `Some(0)` for this node itself.
+    pub async fn probe_rtt(&self, peer: PeerId) -> Option<Duration> {
+        probe::probe_rtt(self, peer).await
+    }
+
+    /// This node's [`crate::SwarmConfig::test_link_delay`] (test-only
+    /// fault): the node applies it to its activation frames too.
+    pub fn test_link_delay(&self) -> Option<Duration> {
+        self.streams.test_link_delay
+    }
+
+    pub(crate) fn take_probe_stream(&self, peer: PeerId) -> Option<Stream> {
+        self.streams
+            .probe_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer)
+    }
+
+    pub(crate) fn keep_probe_stream(&self, peer: PeerId, stream: Stream) {
+        let mut kept = self
+            .streams
+            .probe_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= MAX_KEPT_PROBE_STREAMS && !kept.contains_key(&peer) {
+            if let Some(victim) = kept.keys().next().copied() {
+                kept.remove(&victim);
+            }
+        }
+        kept.insert(peer, stream);
+    }
+
+    /// Plans the fastest chain of hops through `model_id` from this node:
+    /// reads the model's view ([`Client::model_view`]), probes every peer a
+    /// chain could use ([`Client::probe_rtt`], concurrently: the first
+    /// hop's and the last hop's RTTs are link costs), then runs
+    /// [`crate::plan::plan_chain`].
+    ///
+    /// Peers that do not answer the probe within 3 s are left out (this
+    /// node could not reach them as first hop, nor get tokens back from
+    /// them as last hop), so an unreachable range shows up as
+    /// [`PlanError::Uncovered`], like a range whose holders are all full
+    /// or excluded. [`PlanError::NoModel`]: nobody announces the model.
+    pub async fn plan(&self, model_id: &str, opts: &PlanOptions) -> Result<Chain, PlanError> {
+        validate_model_id(model_id).map_err(LookupError::from)?;
+        let mut infos = HashMap::new();
+        let (view, rtts) = self
+            .model_view_impl(
+                model_id,
+                &mut infos,
+                RttMode::Probe {
+                    exclude: &opts.exclude,
+                },
+            )
+            .await
+            .map_err(LookupError::from)?;
+        // Peers that were not probed are unusable anyway; those that did
+        // not answer are unreachable from here.
+        let mut opts = opts.clone();
+        opts.exclude.extend(
+            view.peers
+                .iter()
+                .map(|p| p.peer_id)
+                .filter(|p| !rtts.contains_key(p)),
+        );
+        plan_chain(&view, &rtts, &opts)
     }
 
     /// Peers with an open connection.
@@ -272,7 +496,10 @@ impl Client {
     pub async fn model_view(&self, model_id: &str) -> Result<ModelView, LookupError> {
         validate_model_id(model_id)?;
         let mut infos = HashMap::new();
-        Ok(self.model_view_with(model_id, &mut infos).await?)
+        Ok(self
+            .model_view_impl(model_id, &mut infos, RttMode::Ping)
+            .await?
+            .0)
     }
 
     /// The view of every model served in the swarm: enumerates serving
@@ -291,16 +518,21 @@ impl Client {
             .collect();
         let mut models = Vec::new();
         for id in ids {
-            models.push(self.model_view_with(&id, &mut infos).await?);
+            models.push(
+                self.model_view_impl(&id, &mut infos, RttMode::Ping)
+                    .await?
+                    .0,
+            );
         }
         Ok(SwarmView { models })
     }
 
-    async fn model_view_with(
+    async fn model_view_impl(
         &self,
         model_id: &str,
         infos: &mut HashMap<PeerId, Option<ServerInfo>>,
-    ) -> Result<ModelView, Stopped> {
+        mode: RttMode<'_>,
+    ) -> Result<(ModelView, HashMap<PeerId, Duration>), Stopped> {
         let candidates = self.providers(&keys::model_key(model_id)).await?;
         self.fetch_infos(candidates, infos).await?;
 
@@ -319,13 +551,37 @@ impl Client {
         self.fetch_infos(holders, infos).await?;
 
         let known = infos_of(infos, model_id);
-        let rtts: HashMap<PeerId, Duration> = stream::iter(known.iter().map(|(p, _)| *p))
-            .map(|p| async move { (p, self.rtt_within(p, VIEW_RTT_WAIT).await) })
-            .buffer_unordered(CONCURRENCY)
-            .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
-            .collect()
-            .await;
-        Ok(build_model_view(model_id, &known, &rtts))
+        let rtts: HashMap<PeerId, Duration> = match mode {
+            RttMode::Ping => {
+                stream::iter(known.iter().map(|(p, _)| *p))
+                    .map(|p| async move { (p, self.rtt_within(p, VIEW_RTT_WAIT).await) })
+                    .buffer_unordered(CONCURRENCY)
+                    .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
+                    .collect()
+                    .await
+            }
+            RttMode::Probe { exclude } => {
+                // Only peers a chain could use.
+                let candidates = known.iter().filter(|(p, i)| {
+                    i.state == ServerState::Online
+                        && i.free_sessions > 0
+                        && i.throughput > 0.0
+                        && !exclude.contains(p)
+                });
+                stream::iter(candidates.map(|(p, _)| *p))
+                    .map(|p| async move { (p, self.probe_rtt(p).await) })
+                    .buffer_unordered(CONCURRENCY)
+                    .filter_map(|(p, r)| async move {
+                        if r.is_none() {
+                            tracing::debug!(peer = %p, "no answer to the RTT probe");
+                        }
+                        r.map(|r| (p, r))
+                    })
+                    .collect()
+                    .await
+            }
+        };
+        Ok((build_model_view(model_id, &known, &rtts), rtts))
     }
 
     /// Fetches (concurrently) the info of every peer not fetched yet.

@@ -63,6 +63,13 @@ pub struct SwarmConfig {
     pub bootstrap_backoff_max: Duration,
     /// The `agent_version` identify reports.
     pub agent_version: String,
+    /// **Test-only fault: simulates a slow link.** When set, this node
+    /// sleeps this long before echoing each `/nakshatra/probe/1` probe, so
+    /// every RTT measured *to* it (by askers, and by servers filling in
+    /// their `next_rtts`) is inflated by it. The node applies the same delay
+    /// to its activation frames ([`crate::Client::test_link_delay`]). This
+    /// sandbox has no tc/netem; never set it in production. Default `None`.
+    pub test_link_delay: Option<Duration>,
 }
 
 impl SwarmConfig {
@@ -84,6 +91,7 @@ impl SwarmConfig {
             bootstrap_backoff_initial: Duration::from_secs(1),
             bootstrap_backoff_max: Duration::from_secs(30),
             agent_version: format!("nakshatra/{}", env!("CARGO_PKG_VERSION")),
+            test_link_delay: None,
         }
     }
 

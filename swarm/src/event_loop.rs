@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,15 +27,16 @@ use nakshatra_protocol::{
     keys::{self, DhtKey},
     now_ms,
     rpc::{InfoRequest, InfoResponse},
-    sign, verify, RecordError, ServerInfo, ServerState, PROTOCOL_VERSION,
+    sign, verify, NextRtt, RecordError, ServerInfo, ServerState, PROTOCOL_VERSION,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     config::Role,
     error::AnnounceError,
+    probe::peer_set,
     SwarmConfig,
 };
 
@@ -72,6 +74,14 @@ pub struct SwarmStats {
     pub announcing: bool,
 }
 
+/// What a serving node's next hops are: holders of block `end` of
+/// `model_id` (the block right after its range).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NextHopTarget {
+    pub(crate) model_id: String,
+    pub(crate) end: u32,
+}
+
 pub(crate) enum Command {
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
@@ -103,6 +113,25 @@ pub(crate) enum Command {
     LearnAddrs {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
+        /// Answered once the addresses are in the address books.
+        reply: oneshot::Sender<()>,
+    },
+    /// Make sure a connection to `peer` is open (dial it at every known
+    /// address if not).
+    Connect {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Whose RTTs the next-hop task should measure (`None`: not announcing,
+    /// or holding the model's last block).
+    NextHopTarget {
+        reply: oneshot::Sender<Option<NextHopTarget>>,
+    },
+    /// Results of a next-hop round for `target`.
+    SetNextRtts {
+        target: NextHopTarget,
+        rtts: Vec<NextRtt>,
+        reply: oneshot::Sender<()>,
     },
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -164,6 +193,14 @@ pub(crate) struct EventLoop {
     pending_info: HashMap<OutboundRequestId, oneshot::Sender<Result<InfoResponse, String>>>,
     rtt: HashMap<PeerId, Duration>,
     rtt_waiters: HashMap<PeerId, Vec<oneshot::Sender<Option<Duration>>>>,
+    connect_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
+    /// Latest next-hop RTTs (signed into the info when the announced info
+    /// carries none itself).
+    next_rtts: Vec<NextRtt>,
+    /// Wakes the next-hop task (new target, new DHT peer).
+    next_hop_trigger: Arc<Notify>,
+    /// Dropped with the loop: stops the probe server and next-hop tasks.
+    _stop: watch::Sender<()>,
     addr_book: HashMap<PeerId, Vec<Multiaddr>>,
     /// Lookups waiting for the routing table's first peer (deadline).
     deferred_lookups: Vec<(Instant, Command)>,
@@ -179,6 +216,8 @@ impl EventLoop {
         commands: mpsc::Receiver<Command>,
         config: SwarmConfig,
         signing_key: SigningKey,
+        next_hop_trigger: Arc<Notify>,
+        stop: watch::Sender<()>,
     ) -> Self {
         let local_peer = *swarm.local_peer_id();
         let backoff = config.bootstrap_backoff_initial;
@@ -199,6 +238,10 @@ impl EventLoop {
             pending_info: HashMap::new(),
             rtt: HashMap::new(),
             rtt_waiters: HashMap::new(),
+            connect_waiters: HashMap::new(),
+            next_rtts: Vec::new(),
+            next_hop_trigger,
+            _stop: stop,
             addr_book: HashMap::new(),
             deferred_lookups: Vec::new(),
             mdns_retries: HashMap::new(),
@@ -303,9 +346,43 @@ impl EventLoop {
                     self.rtt_waiters.entry(peer).or_default().push(reply);
                 }
             }
-            Command::LearnAddrs { peer, addrs } => {
+            Command::LearnAddrs { peer, addrs, reply } => {
                 for a in addrs {
                     self.remember_addr(peer, a);
+                }
+                let _ = reply.send(());
+            }
+            Command::Connect { peer, reply } => {
+                if peer == self.local_peer {
+                    let _ = reply.send(Err("that is this node".into()));
+                } else if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                } else if !self.dial_peer(peer) {
+                    let _ = reply.send(Err(format!("no known address of {peer}")));
+                } else {
+                    self.connect_waiters.entry(peer).or_default().push(reply);
+                }
+            }
+            Command::NextHopTarget { reply } => {
+                let _ = reply.send(self.next_hop_target());
+            }
+            Command::SetNextRtts {
+                target,
+                rtts,
+                reply,
+            } => {
+                let _ = reply.send(());
+                if self.next_hop_target().as_ref() != Some(&target) {
+                    return; // measured for an announcement since replaced
+                }
+                let changed = peer_set(&rtts) != peer_set(&self.next_rtts);
+                self.next_rtts = rtts;
+                if changed {
+                    // New next hops: tell askers now, not at the next
+                    // refresh (the info only; provider records are fine).
+                    if let Err(e) = self.publish_info() {
+                        tracing::warn!(error = %e, "cannot re-sign the info");
+                    }
                 }
             }
             Command::ConnectedPeers { reply } => {
@@ -404,10 +481,18 @@ impl EventLoop {
             keys = new_keys.len(),
             "announcing"
         );
+        let old_target = self.next_hop_target();
         self.announcement = Some(Announcement {
             info,
             keys: new_keys,
         });
+        let new_target = self.next_hop_target();
+        if new_target != old_target {
+            self.next_rtts.clear();
+            if new_target.is_some() {
+                self.next_hop_trigger.notify_one();
+            }
+        }
         if let Err(e) = self.publish() {
             self.announcement = None;
             self.current_signed = None;
@@ -437,6 +522,27 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Re-signs the info (fresh timestamps, current `next_rtts`) and puts
+    /// it, without re-providing the keys.
+    fn publish_info(&mut self) -> Result<(), RecordError> {
+        let Some(ann) = self.announcement.as_ref() else {
+            return Ok(());
+        };
+        let signed = self.sign_fresh(&ann.info, ServerState::Online)?;
+        self.put_info_record(signed.clone());
+        self.current_signed = Some(signed);
+        Ok(())
+    }
+
+    /// The block after the announced range, if there is one.
+    fn next_hop_target(&self) -> Option<NextHopTarget> {
+        let info = &self.announcement.as_ref()?.info;
+        (info.end < info.n_layers_total).then(|| NextHopTarget {
+            model_id: info.model_id.clone(),
+            end: info.end,
+        })
+    }
+
     fn sign_fresh(&self, info: &ServerInfo, state: ServerState) -> Result<Vec<u8>, RecordError> {
         let mut info = info.clone();
         let now = now_ms();
@@ -449,6 +555,9 @@ impl EventLoop {
         info.expires_at_ms = now.saturating_add(self.config.record_ttl.as_millis() as u64);
         if info.listen_addrs.is_empty() {
             info.listen_addrs = self.advertised_addrs();
+        }
+        if info.next_rtts.is_empty() && state != ServerState::Offline {
+            info.next_rtts = self.next_rtts.clone();
         }
         Ok(sign(&self.signing_key, &info)?.to_bytes())
     }
@@ -649,6 +758,10 @@ impl EventLoop {
             ws.retain(|w| !w.is_closed());
             !ws.is_empty()
         });
+        self.connect_waiters.retain(|_, ws| {
+            ws.retain(|w| !w.is_closed());
+            !ws.is_empty()
+        });
         if !self.listen_addrs.is_empty() {
             for w in self.listen_waiters.drain(..) {
                 let _ = w.send(self.listen_addrs.clone());
@@ -706,7 +819,10 @@ impl EventLoop {
             if entry.len() >= MAX_ADDRS_PER_PEER {
                 entry.remove(0);
             }
-            entry.push(addr);
+            entry.push(addr.clone());
+            // Into the swarm's address book too, so that dials by peer id
+            // alone (libp2p-stream's `Control::open_stream`) find it.
+            self.swarm.add_peer_address(peer, addr);
         }
     }
 
@@ -795,6 +911,11 @@ impl EventLoop {
                     self.remember_addr(peer_id, endpoint.get_remote_address().clone());
                 }
                 self.mdns_retries.remove(&peer_id);
+                if let Some(waiters) = self.connect_waiters.remove(&peer_id) {
+                    for w in waiters {
+                        let _ = w.send(Ok(()));
+                    }
+                }
                 if self.bootstrap.round.remove(&connection_id) {
                     self.on_bootstrap_joined();
                 }
@@ -825,6 +946,12 @@ impl EventLoop {
                         if let Some(waiters) = self.rtt_waiters.remove(&peer) {
                             for w in waiters {
                                 let _ = w.send(None);
+                            }
+                        }
+                        if let Some(waiters) = self.connect_waiters.remove(&peer) {
+                            let why = error.to_string();
+                            for w in waiters {
+                                let _ = w.send(Err(why.clone()));
                             }
                         }
                     }
@@ -963,6 +1090,10 @@ impl EventLoop {
             } => {
                 tracing::debug!(%peer, is_new_peer, "routing table updated");
                 self.run_deferred_lookups(true);
+                if is_new_peer && self.next_hop_target().is_some() {
+                    // Maybe a holder of our next block: measure soon.
+                    self.next_hop_trigger.notify_one();
+                }
                 if is_new_peer && self.published_alone && self.announcement.is_some() {
                     // Our last announcement reached nobody: repeat it now
                     // rather than at the next refresh.

@@ -1,6 +1,7 @@
 //! nakshatra's libp2p layer: identity, transports, the Kademlia DHT that is
-//! the swarm's only registry, mDNS, identify, ping and the direct info
-//! protocol. Knows bytes and peers, never llama.cpp.
+//! the swarm's only registry, mDNS, identify, ping, the direct info
+//! protocol, raw streams (libp2p-stream) with the RTT probe protocol, and
+//! chain planning ([`plan`]). Knows bytes and peers, never llama.cpp.
 //!
 //! # Shape
 //!
@@ -22,6 +23,19 @@
 //!   `StoreInserts::FilterBoth`); askers verify again whatever they read.
 //! - Both are refreshed every [`SwarmConfig::refresh`] and expire after
 //!   [`SwarmConfig::record_ttl`] (same value on every node!).
+//! - In its info, **`next_rtts`**: RTTs to holders of the block right after
+//!   its range, measured by a background task of this crate every
+//!   `refresh` (and soon after the announcement or new DHT peers) with
+//!   `/nakshatra/probe/1`. The node gets it for free; a `next_rtts` set in
+//!   the announced info itself takes precedence.
+//!
+//! # Raw streams
+//!
+//! [`Client::stream_control`] hands out the libp2p-stream [`stream::Control`]
+//! for the node's own protocols. Every node answers `/nakshatra/probe/1`
+//! ([`Client::probe_rtt`]). Inbound streams of a protocol nobody `accept`ed,
+//! or arriving while its accept loop lags, are dropped: see
+//! [`Client::stream_control`].
 //!
 //! # Example
 //!
@@ -55,10 +69,17 @@ mod config;
 mod error;
 mod event_loop;
 mod identity;
+pub mod plan;
+mod probe;
 mod view;
 
+use std::sync::Arc;
+
 use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm, SwarmBuilder};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch, Notify},
+    task::JoinHandle,
+};
 
 pub use behaviour::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 pub use client::Client;
@@ -66,13 +87,21 @@ pub use config::{Role, SwarmConfig};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
 pub use event_loop::SwarmStats;
 pub use identity::{load_or_create_identity, signing_key, IdentityError};
+pub use plan::{plan_chain, Chain, Hop, PlanError, PlanOptions};
 pub use view::{build_model_view, ModelView, PeerView, SwarmView};
+
+/// A raw libp2p stream (futures `AsyncRead + AsyncWrite`), and the name of
+/// a stream protocol (`StreamProtocol::new("/nakshatra/act/1")`).
+pub use libp2p::{Stream, StreamProtocol};
+/// libp2p-stream, for raw streams ([`Client::stream_control`]): `Control`,
+/// `IncomingStreams`, `OpenStreamError`, `AlreadyRegistered`.
+pub use libp2p_stream as stream;
 
 /// Multiaddr components (e.g. `Protocol::P2p(peer)` to append `/p2p/<peer id>`).
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{identity::Keypair as IdentityKeypair, Multiaddr, PeerId};
 pub use nakshatra_protocol::{
-    self as protocol, DeviceInfo, ServerInfo, ServerState, PROTOCOL_VERSION,
+    self as protocol, DeviceInfo, NextRtt, ServerInfo, ServerState, PROTOCOL_VERSION,
 };
 
 /// Starts a swarm node with identity `keypair` (must be ed25519; see
@@ -103,10 +132,19 @@ pub async fn spawn(
             })?;
     }
     let peer_id = *swarm.local_peer_id();
+    let control = swarm.behaviour().stream.new_control();
     let (tx, rx) = mpsc::channel(256);
-    let event_loop = event_loop::EventLoop::new(swarm, rx, config, signing_key);
+    // Dropped with the event loop: ends the probe server and next-hop task.
+    let (stop_tx, stop_rx) = watch::channel(());
+    let trigger = Arc::new(Notify::new());
+    let client = Client::new(tx, peer_id, control.clone(), config.test_link_delay);
+    probe::spawn_probe_server(control, config.test_link_delay, stop_rx.clone());
+    if config.role == Role::Server {
+        probe::spawn_next_hop_task(client.downgrade(), trigger.clone(), config.refresh, stop_rx);
+    }
+    let event_loop = event_loop::EventLoop::new(swarm, rx, config, signing_key, trigger, stop_tx);
     let task = tokio::spawn(event_loop.run());
-    Ok((Client::new(tx, peer_id), task))
+    Ok((client, task))
 }
 
 fn build_swarm(

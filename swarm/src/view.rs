@@ -5,7 +5,8 @@
 //! ```json
 //! {"models":[{"id":"<64 hex>","arch":"llama","n_layers":30,
 //!   "coverage":[["<peer id>", ...], ...],
-//!   "peers":[{"peer_id":"<peer id>","range":[0,6],"backend":"CPU","throughput":12.5,"rtt_ms":0.3, ...}],
+//!   "peers":[{"peer_id":"<peer id>","range":[0,6],"backend":"CPU","throughput":12.5,"rtt_ms":0.3, ...,
+//!             "next_rtts":[{"peer_id":"<peer id>","rtt_ms":0.4}]}],
 //!   "gaps":[[12,18]]}]}
 //! ```
 //!
@@ -18,7 +19,7 @@ use std::{
 };
 
 use libp2p::PeerId;
-use nakshatra_protocol::{DeviceInfo, ServerInfo, ServerState};
+use nakshatra_protocol::{DeviceInfo, NextRtt, ServerInfo, ServerState};
 use serde::{Deserialize, Serialize};
 
 /// Every model announced in the swarm.
@@ -78,6 +79,10 @@ pub struct PeerView {
     pub issued_at_ms: u64,
     /// When its info expires (unix ms).
     pub expires_at_ms: u64,
+    /// RTTs it measured to holders of the block after its range (its
+    /// candidate next hops), as it announced them.
+    #[serde(default)]
+    pub next_rtts: Vec<NextRtt>,
 }
 
 impl ModelView {
@@ -148,6 +153,7 @@ pub fn build_model_view(
             listen_addrs: i.listen_addrs.clone(),
             issued_at_ms: i.issued_at_ms,
             expires_at_ms: i.expires_at_ms,
+            next_rtts: i.next_rtts.clone(),
         })
         .collect();
     peers.sort_by(|a, b| {

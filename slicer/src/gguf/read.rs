@@ -1,4 +1,4 @@
-//! GGUF v2/v3 reader over a memory map.
+//! GGUF v2/v3 reader over a memory map (or an in-memory buffer).
 //!
 //! Every length, count and offset read from the file is checked against the
 //! bytes that are really there before anything is allocated or sliced, so a
@@ -47,7 +47,8 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file, backed by a read-only memory map of the file.
+/// A parsed GGUF file, backed by a read-only memory map of the file
+/// ([`Gguf::open`]) or by an owned buffer ([`Gguf::from_bytes`]).
 ///
 /// The map is shared with the OS page cache: tensor data is only read from
 /// disk when touched. As with any memory map, the file must not be truncated
@@ -55,7 +56,7 @@ impl TensorInfo {
 /// this crate does, is safe).
 pub struct Gguf {
     path: PathBuf,
-    map: Mmap,
+    map: Backing,
     version: u32,
     metadata: Vec<(String, MetaValue)>,
     meta_index: HashMap<String, usize>,
@@ -76,6 +77,22 @@ impl std::fmt::Debug for Gguf {
             .field("data_offset", &self.data_offset)
             .field("file_len", &self.map.len())
             .finish()
+    }
+}
+
+/// The bytes a [`Gguf`] was parsed from.
+enum Backing {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        }
     }
 }
 
@@ -101,9 +118,24 @@ impl Gguf {
         // open (documented on `Gguf`). All accesses are bounds-checked
         // against the map's length.
         let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
-        let parsed = parse(&map, path)?;
+        Self::from_backing(Backing::Map(map), path.to_path_buf())
+    }
+
+    /// Parses and validates a GGUF file held in memory, with exactly the
+    /// checks of [`Gguf::open`] (an empty buffer is [`GgufError::NotGguf`]).
+    /// Damaged or hostile bytes give an error, never a panic, and nothing
+    /// is allocated beyond what the buffer's own size bounds.
+    ///
+    /// `name` stands in for the path in error messages and is what
+    /// [`Gguf::path`] returns, e.g. `"vocabulary from peer X"`.
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Result<Gguf, GgufError> {
+        Self::from_backing(Backing::Owned(bytes), PathBuf::from(name))
+    }
+
+    fn from_backing(map: Backing, path: PathBuf) -> Result<Gguf, GgufError> {
+        let parsed = parse(&map, &path)?;
         Ok(Gguf {
-            path: path.to_path_buf(),
+            path,
             map,
             version: parsed.version,
             meta_index: index(parsed.metadata.iter().map(|(k, _)| k.as_str())),
@@ -137,7 +169,8 @@ impl Gguf {
         self.tensors.get(i)
     }
 
-    /// The data bytes of a tensor of this file (straight from the map).
+    /// The data bytes of a tensor of this file (straight from the map or
+    /// buffer).
     ///
     /// Returns an empty slice if `t` does not describe bytes inside this file
     /// (e.g. a `TensorInfo` taken from another `Gguf`); it never panics.
@@ -154,7 +187,8 @@ impl Gguf {
         self.alignment
     }
 
-    /// The path the file was opened from.
+    /// The path the file was opened from (for [`Gguf::from_bytes`], the name
+    /// given there).
     pub fn path(&self) -> &Path {
         &self.path
     }

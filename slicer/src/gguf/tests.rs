@@ -407,3 +407,37 @@ fn writer_rejects_inconsistent_input() {
         "nothing is written before validation passes"
     );
 }
+
+#[test]
+fn from_bytes_matches_open() {
+    let bytes = sample_file();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let a = super::read::Gguf::open(&path).unwrap();
+    let b = super::read::Gguf::from_bytes(bytes.clone(), "in memory").unwrap();
+    assert_eq!(b.path(), Path::new("in memory"));
+    assert_eq!(a.metadata(), b.metadata());
+    assert_eq!(a.tensors(), b.tensors());
+    assert_eq!(
+        (a.version(), a.alignment(), a.data_offset(), a.file_len()),
+        (b.version(), b.alignment(), b.data_offset(), b.file_len())
+    );
+    for t in b.tensors() {
+        assert_eq!(a.tensor_data(t), b.tensor_data(t));
+        assert_eq!(b.tensor_data(t).len() as u64, t.n_bytes);
+    }
+    // Same errors as `open`, named after the buffer.
+    let e = super::read::Gguf::from_bytes(Vec::new(), "peer data").unwrap_err();
+    assert!(matches!(e, GgufError::NotGguf { .. }), "{e:?}");
+    assert!(e.to_string().starts_with("peer data is not a GGUF"), "{e}");
+    // Cut anywhere before the end of the last tensor's data (the padding
+    // after it is optional).
+    let data_end = b.tensors().iter().map(|t| t.offset + t.n_bytes).max();
+    for cut in 0..data_end.unwrap() as usize {
+        assert!(
+            super::read::Gguf::from_bytes(bytes[..cut].to_vec(), "x").is_err(),
+            "{cut}"
+        );
+    }
+}

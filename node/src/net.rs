@@ -1,0 +1,206 @@
+//! Length-prefixed frames on libp2p streams, and hidden-state encodings.
+//!
+//! A frame is `u32 LE header length, header (bincode), u32 LE payload
+//! length, payload` (see `nakshatra_protocol::act`). Both lengths are
+//! checked against the protocol's caps before anything is allocated.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use nakshatra_swarm::protocol::act::{WireDtype, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES};
+use nakshatra_swarm::protocol::{decode, encode};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed or closed.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// A length over the protocol's cap.
+    #[error("frame {what} of {len} bytes is over the {max}-byte limit")]
+    TooLarge {
+        /// Header or payload.
+        what: &'static str,
+        /// Claimed length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The header does not decode.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Writes one frame and flushes.
+pub async fn write_frame<W, H>(w: &mut W, header: &H, payload: &[u8]) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    H: Serialize,
+{
+    let h = encode(header).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if h.len() > MAX_HEADER_BYTES {
+        return Err(FrameError::TooLarge {
+            what: "header",
+            len: h.len(),
+            max: MAX_HEADER_BYTES,
+        });
+    }
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(FrameError::TooLarge {
+            what: "payload",
+            len: payload.len(),
+            max: MAX_PAYLOAD_BYTES,
+        });
+    }
+    let mut buf = Vec::with_capacity(8 + h.len() + payload.len());
+    buf.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&h);
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(payload);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+async fn read_len<R: AsyncRead + Unpin>(
+    r: &mut R,
+    what: &'static str,
+    max: usize,
+) -> Result<usize, FrameError> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).await?;
+    let len = u32::from_le_bytes(b) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { what, len, max });
+    }
+    Ok(len)
+}
+
+/// Reads one frame: its header and payload.
+pub async fn read_frame<R, H>(r: &mut R) -> Result<(H, Vec<u8>), FrameError>
+where
+    R: AsyncRead + Unpin,
+    H: DeserializeOwned,
+{
+    let hl = read_len(r, "header", MAX_HEADER_BYTES).await?;
+    let mut h = vec![0u8; hl];
+    r.read_exact(&mut h).await?;
+    let header = decode(&h, MAX_HEADER_BYTES).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let pl = read_len(r, "payload", MAX_PAYLOAD_BYTES).await?;
+    let mut payload = vec![0u8; pl];
+    r.read_exact(&mut payload).await?;
+    Ok((header, payload))
+}
+
+/// Hidden states to wire bytes.
+pub fn encode_hidden(h: &[f32], dtype: WireDtype) -> Vec<u8> {
+    match dtype {
+        WireDtype::F32 => {
+            let mut out = Vec::with_capacity(h.len() * 4);
+            for x in h {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            out
+        }
+        WireDtype::F16 => {
+            let mut out = Vec::with_capacity(h.len() * 2);
+            for x in h {
+                out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+            }
+            out
+        }
+    }
+}
+
+/// Wire bytes to hidden states (`None` unless a whole number of elements).
+pub fn decode_hidden(b: &[u8], dtype: WireDtype) -> Option<Vec<f32>> {
+    match dtype {
+        WireDtype::F32 => (b.len() % 4 == 0).then(|| {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }),
+        WireDtype::F16 => (b.len() % 2 == 0).then(|| {
+            b.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nakshatra_swarm::protocol::act::{ActFrame, StepHeader, StepKind};
+
+    #[test]
+    fn hidden_round_trips() {
+        let h = vec![0.0f32, -1.5, 3.25, 1e-3, 65504.0];
+        assert_eq!(
+            decode_hidden(&encode_hidden(&h, WireDtype::F32), WireDtype::F32),
+            Some(h.clone())
+        );
+        let back = decode_hidden(&encode_hidden(&h, WireDtype::F16), WireDtype::F16).unwrap();
+        for (a, b) in h.iter().zip(&back) {
+            assert!((a - b).abs() <= a.abs() * 1e-3 + 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(decode_hidden(&[0; 3], WireDtype::F32), None);
+        assert_eq!(decode_hidden(&[0; 3], WireDtype::F16), None);
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_limits_hold() {
+        let step = ActFrame::Step(StepHeader {
+            step: 3,
+            pos: 10,
+            n_tokens: 1,
+            kind: StepKind::Hidden,
+            compute_us: 5,
+        });
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &step, &[1, 2, 3, 4]).await.unwrap();
+        let (h, p): (ActFrame, Vec<u8>) = read_frame(&mut buf.as_slice()).await.unwrap();
+        assert_eq!(h, step);
+        assert_eq!(p, vec![1, 2, 3, 4]);
+        // Truncated anywhere: an error, never a panic.
+        for cut in 0..buf.len() {
+            assert!(read_frame::<_, ActFrame>(&mut &buf[..cut]).await.is_err());
+        }
+        // A header length over the cap is refused before allocating.
+        let huge = (u32::MAX).to_le_bytes();
+        let e = read_frame::<_, ActFrame>(&mut huge.as_slice())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, FrameError::TooLarge { what: "header", .. }),
+            "{e}"
+        );
+        // A payload length over the cap, likewise.
+        let mut big = Vec::new();
+        let h = encode(&ActFrame::Close).unwrap();
+        big.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        big.extend_from_slice(&h);
+        big.extend_from_slice(&u32::MAX.to_le_bytes());
+        let e = read_frame::<_, ActFrame>(&mut big.as_slice())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FrameError::TooLarge {
+                    what: "payload",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Garbage header.
+        let mut g = Vec::new();
+        g.extend_from_slice(&4u32.to_le_bytes());
+        g.extend_from_slice(&[0xff; 4]);
+        g.extend_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            read_frame::<_, ActFrame>(&mut g.as_slice()).await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,264 @@
+//! The activation protocol: how an asker sets up a chain of hops and how
+//! hidden states are pushed hop to hop.
+//!
+//! Streams (libp2p, one per session per hop):
+//!
+//! * [`ACT_PROTOCOL`] — asker → hop 1 → hop 2 → ... → last hop. The first
+//!   frame is [`ActFrame::Open`]; each hop opens its own stream to the next
+//!   hop with the same `Open` (index + 1). Then [`ActFrame::Step`] frames
+//!   flow downstream (tokens into hop 1, hidden states between hops) and
+//!   [`ActFrame::Close`] ends the session. Upstream, each stream carries
+//!   [`ActReply::Ready`] once the rest of the chain is set up, or
+//!   [`ActReply::Failed`] naming the hop that failed.
+//! * [`TOKENS_PROTOCOL`] — last hop → asker (over the connection the asker
+//!   already has to it): [`TokenFrame::Hello`] naming the session, then one
+//!   [`TokenFrame::Token`] per step, or [`TokenFrame::Failed`].
+//! * [`VOCAB_PROTOCOL`] — asker → any serving node: [`VocabRequest`] →
+//!   [`VocabResponse`] (the vocabulary-only GGUF, checked by the asker
+//!   against the model id).
+//!
+//! Every frame is `u32 LE header length, header (bincode), u32 LE payload
+//! length, payload`. Headers are small and capped at [`MAX_HEADER_BYTES`];
+//! the payload carries raw hidden states (row-major, little endian, f32 or
+//! f16 per [`WireDtype`]) or token ids (i32 LE), capped at
+//! [`MAX_PAYLOAD_BYTES`]. Keeping the payload out of bincode avoids a
+//! per-element encode on the hot path.
+
+use serde::{Deserialize, Serialize};
+
+/// Activation stream protocol id.
+pub const ACT_PROTOCOL: &str = "/nakshatra/act/1";
+/// Token return stream protocol id.
+pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/1";
+/// Vocabulary fetch protocol id.
+pub const VOCAB_PROTOCOL: &str = "/nakshatra/vocab/1";
+
+/// Largest frame header accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Largest frame payload accepted (a prefill of 8192 tokens × 8192 wide
+/// f32 is 256 MiB).
+pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024 * 1024;
+/// Most hops a chain may have.
+pub const MAX_HOPS: usize = 64;
+
+/// Encoding of hidden states on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum WireDtype {
+    /// 32-bit floats: exact.
+    #[default]
+    F32,
+    /// 16-bit floats: half the bytes, not exact.
+    F16,
+}
+
+impl WireDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            WireDtype::F32 => 4,
+            WireDtype::F16 => 2,
+        }
+    }
+}
+
+/// Sampling parameters the last hop applies.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 or less: greedy.
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: i32,
+    /// 1.0: off.
+    pub top_p: f32,
+    /// Seed of the random draw.
+    pub seed: u32,
+}
+
+/// One hop of a chain as the asker planned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopSpec {
+    /// The hop's peer id (base58).
+    pub peer_id: String,
+    /// First block it runs.
+    pub start: u32,
+    /// One past its last block.
+    pub end: u32,
+    /// Addresses to reach it (multiaddr strings).
+    pub addrs: Vec<String>,
+}
+
+/// Sets up a session on a hop and, through it, on the rest of the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenSession {
+    /// Random session id chosen by the asker.
+    pub session: u64,
+    /// Model id (64 hex).
+    pub model_id: String,
+    /// The whole chain, in order.
+    pub hops: Vec<HopSpec>,
+    /// Index of the hop this frame is sent to.
+    pub index: u32,
+    /// Sampling for the last hop.
+    pub sampling: Sampling,
+    /// Hidden-state encoding between hops.
+    pub wire: WireDtype,
+    /// Peer id of the asker (the last hop streams tokens to it).
+    pub asker: String,
+}
+
+/// What a step's payload holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepKind {
+    /// Token ids, i32 little endian.
+    Tokens,
+    /// Hidden states, `n_tokens × n_embd` in the session's wire dtype.
+    Hidden,
+}
+
+/// One step of a session: positions `pos .. pos + n_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepHeader {
+    /// Step number: 0 is the prefill, then one per decoded token.
+    pub step: u64,
+    /// Position of the first token. A hop whose session is longer drops
+    /// what is past `pos` first, so a retried step is never applied twice.
+    pub pos: u32,
+    /// Tokens in the step.
+    pub n_tokens: u32,
+    /// Payload kind.
+    pub kind: StepKind,
+    /// Engine time spent on this step by the hops so far, microseconds.
+    pub compute_us: u64,
+}
+
+/// Downstream frames on an activation stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ActFrame {
+    /// Set up the session (first frame).
+    Open(OpenSession),
+    /// One step (payload follows).
+    Step(StepHeader),
+    /// End the session and free its KV cache.
+    Close,
+}
+
+/// Upstream frames on an activation stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActReply {
+    /// Every hop from this one to the last has its session open.
+    Ready,
+    /// A hop failed (at open or later).
+    Failed {
+        /// Index of the hop that failed.
+        index: u32,
+        /// Its peer id.
+        peer_id: String,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+/// Frames on the token return stream (last hop → asker).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TokenFrame {
+    /// First frame: which session this stream serves.
+    Hello {
+        /// The session.
+        session: u64,
+    },
+    /// The token sampled at the end of a step.
+    Token {
+        /// The step.
+        step: u64,
+        /// Sampled token id.
+        token: i32,
+        /// Engine time of all hops on this step, microseconds.
+        compute_us: u64,
+    },
+    /// The last hop failed.
+    Failed {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Asks for a model's vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VocabRequest {
+    /// Model id (64 hex).
+    pub model_id: String,
+}
+
+/// The answer to a [`VocabRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum VocabResponse {
+    /// The vocabulary-only GGUF is the payload; `hashes` (bincode of the
+    /// slicer's `ModelHashes`) let the asker recompute the model id.
+    Vocab {
+        /// Encoded hashes of the model's tensor groups.
+        hashes: Vec<u8>,
+    },
+    /// This node does not have it.
+    NotHere,
+}
+
+/// Little-endian bytes of token ids.
+pub fn tokens_to_bytes(tokens: &[i32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+/// Token ids from little-endian bytes (`None` unless a whole number).
+pub fn tokens_from_bytes(b: &[u8]) -> Option<Vec<i32>> {
+    if !b.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(
+        b.chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bytes_round_trip() {
+        let t = vec![0, 1, -1, i32::MAX, 49151];
+        assert_eq!(tokens_from_bytes(&tokens_to_bytes(&t)), Some(t));
+        assert_eq!(tokens_from_bytes(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn frames_round_trip_and_reject_garbage() {
+        let open = ActFrame::Open(OpenSession {
+            session: 7,
+            model_id: "ab".repeat(32),
+            hops: vec![HopSpec {
+                peer_id: "p".into(),
+                start: 0,
+                end: 10,
+                addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            }],
+            index: 0,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_k: 40,
+                top_p: 0.95,
+                seed: 1,
+            },
+            wire: WireDtype::F16,
+            asker: "a".into(),
+        });
+        let b = crate::encode(&open).unwrap();
+        assert_eq!(
+            crate::decode::<ActFrame>(&b, MAX_HEADER_BYTES).unwrap(),
+            open
+        );
+        for cut in 0..b.len() {
+            assert!(crate::decode::<ActFrame>(&b[..cut], MAX_HEADER_BYTES).is_err());
+        }
+        assert!(crate::decode::<ActFrame>(&[0xff; 32], MAX_HEADER_BYTES).is_err());
+    }
+}
