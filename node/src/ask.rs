@@ -634,7 +634,7 @@ async fn run_chain(
 pub fn vocab_offer(
     model: &Path,
     info: &nakshatra_slicer::ModelInfo,
-) -> Option<(Arc<Vec<u8>>, Arc<Vec<u8>>)> {
+) -> Option<crate::hop::VocabOffer> {
     let gguf = nakshatra_slicer::vocab_gguf(model).ok()?;
     let hashes =
         nakshatra_swarm::protocol::encode(&nakshatra_slicer::ModelHashes::from(info)).ok()?;

@@ -20,6 +20,10 @@ use crate::engine::service::{EngineService, OwnedInput};
 use crate::engine::{Sampler, SamplerSpec, SessionId, StepOutput};
 use crate::net::{decode_hidden, encode_hidden, read_frame, write_frame};
 
+/// The vocabulary-only GGUF and the encoded model hashes a node hands to
+/// askers.
+pub type VocabOffer = (Arc<Vec<u8>>, Arc<Vec<u8>>);
+
 /// What every session handler of this node shares.
 pub struct HopContext {
     /// The range, running.
@@ -34,7 +38,7 @@ pub struct HopContext {
     pub model_id: String,
     /// The vocabulary-only GGUF and the encoded model hashes, handed to
     /// askers (`None` when this node cannot give it).
-    pub vocab: Option<(Arc<Vec<u8>>, Arc<Vec<u8>>)>,
+    pub vocab: Option<VocabOffer>,
     /// Test-only: extra delay before handling each inbound frame.
     pub delay: Option<Duration>,
     /// Sessions idle this long are closed.

@@ -114,12 +114,12 @@ pub fn encode_hidden(h: &[f32], dtype: WireDtype) -> Vec<u8> {
 /// Wire bytes to hidden states (`None` unless a whole number of elements).
 pub fn decode_hidden(b: &[u8], dtype: WireDtype) -> Option<Vec<f32>> {
     match dtype {
-        WireDtype::F32 => (b.len() % 4 == 0).then(|| {
+        WireDtype::F32 => b.len().is_multiple_of(4).then(|| {
             b.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect()
         }),
-        WireDtype::F16 => (b.len() % 2 == 0).then(|| {
+        WireDtype::F16 => b.len().is_multiple_of(2).then(|| {
             b.chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect()

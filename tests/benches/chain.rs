@@ -28,7 +28,7 @@ fn rate(stats: &str, key: &str) -> Option<f64> {
 
 fn after(stats: &str, key: &str) -> Option<f64> {
     let rest = &stats[stats.find(key)? + key.len()..];
-    rest.trim_start().split_whitespace().next()?.parse().ok()
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 fn main() {
