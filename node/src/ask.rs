@@ -164,7 +164,9 @@ pub fn chain_line(chain: &[HopReport]) -> String {
     format!("chain: {}", hops.join(" -> "))
 }
 
-async fn fetch_vocab(
+/// The model's vocabulary-only GGUF, verified against `model_id`: from the
+/// data dir's cache, else from `peers` (first that verifies).
+pub async fn fetch_vocab(
     swarm: &nakshatra_swarm::Client,
     peers: &[PeerId],
     model_id: &str,

@@ -6,6 +6,7 @@
 
 pub mod ask;
 pub mod engine;
+pub mod fetch;
 pub mod hop;
 pub mod layers;
 pub mod net;

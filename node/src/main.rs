@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use nakshatra_node::engine::pipeline::{generate, GenerateParams, LocalChain};
 use nakshatra_node::engine::tokenizer::{Tokenizer, Utf8Stream};
 use nakshatra_node::engine::{EngineConfig, SamplerSpec, SliceEngine};
+use nakshatra_node::serve::LayerChoice;
 use nakshatra_node::{layers, slices};
 use nakshatra_swarm::Multiaddr;
 use tracing_subscriber::EnvFilter;
@@ -139,12 +140,25 @@ enum SwarmCmd {
 
 #[derive(Args, Debug)]
 struct JoinArgs {
-    /// The whole model (GGUF).
+    /// The whole model (GGUF). Without it, `--model-id` fetches the layers
+    /// from peers.
+    #[arg(
+        long,
+        required_unless_present = "model_id",
+        conflicts_with = "model_id"
+    )]
+    model: Option<PathBuf>,
+    /// Model id (64 hex) to fetch from peers, verified piece by piece.
     #[arg(long)]
-    model: PathBuf,
-    /// Layers to serve, half-open: `0..10`.
-    #[arg(long, value_parser = layers::parse_range)]
-    layers: std::ops::Range<u32>,
+    model_id: Option<String>,
+    /// Layers to serve, half-open (`0..10`), or `auto`: the blocks the swarm
+    /// needs most that fit in `--max-memory`.
+    #[arg(long, value_parser = parse_layers)]
+    layers: LayerChoice,
+    /// Memory for weights with `--layers auto` (e.g. `512MB`, `4GiB`);
+    /// default: 80% of free memory.
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Peers to bootstrap from (multiaddr, `/p2p/<id>` optional).
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
@@ -362,6 +376,38 @@ async fn ask(data_dir: PathBuf, a: AskArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_layers(s: &str) -> std::result::Result<LayerChoice, String> {
+    if s == "auto" {
+        Ok(LayerChoice::Auto)
+    } else {
+        layers::parse_range(s).map(LayerChoice::Range)
+    }
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: try 512MB or 4GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+    };
+    Ok((n * mult) as u64)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -372,9 +418,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
     use nakshatra_node::serve;
     let fault = a.fault;
+    let source = match (a.model, a.model_id) {
+        (Some(p), _) => serve::ModelSource::File(p),
+        (None, Some(id)) => serve::ModelSource::Id(id),
+        (None, None) => bail!("give --model PATH or --model-id ID"),
+    };
     let opts = serve::JoinOptions {
-        model: a.model,
+        source,
         layers: a.layers,
+        max_memory: a.max_memory,
+        fault,
         bootstrap: a.bootstrap,
         listen: a.listen,
         data_dir: data_dir.clone(),

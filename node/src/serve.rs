@@ -59,15 +59,22 @@ pub enum JoinError {
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Task(String),
+    /// Fetching the model from peers failed.
+    #[error("{0}")]
+    Fetch(String),
 }
 
 /// What `node join` needs.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// The whole model.
-    pub model: PathBuf,
+    /// Where the weights come from.
+    pub source: ModelSource,
     /// Layers to serve.
-    pub layers: Range<u32>,
+    pub layers: LayerChoice,
+    /// Memory for weights (`--layers auto`); default: 80% of free memory.
+    pub max_memory: Option<u64>,
+    /// Test-only fault injection.
+    pub fault: Option<Fault>,
     /// Peers to bootstrap from.
     pub bootstrap: Vec<Multiaddr>,
     /// Addresses to listen on.
@@ -129,52 +136,69 @@ pub struct ServingNode {
     pub addrs: Vec<Multiaddr>,
 }
 
-/// Prepares the range (slice, load, measure), then starts the swarm and
-/// announces. Everything that can fail on the user's input fails before
-/// any network activity.
+/// Which layers to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerChoice {
+    /// These.
+    Range(Range<u32>),
+    /// Whatever the swarm needs most (`--layers auto`).
+    Auto,
+}
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A local full GGUF.
+    File(PathBuf),
+    /// Only a model id: the pieces are fetched from peers.
+    Id(String),
+}
+
+fn task_err(e: tokio::task::JoinError) -> JoinError {
+    JoinError::Task(e.to_string())
+}
+
+/// Free memory of this host (MemAvailable), if it can be read.
+pub fn available_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Prepares the range (slice or fetch, load, measure), starts the swarm,
+/// serves pieces and sessions, and announces. With a local model and an
+/// explicit range, everything that can fail on the user's input fails
+/// before any network activity.
 pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
-    let model = opts.model.clone();
-    let info = tokio::task::spawn_blocking(move || nakshatra_slicer::inspect(&model))
-        .await
-        .map_err(|e| JoinError::Task(e.to_string()))?
-        .map_err(|source| JoinError::Model {
-            path: opts.model.clone(),
-            source,
-        })?;
-    let r = opts.layers.clone();
-    if r.start >= r.end || r.end > info.n_layers {
-        return Err(JoinError::Range {
-            start: r.start,
-            end: r.end,
-            n_layers: info.n_layers,
-        });
-    }
-    let keypair = load_identity(&opts.data_dir)?;
-
-    let (engine, throughput) = {
-        let (dir, model, info, r, cfg) = (
-            opts.data_dir.clone(),
-            opts.model.clone(),
-            info.clone(),
-            r.clone(),
-            opts.engine.clone(),
-        );
-        tokio::task::spawn_blocking(move || -> Result<_, JoinError> {
-            let path = slices::ensure_slice(&dir, &model, &info, &r)?;
-            let mut e = SliceEngine::load(&path, None, &cfg)?;
-            let tps = e.measure_decode(16)?;
-            Ok((e, tps))
-        })
-        .await
-        .map_err(|e| JoinError::Task(e.to_string()))??
+    let keypair = match &opts.source {
+        ModelSource::File(path) => {
+            let p = path.clone();
+            let info = tokio::task::spawn_blocking(move || nakshatra_slicer::inspect(&p))
+                .await
+                .map_err(task_err)?
+                .map_err(|source| JoinError::Model {
+                    path: path.clone(),
+                    source,
+                })?;
+            if let LayerChoice::Range(r) = &opts.layers {
+                if r.start >= r.end || r.end > info.n_layers {
+                    return Err(JoinError::Range {
+                        start: r.start,
+                        end: r.end,
+                        n_layers: info.n_layers,
+                    });
+                }
+            }
+            load_identity(&opts.data_dir)?
+        }
+        ModelSource::Id(id) => {
+            nakshatra_swarm::protocol::validate_model_id(id)
+                .map_err(|e| JoinError::Fetch(format!("bad model id {id:?}: {e}")))?;
+            load_identity(&opts.data_dir)?
+        }
     };
-    tracing::info!(
-        "layers {}..{} run at {throughput:.1} tokens/s (one-token decode steps)",
-        r.start,
-        r.end
-    );
-    let engine = EngineService::spawn(engine);
-
+    let signing = nakshatra_swarm::signing_key(&keypair)?;
     let mut cfg = SwarmConfig::server();
     cfg.listen = opts.listen.clone();
     cfg.bootstrap = opts.bootstrap.clone();
@@ -183,51 +207,311 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     cfg.refresh = opts.refresh;
     cfg.test_link_delay = opts.test_link_delay;
     let (swarm, task) = nakshatra_swarm::spawn(keypair, cfg).await?;
-    let vocab = {
-        let (model, info) = (opts.model.clone(), info.clone());
-        tokio::task::spawn_blocking(move || crate::ask::vocab_offer(&model, &info))
+    match prepare_and_announce(&opts, &swarm, &signing).await {
+        Ok((engine, info, addrs)) => Ok(ServingNode {
+            engine,
+            swarm,
+            task,
+            info,
+            addrs,
+        }),
+        Err(e) => {
+            let _ = swarm.shutdown().await;
+            let _ = task.await;
+            Err(e)
+        }
+    }
+}
+
+/// The slice to serve and the files pieces are served from.
+struct Prepared {
+    slice: PathBuf,
+    serve_files: Vec<PathBuf>,
+    manifest: nakshatra_slicer::Manifest,
+    vocab: Vec<u8>,
+    range: Range<u32>,
+}
+
+async fn wait_for_model_peers(
+    swarm: &nakshatra_swarm::Client,
+    model_id: &str,
+) -> Result<Vec<nakshatra_swarm::PeerId>, JoinError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let connected = swarm
+            .connected_peers()
             .await
-            .map_err(|e| JoinError::Task(e.to_string()))?
+            .map_err(|_| JoinError::Stopped)?;
+        if !connected.is_empty() {
+            let peers = swarm
+                .model_peers(model_id)
+                .await
+                .map_err(|e| JoinError::Fetch(e.to_string()))?;
+            let me = swarm.peer_id();
+            let peers: Vec<_> = peers.into_iter().filter(|p| *p != me).collect();
+            if !peers.is_empty() {
+                return Ok(peers);
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            return Err(if connected.is_empty() {
+                JoinError::Fetch("no peer reachable within 15 s: check --bootstrap".into())
+            } else {
+                JoinError::Fetch(format!(
+                    "no peer serves model {model_id} (unknown model id?)"
+                ))
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn prepare(
+    opts: &JoinOptions,
+    swarm: &nakshatra_swarm::Client,
+) -> Result<Prepared, JoinError> {
+    let budget = opts
+        .max_memory
+        .or_else(|| available_memory().map(|m| m / 10 * 8))
+        .unwrap_or(u64::MAX);
+    match &opts.source {
+        ModelSource::File(path) => {
+            let p = path.clone();
+            let (info, manifest, vocab) = tokio::task::spawn_blocking(move || {
+                let info = nakshatra_slicer::inspect(&p)?;
+                let (m, v) = nakshatra_slicer::manifest_and_vocab(&p)?;
+                Ok::<_, nakshatra_slicer::SliceError>((info, m, v))
+            })
+            .await
+            .map_err(task_err)?
+            .map_err(|source| JoinError::Model {
+                path: path.clone(),
+                source,
+            })?;
+            let range = match &opts.layers {
+                LayerChoice::Range(r) => r.clone(),
+                LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
+            };
+            let (dir, p, r) = (opts.data_dir.clone(), path.clone(), range.clone());
+            let slice =
+                tokio::task::spawn_blocking(move || slices::ensure_slice(&dir, &p, &info, &r))
+                    .await
+                    .map_err(task_err)??;
+            Ok(Prepared {
+                slice,
+                serve_files: vec![path.clone()],
+                manifest,
+                vocab,
+                range,
+            })
+        }
+        ModelSource::Id(id) => {
+            let peers = wait_for_model_peers(swarm, id).await?;
+            let (manifest, vocab, _) =
+                crate::fetch::manifest_and_vocab(swarm, &peers, id, &opts.data_dir)
+                    .await
+                    .map_err(|e| JoinError::Fetch(e.to_string()))?;
+            let range = match &opts.layers {
+                LayerChoice::Range(r) => {
+                    if r.start >= r.end || r.end > manifest.n_layers {
+                        return Err(JoinError::Range {
+                            start: r.start,
+                            end: r.end,
+                            n_layers: manifest.n_layers,
+                        });
+                    }
+                    r.clone()
+                }
+                LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
+            };
+            let slice = fetch_slice(opts, swarm, &peers, &manifest, &vocab, &range).await?;
+            let mut serve_files = vec![slice.clone()];
+            if range.start == 0 && range.end < manifest.n_layers {
+                serve_files.push(engine::sidecar_path(&slice));
+            }
+            Ok(Prepared {
+                slice,
+                serve_files,
+                manifest,
+                vocab,
+                range,
+            })
+        }
+    }
+}
+
+async fn auto_range(
+    swarm: &nakshatra_swarm::Client,
+    manifest: &nakshatra_slicer::Manifest,
+    budget: u64,
+) -> Result<Range<u32>, JoinError> {
+    let view = swarm
+        .model_view(&manifest.model_id)
+        .await
+        .map_err(|e| JoinError::Fetch(e.to_string()))?;
+    let (range, why) =
+        crate::fetch::choose_range(manifest, &view, budget).map_err(JoinError::Fetch)?;
+    tracing::info!(
+        "--layers auto chose {}..{} ({} MB of weights, budget {} MB): {why}",
+        range.start,
+        range.end,
+        manifest.range_bytes(range.start, range.end) / 1_000_000,
+        budget / 1_000_000
+    );
+    Ok(range)
+}
+
+/// The slice `range` from the cache (verified) or fetched from peers.
+async fn fetch_slice(
+    opts: &JoinOptions,
+    swarm: &nakshatra_swarm::Client,
+    peers: &[nakshatra_swarm::PeerId],
+    manifest: &nakshatra_slicer::Manifest,
+    vocab: &[u8],
+    range: &Range<u32>,
+) -> Result<PathBuf, JoinError> {
+    let id = &manifest.model_id;
+    let out = slices::slice_path(&opts.data_dir, id, range);
+    let hashes = manifest.hashes();
+    if out.exists() {
+        let (o, i, h, r) = (out.clone(), id.clone(), hashes.clone(), range.clone());
+        let ok = tokio::task::spawn_blocking(move || slices::verify_cached(&o, &i, &h, &r))
+            .await
+            .map_err(task_err)?;
+        match ok {
+            Ok(()) => {
+                tracing::info!(path = %out.display(), "reusing verified cached slice");
+                return Ok(out);
+            }
+            Err(why) => tracing::warn!(path = %out.display(), %why, "cached slice rejected"),
+        }
+    }
+    let pieces = manifest
+        .pieces_for_range(range.start, range.end)
+        .map_err(|e| JoinError::Fetch(e.to_string()))?;
+    // Peers holding the blocks we need, besides those serving the model.
+    let mut sources: Vec<nakshatra_swarm::PeerId> = peers.to_vec();
+    for b in range.clone() {
+        if let Ok(h) = swarm.block_holders(id, b).await {
+            for p in h {
+                if !sources.contains(&p) && p != swarm.peer_id() {
+                    sources.push(p);
+                }
+            }
+        }
+    }
+    let dir = crate::fetch::model_dir(&opts.data_dir, id).join("pieces");
+    let stats = crate::fetch::fetch_pieces(swarm, &sources, manifest, &pieces, &dir)
+        .await
+        .map_err(|e| JoinError::Fetch(e.to_string()))?;
+    tracing::info!(
+        "fetched {:.1} MB in {:.2} s ({:.0} MB/s) from {} peer(s), {:.1} MB already verified on disk, {} corrupt piece(s) refetched",
+        stats.bytes_fetched as f64 / 1e6,
+        stats.seconds,
+        stats.mb_per_s(),
+        stats.sources,
+        stats.bytes_reused as f64 / 1e6,
+        stats.corrupt_pieces
+    );
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| JoinError::Fetch(format!("{}: {e}", parent.display())))?;
+    }
+    let (m, v, d, o, r) = (
+        manifest.clone(),
+        vocab.to_vec(),
+        dir.clone(),
+        out.clone(),
+        range.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let file =
+            |p: &nakshatra_slicer::PieceId| d.join(format!("{}.bin", crate::fetch::piece_label(p)));
+        nakshatra_slicer::write_slice_from_pieces(&m, &v, &file, r.start, r.end, &o)
+    })
+    .await
+    .map_err(task_err)?
+    .map_err(|e| JoinError::Fetch(format!("writing the slice: {e}")))?;
+    Ok(out)
+}
+
+async fn prepare_and_announce(
+    opts: &JoinOptions,
+    swarm: &nakshatra_swarm::Client,
+    signing: &ed25519_dalek::SigningKey,
+) -> Result<(EngineService, ServerInfo, Vec<Multiaddr>), JoinError> {
+    let p = prepare(opts, swarm).await?;
+    let range = p.range.clone();
+    let (engine, throughput) = {
+        let (slice, cfg) = (p.slice.clone(), opts.engine.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, JoinError> {
+            let mut e = SliceEngine::load(&slice, None, &cfg)?;
+            let tps = e.measure_decode(16)?;
+            Ok((e, tps))
+        })
+        .await
+        .map_err(task_err)??
     };
+    tracing::info!(
+        "layers {}..{} run at {throughput:.1} tokens/s (one-token decode steps)",
+        range.start,
+        range.end
+    );
+    let engine = EngineService::spawn(engine);
+
+    let store = {
+        let (m, files, key, fault, delay) = (
+            p.manifest.clone(),
+            p.serve_files.clone(),
+            signing.clone(),
+            (opts.fault == Some(Fault::CorruptPieces))
+                .then_some(crate::fetch::ServeFault::CorruptPieces),
+            opts.test_link_delay,
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::fetch::PieceStore::new(m, &key, &files, fault, delay)
+        })
+        .await
+        .map_err(task_err)?
+        .map_err(|e| JoinError::Fetch(e.to_string()))?
+    };
+    crate::fetch::spawn_piece_servers(&swarm.stream_control(), Arc::new(store))
+        .map_err(JoinError::Task)?;
+    let hashes = nakshatra_swarm::protocol::encode(&p.manifest.hashes())
+        .map_err(|e| JoinError::Task(e.to_string()))?;
     let ctx = Arc::new(HopContext {
         engine: engine.clone(),
         control: swarm.stream_control(),
         swarm: swarm.clone(),
         me: swarm.peer_id(),
-        model_id: info.id.clone(),
-        vocab,
+        model_id: p.manifest.model_id.clone(),
+        vocab: Some((Arc::new(p.vocab.clone()), Arc::new(hashes))),
         delay: opts.test_link_delay,
         idle_timeout: opts.idle_timeout,
     });
     spawn_servers(ctx).map_err(JoinError::Task)?;
+
     let listen = swarm.listen_addrs().await.map_err(|_| JoinError::Stopped)?;
     let me = swarm.peer_id();
     let addrs: Vec<Multiaddr> = listen
         .iter()
         .map(|a| a.clone().with(libp2p_p2p(me)))
         .collect();
-
+    let m = &p.manifest;
     let mut si = ServerInfo::new(
-        info.id.clone(),
-        info.arch.clone(),
-        info.n_layers,
-        r.clone(),
-        info.n_embd,
+        m.model_id.clone(),
+        m.arch.clone(),
+        m.n_layers,
+        range,
+        m.n_embd,
     );
     si.devices = device_infos();
     si.throughput = throughput;
     si.free_sessions = engine.free_sessions() as u32;
     si.max_sessions = engine.max_sessions() as u32;
     si.context_per_session = engine.ctx_per_session();
-    si.listen_addrs = listen.iter().map(ToString::to_string).collect();
     swarm.announce(si.clone()).await?;
-    Ok(ServingNode {
-        engine,
-        swarm,
-        task,
-        info: si,
-        addrs,
-    })
+    Ok((engine, si, addrs))
 }
 
 fn libp2p_p2p(peer: nakshatra_swarm::PeerId) -> nakshatra_swarm::Protocol<'static> {
@@ -261,6 +545,8 @@ pub enum Fault {
     /// stranger's key, a tampered signed record claiming the whole model,
     /// an expired record, an oversized one and garbage.
     ForgeRecords,
+    /// Serve pieces with a byte flipped in every chunk.
+    CorruptPieces,
 }
 
 impl ServingNode {

@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use nakshatra_slicer::{inspect, write_slice, ModelInfo, SliceError};
+use nakshatra_slicer::{inspect, write_slice, ModelHashes, ModelInfo, SliceError};
 
 use crate::engine::sidecar_path;
 
@@ -46,27 +46,34 @@ pub fn slice_path(data_dir: &Path, model_id: &str, range: &Range<u32>) -> PathBu
         .join(format!("{}-{}.gguf", range.start, range.end))
 }
 
-/// Checks that `path` is the slice `range` of `source`, by content.
-fn verify(path: &Path, source: &ModelInfo, range: &Range<u32>) -> Result<(), String> {
+/// Checks that `path` is the slice `range` of the model `source_id`
+/// (whose group hashes are `hashes`), by content: block hashes and, for a
+/// first slice, the embedding sidecar.
+pub fn verify_cached(
+    path: &Path,
+    source_id: &str,
+    hashes: &ModelHashes,
+    range: &Range<u32>,
+) -> Result<(), String> {
     let info = inspect(path).map_err(|e| e.to_string())?;
     let meta = info.slice.as_ref().ok_or("not a slice")?;
-    if meta.source_id != source.id
+    if meta.source_id != source_id
         || meta.start != range.start
         || meta.end != range.end
-        || meta.n_layers_total != source.n_layers
+        || meta.n_layers_total != hashes.n_layers
     {
         return Err("slice of another model or range".into());
     }
-    let want = source
+    let want = hashes
         .block_hashes
         .get(range.start as usize..range.end as usize)
         .ok_or("range outside the source")?;
     if info.block_hashes != want {
         return Err("block hashes differ from the source".into());
     }
-    if range.start == 0 && range.end < source.n_layers {
+    if range.start == 0 && range.end < hashes.n_layers {
         let side = inspect_sidecar_hash(&sidecar_path(path))?;
-        if side != source.embd_hash {
+        if side != hashes.embd_hash {
             return Err("embedding sidecar differs from the source".into());
         }
     }
@@ -93,7 +100,7 @@ pub fn ensure_slice(
     }
     let path = slice_path(data_dir, &source.id, range);
     if path.exists() {
-        match verify(&path, source, range) {
+        match verify_cached(&path, &source.id, &ModelHashes::from(source), range) {
             Ok(()) => {
                 tracing::debug!(path = %path.display(), "reusing verified cached slice");
                 return Ok(path);

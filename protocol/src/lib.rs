@@ -38,6 +38,7 @@
 
 pub mod act;
 mod bytes;
+pub mod fetch;
 mod info;
 pub mod keys;
 mod record;

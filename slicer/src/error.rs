@@ -4,6 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::pieces::PieceId;
+
 /// An error while opening or parsing a GGUF file.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -267,6 +269,54 @@ pub enum SliceError {
     /// number of block hashes).
     #[error("invalid model hashes: {0}")]
     BadHashes(String),
+
+    /// A piece [`crate::Manifest`] is malformed, is for another model, or
+    /// does not agree with its vocabulary file (see
+    /// [`crate::Manifest::verify`]).
+    #[error("invalid piece manifest: {0}")]
+    BadManifest(String),
+
+    /// A file does not hold a piece as the manifest describes it (see
+    /// [`crate::piece_segments`]): the file is a slice without that layer,
+    /// a non-last slice asked for the embedding or head, a tensor has
+    /// another type or shape, ...
+    #[error("{} does not hold piece {piece}: {reason}", path.display())]
+    PieceNotHeld {
+        /// The piece.
+        piece: PieceId,
+        /// The file.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+
+    /// Bytes received for a piece are not the piece (see
+    /// [`crate::PieceHasher`]): wrong length or wrong content.
+    #[error(
+        "piece {piece} failed verification: expected {expected}, got {got}; the data is \
+         damaged or not from this model (fetch the piece again from another peer)"
+    )]
+    PieceMismatch {
+        /// The piece.
+        piece: PieceId,
+        /// What the manifest says: `"<n> bytes"` when the length is wrong,
+        /// else `"BLAKE3 <64 hex>"`.
+        expected: String,
+        /// What was received, in the same form.
+        got: String,
+    },
+
+    /// A piece file given to [`crate::write_slice_from_pieces`] cannot be
+    /// used (missing, unreadable, or not the piece's length).
+    #[error("piece file {} for piece {piece} is unusable: {reason}", path.display())]
+    PieceFile {
+        /// The piece.
+        piece: PieceId,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 
     /// The output path is the input file.
     #[error("refusing to overwrite the input model {} with a slice", path.display())]

@@ -14,6 +14,10 @@
 //! - `n_dims`: `u32` LE, then each dim as `u64` LE;
 //! - the data bytes (their length follows from type and shape).
 //!
+//! Each group is a piece ([`crate::pieces`]); a piece's byte stream is the
+//! data bytes alone, and [`crate::PieceHasher`] puts the headers back in from
+//! the piece's tensor list.
+//!
 //! **Model id**: BLAKE3 over [`ID_DOMAIN`], then
 //! `str(arch)`, `u32 n_layers`, `u32 n_embd`, `u32 n_vocab`, `u64` count of
 //! the metadata entries that take part, and each of them sorted by key as
@@ -40,15 +44,31 @@ pub(crate) fn hash_tensors(g: &Gguf, mut items: Vec<(String, &TensorInfo)>) -> H
     items.sort_by(|a, b| a.0.cmp(&b.0));
     let mut h = Hasher::new();
     for (name, t) in items {
-        update_str(&mut h, &name);
-        h.update(&t.ggml_type.to_le_bytes());
-        h.update(&(t.dims.len() as u32).to_le_bytes());
-        for d in &t.dims {
-            h.update(&d.to_le_bytes());
-        }
+        update_tensor_header(&mut h, &name, t.ggml_type, &t.dims);
         h.update(g.tensor_data(t));
     }
     h.finalize()
+}
+
+/// Feeds the header that precedes a tensor's data in a group hash (see
+/// [`tensor_header`]).
+fn update_tensor_header(h: &mut Hasher, name: &str, ggml_type: u32, dims: &[u64]) {
+    h.update(&tensor_header(name, ggml_type, dims));
+}
+
+/// The header that precedes a tensor's data in a group hash: name, ggml
+/// type, `n_dims` and the dims. Shared by [`hash_tensors`] and
+/// [`crate::PieceHasher`], so both encode a group identically.
+pub(crate) fn tensor_header(name: &str, ggml_type: u32, dims: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + name.len() + 8 + 8 * dims.len());
+    b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&ggml_type.to_le_bytes());
+    b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        b.extend_from_slice(&d.to_le_bytes());
+    }
+    b
 }
 
 /// The parts of a model that its id is computed from.

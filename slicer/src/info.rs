@@ -181,8 +181,23 @@ fn slice_meta(g: &Gguf) -> Result<Option<SliceMeta>, SliceError> {
     }))
 }
 
-/// Computes the [`ModelInfo`] of an open file.
-pub(crate) fn model_info(g: &Gguf) -> Result<ModelInfo, SliceError> {
+/// The tensors of a model sorted into the groups that [`ModelInfo`]'s hashes
+/// cover, with the shape values `inspect` reports. Each group lists
+/// `(canonical name, tensor)` sorted by canonical name, the order
+/// [`hash_tensors`] hashes them in (block tensors are named `blk.N.*`).
+pub(crate) struct Groups<'a> {
+    pub arch: String,
+    pub n_layers: u32,
+    pub n_embd: u32,
+    pub n_vocab: u32,
+    pub blocks: Vec<Vec<(String, &'a TensorInfo)>>,
+    pub embd: &'a TensorInfo,
+    pub head: Option<&'a TensorInfo>,
+    pub globals: Vec<(String, &'a TensorInfo)>,
+}
+
+/// Sorts the tensors of `g` into [`Groups`] (no data is read).
+pub(crate) fn group_tensors(g: &Gguf) -> Result<Groups<'_>, SliceError> {
     let arch = arch_of(g)?;
     let n_layers = n_layers_of(g, &arch)?;
     let n_embd = get_u32(g, &format!("{arch}.embedding_length"))?;
@@ -215,21 +230,52 @@ pub(crate) fn model_info(g: &Gguf) -> Result<ModelInfo, SliceError> {
             "blk.{i}.* (layer {i} has no tensors)"
         )));
     }
-
-    let block_bytes = blocks
-        .iter()
-        .map(|b| b.iter().fold(0u64, |s, (_, t)| s.saturating_add(t.n_bytes)))
-        .collect();
-    let block_hashes: Vec<blake3::Hash> = blocks.into_iter().map(|b| hash_tensors(g, b)).collect();
-    let embd_hash = hash_tensors(g, vec![(EMBD.to_string(), embd)]);
-    let head_hash = head.map(|t| hash_tensors(g, vec![(HEAD.to_string(), t)]));
-    let globals_hash = hash_tensors(g, globals);
-
-    let id = model_id(&IdParts {
-        arch: &arch,
+    for b in &mut blocks {
+        b.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    globals.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Groups {
+        arch,
         n_layers,
         n_embd,
         n_vocab,
+        blocks,
+        embd,
+        head,
+        globals,
+    })
+}
+
+/// Computes the [`ModelInfo`] of an open file.
+pub(crate) fn model_info(g: &Gguf) -> Result<ModelInfo, SliceError> {
+    let groups = group_tensors(g)?;
+    model_info_of(g, &groups)
+}
+
+/// Computes the [`ModelInfo`] of an open file from its [`Groups`]: reads and
+/// hashes all tensor data once.
+pub(crate) fn model_info_of(g: &Gguf, groups: &Groups<'_>) -> Result<ModelInfo, SliceError> {
+    let block_bytes = groups
+        .blocks
+        .iter()
+        .map(|b| b.iter().fold(0u64, |s, (_, t)| s.saturating_add(t.n_bytes)))
+        .collect();
+    let block_hashes: Vec<blake3::Hash> = groups
+        .blocks
+        .iter()
+        .map(|b| hash_tensors(g, b.clone()))
+        .collect();
+    let embd_hash = hash_tensors(g, vec![(EMBD.to_string(), groups.embd)]);
+    let head_hash = groups
+        .head
+        .map(|t| hash_tensors(g, vec![(HEAD.to_string(), t)]));
+    let globals_hash = hash_tensors(g, groups.globals.clone());
+
+    let id = model_id(&IdParts {
+        arch: &groups.arch,
+        n_layers: groups.n_layers,
+        n_embd: groups.n_embd,
+        n_vocab: groups.n_vocab,
         metadata: g.metadata(),
         embd: embd_hash,
         head: head_hash,
@@ -238,10 +284,10 @@ pub(crate) fn model_info(g: &Gguf) -> Result<ModelInfo, SliceError> {
     });
     Ok(ModelInfo {
         id,
-        n_layers,
-        n_embd,
-        n_vocab,
-        tied_embeddings: head.is_none(),
+        n_layers: groups.n_layers,
+        n_embd: groups.n_embd,
+        n_vocab: groups.n_vocab,
+        tied_embeddings: groups.head.is_none(),
         block_bytes,
         block_hashes: block_hashes
             .iter()
@@ -252,7 +298,7 @@ pub(crate) fn model_info(g: &Gguf) -> Result<ModelInfo, SliceError> {
         globals_hash: globals_hash.to_hex().to_string(),
         file_bytes: g.file_len(),
         slice: slice_meta(g)?,
-        arch,
+        arch: groups.arch.clone(),
     })
 }
 

@@ -15,6 +15,11 @@
 //! - [`vocab_gguf`] / [`verify_vocab`]: a tensor-less GGUF carrying a model's
 //!   tokenizer and chat template, for nodes without the model file, and its
 //!   check against the model id.
+//! - [`manifest`] / [`Manifest`] / [`PieceHasher`] /
+//!   [`write_slice_from_pieces`]: the model as verifiable pieces (a block,
+//!   the embedding, the head, the other globals), so a node can fetch the
+//!   layers it serves from peers, check every piece against the model id
+//!   and write its slice byte-identical to [`write_slice`] (see [`pieces`]).
 //!
 //! ## Slicing recipe
 //!
@@ -46,6 +51,7 @@ mod error;
 mod gguf;
 pub mod hash;
 mod info;
+pub mod pieces;
 mod slice;
 mod vocab;
 
@@ -56,6 +62,10 @@ pub use gguf::value::{MetaArray, MetaValue, ValueType};
 pub use gguf::write::{write_gguf, NewTensor, TensorData, WRITE_VERSION};
 pub use gguf::{DEFAULT_ALIGNMENT, MAX_DIMS};
 pub use info::{inspect, ModelInfo, SliceMeta};
+pub use pieces::{
+    manifest, manifest_and_vocab, piece_segments, pieces_held, write_slice_from_pieces, Manifest,
+    Piece, PieceHasher, PieceId, PieceTensor, MAX_PIECES_ALIGNMENT,
+};
 pub use slice::{
     embd_sidecar_path, supported_arch, write_slice, SliceOutput, FORMAT_VERSION, SUPPORTED_ARCHS,
 };

@@ -103,6 +103,50 @@ pub fn write_slice(
     }
     supported_arch(&arch)?;
     let n = n_layers_of(&g, &arch)?;
+    check_range(start, end, n)?;
+    if is_same_file(src, out) {
+        return Err(SliceError::OutputIsInput {
+            path: out.to_path_buf(),
+        });
+    }
+
+    let info = model_info(&g)?;
+    let t_hash = t0.elapsed();
+    let source = SliceSource {
+        metadata: g.metadata(),
+        arch: &arch,
+        n_layers: n,
+        n_embd: info.n_embd,
+        source_id: &info.id,
+        block_hashes: &info.block_hashes,
+        tensors: g
+            .tensors()
+            .iter()
+            .map(|t| SrcTensor {
+                name: t.name.clone(),
+                ggml_type: t.ggml_type,
+                dims: &t.dims,
+                data: Some(g.tensor_data(t)),
+            })
+            .collect(),
+    };
+    let written = write_slice_files(&source, start, end, out)?;
+    tracing::info!(
+        src = %src.display(),
+        out = %written.path.display(),
+        start,
+        end,
+        bytes = written.bytes,
+        hash_ms = t_hash.as_millis() as u64,
+        total_ms = t0.elapsed().as_millis() as u64,
+        "wrote slice"
+    );
+    Ok(written)
+}
+
+/// `Ok` if `start..end` is a non-empty range of an `n`-layer model, else
+/// [`SliceError::EmptyRange`] or [`SliceError::RangeOutOfBounds`].
+pub(crate) fn check_range(start: u32, end: u32, n: u32) -> Result<(), SliceError> {
     if start >= end {
         return Err(SliceError::EmptyRange { start, end });
     }
@@ -113,29 +157,78 @@ pub fn write_slice(
             n_layers: n,
         });
     }
-    if is_same_file(src, out) {
-        return Err(SliceError::OutputIsInput {
-            path: out.to_path_buf(),
-        });
-    }
+    Ok(())
+}
 
-    let source = model_info(&g)?;
-    let t_hash = t0.elapsed();
-    let last = end == n;
-    let metadata = slice_metadata(&g, &arch, n, start, end, &source.id)?;
-    let tensors = slice_tensors(&g, source.n_embd, start, end, last)?;
+/// One tensor of the model a slice is cut from.
+pub(crate) struct SrcTensor<'a> {
+    /// Its name in the source model (blocks as `blk.{layer}.*`).
+    pub name: String,
+    /// ggml type id.
+    pub ggml_type: u32,
+    /// Shape.
+    pub dims: &'a [u64],
+    /// Its bytes; `None` where the source does not have them (a piece that
+    /// was not fetched). Only the tensors a slice copies need them.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Everything the slice writer needs from the model it cuts: the source of
+/// [`write_slice`] (a GGUF file) and of [`crate::write_slice_from_pieces`]
+/// (a vocabulary file and piece files) alike.
+pub(crate) struct SliceSource<'a> {
+    /// The model's metadata in file order (`nakshatra.*` keys are ignored).
+    pub metadata: &'a [(String, MetaValue)],
+    /// `general.architecture`.
+    pub arch: &'a str,
+    /// Layers of the model.
+    pub n_layers: u32,
+    /// Hidden size.
+    pub n_embd: u32,
+    /// The model id.
+    pub source_id: &'a str,
+    /// The model's block hashes, by layer (to check the written slice).
+    pub block_hashes: &'a [String],
+    /// Every tensor of the model, in the model file's order.
+    pub tensors: Vec<SrcTensor<'a>>,
+}
+
+/// Writes slice `start..end` of `src` to `out` (and its sidecar), the
+/// shared body of [`write_slice`] and [`crate::write_slice_from_pieces`].
+/// The range must already be checked.
+pub(crate) fn write_slice_files(
+    src: &SliceSource<'_>,
+    start: u32,
+    end: u32,
+    out: &Path,
+) -> Result<SliceOutput, SliceError> {
+    let last = end == src.n_layers;
+    let metadata = slice_metadata(
+        src.metadata,
+        src.arch,
+        src.n_layers,
+        start,
+        end,
+        src.source_id,
+    )?;
+    let tensors = slice_tensors(src, start, end, last)?;
 
     let sidecar = if start == 0 && !last {
-        let embd = g
-            .tensor(EMBD)
+        let embd = src
+            .tensors
+            .iter()
+            .find(|t| t.name == EMBD)
             .ok_or_else(|| SliceError::MissingTensor(EMBD.into()))?;
-        let mut meta = vec![(keys::ARCH.to_string(), MetaValue::String(arch.clone()))];
-        if let Some(a) = g.get(keys::ALIGNMENT) {
+        let mut meta = vec![(
+            keys::ARCH.to_string(),
+            MetaValue::String(src.arch.to_string()),
+        )];
+        if let Some((_, a)) = src.metadata.iter().find(|(k, _)| k == keys::ALIGNMENT) {
             meta.push((keys::ALIGNMENT.to_string(), a.clone()));
         }
         meta.push((
             keys::SOURCE_MODEL_ID.to_string(),
-            MetaValue::String(source.id.clone()),
+            MetaValue::String(src.source_id.to_string()),
         ));
         meta.push((
             keys::ROLE.to_string(),
@@ -148,8 +241,8 @@ pub fn write_slice(
         let tensor = NewTensor {
             name: EMBD.to_string(),
             ggml_type: embd.ggml_type,
-            dims: embd.dims.clone(),
-            data: TensorData::Bytes(g.tensor_data(embd)),
+            dims: embd.dims.to_vec(),
+            data: TensorData::Bytes(data_of(embd)?),
         };
         let path = embd_sidecar_path(out);
         let tmp = TmpFile::write(&path, |w| write_gguf(w, &meta, &[tensor]))?;
@@ -180,11 +273,10 @@ pub fn write_slice(
         }
     };
     let path = main.commit()?;
-    drop(g);
 
     let info = inspect(&path)?;
     if info.block_hashes.as_slice()
-        != source
+        != src
             .block_hashes
             .get(start as usize..end as usize)
             .unwrap_or(&[])
@@ -194,16 +286,6 @@ pub fn write_slice(
             path.display()
         )));
     }
-    tracing::info!(
-        src = %src.display(),
-        out = %path.display(),
-        start,
-        end,
-        bytes,
-        hash_ms = t_hash.as_millis() as u64,
-        total_ms = t0.elapsed().as_millis() as u64,
-        "wrote slice"
-    );
     Ok(SliceOutput {
         path,
         embd_sidecar,
@@ -212,9 +294,19 @@ pub fn write_slice(
     })
 }
 
+/// The bytes of a source tensor that a slice copies.
+fn data_of<'a>(t: &SrcTensor<'a>) -> Result<&'a [u8], SliceError> {
+    t.data.ok_or_else(|| {
+        SliceError::BadModel(format!(
+            "internal error: the data of tensor '{}' is not available",
+            t.name
+        ))
+    })
+}
+
 /// The slice's metadata (see [`write_slice`]).
 fn slice_metadata(
-    g: &Gguf,
+    metadata: &[(String, MetaValue)],
     arch: &str,
     n: u32,
     start: u32,
@@ -225,11 +317,11 @@ fn slice_metadata(
     let prefix = format!("{arch}.");
     let block_count_key = format!("{arch}.block_count");
     let vocab_key = format!("{arch}.vocab_size");
-    let has_vocab_key = g.get(&vocab_key).is_some();
-    let mut out: Vec<(String, MetaValue)> = Vec::with_capacity(g.metadata().len() + 6);
+    let has_vocab_key = metadata.iter().any(|(k, _)| *k == vocab_key);
+    let mut out: Vec<(String, MetaValue)> = Vec::with_capacity(metadata.len() + 6);
     let mut put_tokenizer_model = !last;
 
-    for (k, v) in g.metadata() {
+    for (k, v) in metadata {
         if k.starts_with("nakshatra.") {
             continue;
         }
@@ -308,42 +400,43 @@ fn same_int_type(like: &MetaValue, n: u32) -> MetaValue {
 
 /// The slice's tensors (see [`write_slice`]).
 fn slice_tensors<'a>(
-    g: &'a Gguf,
-    n_embd: u32,
+    src: &SliceSource<'a>,
     start: u32,
     end: u32,
     last: bool,
 ) -> Result<Vec<NewTensor<'a>>, SliceError> {
     let mut out = Vec::new();
-    for t in g.tensors() {
-        let copy = |name: String| NewTensor {
-            name,
-            ggml_type: t.ggml_type,
-            dims: t.dims.clone(),
-            data: TensorData::Bytes(g.tensor_data(t)),
+    for t in &src.tensors {
+        let copy = |name: String| -> Result<NewTensor<'a>, SliceError> {
+            Ok(NewTensor {
+                name,
+                ggml_type: t.ggml_type,
+                dims: t.dims.to_vec(),
+                data: TensorData::Bytes(data_of(t)?),
+            })
         };
         match classify(&t.name)? {
             TensorKind::Block { layer, suffix } => {
                 if (start..end).contains(&layer) {
-                    out.push(copy(format!("blk.{}.{suffix}", layer - start)));
+                    out.push(copy(format!("blk.{}.{suffix}", layer - start))?);
                 }
             }
             TensorKind::Embd if !last => out.push(NewTensor {
                 name: EMBD.into(),
                 ggml_type: GGML_TYPE_F32,
-                dims: vec![n_embd.into(), 1],
+                dims: vec![src.n_embd.into(), 1],
                 data: TensorData::Zeros,
             }),
             TensorKind::Head if !last => {}
             TensorKind::Global if !last && t.name == "output.bias" => {}
-            _ => out.push(copy(t.name.clone())),
+            _ => out.push(copy(t.name.clone())?),
         }
     }
     Ok(out)
 }
 
 /// Whether `a` and `b` name the same existing file.
-fn is_same_file(a: &Path, b: &Path) -> bool {
+pub(crate) fn is_same_file(a: &Path, b: &Path) -> bool {
     match (fs::canonicalize(a), fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,

@@ -89,6 +89,15 @@ pub struct VocabInfo {
 /// `tokenizer.ggml.tokens` gives [`SliceError::MissingKey`].
 pub fn vocab_gguf(src: &Path) -> Result<Vec<u8>, SliceError> {
     let g = Gguf::open(src)?;
+    check_original_with_tokens(&g, src)?;
+    let info = model_info(&g)?;
+    vocab_bytes(&g, &info, src)
+}
+
+/// The input checks of [`vocab_gguf`]: `g` (opened from `src`) must be an
+/// original model ([`SliceError::NotOriginalModel`]) with
+/// `tokenizer.ggml.tokens` ([`SliceError::MissingKey`]).
+pub(crate) fn check_original_with_tokens(g: &Gguf, src: &Path) -> Result<(), SliceError> {
     if g.metadata()
         .iter()
         .any(|(k, _)| k.starts_with("nakshatra."))
@@ -106,8 +115,13 @@ pub fn vocab_gguf(src: &Path) -> Result<Vec<u8>, SliceError> {
     if g.get(TOKENS).is_none() {
         return Err(SliceError::MissingKey(TOKENS.into()));
     }
-    let info = model_info(&g)?;
+    Ok(())
+}
 
+/// The vocabulary file of the checked original model `g` (opened from
+/// `src`) whose [`ModelInfo`] is `info`, verified before it is returned (see
+/// [`vocab_gguf`]).
+pub(crate) fn vocab_bytes(g: &Gguf, info: &ModelInfo, src: &Path) -> Result<Vec<u8>, SliceError> {
     let mut meta = Vec::with_capacity(g.metadata().len() + 3);
     meta.extend_from_slice(g.metadata());
     meta.push((keys::ROLE.into(), MetaValue::String(VOCAB_ROLE.into())));
@@ -124,7 +138,7 @@ pub fn vocab_gguf(src: &Path) -> Result<Vec<u8>, SliceError> {
         ))
     })?;
 
-    verify_vocab(&out, &info.id, &(&info).into()).map_err(|e| {
+    verify_vocab(&out, &info.id, &info.into()).map_err(|e| {
         SliceError::BadModel(format!(
             "internal error: the vocabulary of {} does not verify: {e}",
             src.display()
@@ -268,7 +282,7 @@ pub fn verify_vocab(
     })
 }
 
-fn parse_hash(field: &str, hex: &str) -> Result<Hash, SliceError> {
+pub(crate) fn parse_hash(field: &str, hex: &str) -> Result<Hash, SliceError> {
     if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(SliceError::BadHashes(format!(
             "{field} must be 64 lowercase hex digits, found {:?}",

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod qwen2;
+
 /// File name of the test model.
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
