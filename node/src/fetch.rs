@@ -30,7 +30,9 @@ use nakshatra_swarm::{PeerId, StreamProtocol};
 use crate::net::{read_frame, write_frame};
 
 /// Bytes asked for per piece request.
-pub const CHUNK: u64 = 8 * 1024 * 1024;
+pub const CHUNK: u64 = 4 * 1024 * 1024;
+/// Streams (each with two requests in flight) a fetch opens to one peer.
+pub const STREAMS_PER_PEER: usize = 2;
 
 /// Errors of fetching a range.
 #[derive(Debug, thiserror::Error)]
@@ -528,6 +530,7 @@ pub async fn fetch_pieces(
     };
     let workers: Vec<_> = peers
         .iter()
+        .flat_map(|p| std::iter::repeat_n(p, STREAMS_PER_PEER))
         .map(|p| {
             let (swarm, shared, manifest, dir, peer) = (
                 swarm.clone(),
@@ -709,28 +712,37 @@ async fn fetch_one(
     let label = piece_label(&piece.id);
     let part = dir.join(format!("{label}.part"));
     let bin = dir.join(format!("{label}.bin"));
-    let mut have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-    if have > piece.n_bytes {
-        let _ = std::fs::remove_file(&part);
-        have = 0;
+    let net = |e: std::io::Error| PieceFail::Net(format!("{}: {e}", part.display()));
+    // Resume: what a previous run left in `.part` is hashed first (it is
+    // only trusted once the whole piece verifies).
+    let mut hasher = PieceHasher::new(piece);
+    let mut have = 0u64;
+    if let Ok(prev) = std::fs::read(&part) {
+        if (prev.len() as u64) <= piece.n_bytes {
+            hasher.update(&prev);
+            have = prev.len() as u64;
+        }
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&part)
-        .map_err(|e| PieceFail::Net(format!("{}: {e}", part.display())))?;
+    let mut file = if have > 0 {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&part)
+            .map_err(net)?
+    } else {
+        std::fs::File::create(&part).map_err(net)?
+    };
     let mut fetched = 0u64;
-    while have < piece.n_bytes {
-        let len = CHUNK.min(piece.n_bytes - have);
-        let req = PieceRequest {
-            model_id: model_id.to_string(),
-            piece: piece_ref(&piece.id),
-            offset: have,
-            len,
-        };
-        write_frame(s, &req, &[])
-            .await
-            .map_err(|e| PieceFail::Net(e.to_string()))?;
+    // Two requests in flight: the next chunk is on its way while this one
+    // is hashed and written.
+    let mut asked = have;
+    let mut inflight: VecDeque<u64> = VecDeque::new();
+    while asked < piece.n_bytes && inflight.len() < 2 {
+        let len = CHUNK.min(piece.n_bytes - asked);
+        send_request(s, model_id, piece, asked, len).await?;
+        inflight.push_back(len);
+        asked += len;
+    }
+    while let Some(len) = inflight.pop_front() {
         let (resp, data): (PieceResponse, Vec<u8>) =
             tokio::time::timeout(Duration::from_secs(60), read_frame(s))
                 .await
@@ -739,38 +751,61 @@ async fn fetch_one(
         match resp {
             PieceResponse::Data { total } if total == piece.n_bytes && data.len() as u64 == len => {
             }
-            PieceResponse::Data { .. } => {
-                return Err(PieceFail::Corrupt("wrong length".into()));
-            }
+            PieceResponse::Data { .. } => return Err(PieceFail::Corrupt("wrong length".into())),
             PieceResponse::NotHere => return Err(PieceFail::NotHere),
             PieceResponse::Error { message } => return Err(PieceFail::Net(message)),
         }
-        file.write_all(&data)
-            .map_err(|e| PieceFail::Net(format!("{}: {e}", part.display())))?;
-        have += len;
+        if asked < piece.n_bytes {
+            let next = CHUNK.min(piece.n_bytes - asked);
+            send_request(s, model_id, piece, asked, next).await?;
+            inflight.push_back(next);
+            asked += next;
+        }
+        hasher.update(&data);
+        file.write_all(&data).map_err(net)?;
+
         fetched += len;
         if let Ok(mut sh) = shared.lock() {
             sh.progress += len;
         }
     }
-    file.sync_all()
-        .map_err(|e| PieceFail::Net(format!("{}: {e}", part.display())))?;
     drop(file);
-    let (p, pc) = (part.clone(), piece.clone());
-    let ok = tokio::task::spawn_blocking(move || verify_file(&p, &pc))
-        .await
-        .unwrap_or(false);
-    if !ok {
+    if let Err(e) = hasher.finalize() {
         let _ = std::fs::remove_file(&part);
         if let Ok(mut sh) = shared.lock() {
             sh.progress = sh.progress.saturating_sub(fetched);
         }
-        return Err(PieceFail::Corrupt(format!(
-            "{label}: BLAKE3 does not match the manifest"
-        )));
+        return Err(PieceFail::Corrupt(format!("{label}: {e}")));
     }
-    std::fs::rename(&part, &bin).map_err(|e| PieceFail::Net(format!("{}: {e}", bin.display())))?;
+    // Durable, then visible under its final name; off the download path.
+    let (p, b) = (part.clone(), bin.clone());
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .and_then(|_| std::fs::rename(&p, &b))
+    })
+    .await
+    .map_err(|e| PieceFail::Net(e.to_string()))?
+    .map_err(|e| PieceFail::Net(format!("{}: {e}", bin.display())))?;
     Ok(fetched)
+}
+
+async fn send_request(
+    s: &mut nakshatra_swarm::Stream,
+    model_id: &str,
+    piece: &nakshatra_slicer::Piece,
+    offset: u64,
+    len: u64,
+) -> Result<(), PieceFail> {
+    let req = PieceRequest {
+        model_id: model_id.to_string(),
+        piece: piece_ref(&piece.id),
+        offset,
+        len,
+    };
+    write_frame(s, &req, &[])
+        .await
+        .map_err(|e| PieceFail::Net(e.to_string()))
 }
 
 /// Chooses a range for `--layers auto`: blocks nobody serves first, then

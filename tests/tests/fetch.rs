@@ -104,11 +104,17 @@ fn auto_nodes_fetch_and_fill_the_swarm() {
     let mut b = base(Some(&boot));
     b.extend_from_slice(&["--model-id", &id, "--layers", "auto", "--max-memory", &ten]);
     let nb = Proc::join(dirs[1].path(), &b);
-    assert!(nb.stderr().contains("chose 10..20"), "{}", nb.stderr());
+    let chose = |p: &Proc, r: &str| {
+        wait_for(Duration::from_secs(5), || {
+            p.stderr().contains(r).then_some(())
+        })
+        .is_some()
+    };
+    assert!(chose(&nb, "chose 10..20"), "{}", nb.stderr());
     let mut c = base(Some(&boot));
     c.extend_from_slice(&["--model-id", &id, "--layers", "auto", "--max-memory", "1GB"]);
     let nc = Proc::join(dirs[2].path(), &c);
-    assert!(nc.stderr().contains("chose 20..30"), "{}", nc.stderr());
+    assert!(chose(&nc, "chose 20..30"), "{}", nc.stderr());
     // No model file anywhere near them: everything came from peers.
     for d in [&dirs[1], &dirs[2]] {
         assert!(!files_named(d.path(), ".gguf").is_empty());
@@ -129,8 +135,11 @@ fn auto_nodes_fetch_and_fill_the_swarm() {
     // Restarted, a fetching node reuses its verified cache: nothing fetched.
     drop(nc);
     let nc = Proc::join(dirs[2].path(), &c);
-    let log = nc.stderr();
-    assert!(log.contains("reusing verified cached slice"), "{log}");
+    assert!(
+        chose(&nc, "reusing verified cached slice"),
+        "{}",
+        nc.stderr()
+    );
 }
 
 /// A peer serving corrupt bytes is caught by verification; the piece comes
@@ -158,7 +167,12 @@ fn corrupt_pieces_are_caught_and_refetched_elsewhere() {
     let mut c = base(Some(&boot));
     c.extend_from_slice(&["--model-id", &id, "--layers", "0..15"]);
     let fetcher = Proc::join(dirs[2].path(), &c);
-    let log = fetcher.stderr();
+    // stderr is read by another thread: wait for the fetch summary.
+    let log = wait_for(Duration::from_secs(10), || {
+        let l = fetcher.stderr();
+        l.contains("corrupt piece(s) refetched").then_some(l)
+    })
+    .unwrap_or_else(|| fetcher.stderr());
     assert!(
         log.contains("failed verification"),
         "corruption not caught: {log}"
@@ -167,11 +181,15 @@ fn corrupt_pieces_are_caught_and_refetched_elsewhere() {
     // Every piece ended up verified, the slice serves, the bad peer was
     // dropped after its first bad piece.
     assert!(log.contains("serving") || !fetcher.addrs.is_empty());
-    assert_eq!(
-        log.matches("failed verification").count(),
-        1,
-        "bad peer asked again: {log}"
-    );
+    // The fetcher has two streams to each peer, so at most two pieces were
+    // already on their way from the bad peer when the first failed; after
+    // that it gets no more requests.
+    let caught = log
+        .lines()
+        .filter(|l| l.contains("failed verification"))
+        .count();
+    assert!((1..=2).contains(&caught), "bad peer asked again: {log}");
+    assert!(log.contains("corrupt piece(s) refetched"), "{log}");
     let _ = good;
 }
 
@@ -191,7 +209,7 @@ fn a_killed_fetch_resumes() {
         "--layers",
         "0..30",
         "--test-link-delay-ms",
-        "150",
+        "400",
     ]);
     let seeder = Proc::join(dirs[0].path(), &a);
     let boot = seeder.addr().to_string();
@@ -212,7 +230,11 @@ fn a_killed_fetch_resumes() {
     assert!(verified_before < 32, "fetch finished before the kill");
     let t0 = Instant::now();
     let second = Proc::join(dirs[1].path(), &c);
-    let log = second.stderr();
+    let log = wait_for(Duration::from_secs(10), || {
+        let l = second.stderr();
+        l.contains("already verified on disk").then_some(l)
+    })
+    .unwrap_or_else(|| second.stderr());
     let line = log
         .lines()
         .find(|l| l.contains("already verified on disk"))
