@@ -439,6 +439,7 @@ struct Shared {
     lacks: HashMap<PieceId, HashSet<PeerId>>,
     bad_peers: HashSet<PeerId>,
     served_by: HashSet<PeerId>,
+    net_failures: HashMap<(PieceId, PeerId), u32>,
     last_error: HashMap<PieceId, String>,
     stats: FetchStats,
     done: usize,
@@ -496,6 +497,7 @@ pub async fn fetch_pieces(
         lacks: HashMap::new(),
         bad_peers: HashSet::new(),
         served_by: HashSet::new(),
+        net_failures: HashMap::new(),
         last_error: HashMap::new(),
         stats,
         done: 0,
@@ -528,6 +530,9 @@ pub async fn fetch_pieces(
             }
         })
     };
+    // Connect to every source once before opening streams in parallel
+    // (simultaneous first dials to one peer can race each other).
+    futures::future::join_all(peers.iter().map(|p| swarm.probe_rtt(*p))).await;
     let workers: Vec<_> = peers
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, STREAMS_PER_PEER))
@@ -627,6 +632,7 @@ async fn worker(
     dir: PathBuf,
 ) {
     let mut stream: Option<nakshatra_swarm::Stream> = None;
+    let mut failures = 0u32;
     loop {
         let id = match next_job(&shared, &peer) {
             Next::Job(id) => id,
@@ -647,8 +653,13 @@ async fn worker(
             {
                 Ok(s) => stream = Some(s),
                 Err(e) => {
-                    requeue(&shared, id, &peer, format!("{peer}: {e}"));
-                    return;
+                    requeue_transient(&shared, id, &peer, format!("{peer}: {e}"));
+                    failures += 1;
+                    if failures >= NET_RETRIES {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
             }
         }
@@ -679,8 +690,14 @@ async fn worker(
                 return;
             }
             Err(PieceFail::Net(why)) => {
-                requeue(&shared, id, &peer, format!("{peer}: {why}"));
-                return;
+                tracing::debug!(%peer, piece = %piece_label(&id), "network trouble: {why}");
+                requeue_transient(&shared, id, &peer, format!("{peer}: {why}"));
+                stream = None;
+                failures += 1;
+                if failures >= NET_RETRIES {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -695,6 +712,26 @@ fn requeue(shared: &Mutex<Shared>, id: PieceId, peer: &PeerId, why: String) {
         s.queue.push_back(id);
     }
 }
+
+/// Network trouble with a peer: the piece goes back to the queue, and this
+/// peer may try it again (a fresh stream) up to [`NET_RETRIES`] times.
+fn requeue_transient(shared: &Mutex<Shared>, id: PieceId, peer: &PeerId, why: String) {
+    if let Ok(mut s) = shared.lock() {
+        let n = s.net_failures.entry((id, *peer)).or_default();
+        *n += 1;
+        let give_up = *n >= NET_RETRIES;
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if give_up {
+            s.lacks.entry(id).or_default().insert(*peer);
+        }
+        s.last_error.insert(id, why);
+        s.queue.push_back(id);
+    }
+}
+
+/// Times one peer may fail one piece for network reasons before it is
+/// left to the others.
+const NET_RETRIES: u32 = 3;
 
 enum PieceFail {
     NotHere,
