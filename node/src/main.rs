@@ -79,6 +79,27 @@ struct AskArgs {
     /// Model id (default: the only model the swarm serves).
     #[arg(long)]
     model: Option<String>,
+    #[command(flatten)]
+    gen: GenArgs,
+    /// Hidden states between hops: f32 (exact) or f16 (half the bytes).
+    #[arg(long, value_enum, default_value_t = Wire::F32)]
+    wire: Wire,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for a first peer.
+    #[arg(long, default_value_t = 10)]
+    wait: u64,
+    /// Seconds one step may take.
+    #[arg(long, default_value_t = 60)]
+    step_timeout: u64,
+    /// The prompt.
+    prompt: String,
+}
+
+/// Generation flags shared by `run` and `node ask`.
+#[derive(Args, Debug)]
+struct GenArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 128)]
     max_tokens: u32,
@@ -97,20 +118,17 @@ struct AskArgs {
     /// Tokenize the prompt as plain text (no chat template).
     #[arg(long)]
     raw: bool,
-    /// Hidden states between hops: f32 (exact) or f16 (half the bytes).
-    #[arg(long, value_enum, default_value_t = Wire::F32)]
-    wire: Wire,
-    /// Print one JSON object at the end instead of streaming text.
-    #[arg(long)]
-    json: bool,
-    /// Seconds to wait for a first peer.
-    #[arg(long, default_value_t = 10)]
-    wait: u64,
-    /// Seconds one step may take.
-    #[arg(long, default_value_t = 60)]
-    step_timeout: u64,
-    /// The prompt.
-    prompt: String,
+}
+
+impl GenArgs {
+    fn sampler(&self) -> SamplerSpec {
+        SamplerSpec {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -216,24 +234,8 @@ struct RunArgs {
     /// Split points: `10,20` runs layers 0..10, 10..20 and 20..n as three ranges.
     #[arg(long, value_delimiter = ',')]
     split: Vec<u32>,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 128)]
-    max_tokens: u32,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Top-k (0: off).
-    #[arg(long, default_value_t = 40)]
-    top_k: i32,
-    /// Top-p (1.0: off).
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    /// Seed of the random draw.
-    #[arg(long, default_value_t = 0)]
-    seed: u32,
-    /// Tokenize the prompt as plain text (no chat template).
-    #[arg(long)]
-    raw: bool,
+    #[command(flatten)]
+    gen: GenArgs,
     /// llama.cpp threads (default: all cores).
     #[arg(long)]
     threads: Option<u32>,
@@ -326,13 +328,16 @@ async fn ask(data_dir: PathBuf, a: AskArgs) -> Result<()> {
         mdns: !a.no_mdns,
         model: a.model,
         prompt: a.prompt,
-        raw: a.raw,
-        max_tokens: a.max_tokens,
-        sampling: Sampling {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
+        raw: a.gen.raw,
+        max_tokens: a.gen.max_tokens,
+        sampling: {
+            let s = a.gen.sampler();
+            Sampling {
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                seed: s.seed,
+            }
         },
         wire: match a.wire {
             Wire::F32 => WireDtype::F32,
@@ -520,7 +525,7 @@ fn run(data_dir: &std::path::Path, a: RunArgs) -> Result<()> {
         ..EngineConfig::default()
     };
     let tok = Tokenizer::load(&a.model)?;
-    let text = if a.raw {
+    let text = if a.gen.raw {
         a.prompt.clone()
     } else {
         tok.chat_prompt(&a.prompt)?
@@ -544,13 +549,8 @@ fn run(data_dir: &std::path::Path, a: RunArgs) -> Result<()> {
     let mut chain = LocalChain::new(stages)?;
     let session = chain.open()?;
     let params = GenerateParams {
-        max_tokens: a.max_tokens,
-        sampler: SamplerSpec {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
+        max_tokens: a.gen.max_tokens,
+        sampler: a.gen.sampler(),
         keep_logits: false,
     };
     let mut utf8 = Utf8Stream::default();

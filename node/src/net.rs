@@ -51,12 +51,19 @@ where
             max: MAX_PAYLOAD_BYTES,
         });
     }
-    let mut buf = Vec::with_capacity(8 + h.len() + payload.len());
-    buf.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&h);
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    buf.extend_from_slice(payload);
-    w.write_all(&buf).await?;
+    let mut head = Vec::with_capacity(8 + h.len());
+    head.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    head.extend_from_slice(&h);
+    head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    if payload.len() <= 64 * 1024 {
+        // Small frames (every decode step) go out in one write.
+        head.extend_from_slice(payload);
+        w.write_all(&head).await?;
+    } else {
+        // Large payloads are not copied again.
+        w.write_all(&head).await?;
+        w.write_all(payload).await?;
+    }
     w.flush().await?;
     Ok(())
 }
