@@ -526,7 +526,6 @@ async fn run_chain(
     };
     let mut input: Vec<i32> = prompt.to_vec();
     let mut pos: u32 = 0;
-    let t_decode = Instant::now();
     let mut t_decode_start = None;
     for step in 0..opts.max_tokens as u64 {
         let header = StepHeader {
@@ -609,7 +608,6 @@ async fn run_chain(
     text.push_str(&rest);
     let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
     let _ = w.close().await;
-    let _ = t_decode;
     timings.prefill_tps = prompt.len() as f64 / timings.prefill_s.max(1e-9);
     timings.decode_steps = overheads_ms.len();
     timings.decode_s = t_decode_start

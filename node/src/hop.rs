@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use nakshatra_swarm::protocol::act::{
     tokens_from_bytes, ActFrame, ActReply, OpenSession, StepHeader, StepKind, TokenFrame,
-    VocabRequest, VocabResponse, WireDtype, ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
-    VOCAB_PROTOCOL,
+    VocabRequest, VocabResponse, ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL, VOCAB_PROTOCOL,
 };
 use nakshatra_swarm::stream::Control;
 use nakshatra_swarm::{Multiaddr, PeerId, StreamProtocol};
@@ -407,6 +406,3 @@ async fn run_steps(
         }
     }
 }
-
-/// Hidden-state encoding used unless the asker says otherwise.
-pub const DEFAULT_WIRE: WireDtype = WireDtype::F32;

@@ -302,7 +302,6 @@ pub fn sidecar_path(slice: &Path) -> PathBuf {
 /// One loaded range of layers serving many sessions.
 pub struct SliceEngine {
     ctx: RawContext,
-    model: Arc<RawModel>,
     layout: Layout,
     n_vocab: usize,
     /// `Some` for the first range of a split model (tokens looked up here).
@@ -416,7 +415,6 @@ impl SliceEngine {
         );
         Ok(Self {
             ctx,
-            model,
             layout,
             n_vocab,
             embedder,
@@ -632,12 +630,6 @@ impl SliceEngine {
     /// The file this engine loaded.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Keeps the model alive; for tests that check the drop order.
-    #[doc(hidden)]
-    pub fn model_refs(&self) -> usize {
-        Arc::strong_count(&self.model)
     }
 }
 
