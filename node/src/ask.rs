@@ -323,6 +323,7 @@ async fn ask_on(
     };
 
     let mut exclude: Vec<PeerId> = Vec::new();
+    let mut failures: std::collections::HashMap<PeerId, u32> = std::collections::HashMap::new();
     let mut last_err = None;
     for attempt in 0..opts.attempts.max(1) {
         let plan_opts = PlanOptions {
@@ -385,12 +386,21 @@ async fn ask_on(
             // Before any token is out, a broken hop means: plan around it.
             Err((e, false)) => {
                 tracing::warn!("attempt {} failed: {e}", attempt + 1);
-                if let AskError::Hop { peer, .. } = &e {
-                    if let Ok(p) = peer.parse() {
-                        exclude.push(p);
+                // A hop that failed twice (or refused outright) is planned
+                // around; a single transport hiccup is retried as is.
+                if let AskError::Hop { peer, message, .. } = &e {
+                    if let Ok(p) = peer.parse::<PeerId>() {
+                        let n = failures.entry(p).or_insert(0u32);
+                        *n += 1;
+                        let refused = !message.starts_with("stream")
+                            && !message.contains("connection is closed");
+                        if *n >= 2 || refused {
+                            exclude.push(p);
+                        }
                     }
                 }
                 last_err = Some(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err((e, true)) => return Err(e),
         }

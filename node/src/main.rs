@@ -346,7 +346,7 @@ async fn ask(data_dir: PathBuf, a: AskArgs) -> Result<()> {
         data_dir,
         connect_wait: std::time::Duration::from_secs(a.wait),
         step_timeout: std::time::Duration::from_secs(a.step_timeout),
-        attempts: 3,
+        attempts: 4,
     };
     let json = a.json;
     let stdout = std::io::stdout();
