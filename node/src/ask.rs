@@ -388,13 +388,11 @@ async fn ask_on(
                 tracing::warn!("attempt {} failed: {e}", attempt + 1);
                 // A hop that failed twice (or refused outright) is planned
                 // around; a single transport hiccup is retried as is.
-                if let AskError::Hop { peer, message, .. } = &e {
+                if let AskError::Hop { peer, .. } = &e {
                     if let Ok(p) = peer.parse::<PeerId>() {
                         let n = failures.entry(p).or_insert(0u32);
                         *n += 1;
-                        let refused = !message.starts_with("stream")
-                            && !message.contains("connection is closed");
-                        if *n >= 2 || refused {
+                        if *n >= 2 {
                             exclude.push(p);
                         }
                     }

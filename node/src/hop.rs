@@ -207,41 +207,41 @@ async fn connect_downstream(
         return Ok(Downstream::Asker(s, Box::new(sampler)));
     }
     let next = &open.hops[index as usize + 1];
-    let s = open_stream(ctx, &next.peer_id, &next.addrs, ACT_PROTOCOL)
-        .await
-        .map_err(|e| ActReply::Failed {
-            index: index + 1,
-            peer_id: next.peer_id.clone(),
-            message: e,
-        })?;
-    let (mut down_r, mut down_w) = s.split();
+    let fail_next = |message: String| ActReply::Failed {
+        index: index + 1,
+        peer_id: next.peer_id.clone(),
+        message,
+    };
     let mut fwd = open.clone();
     fwd.index = index + 1;
-    write_frame(&mut down_w, &ActFrame::Open(fwd), &[])
+    // A fresh inbound stream can be dropped by a busy receiver before its
+    // accept loop takes it (libp2p-stream hands streams over with no
+    // buffer): an immediate end of stream is retried on a new stream.
+    let mut attempt = 0;
+    let (mut down_r, down_w, first) = loop {
+        attempt += 1;
+        let s = open_stream(ctx, &next.peer_id, &next.addrs, ACT_PROTOCOL)
+            .await
+            .map_err(&fail_next)?;
+        let (mut down_r, mut down_w) = s.split();
+        write_frame(&mut down_w, &ActFrame::Open(fwd.clone()), &[])
+            .await
+            .map_err(|e| fail_next(e.to_string()))?;
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            read_frame::<_, ActReply>(&mut down_r),
+        )
         .await
-        .map_err(|e| ActReply::Failed {
-            index: index + 1,
-            peer_id: next.peer_id.clone(),
-            message: e.to_string(),
-        })?;
-    let first: ActReply =
-        match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut down_r)).await {
-            Ok(Ok((r, _))) => r,
-            Ok(Err(e)) => {
-                return Err(ActReply::Failed {
-                    index: index + 1,
-                    peer_id: next.peer_id.clone(),
-                    message: format!("no answer: {e}"),
-                })
+        {
+            Ok(Ok((r, _))) => break (down_r, down_w, r),
+            Ok(Err(e)) if attempt < 3 => {
+                tracing::debug!("next hop closed the new stream ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
             }
-            Err(_) => {
-                return Err(ActReply::Failed {
-                    index: index + 1,
-                    peer_id: next.peer_id.clone(),
-                    message: "no answer within 30 s".into(),
-                })
-            }
-        };
+            Ok(Err(e)) => return Err(fail_next(format!("no answer: {e}"))),
+            Err(_) => return Err(fail_next("no answer within 30 s".into())),
+        }
+    };
     if first != ActReply::Ready {
         return Err(first);
     }
