@@ -113,7 +113,10 @@ pub(crate) async fn probe_rtt(client: &Client, peer: PeerId) -> Option<Duration>
 
 async fn probe_rounds(client: &Client, peer: PeerId, best: &mut Option<Duration>) {
     let cached = client.take_probe_stream(peer);
-    let mut fresh = cached.is_none();
+    // A kept stream may have died with its connection, and a fresh one may
+    // be dropped by a busy receiver before its accept loop takes it
+    // (libp2p-stream buffers no inbound streams): reopen a few times.
+    let mut reopens_left: u32 = if cached.is_some() { 3 } else { 2 };
     let mut stream = match cached {
         Some(s) => s,
         None => match client.open_stream(peer, PROBE).await {
@@ -132,11 +135,10 @@ async fn probe_rounds(client: &Client, peer: PeerId, best: &mut Option<Duration>
                 *best = Some(best.map_or(rtt, |b| b.min(rtt)));
                 done += 1;
             }
-            // A kept stream may have died with its connection: one retry
-            // on a fresh stream.
-            Err(e) if !fresh => {
-                tracing::trace!(%peer, error = %e, "kept probe stream failed; opening another");
-                fresh = true;
+            Err(e) if reopens_left > 0 => {
+                tracing::trace!(%peer, error = %e, "probe stream failed; opening another");
+                reopens_left -= 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 stream = match client.open_stream(peer, PROBE).await {
                     Ok(s) => s,
                     Err(e) => {
