@@ -327,3 +327,38 @@ impl Drop for NetNs {
             .output();
     }
 }
+
+/// The whole model in one process (`nakshatra run`, 1 thread): the
+/// reference text the network path must reproduce.
+pub fn run_reference(model: &str, extra: &[&str], prompt: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().unwrap_or_default();
+    let mut args = vec!["--data-dir", d, "run", "--model", model, "--threads", "1"];
+    args.extend_from_slice(extra);
+    args.push(prompt);
+    let o = nakshatra(&args);
+    assert!(
+        o.status.success(),
+        "run failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `nakshatra node ask` through `bootstrap` (mDNS off), with its own data
+/// dir.
+pub fn node_ask(bootstrap: &str, data_dir: &Path, extra: &[&str], prompt: &str) -> Output {
+    let d = data_dir.to_str().unwrap_or_default();
+    let mut args = vec![
+        "--data-dir",
+        d,
+        "node",
+        "ask",
+        "--no-mdns",
+        "--bootstrap",
+        bootstrap,
+    ];
+    args.extend_from_slice(extra);
+    args.push(prompt);
+    nakshatra(&args)
+}

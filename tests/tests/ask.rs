@@ -62,36 +62,12 @@ fn three_nodes(model: &str, dirs: &[tempfile::TempDir]) -> Vec<Proc> {
 }
 
 fn ask(bootstrap: &str, data_dir: &std::path::Path, extra: &[&str], prompt: &str) -> Output {
-    let d = data_dir.to_str().unwrap();
-    let mut args = vec![
-        "--data-dir",
-        d,
-        "node",
-        "ask",
-        "--no-mdns",
-        "--bootstrap",
-        bootstrap,
-    ];
-    args.extend_from_slice(extra);
-    args.push(prompt);
-    nakshatra(&args)
+    node_ask(bootstrap, data_dir, extra, prompt)
 }
 
-/// The whole model in one process (the reference), greedy unless `extra`
-/// says otherwise.
+/// The whole model in one process (the reference).
 fn reference(model: &str, extra: &[&str], prompt: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let mut args = vec!["--data-dir", d, "run", "--model", model, "--threads", "1"];
-    args.extend_from_slice(extra);
-    args.push(prompt);
-    let o = nakshatra(&args);
-    assert!(
-        o.status.success(),
-        "run failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    run_reference(model, extra, prompt)
 }
 
 fn text(o: &Output) -> String {

@@ -40,30 +40,11 @@ fn model_info() -> serde_json::Value {
 }
 
 fn reference(model: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let mut args = vec!["--data-dir", d, "run", "--model", model, "--threads", "1"];
-    args.extend_from_slice(GREEDY);
-    args.push(PROMPT);
-    let o = nakshatra(&args);
-    assert!(o.status.success());
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    run_reference(model, GREEDY, PROMPT)
 }
 
 fn ask(boot: &str, dir: &Path) -> std::process::Output {
-    let d = dir.to_str().unwrap();
-    let mut args = vec![
-        "--data-dir",
-        d,
-        "node",
-        "ask",
-        "--no-mdns",
-        "--bootstrap",
-        boot,
-    ];
-    args.extend_from_slice(GREEDY);
-    args.push(PROMPT);
-    nakshatra(&args)
+    node_ask(boot, dir, GREEDY, PROMPT)
 }
 
 fn files_named(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
