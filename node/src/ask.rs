@@ -237,11 +237,8 @@ pub async fn fetch_vocab(
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| AskError::Local(format!("{}: {e}", dir.display())))?;
-        let write = |p: &Path, b: &[u8]| -> Result<(), AskError> {
-            let tmp = p.with_extension(format!("tmp-{}", std::process::id()));
-            std::fs::write(&tmp, b)
-                .and_then(|_| std::fs::rename(&tmp, p))
-                .map_err(|e| AskError::Local(format!("{}: {e}", p.display())))
+        let write = |p: &Path, b: &[u8]| {
+            crate::fetch::write_atomic(p, b).map_err(|e| AskError::Local(e.to_string()))
         };
         write(&path, &gguf)?;
         write(&hashes_path, &hashes_bytes)?;

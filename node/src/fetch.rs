@@ -378,7 +378,9 @@ pub async fn manifest_and_vocab(
     })
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FetchError> {
+/// Writes `bytes` to `path` through a temporary file, fsync and rename:
+/// never a half-written file under the final name.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FetchError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let r = (|| {
         let mut f = std::fs::File::create(&tmp)?;

@@ -541,9 +541,10 @@ fn run(data_dir: &std::path::Path, a: RunArgs) -> Result<()> {
             a.ctx_size
         );
     }
+    let hashes = nakshatra_slicer::ModelHashes::from(&info);
     let mut stages = Vec::with_capacity(ranges.len());
     for r in &ranges {
-        let p = slices::ensure_slice(data_dir, &a.model, &info, r)?;
+        let p = slices::ensure_slice(data_dir, &a.model, &info.id, &hashes, r)?;
         stages.push(SliceEngine::load(&p, None, &cfg)?);
     }
     let mut chain = LocalChain::new(stages)?;

@@ -158,6 +158,21 @@ fn task_err(e: tokio::task::JoinError) -> JoinError {
     JoinError::Task(e.to_string())
 }
 
+/// The layer count of a GGUF, from its header alone.
+fn block_count(path: &Path) -> Result<u32, nakshatra_slicer::SliceError> {
+    use nakshatra_slicer::{MetaValue, SliceError};
+    let g = nakshatra_slicer::Gguf::open(path)?;
+    let arch = match g.get("general.architecture") {
+        Some(MetaValue::String(a)) => a.clone(),
+        _ => return Err(SliceError::MissingKey("general.architecture".into())),
+    };
+    nakshatra_slicer::supported_arch(&arch)?;
+    let key = format!("{arch}.block_count");
+    g.get(&key)
+        .and_then(MetaValue::as_u32)
+        .ok_or(SliceError::MissingKey(key))
+}
+
 /// Free memory of this host (MemAvailable), if it can be read.
 pub fn available_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -173,20 +188,18 @@ pub fn available_memory() -> Option<u64> {
 pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     let keypair = match &opts.source {
         ModelSource::File(path) => {
-            let p = path.clone();
-            let info = tokio::task::spawn_blocking(move || nakshatra_slicer::inspect(&p))
-                .await
-                .map_err(task_err)?
-                .map_err(|source| JoinError::Model {
-                    path: path.clone(),
-                    source,
-                })?;
+            // Only the layer count is needed here: read the header, not
+            // the weights (they are hashed once, in `prepare`).
+            let n_layers = block_count(path).map_err(|source| JoinError::Model {
+                path: path.clone(),
+                source,
+            })?;
             if let LayerChoice::Range(r) = &opts.layers {
-                if r.start >= r.end || r.end > info.n_layers {
+                if r.start >= r.end || r.end > n_layers {
                     return Err(JoinError::Range {
                         start: r.start,
                         end: r.end,
-                        n_layers: info.n_layers,
+                        n_layers,
                     });
                 }
             }
@@ -277,26 +290,25 @@ async fn prepare(
     match &opts.source {
         ModelSource::File(path) => {
             let p = path.clone();
-            let (info, manifest, vocab) = tokio::task::spawn_blocking(move || {
-                let info = nakshatra_slicer::inspect(&p)?;
-                let (m, v) = nakshatra_slicer::manifest_and_vocab(&p)?;
-                Ok::<_, nakshatra_slicer::SliceError>((info, m, v))
-            })
-            .await
-            .map_err(task_err)?
-            .map_err(|source| JoinError::Model {
-                path: path.clone(),
-                source,
-            })?;
+            let (manifest, vocab) =
+                tokio::task::spawn_blocking(move || nakshatra_slicer::manifest_and_vocab(&p))
+                    .await
+                    .map_err(task_err)?
+                    .map_err(|source| JoinError::Model {
+                        path: path.clone(),
+                        source,
+                    })?;
             let range = match &opts.layers {
                 LayerChoice::Range(r) => r.clone(),
                 LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
             };
             let (dir, p, r) = (opts.data_dir.clone(), path.clone(), range.clone());
-            let slice =
-                tokio::task::spawn_blocking(move || slices::ensure_slice(&dir, &p, &info, &r))
-                    .await
-                    .map_err(task_err)??;
+            let (id, hashes) = (manifest.model_id.clone(), manifest.hashes());
+            let slice = tokio::task::spawn_blocking(move || {
+                slices::ensure_slice(&dir, &p, &id, &hashes, &r)
+            })
+            .await
+            .map_err(task_err)??;
             Ok(Prepared {
                 slice,
                 serve_files: vec![path.clone()],

@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use nakshatra_slicer::{inspect, write_slice, ModelHashes, ModelInfo, SliceError};
+use nakshatra_slicer::{inspect, write_slice, ModelHashes, SliceError};
 
 use crate::engine::sidecar_path;
 
@@ -86,21 +86,23 @@ fn inspect_sidecar_hash(path: &Path) -> Result<String, String> {
         .ok_or_else(|| "sidecar has no token_embd.weight".into())
 }
 
-/// Returns the cached slice `range` of the model at `source_path` (whose
-/// inspection is `source`), writing it first when missing or not verified.
+/// Returns the cached slice `range` of the model at `source_path` (model
+/// `source_id`, whose group hashes are `hashes`), writing it first when
+/// missing or not verified.
 pub fn ensure_slice(
     data_dir: &Path,
     source_path: &Path,
-    source: &ModelInfo,
+    source_id: &str,
+    hashes: &ModelHashes,
     range: &Range<u32>,
 ) -> Result<PathBuf, CacheError> {
-    if range.start == 0 && range.end == source.n_layers {
+    if range.start == 0 && range.end == hashes.n_layers {
         // The whole model needs no slicing.
         return Ok(source_path.to_path_buf());
     }
-    let path = slice_path(data_dir, &source.id, range);
+    let path = slice_path(data_dir, source_id, range);
     if path.exists() {
-        match verify_cached(&path, &source.id, &ModelHashes::from(source), range) {
+        match verify_cached(&path, source_id, hashes, range) {
             Ok(()) => {
                 tracing::debug!(path = %path.display(), "reusing verified cached slice");
                 return Ok(path);
