@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Checks an already built `nakshatra` on this host's backend (CPU, CUDA,
+# Metal...): the whole model in one process against a 3-node swarm on
+# loopback holding 0..10, 10..20, 20..N, greedy, same prompt. Prints both
+# texts' agreement and the speeds side by side; exits 1 if the texts differ.
+#
+#   scripts/chain-check.sh [BIN] [MODEL]
+#
+# BIN defaults to target/release/nakshatra, MODEL to the test model
+# (fetched). Env: TOKENS (64), ROUNDS (2), THREADS (cores / 3).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bin="${1:-target/release/nakshatra}"
+model="${2:-$(bash scripts/fetch-test-model.sh)}"
+tokens="${TOKENS:-64}"
+rounds="${ROUNDS:-2}"
+cores=$(nproc)
+threads="${THREADS:-$(( cores / 3 > 0 ? cores / 3 : 1 ))}"
+prompt="The history of the printing press begins in the fifteenth century, when Johannes Gutenberg of Mainz combined movable metal type, oil-based ink and a wooden screw press. Within fifty years printed books had spread across Europe, and"
+n_layers=$("$bin" model inspect "$model" --json | sed -n 's/.*"n_layers": *\([0-9]*\).*/\1/p' | head -n 1)
+[ -n "$n_layers" ] || { echo "cannot read the layer count of $model" >&2; exit 2; }
+
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+stat_of() { # file field -> number before " tok/s" following field
+  sed -n "s/.*$2 \([0-9.]*\) tok\/s.*/\1/p" "$1" | tail -n 1
+}
+
+echo "== whole model, one process"
+for r in $(seq 1 "$rounds"); do
+  "$bin" --data-dir "$work/run" run --model "$model" --raw --temperature 0 \
+    --max-tokens "$tokens" --threads "$cores" "$prompt" >"$work/whole.txt" 2>"$work/whole.log"
+done
+grep '^stats:' "$work/whole.log"
+
+start_node() { # name layers [bootstrap]
+  local name=$1 layers=$2 boot=${3:-}
+  local args=(--data-dir "$work/$name" node join --model "$model" --layers "$layers"
+              --listen /ip4/127.0.0.1/tcp/0 --no-mdns --threads "$threads")
+  [ -n "$boot" ] && args+=(--bootstrap "$boot")
+  "$bin" "${args[@]}" >"$work/$name.out" 2>"$work/$name.log" &
+  pids+=($!)
+  for _ in $(seq 1 1200); do
+    if grep -q '^listening on ' "$work/$name.out" 2>/dev/null; then
+      sed -n 's/^listening on //p' "$work/$name.out" | head -n 1
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "node $name did not start:" >&2
+  cat "$work/$name.log" >&2
+  return 1
+}
+
+first=$(start_node a 0..10)
+start_node b 10..20 "$first" >/dev/null
+start_node c "20..$n_layers" "$first" >/dev/null
+for _ in $(seq 1 300); do
+  if "$bin" swarm status --no-mdns --bootstrap "$first" --json 2>/dev/null | grep -q '"gaps":\[\]'; then
+    break
+  fi
+  sleep 0.2
+done
+echo "== swarm"
+"$bin" swarm status --no-mdns --bootstrap "$first"
+
+echo "== 3-node chain, node ask"
+for r in $(seq 1 "$rounds"); do
+  "$bin" --data-dir "$work/asker" node ask --no-mdns --bootstrap "$first" --raw \
+    --temperature 0 --max-tokens "$tokens" "$prompt" >"$work/chain.txt" 2>"$work/chain.log"
+done
+grep '^chain:\|^stats:' "$work/chain.log" || cat "$work/chain.log"
+
+echo "== text"
+cat "$work/whole.txt"
+wp=$(stat_of "$work/whole.log" prefill); wd=$(stat_of "$work/whole.log" decode)
+cp=$(stat_of "$work/chain.log" prefill); cd_=$(stat_of "$work/chain.log" decode)
+echo "speed: prefill whole $wp tok/s, chain $cp tok/s; decode whole $wd tok/s, chain $cd_ tok/s"
+awk -v a="$cp" -v b="$wp" -v c="$cd_" -v d="$wd" \
+  'BEGIN { if (b > 0 && d > 0) printf "ratio (chain / whole): prefill %.3fx, decode %.3fx\n", a / b, c / d }'
+if cmp -s "$work/whole.txt" "$work/chain.txt"; then
+  echo "text: identical ($tokens greedy tokens)"
+else
+  echo "text: DIFFERENT; chain said:"
+  cat "$work/chain.txt"
+  exit 1
+fi
