@@ -41,6 +41,8 @@ for r in $(seq 1 "$rounds"); do
 done
 grep '^stats:' "$work/whole.log"
 
+# Sets $addr to the node's address. Not called in a subshell, so that its
+# pid stays in $pids for the cleanup.
 start_node() { # name layers [bootstrap]
   local name=$1 layers=$2 boot=${3:-}
   local args=(--data-dir "$work/$name" node join --model "$model" --layers "$layers"
@@ -50,7 +52,7 @@ start_node() { # name layers [bootstrap]
   pids+=($!)
   for _ in $(seq 1 1200); do
     if grep -q '^listening on ' "$work/$name.out" 2>/dev/null; then
-      sed -n 's/^listening on //p' "$work/$name.out" | head -n 1
+      addr=$(sed -n 's/^listening on //p' "$work/$name.out" | head -n 1)
       return 0
     fi
     sleep 0.1
@@ -60,9 +62,10 @@ start_node() { # name layers [bootstrap]
   return 1
 }
 
-first=$(start_node a 0..10)
-start_node b 10..20 "$first" >/dev/null
-start_node c "20..$n_layers" "$first" >/dev/null
+start_node a 0..10
+first=$addr
+start_node b 10..20 "$first"
+start_node c "20..$n_layers" "$first"
 for _ in $(seq 1 300); do
   if "$bin" swarm status --no-mdns --bootstrap "$first" --json 2>/dev/null | grep -q '"gaps":\[\]'; then
     break

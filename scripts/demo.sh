@@ -25,6 +25,8 @@ trap cleanup EXIT
 cores=$(nproc)
 threads=$(( cores / 3 > 0 ? cores / 3 : 1 ))
 
+# Sets $addr to the node's address. Not called in a subshell, so that its
+# pid stays in $pids for the cleanup.
 start_node() { # name layers [bootstrap]
   local name=$1 layers=$2 boot=${3:-}
   local args=(--data-dir "$work/$name" node join --model "$model" --layers "$layers"
@@ -34,7 +36,7 @@ start_node() { # name layers [bootstrap]
   pids+=($!)
   for _ in $(seq 1 600); do
     if grep -q '^listening on ' "$work/$name.out" 2>/dev/null; then
-      sed -n 's/^listening on //p' "$work/$name.out" | head -n 1
+      addr=$(sed -n 's/^listening on //p' "$work/$name.out" | head -n 1)
       return 0
     fi
     sleep 0.1
@@ -44,9 +46,10 @@ start_node() { # name layers [bootstrap]
   return 1
 }
 
-first=$(start_node a 0..10)
-start_node b 10..20 "$first" >/dev/null
-start_node c 20..30 "$first" >/dev/null
+start_node a 0..10
+first=$addr
+start_node b 10..20 "$first"
+start_node c 20..30 "$first"
 echo "swarm of 3 nodes up; bootstrap: $first" >&2
 
 # Wait until the swarm covers every block.
