@@ -27,11 +27,13 @@ use nakshatra_swarm::protocol::fetch::{
 };
 use nakshatra_swarm::{PeerId, StreamProtocol};
 
-use crate::net::{read_frame, write_frame};
+use crate::net::{read_frame, read_frame_into, write_frame, write_frame_parts};
 
 /// Bytes asked for per piece request.
-pub const CHUNK: u64 = 4 * 1024 * 1024;
-/// Streams (each with two requests in flight) a fetch opens to one peer.
+pub const CHUNK: u64 = 2 * 1024 * 1024;
+/// Requests one stream keeps in flight, across piece boundaries.
+pub const PIPELINE_DEPTH: usize = 4;
+/// Streams a fetch opens to one peer.
 pub const STREAMS_PER_PEER: usize = 2;
 
 /// Errors of fetching a range.
@@ -167,24 +169,39 @@ impl PieceStore {
         })
     }
 
-    /// Bytes `offset..offset+len` of a piece, and the piece's length.
-    fn read(&self, id: &PieceId, offset: u64, len: u64) -> Option<(Vec<u8>, u64)> {
+    /// Bytes `offset..offset+len` of a piece, as slices of the mapped
+    /// files (no copy), and the piece's length.
+    fn parts(&self, id: &PieceId, offset: u64, len: u64) -> Option<(Vec<&[u8]>, u64)> {
         let piece = self.manifest.piece(id)?;
         let (g, _) = self.files.iter().find(|(_, held)| held.contains(id))?;
         let segs = nakshatra_slicer::piece_segments(g, piece).ok()?;
         let total = piece.n_bytes;
         let end = offset.saturating_add(len).min(total);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut out = Vec::new();
         let mut at = 0u64;
         for s in segs {
             let (s0, s1) = (at, at + s.len() as u64);
             let (a, b) = (offset.max(s0), end.min(s1));
             if a < b {
-                out.extend_from_slice(&s[(a - s0) as usize..(b - s0) as usize]);
+                out.push(s.get((a - s0) as usize..(b - s0) as usize)?);
             }
             at = s1;
         }
         Some((out, total))
+    }
+
+    /// Reads one byte of every page of a range, so that sending it from the
+    /// async runtime does not wait for the disk. `None`: not held.
+    fn prefault(&self, id: &PieceId, offset: u64, len: u64) -> Option<()> {
+        let (parts, _) = self.parts(id, offset, len)?;
+        let mut x = 0u8;
+        for p in parts {
+            for b in p.iter().step_by(4096) {
+                x ^= *b;
+            }
+        }
+        std::hint::black_box(x);
+        Some(())
     }
 
     /// Piece ids this node can serve.
@@ -246,40 +263,41 @@ pub fn spawn_piece_servers(
                     if let Some(d) = s.delay {
                         tokio::time::sleep(d).await;
                     }
-                    let (resp, data) = if req.model_id != s.model_id {
-                        (PieceResponse::NotHere, Vec::new())
+                    let sent = if req.model_id != s.model_id {
+                        write_frame(&mut stream, &PieceResponse::NotHere, &[]).await
                     } else if req.len > MAX_CHUNK_BYTES {
-                        (
-                            PieceResponse::Error {
-                                message: format!(
-                                    "chunk of {} bytes over {MAX_CHUNK_BYTES}",
-                                    req.len
-                                ),
-                            },
-                            Vec::new(),
-                        )
+                        let resp = PieceResponse::Error {
+                            message: format!("chunk of {} bytes over {MAX_CHUNK_BYTES}", req.len),
+                        };
+                        write_frame(&mut stream, &resp, &[]).await
                     } else {
-                        let s2 = s.clone();
                         let id = piece_id(req.piece);
-                        let read =
-                            tokio::task::spawn_blocking(move || s2.read(&id, req.offset, req.len))
-                                .await
-                                .ok()
-                                .flatten();
-                        match read {
-                            Some((mut data, total)) => {
+                        let s2 = s.clone();
+                        let held = tokio::task::spawn_blocking(move || {
+                            s2.prefault(&id, req.offset, req.len)
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some();
+                        match s.parts(&id, req.offset, req.len).filter(|_| held) {
+                            Some((parts, total)) => {
+                                let resp = PieceResponse::Data { total };
                                 if s.fault == Some(ServeFault::CorruptPieces) {
+                                    let mut data = parts.concat();
                                     let mid = data.len() / 2;
                                     if let Some(b) = data.get_mut(mid) {
                                         *b ^= 0xff;
                                     }
+                                    write_frame(&mut stream, &resp, &data).await
+                                } else {
+                                    write_frame_parts(&mut stream, &resp, &parts).await
                                 }
-                                (PieceResponse::Data { total }, data)
                             }
-                            None => (PieceResponse::NotHere, Vec::new()),
+                            None => write_frame(&mut stream, &PieceResponse::NotHere, &[]).await,
                         }
                     };
-                    if write_frame(&mut stream, &resp, &data).await.is_err() {
+                    if sent.is_err() {
                         break;
                     }
                 }
@@ -445,10 +463,41 @@ struct Shared {
     last_error: HashMap<PieceId, String>,
     stats: FetchStats,
     done: usize,
-    /// Pieces being fetched right now (they may come back to the queue).
+    /// Pieces being fetched or written right now (they may come back to
+    /// the queue).
     in_flight: usize,
     /// Bytes downloaded so far (progress).
     progress: u64,
+    /// A local failure (disk full, cache unwritable): the fetch stops.
+    local_error: Option<FetchError>,
+    /// Woken whenever a piece comes back to the queue or leaves the
+    /// fetch, so that idle workers look again at once.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// Receive buffers handed back by the piece writers, so that a chunk's
+/// buffer is allocated (and its pages faulted in) once, not per chunk.
+#[derive(Clone, Default)]
+struct BufPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl BufPool {
+    const KEEP: usize = 16;
+
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_default()
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock() {
+            if v.len() < Self::KEEP {
+                v.push(buf);
+            }
+        }
+    }
 }
 
 /// Fetches every piece of `pieces` into `dir` from `peers` (several in
@@ -505,6 +554,8 @@ pub async fn fetch_pieces(
         done: 0,
         in_flight: 0,
         progress: 0,
+        local_error: None,
+        wake: Arc::new(tokio::sync::Notify::new()),
     }));
     let bar = progress_bar(total);
     let ticker = {
@@ -535,18 +586,20 @@ pub async fn fetch_pieces(
     // Connect to every source once before opening streams in parallel
     // (simultaneous first dials to one peer can race each other).
     futures::future::join_all(peers.iter().map(|p| swarm.probe_rtt(*p))).await;
+    let pool = BufPool::default();
     let workers: Vec<_> = peers
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, STREAMS_PER_PEER))
         .map(|p| {
-            let (swarm, shared, manifest, dir, peer) = (
-                swarm.clone(),
-                shared.clone(),
-                manifest.clone(),
-                dir.to_path_buf(),
-                *p,
-            );
-            tokio::spawn(async move { worker(swarm, peer, shared, manifest, dir).await })
+            let ctx = WorkerCtx {
+                swarm: swarm.clone(),
+                peer: *p,
+                shared: shared.clone(),
+                manifest: manifest.clone(),
+                dir: dir.to_path_buf(),
+                pool: pool.clone(),
+            };
+            tokio::spawn(worker(ctx))
         })
         .collect();
     for w in workers {
@@ -557,6 +610,9 @@ pub async fn fetch_pieces(
         b.finish_and_clear();
     }
     let mut s = shared.lock().map_err(|_| FetchError::Stopped)?;
+    if let Some(e) = s.local_error.take() {
+        return Err(e);
+    }
     if s.done < n_jobs {
         let left: Vec<String> = s.queue.iter().map(piece_label).collect();
         let first = s.queue.front().cloned();
@@ -603,7 +659,7 @@ fn next_job(shared: &Mutex<Shared>, peer: &PeerId) -> Next {
     let Ok(mut s) = shared.lock() else {
         return Next::Done;
     };
-    if s.bad_peers.contains(peer) {
+    if s.bad_peers.contains(peer) || s.local_error.is_some() {
         return Next::Done;
     }
     let i = s
@@ -620,88 +676,23 @@ fn next_job(shared: &Mutex<Shared>, peer: &PeerId) -> Next {
     }
 }
 
-fn finish_job(shared: &Mutex<Shared>) {
-    if let Ok(mut s) = shared.lock() {
-        s.in_flight = s.in_flight.saturating_sub(1);
-    }
+/// Whether this peer's streams should stop (it served bad bytes, or the
+/// fetch hit a local error).
+fn should_stop(shared: &Mutex<Shared>, peer: &PeerId) -> bool {
+    shared
+        .lock()
+        .map(|s| s.bad_peers.contains(peer) || s.local_error.is_some())
+        .unwrap_or(true)
 }
 
-async fn worker(
-    swarm: nakshatra_swarm::Client,
-    peer: PeerId,
-    shared: Arc<Mutex<Shared>>,
-    manifest: Manifest,
-    dir: PathBuf,
-) {
-    let mut stream: Option<nakshatra_swarm::Stream> = None;
-    let mut failures = 0u32;
-    loop {
-        let id = match next_job(&shared, &peer) {
-            Next::Job(id) => id,
-            Next::Wait => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-            Next::Done => return,
-        };
-        let Some(piece) = manifest.piece(&id).cloned() else {
-            finish_job(&shared);
-            continue;
-        };
-        if stream.is_none() {
-            match swarm
-                .open_stream(peer, StreamProtocol::new(PIECE_PROTOCOL))
-                .await
-            {
-                Ok(s) => stream = Some(s),
-                Err(e) => {
-                    requeue_transient(&shared, id, &peer, format!("{peer}: {e}"));
-                    failures += 1;
-                    if failures >= NET_RETRIES {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(s) = stream.as_mut() else {
-            requeue(&shared, id, &peer, "no stream".into());
-            return;
-        };
-        match fetch_one(s, &manifest.model_id, &piece, &dir, &shared).await {
-            Ok(n) => {
-                if let Ok(mut sh) = shared.lock() {
-                    sh.done += 1;
-                    sh.in_flight = sh.in_flight.saturating_sub(1);
-                    sh.stats.bytes_fetched += n;
-                    sh.served_by.insert(peer);
-                    sh.stats.sources = sh.served_by.len();
-                }
-            }
-            Err(PieceFail::NotHere) => {
-                requeue(&shared, id, &peer, format!("{peer} does not hold it"))
-            }
-            Err(PieceFail::Corrupt(why)) => {
-                tracing::warn!(%peer, piece = %piece_label(&id), "piece failed verification: {why}; refetching it elsewhere and avoiding this peer");
-                if let Ok(mut sh) = shared.lock() {
-                    sh.stats.corrupt_pieces += 1;
-                    sh.bad_peers.insert(peer);
-                }
-                requeue(&shared, id, &peer, why);
-                return;
-            }
-            Err(PieceFail::Net(why)) => {
-                tracing::debug!(%peer, piece = %piece_label(&id), "network trouble: {why}");
-                requeue_transient(&shared, id, &peer, format!("{peer}: {why}"));
-                stream = None;
-                failures += 1;
-                if failures >= NET_RETRIES {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+/// Records the first local failure; every worker stops.
+fn local_failure(shared: &Mutex<Shared>, path: &Path, source: std::io::Error) {
+    if let Ok(mut s) = shared.lock() {
+        s.local_error.get_or_insert(FetchError::Io {
+            path: path.to_path_buf(),
+            source,
+        });
+        s.wake.notify_waiters();
     }
 }
 
@@ -712,6 +703,7 @@ fn requeue(shared: &Mutex<Shared>, id: PieceId, peer: &PeerId, why: String) {
         s.lacks.entry(id).or_default().insert(*peer);
         s.last_error.insert(id, why);
         s.queue.push_back(id);
+        s.wake.notify_waiters();
     }
 }
 
@@ -728,6 +720,7 @@ fn requeue_transient(shared: &Mutex<Shared>, id: PieceId, peer: &PeerId, why: St
         }
         s.last_error.insert(id, why);
         s.queue.push_back(id);
+        s.wake.notify_waiters();
     }
 }
 
@@ -735,98 +728,429 @@ fn requeue_transient(shared: &Mutex<Shared>, id: PieceId, peer: &PeerId, why: St
 /// left to the others.
 const NET_RETRIES: u32 = 3;
 
-enum PieceFail {
-    NotHere,
-    Corrupt(String),
-    Net(String),
+/// What one stream worker needs.
+struct WorkerCtx {
+    swarm: nakshatra_swarm::Client,
+    peer: PeerId,
+    shared: Arc<Mutex<Shared>>,
+    manifest: Manifest,
+    dir: PathBuf,
+    pool: BufPool,
 }
 
-async fn fetch_one(
-    s: &mut nakshatra_swarm::Stream,
-    model_id: &str,
-    piece: &nakshatra_slicer::Piece,
-    dir: &Path,
-    shared: &Mutex<Shared>,
-) -> Result<u64, PieceFail> {
-    let label = piece_label(&piece.id);
-    let part = dir.join(format!("{label}.part"));
-    let bin = dir.join(format!("{label}.bin"));
-    let net = |e: std::io::Error| PieceFail::Net(format!("{}: {e}", part.display()));
-    // Resume: what a previous run left in `.part` is hashed first (it is
-    // only trusted once the whole piece verifies).
-    let mut hasher = PieceHasher::new(piece);
-    let mut have = 0u64;
-    if let Ok(prev) = std::fs::read(&part) {
-        if (prev.len() as u64) <= piece.n_bytes {
-            hasher.update(&prev);
-            have = prev.len() as u64;
-        }
-    }
-    let mut file = if have > 0 {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&part)
-            .map_err(net)?
-    } else {
-        std::fs::File::create(&part).map_err(net)?
-    };
-    let mut fetched = 0u64;
-    // Two requests in flight: the next chunk is on its way while this one
-    // is hashed and written.
-    let mut asked = have;
-    let mut inflight: VecDeque<u64> = VecDeque::new();
-    while asked < piece.n_bytes && inflight.len() < 2 {
-        let len = CHUNK.min(piece.n_bytes - asked);
-        send_request(s, model_id, piece, asked, len).await?;
-        inflight.push_back(len);
-        asked += len;
-    }
-    while let Some(len) = inflight.pop_front() {
-        let (resp, data): (PieceResponse, Vec<u8>) =
-            tokio::time::timeout(Duration::from_secs(60), read_frame(s))
-                .await
-                .map_err(|_| PieceFail::Net("no data within 60 s".into()))?
-                .map_err(|e| PieceFail::Net(e.to_string()))?;
-        match resp {
-            PieceResponse::Data { total } if total == piece.n_bytes && data.len() as u64 == len => {
-            }
-            PieceResponse::Data { .. } => return Err(PieceFail::Corrupt("wrong length".into())),
-            PieceResponse::NotHere => return Err(PieceFail::NotHere),
-            PieceResponse::Error { message } => return Err(PieceFail::Net(message)),
-        }
-        if asked < piece.n_bytes {
-            let next = CHUNK.min(piece.n_bytes - asked);
-            send_request(s, model_id, piece, asked, next).await?;
-            inflight.push_back(next);
-            asked += next;
-        }
-        hasher.update(&data);
-        file.write_all(&data).map_err(net)?;
+/// Messages from a stream worker to a piece's writer.
+enum SinkMsg {
+    /// The next bytes of the piece, in order: the first `.1` bytes of the
+    /// buffer.
+    Data(Vec<u8>, usize),
+    /// Every byte was sent: verify, make durable, publish.
+    Finish,
+    /// The peer lacks the piece: it goes to the others.
+    NotHere,
+    /// The peer broke the protocol for this piece (wrong length): it is
+    /// treated as a bad peer.
+    Bad(String),
+    /// The stream failed: the piece goes back to the queue. `discard`
+    /// drops the bytes received so far (they came from a peer found bad).
+    Abort { why: String, discard: bool },
+}
 
-        fetched += len;
-        if let Ok(mut sh) = shared.lock() {
-            sh.progress += len;
+/// A piece whose bytes are being requested and received on one stream.
+struct Download {
+    id: PieceId,
+    n_bytes: u64,
+    /// Next offset to ask for.
+    requested: u64,
+    /// Offset up to which answers came back.
+    received: u64,
+    /// Stopped asking (the peer lacks it or broke the protocol); answers
+    /// still due are read and dropped.
+    failed: bool,
+    tx: tokio::sync::mpsc::Sender<SinkMsg>,
+}
+
+/// One stream to one peer. Requests are pipelined across piece boundaries
+/// ([`PIPELINE_DEPTH`] chunks in flight); each piece's bytes go to its own
+/// writer on a blocking thread, which hashes, writes, fsyncs and renames,
+/// so the stream never waits for the disk.
+async fn worker(ctx: WorkerCtx) {
+    let mut stream: Option<nakshatra_swarm::Stream> = None;
+    let mut failures = 0u32;
+    let mut writers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    loop {
+        if should_stop(&ctx.shared, &ctx.peer) {
+            break;
+        }
+        let s = match stream.as_mut() {
+            Some(s) => s,
+            None => {
+                match ctx
+                    .swarm
+                    .open_stream(ctx.peer, StreamProtocol::new(PIECE_PROTOCOL))
+                    .await
+                {
+                    Ok(s) => stream.insert(s),
+                    Err(e) => {
+                        tracing::debug!(peer = %ctx.peer, "cannot open a piece stream: {e}");
+                        failures += 1;
+                        if failures >= NET_RETRIES {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut downloads: VecDeque<Download> = VecDeque::new();
+        let pumped = pump(&ctx, s, &mut downloads, &mut writers).await;
+        // Pieces still under way go back to the queue; their bytes are kept
+        // for a resume, unless this peer served bad data.
+        let discard = should_stop(&ctx.shared, &ctx.peer);
+        let why = match &pumped {
+            Ok(()) => format!("{}: stopped", ctx.peer),
+            Err(why) => format!("{}: {why}", ctx.peer),
+        };
+        for d in downloads.drain(..) {
+            let why = why.clone();
+            let _ = d.tx.send(SinkMsg::Abort { why, discard }).await;
+        }
+        match pumped {
+            Ok(()) => break,
+            Err(why) => {
+                tracing::debug!(peer = %ctx.peer, "network trouble: {why}");
+                stream = None;
+                failures += 1;
+                if failures >= NET_RETRIES {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
-    drop(file);
-    if let Err(e) = hasher.finalize() {
-        let _ = std::fs::remove_file(&part);
-        if let Ok(mut sh) = shared.lock() {
+    for w in writers {
+        let _ = w.await;
+    }
+}
+
+/// Keeps the stream busy until this peer has nothing left to give.
+/// `Err` is network trouble; the pieces still in `downloads` are then the
+/// caller's to abort.
+async fn pump(
+    ctx: &WorkerCtx,
+    s: &mut nakshatra_swarm::Stream,
+    downloads: &mut VecDeque<Download>,
+    writers: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), String> {
+    let mut inflight: VecDeque<u64> = VecDeque::new();
+    let wake = ctx
+        .shared
+        .lock()
+        .map(|s| s.wake.clone())
+        .map_err(|_| "fetch state poisoned".to_string())?;
+    loop {
+        // Registered before looking at the queue: a change made after the
+        // look wakes this worker.
+        let changed = wake.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        // Ask for more while the pipeline has room.
+        let mut idle = false;
+        while inflight.len() < PIPELINE_DEPTH {
+            let back_open = downloads
+                .back()
+                .is_some_and(|d| !d.failed && d.requested < d.n_bytes);
+            if !back_open {
+                match next_job(&ctx.shared, &ctx.peer) {
+                    Next::Job(id) => {
+                        if let Some((d, w)) = start_download(ctx, id).await {
+                            writers.push(w);
+                            if d.requested >= d.n_bytes {
+                                // Already complete on disk: only verify.
+                                let _ = d.tx.send(SinkMsg::Finish).await;
+                            } else {
+                                downloads.push_back(d);
+                            }
+                        }
+                        continue;
+                    }
+                    Next::Wait => {
+                        idle = inflight.is_empty();
+                        break;
+                    }
+                    Next::Done => {
+                        if inflight.is_empty() {
+                            return Ok(());
+                        }
+                        break;
+                    }
+                }
+            }
+            let Some(d) = downloads.back_mut() else { break };
+            let len = CHUNK.min(d.n_bytes - d.requested);
+            let piece = ctx
+                .manifest
+                .piece(&d.id)
+                .ok_or_else(|| "piece left the manifest".to_string())?;
+            send_request(s, &ctx.manifest.model_id, piece, d.requested, len).await?;
+            d.requested += len;
+            inflight.push_back(len);
+        }
+        if idle {
+            // Nothing for this peer until a piece comes back or the last
+            // ones are done (the timeout is only a safety net).
+            let _ = tokio::time::timeout(Duration::from_millis(500), changed).await;
+            continue;
+        }
+        let Some(len) = inflight.pop_front() else {
+            continue;
+        };
+        let mut buf = ctx.pool.take();
+        let (resp, n): (PieceResponse, usize) =
+            tokio::time::timeout(Duration::from_secs(60), read_frame_into(s, &mut buf))
+                .await
+                .map_err(|_| "no data within 60 s".to_string())?
+                .map_err(|e| e.to_string())?;
+        let d = downloads
+            .iter_mut()
+            .find(|d| d.received < d.requested)
+            .ok_or_else(|| "an answer nobody asked for".to_string())?;
+        d.received += len;
+        if !d.failed {
+            let msg = match resp {
+                PieceResponse::Data { total } if total == d.n_bytes && n as u64 == len => {
+                    if let Ok(mut sh) = ctx.shared.lock() {
+                        sh.progress += len;
+                    }
+                    SinkMsg::Data(buf, n)
+                }
+                PieceResponse::Data { total } => {
+                    d.failed = true;
+                    SinkMsg::Bad(format!(
+                        "answered {n} bytes of a {total}-byte piece for {len} of {}",
+                        d.n_bytes
+                    ))
+                }
+                PieceResponse::NotHere => {
+                    d.failed = true;
+                    SinkMsg::NotHere
+                }
+                PieceResponse::Error { message } => return Err(message),
+            };
+            // A closed writer hit a local error; `should_stop` sees it.
+            let _ = d.tx.send(msg).await;
+        }
+        while downloads
+            .front()
+            .is_some_and(|d| d.received >= d.n_bytes || (d.failed && d.received >= d.requested))
+        {
+            if let Some(d) = downloads.pop_front() {
+                if !d.failed {
+                    let _ = d.tx.send(SinkMsg::Finish).await;
+                }
+            }
+        }
+        if should_stop(&ctx.shared, &ctx.peer) {
+            // This peer served bad bytes, or the disk failed: the caller
+            // drops what is still coming.
+            return Ok(());
+        }
+    }
+}
+
+/// Starts the writer of piece `id` and learns how many bytes a previous
+/// run left in its `.part` (the download resumes from there). `None`: a
+/// local error (recorded) or a piece not in the manifest.
+async fn start_download(
+    ctx: &WorkerCtx,
+    id: PieceId,
+) -> Option<(Download, tokio::task::JoinHandle<()>)> {
+    let Some(piece) = ctx.manifest.piece(&id).cloned() else {
+        if let Ok(mut s) = ctx.shared.lock() {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+        return None;
+    };
+    let n_bytes = piece.n_bytes;
+    let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH + 2);
+    let (have_tx, have_rx) = tokio::sync::oneshot::channel();
+    let w = PieceWriter {
+        piece,
+        dir: ctx.dir.clone(),
+        peer: ctx.peer,
+        shared: ctx.shared.clone(),
+        pool: ctx.pool.clone(),
+    };
+    let handle = tokio::task::spawn_blocking(move || w.run(have_tx, rx));
+    match have_rx.await {
+        Ok(have) => Some((
+            Download {
+                id,
+                n_bytes,
+                requested: have,
+                received: have,
+                failed: false,
+                tx,
+            },
+            handle,
+        )),
+        Err(_) => {
+            let _ = handle.await;
+            None
+        }
+    }
+}
+
+/// Receives one piece's bytes on a blocking thread: hashes while writing
+/// `<piece>.part`, then verifies, fsyncs and renames it to `<piece>.bin`.
+/// Every change of the piece's state in [`Shared`] happens here, after
+/// the file is closed, so a requeued piece is never written twice at once.
+struct PieceWriter {
+    piece: nakshatra_slicer::Piece,
+    dir: PathBuf,
+    peer: PeerId,
+    shared: Arc<Mutex<Shared>>,
+    pool: BufPool,
+}
+
+impl PieceWriter {
+    fn run(
+        self,
+        have_tx: tokio::sync::oneshot::Sender<u64>,
+        mut rx: tokio::sync::mpsc::Receiver<SinkMsg>,
+    ) {
+        let label = piece_label(&self.piece.id);
+        let id = self.piece.id;
+        let part = self.dir.join(format!("{label}.part"));
+        let bin = self.dir.join(format!("{label}.bin"));
+        // Resume: what a previous run left in `.part` is hashed first (it
+        // is only trusted once the whole piece verifies).
+        let mut hasher = PieceHasher::new(&self.piece);
+        let mut have = 0u64;
+        if let Ok(prev) = std::fs::read(&part) {
+            if (prev.len() as u64) <= self.piece.n_bytes {
+                hasher.update(&prev);
+                have = prev.len() as u64;
+            }
+        }
+        let opened = if have > 0 {
+            std::fs::OpenOptions::new().append(true).open(&part)
+        } else {
+            std::fs::File::create(&part)
+        };
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                local_failure(&self.shared, &part, e);
+                return;
+            }
+        };
+        if have_tx.send(have).is_err() {
+            return;
+        }
+        let resumed = have > 0;
+        let mut fetched = 0u64;
+        let outcome = loop {
+            match rx.blocking_recv() {
+                Some(SinkMsg::Data(buf, n)) => {
+                    let data = buf.get(..n).unwrap_or(&buf);
+                    hasher.update(data);
+                    if let Err(e) = file.write_all(data) {
+                        drop(file);
+                        let _ = std::fs::remove_file(&part);
+                        local_failure(&self.shared, &part, e);
+                        return;
+                    }
+                    fetched += data.len() as u64;
+                    self.pool.put(buf);
+                }
+                Some(SinkMsg::Finish) => break None,
+                Some(other) => break Some(other),
+                None => {
+                    break Some(SinkMsg::Abort {
+                        why: format!("{}: stream dropped", self.peer),
+                        discard: false,
+                    })
+                }
+            }
+        };
+        drop(file);
+        let unfetch = |sh: &mut Shared| sh.progress = sh.progress.saturating_sub(fetched);
+        match outcome {
+            None => {}
+            Some(SinkMsg::NotHere) => {
+                requeue(
+                    &self.shared,
+                    id,
+                    &self.peer,
+                    format!("{} does not hold it", self.peer),
+                );
+                return;
+            }
+            Some(SinkMsg::Bad(why)) => {
+                let _ = std::fs::remove_file(&part);
+                self.blame(&why, fetched);
+                requeue(&self.shared, id, &self.peer, why);
+                return;
+            }
+            Some(SinkMsg::Abort { why, discard }) => {
+                if discard || have + fetched == 0 {
+                    let _ = std::fs::remove_file(&part);
+                    if let Ok(mut sh) = self.shared.lock() {
+                        unfetch(&mut sh);
+                    }
+                }
+                requeue_transient(&self.shared, id, &self.peer, why);
+                return;
+            }
+            Some(SinkMsg::Data(..) | SinkMsg::Finish) => return,
+        }
+        if let Err(e) = hasher.finalize() {
+            let _ = std::fs::remove_file(&part);
+            let why = format!("{label}: {e}");
+            if resumed {
+                // Part of it came from an earlier attempt, maybe another
+                // peer: nobody is blamed, the piece starts over.
+                tracing::warn!(piece = %label, "resumed piece failed verification: {e}; fetching it again from the start");
+                if let Ok(mut sh) = self.shared.lock() {
+                    unfetch(&mut sh);
+                }
+                requeue_transient(&self.shared, id, &self.peer, why);
+            } else {
+                self.blame(&why, fetched);
+                requeue(&self.shared, id, &self.peer, why);
+            }
+            return;
+        }
+        // Visible under its final name. No fsync: a `.bin` is trusted only
+        // after hashing it again when a fetch starts, so a piece a power
+        // cut truncated is fetched again, never used.
+        let published = std::fs::rename(&part, &bin);
+        if let Err(e) = published {
+            let _ = std::fs::remove_file(&part);
+            local_failure(&self.shared, &bin, e);
+            return;
+        }
+        if let Ok(mut sh) = self.shared.lock() {
+            sh.done += 1;
+            sh.in_flight = sh.in_flight.saturating_sub(1);
+            sh.stats.bytes_fetched += fetched;
+            sh.served_by.insert(self.peer);
+            sh.stats.sources = sh.served_by.len();
+            sh.wake.notify_waiters();
+        }
+    }
+
+    /// This peer served bytes that do not verify: it gets no more requests.
+    fn blame(&self, why: &str, fetched: u64) {
+        tracing::warn!(peer = %self.peer, piece = %piece_label(&self.piece.id), "piece failed verification: {why}; refetching it elsewhere and avoiding this peer");
+        if let Ok(mut sh) = self.shared.lock() {
             sh.progress = sh.progress.saturating_sub(fetched);
+            sh.stats.corrupt_pieces += 1;
+            sh.bad_peers.insert(self.peer);
+            sh.wake.notify_waiters();
         }
-        return Err(PieceFail::Corrupt(format!("{label}: {e}")));
     }
-    // Durable, then visible under its final name; off the download path.
-    let (p, b) = (part.clone(), bin.clone());
-    tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&p)
-            .and_then(|f| f.sync_all())
-            .and_then(|_| std::fs::rename(&p, &b))
-    })
-    .await
-    .map_err(|e| PieceFail::Net(e.to_string()))?
-    .map_err(|e| PieceFail::Net(format!("{}: {e}", bin.display())))?;
-    Ok(fetched)
 }
 
 async fn send_request(
@@ -835,16 +1159,14 @@ async fn send_request(
     piece: &nakshatra_slicer::Piece,
     offset: u64,
     len: u64,
-) -> Result<(), PieceFail> {
+) -> Result<(), String> {
     let req = PieceRequest {
         model_id: model_id.to_string(),
         piece: piece_ref(&piece.id),
         offset,
         len,
     };
-    write_frame(s, &req, &[])
-        .await
-        .map_err(|e| PieceFail::Net(e.to_string()))
+    write_frame(s, &req, &[]).await.map_err(|e| e.to_string())
 }
 
 /// Chooses a range for `--layers auto`: blocks nobody serves first, then

@@ -36,6 +36,20 @@ where
     W: AsyncWrite + Unpin,
     H: Serialize,
 {
+    write_frame_parts(w, header, &[payload]).await
+}
+
+/// Writes one frame whose payload is the concatenation of `parts`, without
+/// joining them first, and flushes.
+pub async fn write_frame_parts<W, H>(
+    w: &mut W,
+    header: &H,
+    parts: &[&[u8]],
+) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    H: Serialize,
+{
     let h = encode(header).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if h.len() > MAX_HEADER_BYTES {
         return Err(FrameError::TooLarge {
@@ -44,25 +58,30 @@ where
             max: MAX_HEADER_BYTES,
         });
     }
-    if payload.len() > MAX_PAYLOAD_BYTES {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_PAYLOAD_BYTES {
         return Err(FrameError::TooLarge {
             what: "payload",
-            len: payload.len(),
+            len,
             max: MAX_PAYLOAD_BYTES,
         });
     }
     let mut head = Vec::with_capacity(8 + h.len());
     head.extend_from_slice(&(h.len() as u32).to_le_bytes());
     head.extend_from_slice(&h);
-    head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    if payload.len() <= 64 * 1024 {
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    if len <= 64 * 1024 {
         // Small frames (every decode step) go out in one write.
-        head.extend_from_slice(payload);
+        for p in parts {
+            head.extend_from_slice(p);
+        }
         w.write_all(&head).await?;
     } else {
         // Large payloads are not copied again.
         w.write_all(&head).await?;
-        w.write_all(payload).await?;
+        for p in parts {
+            w.write_all(p).await?;
+        }
     }
     w.flush().await?;
     Ok(())
@@ -96,6 +115,29 @@ where
     let mut payload = vec![0u8; pl];
     r.read_exact(&mut payload).await?;
     Ok((header, payload))
+}
+
+/// Reads one frame, its payload into the front of `payload` (grown when
+/// too short, never shrunk, so a reused buffer is not cleared again);
+/// returns the header and the payload's length.
+pub async fn read_frame_into<R, H>(
+    r: &mut R,
+    payload: &mut Vec<u8>,
+) -> Result<(H, usize), FrameError>
+where
+    R: AsyncRead + Unpin,
+    H: DeserializeOwned,
+{
+    let hl = read_len(r, "header", MAX_HEADER_BYTES).await?;
+    let mut h = vec![0u8; hl];
+    r.read_exact(&mut h).await?;
+    let header = decode(&h, MAX_HEADER_BYTES).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let pl = read_len(r, "payload", MAX_PAYLOAD_BYTES).await?;
+    if payload.len() < pl {
+        payload.resize(pl, 0);
+    }
+    r.read_exact(&mut payload[..pl]).await?;
+    Ok((header, pl))
 }
 
 /// Hidden states to wire bytes.

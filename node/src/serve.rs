@@ -415,7 +415,12 @@ async fn fetch_slice(
     let dir = crate::fetch::model_dir(&opts.data_dir, id).join("pieces");
     let stats = crate::fetch::fetch_pieces(swarm, &sources, manifest, &pieces, &dir)
         .await
-        .map_err(|e| JoinError::Fetch(e.to_string()))?;
+        .map_err(|e| {
+            JoinError::Fetch(format!(
+                "fetching layers {}..{}: {e}",
+                range.start, range.end
+            ))
+        })?;
     tracing::info!(
         "fetched {:.1} MB in {:.2} s ({:.0} MB/s) from {} peer(s), {:.1} MB already verified on disk, {} corrupt piece(s) refetched",
         stats.bytes_fetched as f64 / 1e6,
@@ -444,6 +449,11 @@ async fn fetch_slice(
     .await
     .map_err(task_err)?
     .map_err(|e| JoinError::Fetch(format!("writing the slice: {e}")))?;
+    // The slice (and its sidecar) now hold these bytes and are what this
+    // node serves from: the pieces would only double the disk used.
+    for p in &pieces {
+        let _ = std::fs::remove_file(dir.join(format!("{}.bin", crate::fetch::piece_label(p))));
+    }
     Ok(out)
 }
 

@@ -362,3 +362,40 @@ pub fn node_ask(bootstrap: &str, data_dir: &Path, extra: &[&str], prompt: &str) 
     args.push(prompt);
     nakshatra(&args)
 }
+
+/// A small tmpfs mounted on a fresh temporary directory: a disk that fills
+/// up after `mib` MiB. Unmounted on drop.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts it. `Err` says why it cannot be done here (not root, no
+    /// `mount`, no tmpfs).
+    pub fn new(mib: u32) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "mount: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).output();
+    }
+}

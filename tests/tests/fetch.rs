@@ -278,3 +278,67 @@ fn bad_fetch_input() {
         .collect();
     assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
 }
+
+/// A disk that fills up: once while pieces arrive, once while the slice is
+/// written from them. Both give a clear error (exit 1, "No space left on
+/// device" and the file), and neither leaves a slice under its final name,
+/// a temporary file or a half-received piece. Needs a small tmpfs (root);
+/// skips, saying why, only where it cannot mount one.
+#[test]
+fn a_full_disk_is_a_clear_error() {
+    let model = test_model();
+    let model = model.to_str().unwrap();
+    let id = model_info()["id"].as_str().unwrap().to_string();
+    let sd = tempfile::tempdir().unwrap();
+    let mut a = base(None);
+    a.extend_from_slice(&["--model", model, "--layers", "0..30"]);
+    let seeder = Proc::join(sd.path(), &a);
+    let boot = seeder.addr().to_string();
+    // 10..20: about 25.7 MB of identity, manifest, vocabulary and pieces,
+    // then a 22.2 MB slice. 12 MiB fills up during the pieces, 32 MiB
+    // while writing the slice.
+    for (mib, stage) in [(12, "pieces"), (32, "slice")] {
+        let disk = match Tmpfs::new(mib) {
+            Ok(d) => d,
+            Err(why) => {
+                eprintln!(
+                    "SKIPPED a_full_disk_is_a_clear_error: cannot mount a small tmpfs: {why}"
+                );
+                return;
+            }
+        };
+        let d = disk.path().to_str().unwrap();
+        let mut args = vec!["--data-dir", d, "node", "join"];
+        let b = base(Some(&boot));
+        args.extend_from_slice(&b);
+        args.extend_from_slice(&["--model-id", &id, "--layers", "10..20"]);
+        let o = nakshatra(&args);
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        eprintln!("disk full during the {stage}: {e}");
+        assert_eq!(o.status.code(), Some(1), "{stage}: {e}");
+        assert!(
+            e.contains("No space left on device"),
+            "{stage}: unclear error: {e}"
+        );
+        assert!(!e.contains("panicked"), "{e}");
+        if stage == "slice" {
+            assert!(e.contains("writing the slice"), "{e}");
+            // The verified pieces stay for the next try.
+            assert!(!files_named(disk.path(), ".bin").is_empty());
+        } else {
+            assert!(e.contains(".part"), "the error should name the file: {e}");
+        }
+        assert!(
+            files_named(disk.path(), "10-20.gguf").is_empty(),
+            "{stage}: a slice was left under its final name"
+        );
+        let leftovers: Vec<_> = files_named(disk.path(), "")
+            .into_iter()
+            .filter(|p| {
+                let n = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                n.is_some_and(|n| n.contains(".tmp") || n.ends_with(".part"))
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "{stage}: files left: {leftovers:?}");
+    }
+}
