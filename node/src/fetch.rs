@@ -776,7 +776,12 @@ struct Download {
 async fn worker(ctx: WorkerCtx) {
     let mut stream: Option<nakshatra_swarm::Stream> = None;
     let mut failures = 0u32;
+    let mut dropped_at_open = 0u32;
     let mut writers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    // Pieces under way on this worker; they survive a stream lost to
+    // network trouble and continue, from the bytes received, on the next.
+    let mut downloads: VecDeque<Download> = VecDeque::new();
+    let mut why = format!("{}: stopped", ctx.peer);
     loop {
         if should_stop(&ctx.shared, &ctx.peer) {
             break;
@@ -792,6 +797,7 @@ async fn worker(ctx: WorkerCtx) {
                     Ok(s) => stream.insert(s),
                     Err(e) => {
                         tracing::debug!(peer = %ctx.peer, "cannot open a piece stream: {e}");
+                        why = format!("{}: {e}", ctx.peer);
                         failures += 1;
                         if failures >= NET_RETRIES {
                             break;
@@ -802,24 +808,23 @@ async fn worker(ctx: WorkerCtx) {
                 }
             }
         };
-        let mut downloads: VecDeque<Download> = VecDeque::new();
-        let pumped = pump(&ctx, s, &mut downloads, &mut writers).await;
-        // Pieces still under way go back to the queue; their bytes are kept
-        // for a resume, unless this peer served bad data.
-        let discard = should_stop(&ctx.shared, &ctx.peer);
-        let why = match &pumped {
-            Ok(()) => format!("{}: stopped", ctx.peer),
-            Err(why) => format!("{}: {why}", ctx.peer),
-        };
-        for d in downloads.drain(..) {
-            let why = why.clone();
-            let _ = d.tx.send(SinkMsg::Abort { why, discard }).await;
+        // Requests in flight on a lost stream are lost with it.
+        downloads.retain(|d| !d.failed);
+        for d in downloads.iter_mut() {
+            d.requested = d.received;
         }
-        match pumped {
+        match pump(&ctx, s, &mut downloads, &mut writers).await {
             Ok(()) => break,
-            Err(why) => {
-                tracing::debug!(peer = %ctx.peer, "network trouble: {why}");
+            Err(e) => {
+                tracing::debug!(peer = %ctx.peer, "network trouble: {}", e.why);
+                why = format!("{}: {}", ctx.peer, e.why);
                 stream = None;
+                // A stream the peer dropped before answering anything (a
+                // busy accept loop drops new streams) is reopened at once.
+                if !e.answered && dropped_at_open < NET_RETRIES {
+                    dropped_at_open += 1;
+                    continue;
+                }
                 failures += 1;
                 if failures >= NET_RETRIES {
                     break;
@@ -828,26 +833,44 @@ async fn worker(ctx: WorkerCtx) {
             }
         }
     }
+    // Pieces still under way go back to the queue; their bytes are kept
+    // for a resume, unless this peer served bad data.
+    let discard = should_stop(&ctx.shared, &ctx.peer);
+    for d in downloads.drain(..) {
+        if !d.failed {
+            let why = why.clone();
+            let _ = d.tx.send(SinkMsg::Abort { why, discard }).await;
+        }
+    }
     for w in writers {
         let _ = w.await;
     }
 }
 
+/// Network trouble on a piece stream.
+struct PumpError {
+    why: String,
+    /// Whether the peer had answered anything on this stream.
+    answered: bool,
+}
+
 /// Keeps the stream busy until this peer has nothing left to give.
 /// `Err` is network trouble; the pieces still in `downloads` are then the
-/// caller's to abort.
+/// caller's to continue on another stream or to abort.
 async fn pump(
     ctx: &WorkerCtx,
     s: &mut nakshatra_swarm::Stream,
     downloads: &mut VecDeque<Download>,
     writers: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Result<(), String> {
+) -> Result<(), PumpError> {
+    let mut answered = false;
+    let fail = |answered: bool| move |why: String| PumpError { why, answered };
     let mut inflight: VecDeque<u64> = VecDeque::new();
     let wake = ctx
         .shared
         .lock()
         .map(|s| s.wake.clone())
-        .map_err(|_| "fetch state poisoned".to_string())?;
+        .map_err(|_| fail(answered)("fetch state poisoned".to_string()))?;
     loop {
         // Registered before looking at the queue: a change made after the
         // look wakes this worker.
@@ -857,10 +880,13 @@ async fn pump(
         // Ask for more while the pipeline has room.
         let mut idle = false;
         while inflight.len() < PIPELINE_DEPTH {
-            let back_open = downloads
-                .back()
-                .is_some_and(|d| !d.failed && d.requested < d.n_bytes);
-            if !back_open {
+            // Requests go out in download order: the first piece with bytes
+            // not yet asked for (the last one, except right after a stream
+            // was lost), else a new piece.
+            let open = downloads
+                .iter()
+                .position(|d| !d.failed && d.requested < d.n_bytes);
+            if open.is_none() {
                 match next_job(&ctx.shared, &ctx.peer) {
                     Next::Job(id) => {
                         if let Some((d, w)) = start_download(ctx, id).await {
@@ -886,13 +912,17 @@ async fn pump(
                     }
                 }
             }
-            let Some(d) = downloads.back_mut() else { break };
+            let Some(d) = open.and_then(|i| downloads.get_mut(i)) else {
+                break;
+            };
             let len = CHUNK.min(d.n_bytes - d.requested);
             let piece = ctx
                 .manifest
                 .piece(&d.id)
-                .ok_or_else(|| "piece left the manifest".to_string())?;
-            send_request(s, &ctx.manifest.model_id, piece, d.requested, len).await?;
+                .ok_or_else(|| fail(answered)("piece left the manifest".to_string()))?;
+            send_request(s, &ctx.manifest.model_id, piece, d.requested, len)
+                .await
+                .map_err(fail(answered))?;
             d.requested += len;
             inflight.push_back(len);
         }
@@ -909,12 +939,13 @@ async fn pump(
         let (resp, n): (PieceResponse, usize) =
             tokio::time::timeout(Duration::from_secs(60), read_frame_into(s, &mut buf))
                 .await
-                .map_err(|_| "no data within 60 s".to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| fail(answered)("no data within 60 s".to_string()))?
+                .map_err(|e| fail(answered)(e.to_string()))?;
+        answered = true;
         let d = downloads
             .iter_mut()
             .find(|d| d.received < d.requested)
-            .ok_or_else(|| "an answer nobody asked for".to_string())?;
+            .ok_or_else(|| fail(answered)("an answer nobody asked for".to_string()))?;
         d.received += len;
         if !d.failed {
             let msg = match resp {
@@ -935,7 +966,7 @@ async fn pump(
                     d.failed = true;
                     SinkMsg::NotHere
                 }
-                PieceResponse::Error { message } => return Err(message),
+                PieceResponse::Error { message } => return Err(fail(answered)(message)),
             };
             // A closed writer hit a local error; `should_stop` sees it.
             let _ = d.tx.send(msg).await;

@@ -64,6 +64,10 @@ fn main() {
     rx_rt.spawn(async move {
         while let Some((_peer, mut s)) = incoming.next().await {
             tokio::spawn(async move {
+                // Ready: the sender starts once it reads this byte.
+                if s.write_all(b"r").await.is_err() || s.flush().await.is_err() {
+                    return;
+                }
                 let mut buf = vec![0u8; WRITE];
                 loop {
                     match s.read(&mut buf).await {
@@ -95,10 +99,22 @@ fn main() {
                     .map(|_| {
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            let mut s = tx
-                                .open_stream(peer, StreamProtocol::new(PROTOCOL))
-                                .await
-                                .expect("open");
+                            // A busy receiver drops a new stream (libp2p-stream
+                            // hands streams over unbuffered): open until one
+                            // says it is ready.
+                            let mut tries = 0;
+                            let mut s = loop {
+                                let mut s = tx
+                                    .open_stream(peer, StreamProtocol::new(PROTOCOL))
+                                    .await
+                                    .expect("open");
+                                let mut ready = [0u8; 1];
+                                if s.read_exact(&mut ready).await.is_ok() {
+                                    break s;
+                                }
+                                tries += 1;
+                                assert!(tries < 10, "the receiver keeps dropping streams");
+                            };
                             let data = vec![7u8; WRITE];
                             let mut left = each;
                             while left > 0 {
