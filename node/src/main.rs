@@ -11,6 +11,22 @@ use nakshatra_node::engine::{EngineConfig, SamplerSpec, SliceEngine};
 use nakshatra_node::serve::LayerChoice;
 use nakshatra_node::{layers, slices};
 use nakshatra_swarm::Multiaddr;
+
+/// `println!` that ends the process quietly once stdout is closed
+/// (`nakshatra ... | head`) instead of panicking, and returns other write
+/// errors.
+macro_rules! out {
+    () => { out!("") };
+    ($($arg:tt)*) => {{
+        let mut o = std::io::stdout().lock();
+        if let Err(e) = writeln!(o, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(e.into());
+        }
+    }};
+}
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -282,9 +298,9 @@ fn real_main(cli: Cli) -> Result<()> {
         } => inspect(&path, json),
         Cmd::Slice { path, layers, out } => {
             let o = nakshatra_slicer::write_slice(&path, layers.start, layers.end, &out)?;
-            println!("wrote {} ({} bytes)", o.path.display(), o.bytes);
+            out!("wrote {} ({} bytes)", o.path.display(), o.bytes);
             if let Some(s) = o.embd_sidecar {
-                println!("wrote {} (token embeddings for the first hop)", s.display());
+                out!("wrote {} (token embeddings for the first hop)", s.display());
             }
             Ok(())
         }
@@ -311,7 +327,7 @@ fn real_main(cli: Cli) -> Result<()> {
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string(&view)?);
+                out!("{}", serde_json::to_string(&view)?);
             } else {
                 print!("{}", nakshatra_node::status::render(&view));
             }
@@ -364,9 +380,9 @@ async fn ask(data_dir: PathBuf, a: AskArgs) -> Result<()> {
     .await?;
     let t = &out.timings;
     if json {
-        println!("{}", serde_json::to_string(&out)?);
+        out!("{}", serde_json::to_string(&out)?);
     } else {
-        println!();
+        out!();
     }
     eprintln!(
         "stats: prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s | hop overhead median {:.3} ms, p99 {:.3} ms | setup {:.2} s",
@@ -489,24 +505,27 @@ async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
 fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
     let info = nakshatra_slicer::inspect(path)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        out!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
-    println!("id:         {}", info.id);
-    println!("arch:       {}", info.arch);
-    println!("layers:     {}", info.n_layers);
-    println!("hidden:     {}", info.n_embd);
-    println!("vocab:      {}", info.n_vocab);
-    println!("tied:       {}", info.tied_embeddings);
-    println!("file bytes: {}", info.file_bytes);
+    out!("id:         {}", info.id);
+    out!("arch:       {}", info.arch);
+    out!("layers:     {}", info.n_layers);
+    out!("hidden:     {}", info.n_embd);
+    out!("vocab:      {}", info.n_vocab);
+    out!("tied:       {}", info.tied_embeddings);
+    out!("file bytes: {}", info.file_bytes);
     if let Some(s) = &info.slice {
-        println!(
+        out!(
             "slice:      layers {}..{} of {} from {}",
-            s.start, s.end, s.n_layers_total, s.source_id
+            s.start,
+            s.end,
+            s.n_layers_total,
+            s.source_id
         );
     }
     for (i, (b, h)) in info.block_bytes.iter().zip(&info.block_hashes).enumerate() {
-        println!("block {i:>3}: {b:>12} bytes  {h}");
+        out!("block {i:>3}: {b:>12} bytes  {h}");
     }
     Ok(())
 }

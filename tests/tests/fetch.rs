@@ -175,7 +175,7 @@ fn corrupt_pieces_are_caught_and_refetched_elsewhere() {
 }
 
 /// Killed mid-fetch and restarted, a node resumes: pieces it verified are
-/// not fetched again.
+/// not fetched again. While fetching (not on a terminal) it logs progress.
 #[test]
 fn a_killed_fetch_resumes() {
     let model = test_model();
@@ -206,6 +206,18 @@ fn a_killed_fetch_resumes() {
         (files_named(&pieces, ".bin").len() >= 3).then_some(())
     });
     assert!(some.is_some(), "fetch never progressed: {}", first.stderr());
+    // Not on a terminal: no progress bar, a log line every 2 s instead.
+    let progress = wait_for(Duration::from_secs(10), || {
+        let l = first.stderr();
+        l.lines()
+            .find(|l| l.contains("fetched ") && l.contains(" MB (") && l.contains(" pieces)"))
+            .map(str::to_string)
+    });
+    assert!(
+        progress.is_some(),
+        "no progress line while fetching: {}",
+        first.stderr()
+    );
     first.kill();
     let verified_before = files_named(&pieces, ".bin").len();
     assert!(verified_before < 32, "fetch finished before the kill");
