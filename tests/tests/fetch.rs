@@ -162,14 +162,16 @@ fn corrupt_pieces_are_caught_and_refetched_elsewhere() {
     // Every piece ended up verified, the slice serves, the bad peer was
     // dropped after its first bad piece.
     assert!(log.contains("serving") || !fetcher.addrs.is_empty());
-    // The fetcher has two streams to each peer, so at most two pieces were
-    // already on their way from the bad peer when the first failed; after
-    // that it gets no more requests.
+    // The fetcher has two streams to each peer, each with requests for up
+    // to two pieces on their way, so at most four pieces from the bad peer
+    // can complete (and fail) around the first verdict; after it the peer
+    // gets no more requests. (A fetcher that kept asking would fail about
+    // half of the 32 pieces.)
     let caught = log
         .lines()
         .filter(|l| l.contains("failed verification"))
         .count();
-    assert!((1..=2).contains(&caught), "bad peer asked again: {log}");
+    assert!((1..=4).contains(&caught), "bad peer asked again: {log}");
     assert!(log.contains("corrupt piece(s) refetched"), "{log}");
     let _ = good;
 }
