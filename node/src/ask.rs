@@ -327,7 +327,17 @@ async fn ask_on(
             exclude: exclude.iter().copied().collect(),
             ..PlanOptions::default()
         };
-        let chain = swarm.plan(&model_id, &plan_opts).await?;
+        let chain = match swarm.plan(&model_id, &plan_opts).await {
+            Ok(c) => c,
+            // Planning around the hops that failed leaves a gap: they are
+            // the only way through, so they get another chance.
+            Err(e) if !exclude.is_empty() => {
+                tracing::warn!("no chain without the peers that failed ({e}); trying them again");
+                exclude.clear();
+                swarm.plan(&model_id, &PlanOptions::default()).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let hops = hop_specs(&chain);
         let report: Vec<HopReport> = hops
             .iter()

@@ -192,18 +192,26 @@ async fn connect_downstream(
             seed: open.sampling.seed,
         };
         let sampler = Sampler::new(&spec).map_err(|e| failed(ctx, index, e.to_string()))?;
-        let mut s = open_stream(ctx, &open.asker, &[], TOKENS_PROTOCOL)
-            .await
-            .map_err(|e| failed(ctx, index, format!("token stream to the asker: {e}")))?;
-        write_frame(
-            &mut s,
-            &TokenFrame::Hello {
+        // As for the next hop's stream: a new stream the asker dropped
+        // before taking it is retried on a fresh one.
+        let mut attempt = 0;
+        let s = loop {
+            attempt += 1;
+            let mut s = open_stream(ctx, &open.asker, &[], TOKENS_PROTOCOL)
+                .await
+                .map_err(|e| failed(ctx, index, format!("token stream to the asker: {e}")))?;
+            let hello = TokenFrame::Hello {
                 session: open.session,
-            },
-            &[],
-        )
-        .await
-        .map_err(|e| failed(ctx, index, e.to_string()))?;
+            };
+            match write_frame(&mut s, &hello, &[]).await {
+                Ok(()) => break s,
+                Err(e) if attempt < 3 => {
+                    tracing::debug!("the asker closed the new token stream ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(failed(ctx, index, format!("token stream: {e}"))),
+            }
+        };
         return Ok(Downstream::Asker(s, Box::new(sampler)));
     }
     let next = &open.hops[index as usize + 1];
