@@ -21,14 +21,7 @@ prompt="The history of the printing press begins in the fifteenth century, when 
 n_layers=$("$bin" model inspect "$model" --json | sed -n 's/.*"n_layers": *\([0-9]*\).*/\1/p' | head -n 1)
 [ -n "$n_layers" ] || { echo "cannot read the layer count of $model" >&2; exit 2; }
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/local-swarm.sh
 
 stat_of() { # file field -> number before " tok/s" following field
   sed -n "s/.*$2 \([0-9.]*\) tok\/s.*/\1/p" "$1" | tail -n 1
@@ -41,37 +34,11 @@ for r in $(seq 1 "$rounds"); do
 done
 grep '^stats:' "$work/whole.log"
 
-# Sets $addr to the node's address. Not called in a subshell, so that its
-# pid stays in $pids for the cleanup.
-start_node() { # name layers [bootstrap]
-  local name=$1 layers=$2 boot=${3:-}
-  local args=(--data-dir "$work/$name" node join --model "$model" --layers "$layers"
-              --listen /ip4/127.0.0.1/tcp/0 --no-mdns --threads "$threads")
-  [ -n "$boot" ] && args+=(--bootstrap "$boot")
-  "$bin" "${args[@]}" >"$work/$name.out" 2>"$work/$name.log" &
-  pids+=($!)
-  for _ in $(seq 1 1200); do
-    if grep -q '^listening on ' "$work/$name.out" 2>/dev/null; then
-      addr=$(sed -n 's/^listening on //p' "$work/$name.out" | head -n 1)
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "node $name did not start:" >&2
-  cat "$work/$name.log" >&2
-  return 1
-}
-
 start_node a 0..10
 first=$addr
 start_node b 10..20 "$first"
 start_node c "20..$n_layers" "$first"
-for _ in $(seq 1 300); do
-  if "$bin" swarm status --no-mdns --bootstrap "$first" --json 2>/dev/null | grep -q '"gaps":\[\]'; then
-    break
-  fi
-  sleep 0.2
-done
+wait_covered "$first"
 echo "== swarm"
 "$bin" swarm status --no-mdns --bootstrap "$first"
 

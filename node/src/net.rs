@@ -107,13 +107,8 @@ where
     R: AsyncRead + Unpin,
     H: DeserializeOwned,
 {
-    let hl = read_len(r, "header", MAX_HEADER_BYTES).await?;
-    let mut h = vec![0u8; hl];
-    r.read_exact(&mut h).await?;
-    let header = decode(&h, MAX_HEADER_BYTES).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let pl = read_len(r, "payload", MAX_PAYLOAD_BYTES).await?;
-    let mut payload = vec![0u8; pl];
-    r.read_exact(&mut payload).await?;
+    let mut payload = Vec::new();
+    let (header, _) = read_frame_into(r, &mut payload).await?;
     Ok((header, payload))
 }
 
