@@ -188,37 +188,19 @@ pub async fn fetch_vocab(
     }
     let mut last = String::from("no serving peer to ask");
     for peer in peers {
-        let mut control = swarm.stream_control();
-        let got = async {
-            let mut s = control
-                .open_stream(*peer, StreamProtocol::new(VOCAB_PROTOCOL))
-                .await
-                .map_err(|e| e.to_string())?;
-            write_frame(
-                &mut s,
-                &VocabRequest {
-                    model_id: model_id.to_string(),
-                },
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let (resp, payload): (VocabResponse, Vec<u8>) =
-                read_frame(&mut s).await.map_err(|e| e.to_string())?;
-            let _ = s.close().await;
-            match resp {
-                VocabResponse::Vocab { hashes } => Ok((hashes, payload)),
-                VocabResponse::NotHere => Err("peer has no vocabulary to give".to_string()),
-            }
+        let req = VocabRequest {
+            model_id: model_id.to_string(),
         };
-        let (hashes_bytes, gguf) = match tokio::time::timeout(Duration::from_secs(30), got).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
+        let got = crate::net::request(swarm, *peer, VOCAB_PROTOCOL, &req, Duration::from_secs(30))
+            .await
+            .and_then(|answer| match answer {
+                (VocabResponse::Vocab { hashes }, payload) => Ok((hashes, payload)),
+                (VocabResponse::NotHere, _) => Err("peer has no vocabulary to give".to_string()),
+            });
+        let (hashes_bytes, gguf) = match got {
+            Ok(v) => v,
+            Err(e) => {
                 last = format!("{peer}: {e}");
-                continue;
-            }
-            Err(_) => {
-                last = format!("{peer}: no answer within 30 s");
                 continue;
             }
         };

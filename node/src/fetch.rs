@@ -3,8 +3,8 @@
 //! verified against the manifest, resumable, written atomically.
 //!
 //! On disk (`<data dir>/models/<model id>/`):
-//! * `manifest.bin`, `vocab.gguf`: the verified manifest (bincode) and the
-//!   vocabulary-only GGUF it was checked with;
+//! * `manifest.bin`: the verified manifest (bincode), checked against the
+//!   vocabulary-only GGUF cached in `<data dir>/vocab/`;
 //! * `pieces/<piece>.bin`: a verified piece; `pieces/<piece>.part`: bytes of
 //!   a piece still arriving (resumed from its length after a crash; hashed
 //!   as a whole once complete).
@@ -318,24 +318,17 @@ async fn request_manifest(
     peer: PeerId,
     model_id: &str,
 ) -> Result<Manifest, String> {
-    let mut s = swarm
-        .open_stream(peer, StreamProtocol::new(MANIFEST_PROTOCOL))
-        .await
-        .map_err(|e| e.to_string())?;
-    write_frame(
-        &mut s,
-        &ManifestRequest {
-            model_id: model_id.to_string(),
-        },
-        &[],
+    let req = ManifestRequest {
+        model_id: model_id.to_string(),
+    };
+    let (resp, payload): (ManifestResponse, Vec<u8>) = crate::net::request(
+        swarm,
+        peer,
+        MANIFEST_PROTOCOL,
+        &req,
+        Duration::from_secs(30),
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    let (resp, payload): (ManifestResponse, Vec<u8>) =
-        tokio::time::timeout(Duration::from_secs(30), read_frame(&mut s))
-            .await
-            .map_err(|_| "no answer within 30 s".to_string())?
-            .map_err(|e| e.to_string())?;
+    .await?;
     if resp != ManifestResponse::Manifest {
         return Err("has no manifest for this model".into());
     }
@@ -344,29 +337,30 @@ async fn request_manifest(
     nakshatra_swarm::protocol::decode(&body, MAX_MANIFEST_BYTES).map_err(|e| e.to_string())
 }
 
-/// The model's manifest and vocabulary, verified against `model_id`: from
-/// the data dir when cached there, else from peers.
+/// The model's manifest and vocabulary, verified against `model_id`: each
+/// from the data dir's cache when it verifies there (the vocabulary lives in
+/// `node ask`'s cache, `vocab/<model id>.gguf`), else from peers.
 pub async fn manifest_and_vocab(
     swarm: &nakshatra_swarm::Client,
     peers: &[PeerId],
     model_id: &str,
     data_dir: &Path,
-) -> Result<(Manifest, Vec<u8>, PathBuf), FetchError> {
-    let dir = model_dir(data_dir, model_id);
-    let (mpath, vpath) = (dir.join("manifest.bin"), dir.join("vocab.gguf"));
-    if let (Ok(m), Ok(v)) = (std::fs::read(&mpath), std::fs::read(&vpath)) {
-        if let Ok(manifest) = nakshatra_swarm::protocol::decode::<Manifest>(&m, MAX_MANIFEST_BYTES)
-        {
-            if manifest.verify(model_id, &v).is_ok() {
-                return Ok((manifest, v, vpath));
-            }
-        }
-        tracing::warn!("cached manifest of {model_id} does not verify; fetching it again");
-    }
+) -> Result<(Manifest, Vec<u8>), FetchError> {
     let vocab_path = crate::ask::fetch_vocab(swarm, peers, model_id, data_dir)
         .await
         .map_err(|e| FetchError::Vocab(e.to_string()))?;
     let vocab = std::fs::read(&vocab_path).map_err(io(&vocab_path))?;
+    let dir = model_dir(data_dir, model_id);
+    let mpath = dir.join("manifest.bin");
+    if let Ok(m) = std::fs::read(&mpath) {
+        if let Ok(manifest) = nakshatra_swarm::protocol::decode::<Manifest>(&m, MAX_MANIFEST_BYTES)
+        {
+            if manifest.verify(model_id, &vocab).is_ok() {
+                return Ok((manifest, vocab));
+            }
+        }
+        tracing::warn!("cached manifest of {model_id} does not verify; fetching it again");
+    }
     let mut why = String::from("no peer answered");
     for peer in peers {
         match request_manifest(swarm, *peer, model_id).await {
@@ -376,8 +370,7 @@ pub async fn manifest_and_vocab(
                     let bytes = nakshatra_swarm::protocol::encode(&m)
                         .map_err(|e| FetchError::Vocab(e.to_string()))?;
                     write_atomic(&mpath, &bytes)?;
-                    write_atomic(&vpath, &vocab)?;
-                    return Ok((m, vocab, vpath));
+                    return Ok((m, vocab));
                 }
                 Err(e) => {
                     tracing::warn!(%peer, "manifest does not match the model id: {e}");

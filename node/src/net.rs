@@ -135,6 +135,37 @@ where
     Ok((header, pl))
 }
 
+/// One request and its answer on a fresh stream to `peer` (connecting
+/// first if needed): writes `req` as a frame, reads one frame back within
+/// `timeout`, closes. Errors are for the caller's log line.
+pub async fn request<Req, Resp>(
+    swarm: &nakshatra_swarm::Client,
+    peer: nakshatra_swarm::PeerId,
+    protocol: &'static str,
+    req: &Req,
+    timeout: std::time::Duration,
+) -> Result<(Resp, Vec<u8>), String>
+where
+    Req: Serialize,
+    Resp: DeserializeOwned,
+{
+    let exchange = async {
+        let mut s = swarm
+            .open_stream(peer, nakshatra_swarm::StreamProtocol::new(protocol))
+            .await
+            .map_err(|e| e.to_string())?;
+        write_frame(&mut s, req, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = read_frame(&mut s).await.map_err(|e| e.to_string())?;
+        let _ = s.close().await;
+        Ok(answer)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+}
+
 /// Hidden states to wire bytes.
 pub fn encode_hidden(h: &[f32], dtype: WireDtype) -> Vec<u8> {
     match dtype {

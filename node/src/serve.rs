@@ -319,7 +319,7 @@ async fn prepare(
         }
         ModelSource::Id(id) => {
             let peers = wait_for_model_peers(swarm, id).await?;
-            let (manifest, vocab, _) =
+            let (manifest, vocab) =
                 crate::fetch::manifest_and_vocab(swarm, &peers, id, &opts.data_dir)
                     .await
                     .map_err(|e| JoinError::Fetch(e.to_string()))?;

@@ -22,25 +22,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn base(boot: Option<&str>) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--threads",
-        "1",
-        "--max-sessions",
-        "1",
-        "--ctx-size",
-        "256",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(b) = boot {
-        v.push("--bootstrap".into());
-        v.push(b.into());
-    }
-    v
+    let mut v = loopback_args(boot);
+    v.extend_from_slice(&["--max-sessions", "1", "--ctx-size", "256"]);
+    v.into_iter().map(String::from).collect()
 }
 
 /// Fetches the whole model into a fresh data dir; returns (MB/s, sources).

@@ -399,3 +399,20 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(self.dir.path()).output();
     }
 }
+
+/// The `node join` flags every test node on loopback shares: listen on
+/// 127.0.0.1, mDNS off, one llama thread (nodes share the cores), and
+/// `--bootstrap` when given. Callers add the model, layers and limits.
+pub fn loopback_args(bootstrap: Option<&str>) -> Vec<&str> {
+    let mut v = vec![
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--threads",
+        "1",
+    ];
+    if let Some(b) = bootstrap {
+        v.extend_from_slice(&["--bootstrap", b]);
+    }
+    v
+}

@@ -15,28 +15,10 @@ fn join_args<'a>(
     bootstrap: Option<&'a str>,
     extra: &[&'a str],
 ) -> Vec<&'a str> {
-    let mut v = vec![
-        "--model",
-        model,
-        "--layers",
-        layers,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--threads",
-        "1",
-        "--max-sessions",
-        "8",
-        "--ctx-size",
-        "512",
-        "--record-ttl",
-        "8",
-        "--refresh",
-        "2",
-    ];
-    if let Some(b) = bootstrap {
-        v.extend_from_slice(&["--bootstrap", b]);
-    }
+    let mut v = loopback_args(bootstrap);
+    v.extend_from_slice(&["--model", model, "--layers", layers]);
+    v.extend_from_slice(&["--max-sessions", "8", "--ctx-size", "512"]);
+    v.extend_from_slice(&["--record-ttl", "8", "--refresh", "2"]);
     v.extend_from_slice(extra);
     v
 }

@@ -11,24 +11,9 @@ const PROMPT: &str = "The capital of France is";
 const GREEDY: &[&str] = &["--raw", "--temperature", "0", "--max-tokens", "32"];
 
 fn base(bootstrap: Option<&str>) -> Vec<&str> {
-    let mut v = vec![
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--threads",
-        "1",
-        "--max-sessions",
-        "4",
-        "--ctx-size",
-        "512",
-        "--record-ttl",
-        "8",
-        "--refresh",
-        "2",
-    ];
-    if let Some(b) = bootstrap {
-        v.extend_from_slice(&["--bootstrap", b]);
-    }
+    let mut v = loopback_args(bootstrap);
+    v.extend_from_slice(&["--max-sessions", "4", "--ctx-size", "512"]);
+    v.extend_from_slice(&["--record-ttl", "8", "--refresh", "2"]);
     v
 }
 
@@ -308,7 +293,7 @@ fn a_full_disk_is_a_clear_error() {
     a.extend_from_slice(&["--model", model, "--layers", "0..30"]);
     let seeder = Proc::join(sd.path(), &a);
     let boot = seeder.addr().to_string();
-    // 10..20: about 25.7 MB of identity, manifest, vocabulary and pieces,
+    // 10..20: about 24 MB of identity, manifest, vocabulary and pieces,
     // then a 22.2 MB slice. 12 MiB fills up during the pieces, 32 MiB
     // while writing the slice.
     for (mib, stage) in [(12, "pieces"), (32, "slice")] {

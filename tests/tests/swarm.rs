@@ -10,29 +10,10 @@ const TTL: &str = "6";
 const REFRESH: &str = "2";
 
 fn join_args<'a>(model: &'a str, layers: &'a str, bootstrap: Option<&'a str>) -> Vec<&'a str> {
-    let mut v = vec![
-        "--model",
-        model,
-        "--layers",
-        layers,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--threads",
-        "1",
-        "--max-sessions",
-        "2",
-        "--ctx-size",
-        "256",
-        "--record-ttl",
-        TTL,
-        "--refresh",
-        REFRESH,
-    ];
-    if let Some(b) = bootstrap {
-        v.push("--bootstrap");
-        v.push(b);
-    }
+    let mut v = loopback_args(bootstrap);
+    v.extend_from_slice(&["--model", model, "--layers", layers]);
+    v.extend_from_slice(&["--max-sessions", "2", "--ctx-size", "256"]);
+    v.extend_from_slice(&["--record-ttl", TTL, "--refresh", REFRESH]);
     v
 }
 
