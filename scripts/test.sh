@@ -2,13 +2,20 @@
 # The project's test command: fetches the test model (once), checks
 # formatting and lints, builds in release (llama.cpp is always optimised,
 # and one profile means one llama.cpp build) and runs every test.
+#
+# The tests build the node with the `fault-injection` feature: the e2e
+# tests start nodes that misbehave on purpose (`--fault`, a simulated slow
+# link). A production build (`cargo build --release -p nakshatra`) has none
+# of that code; it is linted here too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 NAKSHATRA_TEST_MODEL="$(bash scripts/fetch-test-model.sh)"
 export NAKSHATRA_TEST_MODEL
+features=(--features nakshatra/fault-injection)
 
 cargo fmt --all -- --check
-cargo clippy --release --workspace --all-targets --locked -- -D warnings
-cargo build --release --workspace --locked
-cargo test --release --workspace --locked -- "$@"
+cargo clippy --release -p nakshatra -p nakshatra-swarm --all-targets --locked -- -D warnings
+cargo clippy --release --workspace --all-targets --locked "${features[@]}" -- -D warnings
+cargo build --release --workspace --locked "${features[@]}"
+cargo test --release --workspace --locked "${features[@]}" -- "$@"

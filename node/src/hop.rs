@@ -1,62 +1,124 @@
-//! The serving side of a chain: a hop takes a session's steps from
-//! upstream (the asker or the previous hop), runs its range, and pushes the
-//! hidden states to the next hop — or, at the last hop, samples and streams
-//! the token to the asker.
+//! The serving side of a chain (`/nakshatra/act/1`): a hop takes a
+//! session's steps from upstream (the asker or the previous hop), runs its
+//! range, and pushes the hidden states to the next hop — or, at the last
+//! hop, samples and streams the token to the asker
+//! (`/nakshatra/tokens/1`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use nakshatra_swarm::protocol::act::{
     tokens_from_bytes, ActFrame, ActReply, OpenSession, StepHeader, StepKind, TokenFrame,
-    VocabRequest, VocabResponse, ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL, VOCAB_PROTOCOL,
+    ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
 };
-use nakshatra_swarm::stream::Control;
-use nakshatra_swarm::{Multiaddr, PeerId, StreamProtocol};
+use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
 use tokio::sync::Mutex;
 
-use crate::engine::service::{EngineService, OwnedInput};
-use crate::engine::{Sampler, SamplerSpec, SessionId, StepOutput};
-use crate::net::{decode_hidden, encode_hidden, read_frame, write_frame};
+use crate::engine::service::{EngineService, OwnedInput, ServiceError};
+use crate::engine::{EngineError, Sampler, SamplerSpec, SessionId, StepOutput};
+use crate::faults::Faults;
+use crate::net::{decode_hidden, encode_hidden, handshake, read_frame, write_frame, FrameError};
 
-/// The vocabulary-only GGUF and the encoded model hashes a node hands to
-/// askers.
-pub type VocabOffer = (Arc<Vec<u8>>, Arc<Vec<u8>>);
+/// How long a new activation stream may take to send its `Open`.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the rest of the chain may take to answer a forwarded `Open`
+/// (each hop loads nothing: it opens a session and its own next stream).
+pub const NEXT_HOP_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every session handler of this node shares.
 pub struct HopContext {
     /// The range, running.
     pub engine: EngineService,
-    /// Opens and accepts streams.
-    pub control: Control,
-    /// The swarm (to learn peers' addresses).
+    /// The swarm (streams, peers' addresses).
     pub swarm: nakshatra_swarm::Client,
-    /// This node.
-    pub me: PeerId,
-    /// The model it serves.
+    /// The model this node serves; an `Open` for another is refused.
     pub model_id: String,
-    /// The vocabulary-only GGUF and the encoded model hashes, handed to
-    /// askers (`None` when this node cannot give it).
-    pub vocab: Option<VocabOffer>,
-    /// Test-only: extra delay before handling each inbound frame.
-    pub delay: Option<Duration>,
-    /// Sessions idle this long are closed.
+    /// Test-only faults (a slow link).
+    pub faults: Faults,
+    /// Sessions idle this long are closed and their KV freed.
     pub idle_timeout: Duration,
 }
 
-/// Accepts activation and vocabulary streams until the swarm stops.
-pub fn spawn_servers(ctx: Arc<HopContext>) -> Result<(), String> {
-    let mut control = ctx.control.clone();
-    let mut act = control
-        .accept(StreamProtocol::new(ACT_PROTOCOL))
-        .map_err(|e| e.to_string())?;
-    let mut vocab = control
-        .accept(StreamProtocol::new(VOCAB_PROTOCOL))
-        .map_err(|e| e.to_string())?;
-    let c = ctx.clone();
+/// Why a session ended badly. The message is what upstream hears in
+/// `ActReply::Failed`.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The opener sent nothing in time.
+    #[error("no open frame within {OPEN_TIMEOUT:?}")]
+    NoOpen,
+    /// The first frame was not `Open`.
+    #[error("first frame is not Open")]
+    NotOpen,
+    /// The `Open` does not fit this node.
+    #[error("{0}")]
+    Refused(&'static str),
+    /// The `Open` names another model.
+    #[error("this node serves model {ours}, not {asked}")]
+    OtherModel {
+        /// This node's model.
+        ours: String,
+        /// The model asked for.
+        asked: String,
+    },
+    /// The `Open` names another range for this hop.
+    #[error("this node runs layers {}..{}, the chain asks for {}..{}", ours.0, ours.1, asked.0, asked.1)]
+    OtherRange {
+        /// This node's range.
+        ours: (u32, u32),
+        /// The range asked for.
+        asked: (u32, u32),
+    },
+    /// The chain is longer than allowed.
+    #[error("chain of {0} hops is too long")]
+    TooLong(usize),
+    /// The engine refused a session or a step.
+    #[error(transparent)]
+    Engine(#[from] ServiceError),
+    /// The sampler could not be built or failed.
+    #[error(transparent)]
+    Sampler(#[from] EngineError),
+    /// A later hop could not be set up (its own failure was relayed).
+    #[error("hop {index} failed: {message}")]
+    Downstream {
+        /// The failing hop's index.
+        index: u32,
+        /// Its message.
+        message: String,
+    },
+    /// No step and no `Close` for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    /// The upstream stream broke.
+    #[error("upstream gone: {0}")]
+    UpstreamGone(#[source] FrameError),
+    /// A second `Open` on an open session.
+    #[error("second Open on a session")]
+    SecondOpen,
+    /// A step's payload does not match its header or this hop's place.
+    #[error("{0}")]
+    BadStep(String),
+    /// The next hop's stream broke.
+    #[error("next hop: {0}")]
+    NextHop(#[source] FrameError),
+    /// The asker's token stream broke.
+    #[error("asker gone: {0}")]
+    AskerGone(#[source] FrameError),
+}
+
+/// Accepts activation streams until the swarm stops; one task per
+/// session.
+pub fn spawn_server(
+    ctx: Arc<HopContext>,
+) -> Result<(), nakshatra_swarm::stream::AlreadyRegistered> {
+    let mut act = ctx
+        .swarm
+        .stream_control()
+        .accept(StreamProtocol::new(ACT_PROTOCOL))?;
     tokio::spawn(async move {
         while let Some((peer, stream)) = act.next().await {
-            let c = c.clone();
+            let c = ctx.clone();
             tokio::spawn(async move {
                 if let Err(e) = serve_session(c, peer, stream).await {
                     tracing::debug!(%peer, "session ended: {e}");
@@ -64,77 +126,48 @@ pub fn spawn_servers(ctx: Arc<HopContext>) -> Result<(), String> {
             });
         }
     });
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = vocab.next().await {
-            let c = ctx.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve_vocab(c, stream).await {
-                    tracing::debug!(%peer, "vocab request failed: {e}");
-                }
-            });
-        }
-    });
     Ok(())
 }
 
-async fn serve_vocab(ctx: Arc<HopContext>, mut s: nakshatra_swarm::Stream) -> Result<(), String> {
-    let (req, _): (VocabRequest, _) =
-        tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s))
-            .await
-            .map_err(|_| "timeout".to_string())?
-            .map_err(|e| e.to_string())?;
-    match &ctx.vocab {
-        Some((gguf, hashes)) if req.model_id == ctx.model_id => {
-            let h = VocabResponse::Vocab {
-                hashes: hashes.as_ref().clone(),
-            };
-            write_frame(&mut s, &h, gguf)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        _ => write_frame(&mut s, &VocabResponse::NotHere, &[])
-            .await
-            .map_err(|e| e.to_string())?,
-    }
-    let _ = s.close().await;
-    Ok(())
-}
-
-fn failed(ctx: &HopContext, index: u32, message: impl Into<String>) -> ActReply {
+fn failed(ctx: &HopContext, index: u32, e: &SessionError) -> ActReply {
     ActReply::Failed {
         index,
-        peer_id: ctx.me.to_string(),
-        message: message.into(),
+        peer_id: ctx.swarm.peer_id().to_string(),
+        message: e.to_string(),
     }
 }
 
-fn check_open(ctx: &HopContext, o: &OpenSession) -> Result<(), String> {
+fn check_open(ctx: &HopContext, o: &OpenSession) -> Result<(), SessionError> {
     let l = ctx.engine.layout();
+    if o.hops.len() > MAX_HOPS {
+        return Err(SessionError::TooLong(o.hops.len()));
+    }
     let me = o
         .hops
         .get(o.index as usize)
-        .ok_or("hop index outside the chain")?;
-    if o.hops.len() > MAX_HOPS {
-        return Err(format!("chain of {} hops is too long", o.hops.len()));
-    }
+        .ok_or(SessionError::Refused("hop index outside the chain"))?;
     if o.model_id != ctx.model_id {
-        return Err(format!(
-            "this node serves model {}, not {}",
-            ctx.model_id, o.model_id
-        ));
+        return Err(SessionError::OtherModel {
+            ours: ctx.model_id.clone(),
+            asked: o.model_id.clone(),
+        });
     }
-    if me.peer_id != ctx.me.to_string() {
-        return Err("the chain names another peer at this hop".into());
+    if me.peer_id != ctx.swarm.peer_id().to_string() {
+        return Err(SessionError::Refused(
+            "the chain names another peer at this hop",
+        ));
     }
     if me.start != l.start || me.end != l.end {
-        return Err(format!(
-            "this node runs layers {}..{}, the chain asks for {}..{}",
-            l.start, l.end, me.start, me.end
-        ));
+        return Err(SessionError::OtherRange {
+            ours: (l.start, l.end),
+            asked: (me.start, me.end),
+        });
     }
     let is_last = o.index as usize + 1 == o.hops.len();
     if is_last != l.is_last() {
-        return Err("the chain does not end where the model ends".into());
+        return Err(SessionError::Refused(
+            "the chain does not end where the model ends",
+        ));
     }
     Ok(())
 }
@@ -142,12 +175,14 @@ fn check_open(ctx: &HopContext, o: &OpenSession) -> Result<(), String> {
 /// Where a session's results go.
 enum Downstream {
     /// The next hop's activation stream.
-    Hop(futures::io::WriteHalf<nakshatra_swarm::Stream>),
+    Hop(WriteHalf<Stream>),
     /// The asker's token stream (last hop), and the session's sampler.
-    Asker(nakshatra_swarm::Stream, Box<Sampler>),
+    Asker(Stream, Box<Sampler>),
 }
 
-type Upstream = Arc<Mutex<futures::io::WriteHalf<nakshatra_swarm::Stream>>>;
+/// The write half of the upstream stream, shared with the task that
+/// relays downstream failures.
+type Upstream = Arc<Mutex<WriteHalf<Stream>>>;
 
 async fn reply(up: &Upstream, r: &ActReply) {
     let mut w = up.lock().await;
@@ -156,28 +191,8 @@ async fn reply(up: &Upstream, r: &ActReply) {
     }
 }
 
-async fn open_stream(
-    ctx: &HopContext,
-    peer: &str,
-    addrs: &[String],
-    proto: &'static str,
-) -> Result<nakshatra_swarm::Stream, String> {
-    let peer: PeerId = peer.parse().map_err(|_| format!("bad peer id {peer}"))?;
-    let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-    if !addrs.is_empty() {
-        ctx.swarm.add_peer_addresses(peer, addrs).await;
-    }
-    let mut control = ctx.control.clone();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        control.open_stream(peer, StreamProtocol::new(proto)),
-    )
-    .await
-    .map_err(|_| format!("no stream to {peer} within 10 s"))?
-    .map_err(|e| format!("cannot open a stream to {peer}: {e}"))
-}
-
 /// Sets up the rest of the chain from this hop: returns where results go.
+/// `Err` is the reply to send upstream.
 async fn connect_downstream(
     ctx: &HopContext,
     open: &OpenSession,
@@ -185,34 +200,9 @@ async fn connect_downstream(
 ) -> Result<Downstream, ActReply> {
     let index = open.index;
     if (index as usize) + 1 == open.hops.len() {
-        let spec = SamplerSpec {
-            temperature: open.sampling.temperature,
-            top_k: open.sampling.top_k,
-            top_p: open.sampling.top_p,
-            seed: open.sampling.seed,
-        };
-        let sampler = Sampler::new(&spec).map_err(|e| failed(ctx, index, e.to_string()))?;
-        // As for the next hop's stream: a new stream the asker dropped
-        // before taking it is retried on a fresh one.
-        let mut attempt = 0;
-        let s = loop {
-            attempt += 1;
-            let mut s = open_stream(ctx, &open.asker, &[], TOKENS_PROTOCOL)
-                .await
-                .map_err(|e| failed(ctx, index, format!("token stream to the asker: {e}")))?;
-            let hello = TokenFrame::Hello {
-                session: open.session,
-            };
-            match write_frame(&mut s, &hello, &[]).await {
-                Ok(()) => break s,
-                Err(e) if attempt < 3 => {
-                    tracing::debug!("the asker closed the new token stream ({e}); retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                Err(e) => return Err(failed(ctx, index, format!("token stream: {e}"))),
-            }
-        };
-        return Ok(Downstream::Asker(s, Box::new(sampler)));
+        return to_asker(ctx, open)
+            .await
+            .map_err(|e| failed(ctx, index, &e));
     }
     let next = &open.hops[index as usize + 1];
     let fail_next = |message: String| ActReply::Failed {
@@ -220,36 +210,36 @@ async fn connect_downstream(
         peer_id: next.peer_id.clone(),
         message,
     };
+    let peer: PeerId = next
+        .peer_id
+        .parse()
+        .map_err(|_| fail_next(format!("bad peer id {}", next.peer_id)))?;
+    let addrs: Vec<Multiaddr> = next.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    ctx.swarm.add_peer_addresses(peer, addrs).await;
     let mut fwd = open.clone();
     fwd.index = index + 1;
-    // A fresh inbound stream can be dropped by a busy receiver before its
-    // accept loop takes it (libp2p-stream hands streams over with no
-    // buffer): an immediate end of stream is retried on a new stream.
-    let mut attempt = 0;
-    let (mut down_r, down_w, first) = loop {
-        attempt += 1;
-        let s = open_stream(ctx, &next.peer_id, &next.addrs, ACT_PROTOCOL)
-            .await
-            .map_err(&fail_next)?;
-        let (mut down_r, mut down_w) = s.split();
-        write_frame(&mut down_w, &ActFrame::Open(fwd.clone()), &[])
-            .await
-            .map_err(|e| fail_next(e.to_string()))?;
-        match tokio::time::timeout(
-            Duration::from_secs(30),
-            read_frame::<_, ActReply>(&mut down_r),
-        )
-        .await
-        {
-            Ok(Ok((r, _))) => break (down_r, down_w, r),
-            Ok(Err(e)) if attempt < 3 => {
-                tracing::debug!("next hop closed the new stream ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+    let fwd = &fwd;
+    let proto = StreamProtocol::new(ACT_PROTOCOL);
+    let opened = ctx
+        .swarm
+        .open_stream_with(peer, proto, Reopen::DEFAULT, |s| async move {
+            let (mut r, mut w) = s.split();
+            write_frame(&mut w, &ActFrame::Open(fwd.clone()), &[])
+                .await
+                .map_err(handshake)?;
+            match tokio::time::timeout(NEXT_HOP_READY_TIMEOUT, read_frame::<_, ActReply>(&mut r))
+                .await
+            {
+                Ok(Ok((first, _))) => Ok((r, w, first)),
+                Ok(Err(e)) => Err(handshake(e)),
+                Err(_) => Err(Handshake::Failed(FrameError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {NEXT_HOP_READY_TIMEOUT:?}"),
+                )))),
             }
-            Ok(Err(e)) => return Err(fail_next(format!("no answer: {e}"))),
-            Err(_) => return Err(fail_next("no answer within 30 s".into())),
-        }
-    };
+        })
+        .await;
+    let (mut down_r, down_w, first) = opened.map_err(|e| fail_next(e.to_string()))?;
     if first != ActReply::Ready {
         return Err(first);
     }
@@ -263,32 +253,72 @@ async fn connect_downstream(
     Ok(Downstream::Hop(down_w))
 }
 
+/// The last hop's token stream back to the asker, over the connection the
+/// asker has to it, and the session's sampler.
+async fn to_asker(ctx: &HopContext, open: &OpenSession) -> Result<Downstream, SessionError> {
+    let spec = SamplerSpec {
+        temperature: open.sampling.temperature,
+        top_k: open.sampling.top_k,
+        top_p: open.sampling.top_p,
+        seed: open.sampling.seed,
+    };
+    let sampler = Sampler::new(&spec)?;
+    let asker: PeerId = open
+        .asker
+        .parse()
+        .map_err(|_| SessionError::Refused("the asker's peer id does not parse"))?;
+    let hello = TokenFrame::Hello {
+        session: open.session,
+    };
+    let hello = &hello;
+    let s = ctx
+        .swarm
+        .open_stream_with(
+            asker,
+            StreamProtocol::new(TOKENS_PROTOCOL),
+            Reopen::DEFAULT,
+            |mut s| async move {
+                // A write into a stream the asker dropped fails: retried.
+                write_frame(&mut s, hello, &[])
+                    .await
+                    .map_err(Handshake::Dropped)?;
+                Ok(s)
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            nakshatra_swarm::OpenError::Handshake(e) => SessionError::AskerGone(e),
+            nakshatra_swarm::OpenError::Open(e) => SessionError::AskerGone(FrameError::Io(
+                std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string()),
+            )),
+        })?;
+    Ok(Downstream::Asker(s, Box::new(sampler)))
+}
+
 async fn serve_session(
     ctx: Arc<HopContext>,
     peer: PeerId,
-    stream: nakshatra_swarm::Stream,
-) -> Result<(), String> {
+    stream: Stream,
+) -> Result<(), SessionError> {
     let (mut up_r, up_w) = stream.split();
     let up: Upstream = Arc::new(Mutex::new(up_w));
-    let (first, _): (ActFrame, _) =
-        tokio::time::timeout(Duration::from_secs(10), read_frame(&mut up_r))
-            .await
-            .map_err(|_| "no open frame within 10 s".to_string())?
-            .map_err(|e| e.to_string())?;
+    let (first, _): (ActFrame, _) = tokio::time::timeout(OPEN_TIMEOUT, read_frame(&mut up_r))
+        .await
+        .map_err(|_| SessionError::NoOpen)?
+        .map_err(SessionError::UpstreamGone)?;
     let ActFrame::Open(open) = first else {
-        return Err("first frame is not Open".into());
+        return Err(SessionError::NotOpen);
     };
     let index = open.index;
-    if let Err(e) = check_open(&ctx, &open) {
-        reply(&up, &failed(&ctx, index, e.clone())).await;
-        return Err(e);
-    }
-    let session = match ctx.engine.open().await {
+    let session = match check_open(&ctx, &open) {
+        Ok(()) => ctx.engine.open().await.map_err(SessionError::from),
+        Err(e) => Err(e),
+    };
+    let session = match session {
         Ok(s) => s,
         Err(e) => {
-            let m = format!("cannot open a session: {e}");
-            reply(&up, &failed(&ctx, index, m.clone())).await;
-            return Err(m);
+            reply(&up, &failed(&ctx, index, &e)).await;
+            return Err(e);
         }
     };
     tracing::debug!(%peer, session = open.session, index, "session open");
@@ -296,25 +326,17 @@ async fn serve_session(
         Ok(mut down) => {
             reply(&up, &ActReply::Ready).await;
             let r = run_steps(&ctx, &open, session, &mut up_r, &up, &mut down).await;
-            match down {
-                Downstream::Hop(mut w) => {
-                    let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
-                    let _ = w.close().await;
-                }
-                Downstream::Asker(mut s, _) => {
-                    if let Err(e) = &r {
-                        let _ =
-                            write_frame(&mut s, &TokenFrame::Failed { message: e.clone() }, &[])
-                                .await;
-                    }
-                    let _ = s.close().await;
-                }
-            }
+            close_downstream(down, r.as_ref().err()).await;
             r
         }
         Err(f) => {
             reply(&up, &f).await;
-            Err(format!("{f:?}"))
+            Err(match f {
+                ActReply::Failed { index, message, .. } => {
+                    SessionError::Downstream { index, message }
+                }
+                ActReply::Ready => SessionError::Refused("the next hop answered out of turn"),
+            })
         }
     };
     let _ = ctx.engine.close(session).await;
@@ -322,95 +344,125 @@ async fn serve_session(
     r
 }
 
+/// Ends the session downstream: `Close` to the next hop, or the failure
+/// (if any) to the asker.
+async fn close_downstream(down: Downstream, error: Option<&SessionError>) {
+    match down {
+        Downstream::Hop(mut w) => {
+            let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
+            let _ = w.close().await;
+        }
+        Downstream::Asker(mut s, _) => {
+            if let Some(e) = error {
+                let f = TokenFrame::Failed {
+                    message: e.to_string(),
+                };
+                let _ = write_frame(&mut s, &f, &[]).await;
+            }
+            let _ = s.close().await;
+        }
+    }
+}
+
+/// Runs the session's steps until `Close`; a failing step is reported
+/// upstream (`ActReply::Failed`) and ends the session.
 async fn run_steps(
     ctx: &HopContext,
     open: &OpenSession,
     session: SessionId,
-    up_r: &mut futures::io::ReadHalf<nakshatra_swarm::Stream>,
+    up_r: &mut ReadHalf<Stream>,
     up: &Upstream,
     down: &mut Downstream,
-) -> Result<(), String> {
-    let index = open.index;
-    let n_embd = ctx.engine.layout().n_embd as usize;
+) -> Result<(), SessionError> {
     let mut pos: u32 = 0;
     loop {
         let frame = tokio::time::timeout(ctx.idle_timeout, read_frame::<_, ActFrame>(up_r)).await;
         let (frame, payload) = match frame {
-            Err(_) => return Err(format!("idle for {:?}", ctx.idle_timeout)),
-            Ok(Err(e)) => return Err(format!("upstream gone: {e}")),
+            Err(_) => return Err(SessionError::Idle(ctx.idle_timeout)),
+            Ok(Err(e)) => return Err(SessionError::UpstreamGone(e)),
             Ok(Ok(f)) => f,
         };
-        if let Some(d) = ctx.delay {
-            tokio::time::sleep(d).await;
-        }
+        ctx.faults.link_delay().await;
         let h = match frame {
             ActFrame::Close => return Ok(()),
-            ActFrame::Open(_) => return Err("second Open on a session".into()),
+            ActFrame::Open(_) => return Err(SessionError::SecondOpen),
             ActFrame::Step(h) => h,
         };
-        let fail = |m: String| async move {
-            reply(up, &failed(ctx, index, m.clone())).await;
-            Err::<(), String>(m)
-        };
-        let input = match (h.kind, index) {
-            (StepKind::Tokens, 0) => match tokens_from_bytes(&payload) {
-                Some(t) if t.len() == h.n_tokens as usize => OwnedInput::Tokens(t),
-                _ => return fail("token payload does not match n_tokens".into()).await,
-            },
-            (StepKind::Hidden, i) if i > 0 => match decode_hidden(&payload, open.wire) {
-                Some(v) if v.len() == h.n_tokens as usize * n_embd => OwnedInput::Hidden(v),
-                _ => return fail("hidden payload does not match n_tokens × n_embd".into()).await,
-            },
-            _ => return fail("wrong payload kind for this hop".into()).await,
-        };
-        // A step may restart from an earlier position (a retry or replay):
-        // drop what is past it first, so nothing is applied twice.
-        if h.pos < pos {
-            if let Err(e) = ctx.engine.truncate(session, h.pos).await {
-                return fail(e.to_string()).await;
+        match step(ctx, open, session, &mut pos, h, &payload, down).await {
+            Ok(()) => {}
+            // The asker is gone: nobody upstream to tell.
+            Err(e @ SessionError::AskerGone(_)) => return Err(e),
+            Err(e) => {
+                reply(up, &failed(ctx, open.index, &e)).await;
+                return Err(e);
             }
-            pos = h.pos;
-        } else if h.pos > pos {
-            return fail(format!(
-                "step {} starts at {} but the session holds {pos}",
-                h.step, h.pos
-            ))
-            .await;
         }
-        let t0 = Instant::now();
-        let out = match ctx.engine.forward(session, input).await {
-            Ok(o) => o,
-            Err(e) => return fail(e.to_string()).await,
-        };
-        let compute_us = h.compute_us + t0.elapsed().as_micros() as u64;
-        pos += h.n_tokens;
-        match (out, &mut *down) {
-            (StepOutput::Hidden(hidden), Downstream::Hop(w)) => {
-                let next = StepHeader {
-                    kind: StepKind::Hidden,
-                    compute_us,
-                    ..h
-                };
-                let bytes = encode_hidden(&hidden, open.wire);
-                if let Err(e) = write_frame(w, &ActFrame::Step(next), &bytes).await {
-                    return fail(format!("next hop: {e}")).await;
-                }
-            }
-            (StepOutput::Logits(logits), Downstream::Asker(s, sampler)) => {
-                let token = match sampler.sample(&logits) {
-                    Ok(t) => t,
-                    Err(e) => return fail(e.to_string()).await,
-                };
-                let t = TokenFrame::Token {
-                    step: h.step,
-                    token,
-                    compute_us,
-                };
-                if let Err(e) = write_frame(s, &t, &[]).await {
-                    return Err(format!("asker gone: {e}"));
-                }
-            }
-            _ => return fail("engine output does not match this hop's place".into()).await,
+    }
+}
+
+/// One step: checks the input against the header and this hop's place,
+/// rolls the session back when the step restarts earlier, runs the range,
+/// and sends the result on.
+async fn step(
+    ctx: &HopContext,
+    open: &OpenSession,
+    session: SessionId,
+    pos: &mut u32,
+    h: StepHeader,
+    payload: &[u8],
+    down: &mut Downstream,
+) -> Result<(), SessionError> {
+    let n_embd = ctx.engine.layout().n_embd as usize;
+    let bad = |m: &str| SessionError::BadStep(m.to_string());
+    let input = match (h.kind, open.index) {
+        (StepKind::Tokens, 0) => match tokens_from_bytes(payload) {
+            Some(t) if t.len() == h.n_tokens as usize => OwnedInput::Tokens(t),
+            _ => return Err(bad("token payload does not match n_tokens")),
+        },
+        (StepKind::Hidden, i) if i > 0 => match decode_hidden(payload, open.wire) {
+            Some(v) if v.len() == h.n_tokens as usize * n_embd => OwnedInput::Hidden(v),
+            _ => return Err(bad("hidden payload does not match n_tokens × n_embd")),
+        },
+        _ => return Err(bad("wrong payload kind for this hop")),
+    };
+    // A step may restart from an earlier position (a retry or replay):
+    // drop what is past it first, so nothing is applied twice.
+    if h.pos < *pos {
+        ctx.engine.truncate(session, h.pos).await?;
+        *pos = h.pos;
+    } else if h.pos > *pos {
+        return Err(SessionError::BadStep(format!(
+            "step {} starts at {} but the session holds {pos}",
+            h.step, h.pos
+        )));
+    }
+    let t0 = Instant::now();
+    let out = ctx.engine.forward(session, input).await?;
+    let compute_us = h.compute_us + t0.elapsed().as_micros() as u64;
+    *pos += h.n_tokens;
+    match (out, down) {
+        (StepOutput::Hidden(hidden), Downstream::Hop(w)) => {
+            let next = StepHeader {
+                kind: StepKind::Hidden,
+                compute_us,
+                ..h
+            };
+            let bytes = encode_hidden(&hidden, open.wire);
+            write_frame(w, &ActFrame::Step(next), &bytes)
+                .await
+                .map_err(SessionError::NextHop)
         }
+        (StepOutput::Logits(logits), Downstream::Asker(s, sampler)) => {
+            let token = sampler.sample(&logits)?;
+            let t = TokenFrame::Token {
+                step: h.step,
+                token,
+                compute_us,
+            };
+            write_frame(s, &t, &[])
+                .await
+                .map_err(SessionError::AskerGone)
+        }
+        _ => Err(bad("engine output does not match this hop's place")),
     }
 }

@@ -2,36 +2,60 @@
 
 use std::ops::Range;
 
+/// Why a layer range or a list of split points is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayersError {
+    /// No `..` in it.
+    #[error("expected a layer range like 0..10, got {0:?}")]
+    NotARange(String),
+    /// The start is not a layer number.
+    #[error("bad range start in {0:?}")]
+    BadStart(String),
+    /// The end is not a layer number.
+    #[error("bad range end in {0:?}")]
+    BadEnd(String),
+    /// The end is not past the start.
+    #[error("empty layer range {0}..{1}: the end must be greater than the start")]
+    Empty(u32, u32),
+    /// Split points out of order or outside the model.
+    #[error("split points must be increasing and inside 1..{n_layers}, got {cuts:?}")]
+    BadSplit {
+        /// The split points given.
+        cuts: Vec<u32>,
+        /// Layers of the model.
+        n_layers: u32,
+    },
+}
+
 /// Parses `A..B` (half-open, as in Rust) into a range of layers.
-pub fn parse_range(s: &str) -> Result<Range<u32>, String> {
+pub fn parse_range(s: &str) -> Result<Range<u32>, LayersError> {
     let (a, b) = s
         .split_once("..")
-        .ok_or_else(|| format!("expected a layer range like 0..10, got {s:?}"))?;
+        .ok_or_else(|| LayersError::NotARange(s.into()))?;
     let a: u32 = a
         .trim()
         .parse()
-        .map_err(|_| format!("bad range start in {s:?}"))?;
+        .map_err(|_| LayersError::BadStart(s.into()))?;
     let b: u32 = b
         .trim()
         .parse()
-        .map_err(|_| format!("bad range end in {s:?}"))?;
+        .map_err(|_| LayersError::BadEnd(s.into()))?;
     if a >= b {
-        return Err(format!(
-            "empty layer range {a}..{b}: the end must be greater than the start"
-        ));
+        return Err(LayersError::Empty(a, b));
     }
     Ok(a..b)
 }
 
 /// Turns split points `C1,C2,...` into the ranges `0..C1, C1..C2, ..., Ck..n`.
-pub fn split_ranges(cuts: &[u32], n_layers: u32) -> Result<Vec<Range<u32>>, String> {
+pub fn split_ranges(cuts: &[u32], n_layers: u32) -> Result<Vec<Range<u32>>, LayersError> {
     let mut ranges = Vec::with_capacity(cuts.len() + 1);
     let mut start = 0;
     for &c in cuts {
         if c <= start || c >= n_layers {
-            return Err(format!(
-                "split points must be increasing and inside 1..{n_layers}, got {cuts:?}"
-            ));
+            return Err(LayersError::BadSplit {
+                cuts: cuts.to_vec(),
+                n_layers,
+            });
         }
         ranges.push(start..c);
         start = c;

@@ -1,15 +1,17 @@
-//! The `nakshatra` node: the engine that runs a range of a model's layers on
-//! llama.cpp, the local slice cache, and (in later crates' terms) serving and
-//! asking. The binary in `main.rs` is a thin CLI over this library.
-
-#![warn(missing_docs)]
+//! The `nakshatra` node: everything that touches llama.cpp or the data
+//! directory. The binary in `main.rs` is a thin CLI over this library;
+//! `docs/ARCHITECTURE.md` maps the modules.
 
 pub mod ask;
+pub mod datadir;
 pub mod engine;
+pub mod faults;
 pub mod fetch;
 pub mod hop;
 pub mod layers;
 pub mod net;
+pub mod placement;
 pub mod serve;
 pub mod slices;
 pub mod status;
+pub mod vocab;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use nakshatra_node::datadir::DataDir;
 use nakshatra_node::engine::pipeline::{generate, GenerateParams, LocalChain};
 use nakshatra_node::engine::tokenizer::{Tokenizer, Utf8Stream};
 use nakshatra_node::engine::{EngineConfig, SamplerSpec, SliceEngine};
@@ -28,6 +29,10 @@ macro_rules! out {
     }};
 }
 use tracing_subscriber::EnvFilter;
+
+/// How often a serving node checks whether its free session count changed
+/// (and re-announces if so).
+const CAPACITY_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -221,13 +226,31 @@ struct JoinArgs {
     /// Seconds a session may stay idle before its KV cache is freed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
-    /// Test-only fault injection.
+    /// Test-only fault injection (builds with the `fault-injection`
+    /// feature only).
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true, value_enum)]
-    fault: Option<nakshatra_node::serve::Fault>,
-    /// Test-only: milliseconds of delay on every probe and activation frame
-    /// (a slow link).
+    fault: Option<nakshatra_node::faults::Fault>,
+    /// Test-only: milliseconds of delay on every probe, activation frame
+    /// and piece chunk (a slow link).
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     test_link_delay_ms: Option<u64>,
+}
+
+impl JoinArgs {
+    /// The faults the hidden test flags ask for (none in a production
+    /// build).
+    fn faults(&self) -> nakshatra_node::faults::Faults {
+        nakshatra_node::faults::Faults {
+            #[cfg(feature = "fault-injection")]
+            fault: self.fault,
+            #[cfg(feature = "fault-injection")]
+            link_delay: self
+                .test_link_delay_ms
+                .map(std::time::Duration::from_millis),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -282,16 +305,31 @@ fn main() {
         )
         .init();
     if let Err(e) = real_main(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each cause once: many messages
+/// already name their source, which is then not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn real_main(cli: Cli) -> Result<()> {
     let data_dir = cli
         .data_dir
         .clone()
-        .unwrap_or_else(slices::default_data_dir);
+        .map(DataDir::new)
+        .unwrap_or_else(DataDir::platform_default);
     match cli.cmd {
         Cmd::Model {
             cmd: ModelCmd::Inspect { path, json },
@@ -336,7 +374,7 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-async fn ask(data_dir: PathBuf, a: AskArgs) -> Result<()> {
+async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
     use nakshatra_node::ask::{chain_line, AskOptions};
     use nakshatra_swarm::protocol::act::{Sampling, WireDtype};
     let opts = AskOptions {
@@ -397,15 +435,15 @@ async fn ask(data_dir: PathBuf, a: AskArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_layers(s: &str) -> std::result::Result<LayerChoice, String> {
+fn parse_layers(s: &str) -> Result<LayerChoice> {
     if s == "auto" {
         Ok(LayerChoice::Auto)
     } else {
-        layers::parse_range(s).map(LayerChoice::Range)
+        Ok(layers::parse_range(s).map(LayerChoice::Range)?)
     }
 }
 
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
+fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -413,7 +451,7 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let (num, unit) = t.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("bad size {s:?}: try 512MB or 4GiB"))?;
+        .map_err(|_| anyhow::anyhow!("bad size {s:?}: try 512MB or 4GiB"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -424,7 +462,7 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "tib" => 1024.0f64.powi(4),
-        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+        u => bail!("unknown size unit {u:?} in {s:?}"),
     };
     Ok((n * mult) as u64)
 }
@@ -436,9 +474,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
+async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
     use nakshatra_node::serve;
-    let fault = a.fault;
+    let faults = a.faults();
     let source = match (a.model, a.model_id) {
         (Some(p), _) => serve::ModelSource::File(p),
         (None, Some(id)) => serve::ModelSource::Id(id),
@@ -448,7 +486,7 @@ async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
         source,
         layers: a.layers,
         max_memory: a.max_memory,
-        fault,
+        faults: faults.clone(),
         bootstrap: a.bootstrap,
         listen: a.listen,
         data_dir: data_dir.clone(),
@@ -463,7 +501,6 @@ async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
         },
         record_ttl: std::time::Duration::from_secs(a.record_ttl),
         refresh: std::time::Duration::from_secs(a.refresh),
-        test_link_delay: a.test_link_delay_ms.map(std::time::Duration::from_millis),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
     };
     let mut node = serve::start(opts).await?;
@@ -482,7 +519,7 @@ async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
         node.swarm.peer_id()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut tick = tokio::time::interval(CAPACITY_TICK);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -491,9 +528,7 @@ async fn join(data_dir: PathBuf, a: JoinArgs) -> Result<()> {
                 if let Err(e) = node.refresh_capacity().await {
                     tracing::warn!("re-announce failed: {e}");
                 }
-                if fault == Some(serve::Fault::ForgeRecords) {
-                    node.forge_records(&data_dir).await?;
-                }
+                faults.on_tick(&node, &data_dir).await;
             }
         }
     }
@@ -530,10 +565,10 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn run(data_dir: &std::path::Path, a: RunArgs) -> Result<()> {
+fn run(data_dir: &DataDir, a: RunArgs) -> Result<()> {
     let info = nakshatra_slicer::inspect(&a.model)
         .with_context(|| format!("reading {}", a.model.display()))?;
-    let ranges = layers::split_ranges(&a.split, info.n_layers).map_err(anyhow::Error::msg)?;
+    let ranges = layers::split_ranges(&a.split, info.n_layers)?;
     let cfg = EngineConfig {
         threads: a
             .threads

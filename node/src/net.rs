@@ -25,9 +25,48 @@ pub enum FrameError {
         /// The cap.
         max: usize,
     },
-    /// The header does not decode.
+    /// The header does not decode (or, writing, does not encode).
     #[error("malformed frame: {0}")]
-    Malformed(String),
+    Malformed(#[source] nakshatra_swarm::protocol::RecordError),
+}
+
+impl FrameError {
+    /// Whether the stream ended or broke, as opposed to the peer sending
+    /// something wrong (a stream the receiver dropped at open fails this
+    /// way before any answer).
+    pub fn is_stream_loss(&self) -> bool {
+        matches!(self, FrameError::Io(_))
+    }
+}
+
+/// A peer, and why what it sent was refused (the last of several peers
+/// tried, in the errors of operations that ask one peer after another).
+#[derive(Debug, thiserror::Error)]
+#[error("{peer}: {source}")]
+pub struct Refusal<E: std::error::Error + 'static> {
+    /// The peer.
+    pub peer: nakshatra_swarm::PeerId,
+    /// Why its answer was refused.
+    #[source]
+    pub source: E,
+}
+
+impl<E: std::error::Error + 'static> Refusal<E> {
+    /// `peer`'s answer was refused for `source` (boxed: a PeerId is large).
+    pub fn boxed(peer: nakshatra_swarm::PeerId, source: E) -> Box<Self> {
+        Box::new(Self { peer, source })
+    }
+}
+
+/// Why a one-shot request ([`request`]) got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No stream to the peer, or the exchange failed on every stream tried.
+    #[error(transparent)]
+    Stream(#[from] nakshatra_swarm::OpenError<FrameError>),
+    /// The whole exchange took longer than allowed.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// Writes one frame and flushes.
@@ -50,7 +89,7 @@ where
     W: AsyncWrite + Unpin,
     H: Serialize,
 {
-    let h = encode(header).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let h = encode(header).map_err(FrameError::Malformed)?;
     if h.len() > MAX_HEADER_BYTES {
         return Err(FrameError::TooLarge {
             what: "header",
@@ -126,7 +165,7 @@ where
     let hl = read_len(r, "header", MAX_HEADER_BYTES).await?;
     let mut h = vec![0u8; hl];
     r.read_exact(&mut h).await?;
-    let header = decode(&h, MAX_HEADER_BYTES).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let header = decode(&h, MAX_HEADER_BYTES).map_err(FrameError::Malformed)?;
     let pl = read_len(r, "payload", MAX_PAYLOAD_BYTES).await?;
     if payload.len() < pl {
         payload.resize(pl, 0);
@@ -136,34 +175,44 @@ where
 }
 
 /// One request and its answer on a fresh stream to `peer` (connecting
-/// first if needed): writes `req` as a frame, reads one frame back within
-/// `timeout`, closes. Errors are for the caller's log line.
+/// first if needed, and on a new stream if the peer dropped the first one
+/// at open): writes `req` as a frame, reads one frame back, closes; all
+/// within `timeout`.
 pub async fn request<Req, Resp>(
     swarm: &nakshatra_swarm::Client,
     peer: nakshatra_swarm::PeerId,
     protocol: &'static str,
     req: &Req,
     timeout: std::time::Duration,
-) -> Result<(Resp, Vec<u8>), String>
+) -> Result<(Resp, Vec<u8>), RequestError>
 where
     Req: Serialize,
     Resp: DeserializeOwned,
 {
-    let exchange = async {
-        let mut s = swarm
-            .open_stream(peer, nakshatra_swarm::StreamProtocol::new(protocol))
-            .await
-            .map_err(|e| e.to_string())?;
-        write_frame(&mut s, req, &[])
-            .await
-            .map_err(|e| e.to_string())?;
-        let answer = read_frame(&mut s).await.map_err(|e| e.to_string())?;
-        let _ = s.close().await;
-        Ok(answer)
-    };
-    tokio::time::timeout(timeout, exchange)
+    let exchange = swarm.open_stream_with(
+        peer,
+        nakshatra_swarm::StreamProtocol::new(protocol),
+        nakshatra_swarm::Reopen::DEFAULT,
+        |mut s| async move {
+            write_frame(&mut s, req, &[]).await.map_err(handshake)?;
+            let answer = read_frame(&mut s).await.map_err(handshake)?;
+            let _ = s.close().await;
+            Ok(answer)
+        },
+    );
+    Ok(tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+        .map_err(|_| RequestError::Timeout(timeout))??)
+}
+
+/// Sorts a failed first exchange: a lost stream is worth another stream,
+/// a wrong answer is not.
+pub fn handshake(e: FrameError) -> nakshatra_swarm::Handshake<FrameError> {
+    if e.is_stream_loss() {
+        nakshatra_swarm::Handshake::Dropped(e)
+    } else {
+        nakshatra_swarm::Handshake::Failed(e)
+    }
 }
 
 /// Hidden states to wire bytes.

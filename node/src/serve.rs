@@ -1,18 +1,41 @@
-//! A serving node: holds one range of a model, runs it in the engine, and
-//! announces it on the swarm until told to leave.
+//! `node join`: a serving node holds one range of a model, runs it in the
+//! engine, serves its pieces, vocabulary and sessions, and announces it on
+//! the swarm until told to leave.
+//!
+//! The steps, in order: check the user's input (before any network use),
+//! start the swarm, [`prepare`] the slice (cut from a local model, or
+//! fetched from peers), load and measure it, start the servers, announce.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use nakshatra_swarm::{DeviceInfo, IdentityKeypair, Multiaddr, ServerInfo, SwarmConfig};
-
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use nakshatra_slicer::{Manifest, PieceId, SliceError};
+use nakshatra_swarm::{
+    DeviceInfo, IdentityKeypair, Multiaddr, PeerId, Protocol, ServerInfo, SwarmConfig,
+};
+
+use crate::datadir::DataDir;
 use crate::engine::service::EngineService;
 use crate::engine::{self, EngineConfig, SliceEngine};
-use crate::hop::{spawn_servers, HopContext};
-use crate::slices;
+use crate::faults::Faults;
+use crate::fetch::{self, FetchError, ManifestError, PieceStore};
+use crate::hop::{self, HopContext};
+use crate::placement::{self, PlacementError};
+use crate::slices::{self, CacheError};
+use crate::vocab::{self, VocabError, VocabOffer};
+
+/// How long a node joining with a model id waits for a first peer, and
+/// then for a peer that serves the model.
+pub const PEER_WAIT: Duration = Duration::from_secs(15);
+/// How often it looks for the model's servers meanwhile.
+const MODEL_POLL: Duration = Duration::from_millis(250);
+/// Decode steps timed to measure the announced throughput.
+const MEASURE_STEPS: u32 = 16;
+/// Share of free memory `--layers auto` uses when `--max-memory` is not
+/// given, in tenths.
+const AUTO_MEMORY_TENTHS: u64 = 8;
 
 /// Errors of `node join`, each a clear message for the user.
 #[derive(Debug, thiserror::Error)]
@@ -20,27 +43,37 @@ pub enum JoinError {
     /// The model file could not be read.
     #[error("cannot read model {path}: {source}")]
     Model {
-        /// The file.
+        /// The model file given with `--model`.
         path: PathBuf,
-        /// Why.
+        /// What is wrong with it.
         #[source]
-        source: nakshatra_slicer::SliceError,
+        source: SliceError,
     },
-    /// The range does not fit the model (checked before any network use).
+    /// The range does not fit the model (checked before any network use
+    /// when the model is local).
     #[error(
         "layers {start}..{end} are out of range: the model has {n_layers} layers (0..{n_layers})"
     )]
     Range {
-        /// Asked start.
+        /// First layer asked for.
         start: u32,
-        /// Asked end.
+        /// One past the last layer asked for.
         end: u32,
         /// Layers of the model.
         n_layers: u32,
     },
+    /// `--model-id` is not a model id.
+    #[error("bad model id {id:?}: {source}")]
+    BadModelId {
+        /// What was given.
+        id: String,
+        /// Why it is not an id.
+        #[source]
+        source: nakshatra_swarm::protocol::RecordError,
+    },
     /// Slicing or the slice cache failed.
     #[error(transparent)]
-    Cache(#[from] slices::CacheError),
+    Cache(#[from] CacheError),
     /// The engine could not load or measure the range.
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
@@ -51,17 +84,62 @@ pub enum JoinError {
     #[error(transparent)]
     Swarm(#[from] nakshatra_swarm::SwarmError),
     /// The swarm stopped underneath us.
-    #[error("the swarm event loop stopped")]
-    Stopped,
+    #[error(transparent)]
+    Stopped(#[from] nakshatra_swarm::Stopped),
+    /// No peer reachable.
+    #[error(transparent)]
+    NoPeers(#[from] nakshatra_swarm::WaitError),
+    /// A DHT lookup failed.
+    #[error(transparent)]
+    Lookup(#[from] nakshatra_swarm::LookupError),
+    /// Peers are reachable, but none serves the model.
+    #[error("no peer serves model {0} (unknown model id?)")]
+    UnknownModel(String),
     /// Announcing failed.
     #[error(transparent)]
     Announce(#[from] nakshatra_swarm::AnnounceError),
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed: {0}")]
-    Task(String),
-    /// Fetching the model from peers failed.
-    #[error("{0}")]
-    Fetch(String),
+    Task(#[from] tokio::task::JoinError),
+    /// No verified manifest.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// `--layers auto` found nothing that fits.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    /// Fetching the range's pieces failed.
+    #[error("fetching layers {}..{}: {source}", range.start, range.end)]
+    Fetch {
+        /// The range being fetched.
+        range: Range<u32>,
+        /// What went wrong.
+        #[source]
+        source: FetchError,
+    },
+    /// The slice could not be written from the fetched pieces.
+    #[error("writing the slice: {0}")]
+    WriteSlice(#[source] SliceError),
+    /// The cache folder for the fetched slice could not be made.
+    #[error("{path}: {source}")]
+    SliceDir {
+        /// The folder.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The piece store could not be built.
+    #[error(transparent)]
+    Store(#[from] fetch::server::StoreError),
+    /// A protocol could not be served.
+    #[error(transparent)]
+    Serve(#[from] fetch::server::ServeError),
+    /// The vocabulary could not be had or offered.
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
+    /// A stream protocol was registered twice.
+    #[error("cannot serve a stream protocol: {0}")]
+    Protocol(#[from] nakshatra_swarm::stream::AlreadyRegistered),
 }
 
 /// What `node join` needs.
@@ -71,55 +149,45 @@ pub struct JoinOptions {
     pub source: ModelSource,
     /// Layers to serve.
     pub layers: LayerChoice,
-    /// Memory for weights (`--layers auto`); default: 80% of free memory.
+    /// Bytes of weights `--layers auto` may take; default: 80% of free
+    /// memory.
     pub max_memory: Option<u64>,
-    /// Test-only fault injection.
-    pub fault: Option<Fault>,
+    /// Test-only faults (empty in a production build).
+    pub faults: Faults,
     /// Peers to bootstrap from.
     pub bootstrap: Vec<Multiaddr>,
     /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
-    /// Data directory (identity, slice cache).
-    pub data_dir: PathBuf,
+    /// Identity, slice cache, fetched pieces, vocabularies.
+    pub data_dir: DataDir,
     /// mDNS discovery on the LAN.
     pub mdns: bool,
-    /// Engine settings.
+    /// Threads, sessions and context of the engine.
     pub engine: EngineConfig,
     /// Announcement lifetime (every node of a swarm must use the same).
     pub record_ttl: Duration,
     /// Re-announce period.
     pub refresh: Duration,
-    /// Test-only: delay added to every probe and activation frame (a slow
-    /// link).
-    pub test_link_delay: Option<Duration>,
     /// Sessions idle this long are closed and their KV freed.
     pub idle_timeout: Duration,
 }
 
-/// The identity file inside a data dir.
-pub fn identity_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("identity.key")
+/// Which layers to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerChoice {
+    /// These (`--layers A..B`).
+    Range(Range<u32>),
+    /// Whatever the swarm needs most (`--layers auto`).
+    Auto,
 }
 
-/// Loads (or creates, mode 0600) this node's persistent identity.
-pub fn load_identity(data_dir: &Path) -> Result<IdentityKeypair, JoinError> {
-    Ok(nakshatra_swarm::load_or_create_identity(&identity_path(
-        data_dir,
-    ))?)
-}
-
-/// The devices llama.cpp sees, as the swarm announces them.
-pub fn device_infos() -> Vec<DeviceInfo> {
-    engine::devices()
-        .into_iter()
-        .map(|d| DeviceInfo {
-            name: d.name,
-            backend: d.backend,
-            description: d.description,
-            memory_total: d.memory_total as u64,
-            memory_free: d.memory_free as u64,
-        })
-        .collect()
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A local full GGUF (`--model`).
+    File(PathBuf),
+    /// Only a model id (`--model-id`): the pieces are fetched from peers.
+    Id(String),
 }
 
 /// A node that is up: its engine and its swarm handle.
@@ -136,44 +204,28 @@ pub struct ServingNode {
     pub addrs: Vec<Multiaddr>,
 }
 
-/// Which layers to serve.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LayerChoice {
-    /// These.
-    Range(Range<u32>),
-    /// Whatever the swarm needs most (`--layers auto`).
-    Auto,
+/// Loads (or creates, mode 0600) this node's persistent identity.
+pub fn load_identity(data_dir: &DataDir) -> Result<IdentityKeypair, JoinError> {
+    Ok(nakshatra_swarm::load_or_create_identity(
+        &data_dir.identity_key(),
+    )?)
 }
 
-/// Where the weights come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelSource {
-    /// A local full GGUF.
-    File(PathBuf),
-    /// Only a model id: the pieces are fetched from peers.
-    Id(String),
+/// The devices llama.cpp sees, as the swarm announces them.
+pub fn device_infos() -> Vec<DeviceInfo> {
+    engine::devices()
+        .into_iter()
+        .map(|d| DeviceInfo {
+            name: d.name,
+            backend: d.backend,
+            description: d.description,
+            memory_total: d.memory_total as u64,
+            memory_free: d.memory_free as u64,
+        })
+        .collect()
 }
 
-fn task_err(e: tokio::task::JoinError) -> JoinError {
-    JoinError::Task(e.to_string())
-}
-
-/// The layer count of a GGUF, from its header alone.
-fn block_count(path: &Path) -> Result<u32, nakshatra_slicer::SliceError> {
-    use nakshatra_slicer::{MetaValue, SliceError};
-    let g = nakshatra_slicer::Gguf::open(path)?;
-    let arch = match g.get("general.architecture") {
-        Some(MetaValue::String(a)) => a.clone(),
-        _ => return Err(SliceError::MissingKey("general.architecture".into())),
-    };
-    nakshatra_slicer::supported_arch(&arch)?;
-    let key = format!("{arch}.block_count");
-    g.get(&key)
-        .and_then(MetaValue::as_u32)
-        .ok_or(SliceError::MissingKey(key))
-}
-
-/// Free memory of this host (MemAvailable), if it can be read.
+/// Free memory of this host (`MemAvailable`), if it can be read.
 pub fn available_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -186,31 +238,8 @@ pub fn available_memory() -> Option<u64> {
 /// explicit range, everything that can fail on the user's input fails
 /// before any network activity.
 pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
-    let keypair = match &opts.source {
-        ModelSource::File(path) => {
-            // Only the layer count is needed here: read the header, not
-            // the weights (they are hashed once, in `prepare`).
-            let n_layers = block_count(path).map_err(|source| JoinError::Model {
-                path: path.clone(),
-                source,
-            })?;
-            if let LayerChoice::Range(r) = &opts.layers {
-                if r.start >= r.end || r.end > n_layers {
-                    return Err(JoinError::Range {
-                        start: r.start,
-                        end: r.end,
-                        n_layers,
-                    });
-                }
-            }
-            load_identity(&opts.data_dir)?
-        }
-        ModelSource::Id(id) => {
-            nakshatra_swarm::protocol::validate_model_id(id)
-                .map_err(|e| JoinError::Fetch(format!("bad model id {id:?}: {e}")))?;
-            load_identity(&opts.data_dir)?
-        }
-    };
+    check_input(&opts)?;
+    let keypair = load_identity(&opts.data_dir)?;
     let signing = nakshatra_swarm::signing_key(&keypair)?;
     let mut cfg = SwarmConfig::server();
     cfg.listen = opts.listen.clone();
@@ -218,7 +247,7 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     cfg.mdns = opts.mdns;
     cfg.record_ttl = opts.record_ttl;
     cfg.refresh = opts.refresh;
-    cfg.test_link_delay = opts.test_link_delay;
+    opts.faults.configure_swarm(&mut cfg);
     let (swarm, task) = nakshatra_swarm::spawn(keypair, cfg).await?;
     match prepare_and_announce(&opts, &swarm, &signing).await {
         Ok((engine, info, addrs)) => Ok(ServingNode {
@@ -236,47 +265,56 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     }
 }
 
-/// The slice to serve and the files pieces are served from.
-struct Prepared {
-    slice: PathBuf,
-    serve_files: Vec<PathBuf>,
-    manifest: nakshatra_slicer::Manifest,
-    vocab: Vec<u8>,
-    range: Range<u32>,
-}
-
-async fn wait_for_model_peers(
-    swarm: &nakshatra_swarm::Client,
-    model_id: &str,
-) -> Result<Vec<nakshatra_swarm::PeerId>, JoinError> {
-    let t0 = std::time::Instant::now();
-    loop {
-        let connected = swarm
-            .connected_peers()
-            .await
-            .map_err(|_| JoinError::Stopped)?;
-        if !connected.is_empty() {
-            let peers = swarm
-                .model_peers(model_id)
-                .await
-                .map_err(|e| JoinError::Fetch(e.to_string()))?;
-            let me = swarm.peer_id();
-            let peers: Vec<_> = peers.into_iter().filter(|p| *p != me).collect();
-            if !peers.is_empty() {
-                return Ok(peers);
+/// Checks what can be checked without the network: a local model's
+/// header and the range against it (the weights are hashed later, once),
+/// or the model id's form.
+fn check_input(opts: &JoinOptions) -> Result<(), JoinError> {
+    match &opts.source {
+        ModelSource::File(path) => {
+            let n_layers = nakshatra_slicer::model_layers(path)
+                .map_err(|source| JoinError::Model {
+                    path: path.clone(),
+                    source,
+                })?
+                .n_layers;
+            if let LayerChoice::Range(r) = &opts.layers {
+                check_range(r, n_layers)?;
             }
         }
-        if t0.elapsed() > Duration::from_secs(15) {
-            return Err(if connected.is_empty() {
-                JoinError::Fetch("no peer reachable within 15 s: check --bootstrap".into())
-            } else {
-                JoinError::Fetch(format!(
-                    "no peer serves model {model_id} (unknown model id?)"
-                ))
-            });
+        ModelSource::Id(id) => {
+            nakshatra_swarm::protocol::validate_model_id(id).map_err(|source| {
+                JoinError::BadModelId {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    Ok(())
+}
+
+fn check_range(r: &Range<u32>, n_layers: u32) -> Result<(), JoinError> {
+    if r.start >= r.end || r.end > n_layers {
+        return Err(JoinError::Range {
+            start: r.start,
+            end: r.end,
+            n_layers,
+        });
+    }
+    Ok(())
+}
+
+/// The slice to serve and what to serve beside it.
+struct Prepared {
+    /// The GGUF the engine loads.
+    slice: PathBuf,
+    /// Files pieces are served from (the whole model, or the slice and
+    /// its sidecar).
+    serve_files: Vec<PathBuf>,
+    manifest: Manifest,
+    /// The vocabulary-only GGUF.
+    vocab: Vec<u8>,
+    range: Range<u32>,
 }
 
 async fn prepare(
@@ -285,15 +323,14 @@ async fn prepare(
 ) -> Result<Prepared, JoinError> {
     let budget = opts
         .max_memory
-        .or_else(|| available_memory().map(|m| m / 10 * 8))
+        .or_else(|| available_memory().map(|m| m / 10 * AUTO_MEMORY_TENTHS))
         .unwrap_or(u64::MAX);
     match &opts.source {
         ModelSource::File(path) => {
             let p = path.clone();
             let (manifest, vocab) =
                 tokio::task::spawn_blocking(move || nakshatra_slicer::manifest_and_vocab(&p))
-                    .await
-                    .map_err(task_err)?
+                    .await?
                     .map_err(|source| JoinError::Model {
                         path: path.clone(),
                         source,
@@ -307,8 +344,7 @@ async fn prepare(
             let slice = tokio::task::spawn_blocking(move || {
                 slices::ensure_slice(&dir, &p, &id, &hashes, &r)
             })
-            .await
-            .map_err(task_err)??;
+            .await??;
             Ok(Prepared {
                 slice,
                 serve_files: vec![path.clone()],
@@ -318,20 +354,12 @@ async fn prepare(
             })
         }
         ModelSource::Id(id) => {
-            let peers = wait_for_model_peers(swarm, id).await?;
+            let peers = model_sources(swarm, id).await?;
             let (manifest, vocab) =
-                crate::fetch::manifest_and_vocab(swarm, &peers, id, &opts.data_dir)
-                    .await
-                    .map_err(|e| JoinError::Fetch(e.to_string()))?;
+                fetch::manifest_and_vocab(swarm, &peers, id, &opts.data_dir).await?;
             let range = match &opts.layers {
                 LayerChoice::Range(r) => {
-                    if r.start >= r.end || r.end > manifest.n_layers {
-                        return Err(JoinError::Range {
-                            start: r.start,
-                            end: r.end,
-                            n_layers: manifest.n_layers,
-                        });
-                    }
+                    check_range(r, manifest.n_layers)?;
                     r.clone()
                 }
                 LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
@@ -339,7 +367,7 @@ async fn prepare(
             let slice = fetch_slice(opts, swarm, &peers, &manifest, &vocab, &range).await?;
             let mut serve_files = vec![slice.clone()];
             if range.start == 0 && range.end < manifest.n_layers {
-                serve_files.push(engine::sidecar_path(&slice));
+                serve_files.push(nakshatra_slicer::embd_sidecar_path(&slice));
             }
             Ok(Prepared {
                 slice,
@@ -352,17 +380,39 @@ async fn prepare(
     }
 }
 
+/// Peers that serve `model_id` (not this node), waiting up to
+/// [`PEER_WAIT`] for a connection and then for a provider record.
+async fn model_sources(
+    swarm: &nakshatra_swarm::Client,
+    model_id: &str,
+) -> Result<Vec<PeerId>, JoinError> {
+    let deadline = Instant::now() + PEER_WAIT;
+    swarm.wait_connected(PEER_WAIT).await?;
+    let me = swarm.peer_id();
+    loop {
+        let peers: Vec<PeerId> = swarm
+            .model_peers(model_id)
+            .await?
+            .into_iter()
+            .filter(|p| *p != me)
+            .collect();
+        if !peers.is_empty() {
+            return Ok(peers);
+        }
+        if Instant::now() >= deadline {
+            return Err(JoinError::UnknownModel(model_id.to_string()));
+        }
+        tokio::time::sleep(MODEL_POLL).await;
+    }
+}
+
 async fn auto_range(
     swarm: &nakshatra_swarm::Client,
-    manifest: &nakshatra_slicer::Manifest,
+    manifest: &Manifest,
     budget: u64,
 ) -> Result<Range<u32>, JoinError> {
-    let view = swarm
-        .model_view(&manifest.model_id)
-        .await
-        .map_err(|e| JoinError::Fetch(e.to_string()))?;
-    let (range, why) =
-        crate::fetch::choose_range(manifest, &view, budget).map_err(JoinError::Fetch)?;
+    let view = swarm.model_view(&manifest.model_id).await?;
+    let (range, why) = placement::choose_range(manifest, &view, budget)?;
     tracing::info!(
         "--layers auto chose {}..{} ({} MB of weights, budget {} MB): {why}",
         range.start,
@@ -373,24 +423,21 @@ async fn auto_range(
     Ok(range)
 }
 
-/// The slice `range` from the cache (verified) or fetched from peers.
+/// The slice `range` from the cache (verified) or fetched from peers and
+/// assembled.
 async fn fetch_slice(
     opts: &JoinOptions,
     swarm: &nakshatra_swarm::Client,
-    peers: &[nakshatra_swarm::PeerId],
-    manifest: &nakshatra_slicer::Manifest,
+    peers: &[PeerId],
+    manifest: &Manifest,
     vocab: &[u8],
     range: &Range<u32>,
 ) -> Result<PathBuf, JoinError> {
     let id = &manifest.model_id;
-    let out = slices::slice_path(&opts.data_dir, id, range);
-    let hashes = manifest.hashes();
+    let out = opts.data_dir.slice(id, range);
     if out.exists() {
-        let (o, i, h, r) = (out.clone(), id.clone(), hashes.clone(), range.clone());
-        let ok = tokio::task::spawn_blocking(move || slices::verify_cached(&o, &i, &h, &r))
-            .await
-            .map_err(task_err)?;
-        match ok {
+        let (o, i, h, r) = (out.clone(), id.clone(), manifest.hashes(), range.clone());
+        match tokio::task::spawn_blocking(move || slices::verify_cached(&o, &i, &h, &r)).await? {
             Ok(()) => {
                 tracing::info!(path = %out.display(), "reusing verified cached slice");
                 return Ok(out);
@@ -398,29 +445,18 @@ async fn fetch_slice(
             Err(why) => tracing::warn!(path = %out.display(), %why, "cached slice rejected"),
         }
     }
+    let fetch_err = |source| JoinError::Fetch {
+        range: range.clone(),
+        source,
+    };
     let pieces = manifest
         .pieces_for_range(range.start, range.end)
-        .map_err(|e| JoinError::Fetch(e.to_string()))?;
-    // Peers holding the blocks we need, besides those serving the model.
-    let mut sources: Vec<nakshatra_swarm::PeerId> = peers.to_vec();
-    for b in range.clone() {
-        if let Ok(h) = swarm.block_holders(id, b).await {
-            for p in h {
-                if !sources.contains(&p) && p != swarm.peer_id() {
-                    sources.push(p);
-                }
-            }
-        }
-    }
-    let dir = crate::fetch::model_dir(&opts.data_dir, id).join("pieces");
-    let stats = crate::fetch::fetch_pieces(swarm, &sources, manifest, &pieces, &dir)
+        .map_err(|e| fetch_err(e.into()))?;
+    let sources = block_sources(swarm, peers, id, range).await;
+    let dir = opts.data_dir.pieces(id);
+    let stats = fetch::fetch_pieces(swarm, &sources, manifest, &pieces, &dir)
         .await
-        .map_err(|e| {
-            JoinError::Fetch(format!(
-                "fetching layers {}..{}: {e}",
-                range.start, range.end
-            ))
-        })?;
+        .map_err(fetch_err)?;
     tracing::info!(
         "fetched {:.1} MB in {:.2} s ({:.0} MB/s) from {} peer(s), {:.1} MB already verified on disk, {} corrupt piece(s) refetched",
         stats.bytes_fetched as f64 / 1e6,
@@ -431,8 +467,10 @@ async fn fetch_slice(
         stats.corrupt_pieces
     );
     if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| JoinError::Fetch(format!("{}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(|source| JoinError::SliceDir {
+            path: parent.to_path_buf(),
+            source,
+        })?;
     }
     let (m, v, d, o, r) = (
         manifest.clone(),
@@ -442,19 +480,38 @@ async fn fetch_slice(
         range.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        let file =
-            |p: &nakshatra_slicer::PieceId| d.join(format!("{}.bin", crate::fetch::piece_label(p)));
+        let file = |p: &PieceId| d.bin(p);
         nakshatra_slicer::write_slice_from_pieces(&m, &v, &file, r.start, r.end, &o)
     })
-    .await
-    .map_err(task_err)?
-    .map_err(|e| JoinError::Fetch(format!("writing the slice: {e}")))?;
+    .await?
+    .map_err(JoinError::WriteSlice)?;
     // The slice (and its sidecar) now hold these bytes and are what this
     // node serves from: the pieces would only double the disk used.
     for p in &pieces {
-        let _ = std::fs::remove_file(dir.join(format!("{}.bin", crate::fetch::piece_label(p))));
+        let _ = std::fs::remove_file(dir.bin(p));
     }
     Ok(out)
+}
+
+/// Peers to fetch `range` from: those serving the model, and every holder
+/// of one of its blocks.
+async fn block_sources(
+    swarm: &nakshatra_swarm::Client,
+    peers: &[PeerId],
+    model_id: &str,
+    range: &Range<u32>,
+) -> Vec<PeerId> {
+    let mut sources: Vec<PeerId> = peers.to_vec();
+    for b in range.clone() {
+        if let Ok(h) = swarm.block_holders(model_id, b).await {
+            for p in h {
+                if !sources.contains(&p) && p != swarm.peer_id() {
+                    sources.push(p);
+                }
+            }
+        }
+    }
+    sources
 }
 
 async fn prepare_and_announce(
@@ -463,68 +520,29 @@ async fn prepare_and_announce(
     signing: &ed25519_dalek::SigningKey,
 ) -> Result<(EngineService, ServerInfo, Vec<Multiaddr>), JoinError> {
     let p = prepare(opts, swarm).await?;
-    let range = p.range.clone();
-    let (engine, throughput) = {
-        let (slice, cfg) = (p.slice.clone(), opts.engine.clone());
-        tokio::task::spawn_blocking(move || -> Result<_, JoinError> {
-            let mut e = SliceEngine::load(&slice, None, &cfg)?;
-            let tps = e.measure_decode(16)?;
-            Ok((e, tps))
-        })
-        .await
-        .map_err(task_err)??
-    };
+    tracing::info!("llama.cpp: {}", engine::system_info());
+    let (engine, throughput) = load_and_measure(&p.slice, &opts.engine).await?;
     tracing::info!(
         "layers {}..{} run at {throughput:.1} tokens/s (one-token decode steps)",
-        range.start,
-        range.end
+        p.range.start,
+        p.range.end
     );
     let engine = EngineService::spawn(engine);
+    serve_protocols(opts, swarm, signing, &p, &engine).await?;
 
-    let store = {
-        let (m, files, key, fault, delay) = (
-            p.manifest.clone(),
-            p.serve_files.clone(),
-            signing.clone(),
-            (opts.fault == Some(Fault::CorruptPieces))
-                .then_some(crate::fetch::ServeFault::CorruptPieces),
-            opts.test_link_delay,
-        );
-        tokio::task::spawn_blocking(move || {
-            crate::fetch::PieceStore::new(m, &key, &files, fault, delay)
-        })
-        .await
-        .map_err(task_err)?
-        .map_err(|e| JoinError::Fetch(e.to_string()))?
-    };
-    crate::fetch::spawn_piece_servers(&swarm.stream_control(), Arc::new(store))
-        .map_err(JoinError::Task)?;
-    let hashes = nakshatra_swarm::protocol::encode(&p.manifest.hashes())
-        .map_err(|e| JoinError::Task(e.to_string()))?;
-    let ctx = Arc::new(HopContext {
-        engine: engine.clone(),
-        control: swarm.stream_control(),
-        swarm: swarm.clone(),
-        me: swarm.peer_id(),
-        model_id: p.manifest.model_id.clone(),
-        vocab: Some((Arc::new(p.vocab.clone()), Arc::new(hashes))),
-        delay: opts.test_link_delay,
-        idle_timeout: opts.idle_timeout,
-    });
-    spawn_servers(ctx).map_err(JoinError::Task)?;
-
-    let listen = swarm.listen_addrs().await.map_err(|_| JoinError::Stopped)?;
     let me = swarm.peer_id();
-    let addrs: Vec<Multiaddr> = listen
-        .iter()
-        .map(|a| a.clone().with(libp2p_p2p(me)))
+    let addrs: Vec<Multiaddr> = swarm
+        .listen_addrs()
+        .await?
+        .into_iter()
+        .map(|a| a.with(Protocol::P2p(me)))
         .collect();
     let m = &p.manifest;
     let mut si = ServerInfo::new(
         m.model_id.clone(),
         m.arch.clone(),
         m.n_layers,
-        range,
+        p.range.clone(),
         m.n_embd,
     );
     si.devices = device_infos();
@@ -536,8 +554,56 @@ async fn prepare_and_announce(
     Ok((engine, si, addrs))
 }
 
-fn libp2p_p2p(peer: nakshatra_swarm::PeerId) -> nakshatra_swarm::Protocol<'static> {
-    nakshatra_swarm::Protocol::P2p(peer)
+/// Loads the slice and times [`MEASURE_STEPS`] decode steps (the
+/// throughput this node announces).
+async fn load_and_measure(
+    slice: &std::path::Path,
+    cfg: &EngineConfig,
+) -> Result<(SliceEngine, f64), JoinError> {
+    let (slice, cfg) = (slice.to_path_buf(), cfg.clone());
+    Ok(tokio::task::spawn_blocking(move || {
+        let mut e = SliceEngine::load(&slice, None, &cfg)?;
+        let tps = e.measure_decode(MEASURE_STEPS)?;
+        Ok::<_, engine::EngineError>((e, tps))
+    })
+    .await??)
+}
+
+/// Starts the servers of every protocol this node answers: manifest and
+/// pieces, vocabulary, sessions. Called before announcing, so that nobody
+/// is refused for a protocol not yet served.
+async fn serve_protocols(
+    opts: &JoinOptions,
+    swarm: &nakshatra_swarm::Client,
+    signing: &ed25519_dalek::SigningKey,
+    p: &Prepared,
+    engine: &EngineService,
+) -> Result<(), JoinError> {
+    let control = swarm.stream_control();
+    let store = {
+        let (m, files, key, faults) = (
+            p.manifest.clone(),
+            p.serve_files.clone(),
+            signing.clone(),
+            opts.faults.clone(),
+        );
+        tokio::task::spawn_blocking(move || PieceStore::new(m, &key, &files, faults)).await??
+    };
+    fetch::spawn_piece_servers(&control, Arc::new(store))?;
+    let offer = VocabOffer::new(
+        p.manifest.model_id.clone(),
+        p.vocab.clone(),
+        &p.manifest.hashes(),
+    )?;
+    vocab::spawn_server(&control, offer)?;
+    hop::spawn_server(Arc::new(HopContext {
+        engine: engine.clone(),
+        swarm: swarm.clone(),
+        model_id: p.manifest.model_id.clone(),
+        faults: opts.faults.clone(),
+        idle_timeout: opts.idle_timeout,
+    }))?;
+    Ok(())
 }
 
 impl ServingNode {
@@ -555,77 +621,6 @@ impl ServingNode {
     pub async fn leave(self) -> Result<(), JoinError> {
         let r = self.swarm.shutdown().await;
         let _ = self.task.await;
-        r.map_err(|_| JoinError::Stopped)
-    }
-}
-
-/// Faults a test can ask a serving node to commit (hidden CLI flag
-/// `--fault`); never used in normal operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Fault {
-    /// Keep publishing forged DHT records: another peer's info signed by a
-    /// stranger's key, a tampered signed record claiming the whole model,
-    /// an expired record, an oversized one and garbage.
-    ForgeRecords,
-    /// Serve pieces with a byte flipped in every chunk.
-    CorruptPieces,
-}
-
-impl ServingNode {
-    /// Publishes one round of bad records (see [`Fault::ForgeRecords`]).
-    pub async fn forge_records(&self, data_dir: &Path) -> Result<usize, JoinError> {
-        use nakshatra_swarm::protocol::{encode, keys, now_ms, SignedServerInfo};
-        let me = self.swarm.peer_id();
-        let my_key = nakshatra_swarm::signing_key(&load_identity(data_dir)?)?;
-        let stranger = nakshatra_swarm::signing_key(&IdentityKeypair::generate_ed25519())?;
-        let victims: Vec<_> = self
-            .swarm
-            .connected_peers()
-            .await
-            .map_err(|_| JoinError::Stopped)?
-            .into_iter()
-            .filter(|p| *p != me)
-            .collect();
-        let now = now_ms();
-        let mut lie = self.info.clone();
-        lie.start = 0;
-        lie.end = lie.n_layers_total;
-        lie.throughput = 1e9;
-        lie.issued_at_ms = now;
-        lie.expires_at_ms = now + 60_000;
-        let payload = encode(&lie).unwrap_or_default();
-        let version = lie.protocol_version;
-        let mut records: Vec<(String, Vec<u8>)> = Vec::new();
-        for v in &victims {
-            let key = keys::info_key(v);
-            // A stranger's signature over a claim about the victim.
-            records.push((
-                key.clone(),
-                SignedServerInfo::sign_raw(&stranger, version, payload.clone()).to_bytes(),
-            ));
-            // Our own valid signature, then one payload byte changed.
-            let mut t = SignedServerInfo::sign_raw(&my_key, version, payload.clone());
-            if let Some(b) = t.payload.last_mut() {
-                *b ^= 0x5a;
-            }
-            records.push((key.clone(), t.to_bytes()));
-            records.push((key.clone(), vec![0xab; 20 * 1024]));
-            records.push((key, b"not a record at all".to_vec()));
-        }
-        // An expired record of our own, validly signed.
-        let mut old = lie.clone();
-        old.issued_at_ms = now.saturating_sub(600_000);
-        old.expires_at_ms = now.saturating_sub(300_000);
-        let old = encode(&old).unwrap_or_default();
-        records.push((
-            keys::info_key(&me),
-            SignedServerInfo::sign_raw(&my_key, version, old).to_bytes(),
-        ));
-        let n = records.len();
-        for (k, v) in records {
-            let _ = self.swarm.put_raw_record(&k, v).await;
-        }
-        tracing::warn!("fault injection: published {n} forged records");
-        Ok(n)
+        Ok(r?)
     }
 }

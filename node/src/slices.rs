@@ -1,4 +1,4 @@
-//! The local slice cache: `<data dir>/slices/<model id>/<a>-<b>.gguf`.
+//! The local slice cache (`slices/` in the [`DataDir`]).
 //!
 //! A cached slice is reused only after its content is checked against the
 //! source model (same source id, same range, block hashes equal to the
@@ -9,9 +9,9 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use nakshatra_slicer::{inspect, write_slice, ModelHashes, SliceError};
+use nakshatra_slicer::{embd_sidecar_path, inspect, write_slice, ModelHashes, SliceError};
 
-use crate::engine::sidecar_path;
+use crate::datadir::DataDir;
 
 /// Errors of the slice cache.
 #[derive(Debug, thiserror::Error)]
@@ -22,28 +22,32 @@ pub enum CacheError {
     /// The cache directory could not be made.
     #[error("cannot create cache directory {path}: {source}")]
     Dir {
-        /// The directory.
+        /// The directory that could not be created.
         path: PathBuf,
-        /// Why.
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
 }
 
-/// The platform's data directory for nakshatra (`~/.local/share/nakshatra`
-/// on Linux), unless overridden.
-pub fn default_data_dir() -> PathBuf {
-    directories::ProjectDirs::from("", "", "nakshatra")
-        .map(|d| d.data_dir().to_path_buf())
-        .unwrap_or_else(|| PathBuf::from(".nakshatra"))
-}
-
-/// Path of the cached slice `range` of the model `model_id`.
-pub fn slice_path(data_dir: &Path, model_id: &str, range: &Range<u32>) -> PathBuf {
-    data_dir
-        .join("slices")
-        .join(model_id)
-        .join(format!("{}-{}.gguf", range.start, range.end))
+/// Why a cached slice was not reused (it is then written or fetched again).
+#[derive(Debug, thiserror::Error)]
+pub enum StaleSlice {
+    /// It does not parse.
+    #[error(transparent)]
+    Unreadable(#[from] SliceError),
+    /// It carries no slice metadata.
+    #[error("not a slice")]
+    NotASlice,
+    /// It was cut from another model or is another range.
+    #[error("slice of another model or range")]
+    Other,
+    /// Its blocks differ from the source's.
+    #[error("block hashes differ from the source")]
+    Blocks,
+    /// A first slice's embedding sidecar is missing or differs.
+    #[error("embedding sidecar differs from the source")]
+    Sidecar,
 }
 
 /// Checks that `path` is the slice `range` of the model `source_id`
@@ -54,43 +58,39 @@ pub fn verify_cached(
     source_id: &str,
     hashes: &ModelHashes,
     range: &Range<u32>,
-) -> Result<(), String> {
-    let info = inspect(path).map_err(|e| e.to_string())?;
-    let meta = info.slice.as_ref().ok_or("not a slice")?;
+) -> Result<(), StaleSlice> {
+    let info = inspect(path)?;
+    let meta = info.slice.as_ref().ok_or(StaleSlice::NotASlice)?;
     if meta.source_id != source_id
         || meta.start != range.start
         || meta.end != range.end
         || meta.n_layers_total != hashes.n_layers
     {
-        return Err("slice of another model or range".into());
+        return Err(StaleSlice::Other);
     }
     let want = hashes
         .block_hashes
         .get(range.start as usize..range.end as usize)
-        .ok_or("range outside the source")?;
+        .ok_or(StaleSlice::Other)?;
     if info.block_hashes != want {
-        return Err("block hashes differ from the source".into());
+        return Err(StaleSlice::Blocks);
     }
     if range.start == 0 && range.end < hashes.n_layers {
-        let side = inspect_sidecar_hash(&sidecar_path(path))?;
-        if side != hashes.embd_hash {
-            return Err("embedding sidecar differs from the source".into());
+        let side = nakshatra_slicer::Gguf::open(&embd_sidecar_path(path))
+            .ok()
+            .and_then(|g| nakshatra_slicer::hash::token_embd_hash(&g));
+        if side.as_ref() != Some(&hashes.embd_hash) {
+            return Err(StaleSlice::Sidecar);
         }
     }
     Ok(())
-}
-
-fn inspect_sidecar_hash(path: &Path) -> Result<String, String> {
-    let g = nakshatra_slicer::Gguf::open(path).map_err(|e| e.to_string())?;
-    nakshatra_slicer::hash::token_embd_hash(&g)
-        .ok_or_else(|| "sidecar has no token_embd.weight".into())
 }
 
 /// Returns the cached slice `range` of the model at `source_path` (model
 /// `source_id`, whose group hashes are `hashes`), writing it first when
 /// missing or not verified.
 pub fn ensure_slice(
-    data_dir: &Path,
+    data_dir: &DataDir,
     source_path: &Path,
     source_id: &str,
     hashes: &ModelHashes,
@@ -100,7 +100,7 @@ pub fn ensure_slice(
         // The whole model needs no slicing.
         return Ok(source_path.to_path_buf());
     }
-    let path = slice_path(data_dir, source_id, range);
+    let path = data_dir.slice(source_id, range);
     if path.exists() {
         match verify_cached(&path, source_id, hashes, range) {
             Ok(()) => {

@@ -1,7 +1,7 @@
 //! `swarm status`: join as a short-lived client and show, per model, which
 //! peers hold which blocks.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nakshatra_swarm::{Multiaddr, SwarmConfig, SwarmView};
 
@@ -12,11 +12,11 @@ pub enum StatusError {
     #[error(transparent)]
     Swarm(#[from] nakshatra_swarm::SwarmError),
     /// Nobody answered.
-    #[error("no peer reachable within {0:?}: check --bootstrap (or the LAN, for mDNS)")]
-    NoPeers(Duration),
+    #[error(transparent)]
+    NoPeers(#[from] nakshatra_swarm::WaitError),
     /// The event loop stopped.
-    #[error("the swarm event loop stopped")]
-    Stopped,
+    #[error(transparent)]
+    Stopped(#[from] nakshatra_swarm::Stopped),
 }
 
 /// Joins as a client (fresh identity, serves nothing), waits for a first
@@ -31,23 +31,10 @@ pub async fn swarm_status(
     cfg.mdns = mdns;
     let key = nakshatra_swarm::IdentityKeypair::generate_ed25519();
     let (client, task) = nakshatra_swarm::spawn(key, cfg).await?;
-    let t0 = Instant::now();
-    loop {
-        let peers = client
-            .connected_peers()
-            .await
-            .map_err(|_| StatusError::Stopped)?;
-        if !peers.is_empty() {
-            break;
-        }
-        if t0.elapsed() > wait {
-            let _ = client.shutdown().await;
-            task.abort();
-            return Err(StatusError::NoPeers(wait));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let view = client.swarm_view().await.map_err(|_| StatusError::Stopped);
+    let view = match client.wait_connected(wait).await {
+        Ok(_) => client.swarm_view().await.map_err(StatusError::from),
+        Err(e) => Err(e.into()),
+    };
     let _ = client.shutdown().await;
     let _ = task.await;
     view

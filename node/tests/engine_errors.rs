@@ -100,7 +100,7 @@ fn load_refuses_what_it_cannot_run() {
     let dir = tempfile::tempdir().unwrap();
     let paths = slices(dir.path(), &[10]);
     // A first slice without its embedding sidecar.
-    std::fs::remove_file(nakshatra_node::engine::sidecar_path(&paths[0])).unwrap();
+    std::fs::remove_file(nakshatra_slicer::embd_sidecar_path(&paths[0])).unwrap();
     let e = SliceEngine::load(&paths[0], None, &cfg(1, 512)).unwrap_err();
     assert!(matches!(e, EngineError::MissingEmbeddings { .. }), "{e}");
     // Not a GGUF.

@@ -64,13 +64,17 @@ impl WireDtype {
 /// Sampling parameters the last hop applies.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sampling {
-    /// 0 or less: greedy.
+    /// Softmax temperature; 0 or less: greedy (always the most likely
+    /// token, no randomness).
     pub temperature: f32,
-    /// 0: off.
+    /// Keep only the `top_k` most likely tokens before drawing; 0 or less:
+    /// off.
     pub top_k: i32,
-    /// 1.0: off.
+    /// Nucleus sampling: keep the smallest set of tokens whose probability
+    /// sums to at least `top_p`; 1.0 or more: off.
     pub top_p: f32,
-    /// Seed of the random draw.
+    /// Seed of the random draw (unused when greedy): the same seed, prompt
+    /// and chain give the same tokens.
     pub seed: u32,
 }
 
@@ -79,9 +83,9 @@ pub struct Sampling {
 pub struct HopSpec {
     /// The hop's peer id (base58).
     pub peer_id: String,
-    /// First block it runs.
+    /// First block it runs (inclusive).
     pub start: u32,
-    /// One past its last block.
+    /// One past its last block (exclusive); the next hop starts here.
     pub end: u32,
     /// Addresses to reach it (multiaddr strings).
     pub addrs: Vec<String>,
@@ -123,9 +127,11 @@ pub struct StepHeader {
     /// Position of the first token. A hop whose session is longer drops
     /// what is past `pos` first, so a retried step is never applied twice.
     pub pos: u32,
-    /// Tokens in the step.
+    /// Positions the step covers (the whole prompt for a prefill, 1 for a
+    /// decode step); the payload holds this many rows.
     pub n_tokens: u32,
-    /// Payload kind.
+    /// Whether the payload holds token ids (sent to the first hop) or
+    /// hidden states (sent to every later hop).
     pub kind: StepKind,
     /// Engine time spent on this step by the hops so far, microseconds.
     pub compute_us: u64,
@@ -151,7 +157,7 @@ pub enum ActReply {
     Failed {
         /// Index of the hop that failed.
         index: u32,
-        /// Its peer id.
+        /// Base58 peer id of the hop that failed, as in its [`HopSpec`].
         peer_id: String,
         /// Why, for people.
         message: String,
@@ -163,12 +169,13 @@ pub enum ActReply {
 pub enum TokenFrame {
     /// First frame: which session this stream serves.
     Hello {
-        /// The session.
+        /// The session id the asker chose ([`OpenSession::session`]).
         session: u64,
     },
     /// The token sampled at the end of a step.
     Token {
-        /// The step.
+        /// The step ([`StepHeader::step`]) at whose last position the token
+        /// was sampled.
         step: u64,
         /// Sampled token id.
         token: i32,
@@ -177,7 +184,7 @@ pub enum TokenFrame {
     },
     /// The last hop failed.
     Failed {
-        /// Why.
+        /// Why the last hop failed, for people; the stream ends after it.
         message: String,
     },
 }

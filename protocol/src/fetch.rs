@@ -67,7 +67,7 @@ pub enum ManifestResponse {
 pub struct PieceRequest {
     /// Model id (64 hex).
     pub model_id: String,
-    /// The piece.
+    /// Which piece of the model to read from.
     pub piece: PieceRef,
     /// Offset in the piece's byte stream.
     pub offset: u64,
@@ -88,7 +88,8 @@ pub enum PieceResponse {
     NotHere,
     /// The request was refused.
     Error {
-        /// Why.
+        /// Why the serving node refused it (e.g. a chunk over
+        /// [`MAX_CHUNK_BYTES`], a read error), for people.
         message: String,
     },
 }
@@ -99,12 +100,13 @@ pub enum PieceResponse {
 pub struct SignedBlob {
     /// What the payload is (e.g. [`MANIFEST_DOMAIN`]).
     pub domain: String,
-    /// Signer's public key.
+    /// Signer's ed25519 public key; the signer's [`PeerId`] derives from it.
     pub public_key: [u8; 32],
     /// Signature over the domain and payload.
     #[serde(with = "sig_bytes")]
     pub signature: [u8; 64],
-    /// The signed bytes.
+    /// The signed bytes, meaningful only under `domain` (for
+    /// [`MANIFEST_DOMAIN`], the bincode-encoded manifest).
     pub payload: Vec<u8>,
 }
 

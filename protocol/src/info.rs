@@ -31,7 +31,8 @@ const MAX_PEER_ID_LEN: usize = 128;
 pub enum ServerState {
     /// Starting up (loading weights); announced but not yet taking sessions.
     Joining,
-    /// Serving its range.
+    /// Serving its range and taking sessions; the only state the planner
+    /// routes through.
     #[default]
     Online,
     /// Left the swarm (graceful withdraw). Published as a tombstone so that
@@ -107,7 +108,7 @@ pub struct ServerInfo {
     pub max_sessions: u32,
     /// Context length (tokens of KV cache) each session gets.
     pub context_per_session: u32,
-    /// Lifecycle state.
+    /// Lifecycle state; chains are planned only through `Online` nodes.
     pub state: ServerState,
     /// Addresses the node listens on (multiaddr strings, without `/p2p/`).
     pub listen_addrs: Vec<String>,

@@ -44,14 +44,15 @@ pub enum DhtKey {
     Models,
     /// [`model_key`].
     Model {
-        /// The model id.
+        /// Model id named by the key (64 lowercase hex).
         model_id: String,
     },
     /// [`block_key`].
     Block {
-        /// The model id.
+        /// Model id named by the key (64 lowercase hex).
         model_id: String,
-        /// The block index.
+        /// Index of the block (transformer layer) in the whole model,
+        /// from 0.
         block: u32,
     },
     /// [`info_key`].

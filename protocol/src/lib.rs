@@ -34,7 +34,7 @@
 //! assert_eq!(checked.info.protocol_version, PROTOCOL_VERSION);
 //! ```
 
-#![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod act;
 mod bytes;

@@ -21,9 +21,9 @@ pub enum RecordError {
     /// The encoded record is larger than allowed.
     #[error("record is {size} bytes, more than the {max} allowed")]
     TooLarge {
-        /// Size of what was received.
+        /// Size of what was received, in bytes.
         size: usize,
-        /// The limit.
+        /// The largest size accepted, in bytes ([`VerifyLimits::max_bytes`]).
         max: usize,
     },
     /// The bytes do not decode (truncated, garbage, trailing bytes, bad key
@@ -53,17 +53,17 @@ pub enum RecordError {
     /// `expires_at_ms` is not after now.
     #[error("expired at {expires_at_ms} (now {now_ms}, unix ms)")]
     Expired {
-        /// Expiry in the record.
+        /// The record's `expires_at_ms`, unix time in milliseconds.
         expires_at_ms: u64,
-        /// The verifier's clock.
+        /// The verifier's clock, unix time in milliseconds.
         now_ms: u64,
     },
     /// `issued_at_ms` lies further in the future than the allowed clock skew.
     #[error("issued at {issued_at_ms}, in the future (now {now_ms}, unix ms)")]
     FromFuture {
-        /// Issue time in the record.
+        /// The record's `issued_at_ms`, unix time in milliseconds.
         issued_at_ms: u64,
-        /// The verifier's clock.
+        /// The verifier's clock, unix time in milliseconds.
         now_ms: u64,
     },
     /// The record claims a lifetime longer than allowed (or a non-positive
@@ -72,7 +72,8 @@ pub enum RecordError {
     TooLong {
         /// `expires_at_ms - issued_at_ms` (0 when negative).
         lifetime_ms: u64,
-        /// The limit.
+        /// The longest lifetime accepted, in milliseconds
+        /// ([`VerifyLimits::max_lifetime_ms`]).
         max_ms: u64,
     },
     /// The model id is not 64 lowercase hex characters.
@@ -81,17 +82,17 @@ pub enum RecordError {
     /// The layer range is empty or outside the model.
     #[error("bad layer range {start}..{end} of a {n_layers_total}-layer model")]
     BadRange {
-        /// Range start.
+        /// First layer of the claimed range (inclusive).
         start: u32,
         /// Range end (exclusive).
         end: u32,
-        /// Layers of the model.
+        /// Number of layers the record says the whole model has.
         n_layers_total: u32,
     },
     /// Another field is out of bounds.
     #[error("bad field {field}: {reason}")]
     BadField {
-        /// Which field.
+        /// Name of the offending [`ServerInfo`] field, e.g. `"throughput"`.
         field: &'static str,
         /// What is wrong with it.
         reason: String,
@@ -124,7 +125,7 @@ pub struct SignedServerInfo {
 pub struct VerifiedServerInfo {
     /// The peer the record describes (derived from its signing key).
     pub peer_id: PeerId,
-    /// The record.
+    /// What the record says, checked by [`ServerInfo::validate`].
     pub info: ServerInfo,
 }
 

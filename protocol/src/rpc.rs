@@ -50,7 +50,7 @@ pub enum InfoResponse {
 }
 
 impl InfoRequest {
-    /// Wire form.
+    /// The request in the protocol's bincode wire form.
     pub fn to_bytes(&self) -> Vec<u8> {
         wire::encode(self).unwrap_or_default()
     }
@@ -62,7 +62,7 @@ impl InfoRequest {
 }
 
 impl InfoResponse {
-    /// Wire form.
+    /// The response in the protocol's bincode wire form.
     pub fn to_bytes(&self) -> Vec<u8> {
         wire::encode(self).unwrap_or_default()
     }

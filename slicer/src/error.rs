@@ -12,9 +12,10 @@ pub enum GgufError {
     /// The file could not be opened, inspected or mapped.
     #[error("cannot read {}: {source}", path.display())]
     Io {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// The OS error.
+        /// What the OS reported for the open, `stat` or `mmap`.
         #[source]
         source: io::Error,
     },
@@ -23,7 +24,8 @@ pub enum GgufError {
     /// empty file).
     #[error("{} is not a GGUF model file (it does not start with the bytes \"GGUF\")", path.display())]
     NotGguf {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
     },
 
@@ -34,15 +36,18 @@ pub enum GgufError {
         path.display()
     )]
     Truncated {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// What was being read.
+        /// The structure being read, for people (e.g. `"the tensor count"`).
         what: String,
-        /// Where it starts.
+        /// Byte offset in the file where it starts (`u64::MAX` when the
+        /// offset itself overflows).
         offset: u64,
-        /// How many bytes it needs (at least).
+        /// How many bytes it needs, at least (`u64::MAX` when that
+        /// overflows).
         needed: u64,
-        /// The file length.
+        /// Length of the whole file, in bytes.
         file_len: u64,
     },
 
@@ -53,9 +58,10 @@ pub enum GgufError {
         path.display()
     )]
     UnsupportedVersion {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// The version found.
+        /// The version number in the header (2 and 3 are supported).
         version: u32,
     },
 
@@ -66,60 +72,67 @@ pub enum GgufError {
     /// A metadata value has a type tag that is not a GGUF type.
     #[error("{}: metadata key '{key}' has unknown value type {tag}", path.display())]
     UnknownValueType {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// The metadata key.
+        /// The metadata key whose value has the bad tag.
         key: String,
-        /// The type tag found.
+        /// The value type tag found (GGUF defines 0..=12).
         tag: u32,
     },
 
     /// A key, tensor name or string value is not valid UTF-8.
     #[error("{}: {what} is not valid UTF-8", path.display())]
     InvalidUtf8 {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// Which string.
+        /// Which string is invalid, for people (e.g. `"the name of tensor
+        /// #3"`).
         what: String,
     },
 
     /// A boolean value is neither 0 nor 1.
     #[error("{}: metadata key '{key}' holds the invalid boolean byte {value}", path.display())]
     InvalidBool {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// The metadata key.
+        /// The metadata key holding the boolean.
         key: String,
-        /// The byte found.
+        /// The byte found (only 0 and 1 are booleans).
         value: u8,
     },
 
     /// Arrays are nested deeper than this reader allows.
     #[error("{}: metadata key '{key}' nests arrays more than {max} deep", path.display())]
     TooDeep {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// The metadata key.
+        /// The metadata key holding the nested arrays.
         key: String,
-        /// The limit.
+        /// The deepest nesting this reader accepts.
         max: u32,
     },
 
     /// A metadata key is empty or appears twice.
     #[error("{}: invalid metadata key {key:?}: {reason}", path.display())]
     BadKey {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// The key.
+        /// The key as read (empty, or the duplicate).
         key: String,
-        /// What is wrong.
+        /// What is wrong: empty or duplicate.
         reason: &'static str,
     },
 
     /// `general.alignment` is not a non-zero power of two stored as `u32`.
     #[error("{}: general.alignment must be a u32 power of two, found {found}", path.display())]
     BadAlignment {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
         /// The value found, printed.
         found: String,
@@ -128,11 +141,12 @@ pub enum GgufError {
     /// A tensor info is invalid (shape, size, offset or duplicate name).
     #[error("{}: tensor '{name}' is invalid: {reason}", path.display())]
     BadTensor {
-        /// The file.
+        /// The GGUF being read (for [`crate::Gguf::from_bytes`], the name
+        /// given in its place).
         path: PathBuf,
-        /// The tensor name.
+        /// Name of the invalid tensor, as in the file.
         name: String,
-        /// What is wrong.
+        /// What is wrong with its shape, size, offset or name.
         reason: String,
     },
 }
@@ -149,9 +163,9 @@ pub enum WriteError {
     /// A tensor's type, shape or data is inconsistent.
     #[error("invalid tensor '{name}': {reason}")]
     BadTensor {
-        /// The tensor name.
+        /// Name of the tensor given to the writer.
         name: String,
-        /// What is wrong.
+        /// What is inconsistent (type, shape or data length).
         reason: String,
     },
 }
@@ -166,7 +180,7 @@ pub enum SliceError {
     /// The layer range has no layers (`start >= end`).
     #[error("layer range {start}..{end} is empty: the first layer must be lower than the end")]
     EmptyRange {
-        /// First layer.
+        /// First layer asked for (inclusive).
         start: u32,
         /// One past the last layer.
         end: u32,
@@ -175,11 +189,11 @@ pub enum SliceError {
     /// The layer range goes past the model's layers.
     #[error("layers {start}..{end} are out of range: model has {n_layers} layers (0..{n_layers})")]
     RangeOutOfBounds {
-        /// First layer.
+        /// First layer asked for (inclusive).
         start: u32,
-        /// One past the last layer.
+        /// One past the last layer asked for.
         end: u32,
-        /// Layers in the model.
+        /// Number of layers the model has (`block_count`).
         n_layers: u32,
     },
 
@@ -200,9 +214,9 @@ pub enum SliceError {
     /// A metadata key has the wrong type or an impossible value.
     #[error("model metadata key '{key}' is invalid: {reason}")]
     BadKey {
-        /// The key.
+        /// The metadata key, e.g. `llama.block_count`.
         key: String,
-        /// What is wrong.
+        /// What is wrong with its type or value.
         reason: String,
     },
 
@@ -222,7 +236,7 @@ pub enum SliceError {
         path.display()
     )]
     AlreadySliced {
-        /// The input file.
+        /// The input file that was given as a model to slice.
         path: PathBuf,
         /// The id of the model it was cut from.
         source_id: String,
@@ -237,7 +251,7 @@ pub enum SliceError {
         path.display()
     )]
     NotOriginalModel {
-        /// The input file.
+        /// The input file that was given as an original model.
         path: PathBuf,
         /// The id of the model it was made from (`"unknown"` if the file
         /// does not say).
@@ -282,11 +296,12 @@ pub enum SliceError {
     /// another type or shape, ...
     #[error("{} does not hold piece {piece}: {reason}", path.display())]
     PieceNotHeld {
-        /// The piece.
+        /// The piece that was asked for.
         piece: PieceId,
-        /// The file.
+        /// The model or slice file that was expected to hold it.
         path: PathBuf,
-        /// Why not.
+        /// Why the file does not hold it (missing layer, other type or
+        /// shape, ...).
         reason: String,
     },
 
@@ -297,7 +312,7 @@ pub enum SliceError {
          damaged or not from this model (fetch the piece again from another peer)"
     )]
     PieceMismatch {
-        /// The piece.
+        /// The piece whose received bytes failed verification.
         piece: PieceId,
         /// What the manifest says: `"<n> bytes"` when the length is wrong,
         /// else `"BLAKE3 <64 hex>"`.
@@ -310,27 +325,29 @@ pub enum SliceError {
     /// used (missing, unreadable, or not the piece's length).
     #[error("piece file {} for piece {piece} is unusable: {reason}", path.display())]
     PieceFile {
-        /// The piece.
+        /// The piece the file was given for.
         piece: PieceId,
-        /// The file.
+        /// The unusable piece file.
         path: PathBuf,
-        /// What is wrong.
+        /// What is wrong: cannot open, stat or map it, or its length is not
+        /// the piece's.
         reason: String,
     },
 
     /// The output path is the input file.
     #[error("refusing to overwrite the input model {} with a slice", path.display())]
     OutputIsInput {
-        /// The path.
+        /// The output path, which names an input file.
         path: PathBuf,
     },
 
     /// Creating, writing, syncing or renaming an output file failed.
     #[error("cannot write {}: {source}", path.display())]
     Io {
-        /// The file.
+        /// The file being created, written, synced, renamed or removed (for
+        /// the output, its temporary file until the rename).
         path: PathBuf,
-        /// The OS error.
+        /// What the OS reported.
         #[source]
         source: io::Error,
     },
@@ -338,9 +355,9 @@ pub enum SliceError {
     /// Producing the GGUF bytes failed.
     #[error("cannot write {}: {source}", path.display())]
     Write {
-        /// The file.
+        /// The temporary output file being written.
         path: PathBuf,
-        /// The cause.
+        /// The writer's complaint: bad metadata or an inconsistent tensor.
         #[source]
         source: WriteError,
     },

@@ -69,6 +69,33 @@ pub fn inspect(path: &Path) -> Result<ModelInfo, SliceError> {
     model_info(&g)
 }
 
+/// What a GGUF's header says about its layers, read without touching the
+/// tensor data (see [`model_layers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderLayers {
+    /// `general.architecture`, one of the supported ones.
+    pub arch: String,
+    /// Transformer blocks in this file (`{arch}.block_count`, checked
+    /// against the tensor count).
+    pub n_layers: u32,
+}
+
+/// The architecture and layer count of a GGUF from its header alone: the
+/// cheap check before anything is hashed or loaded. The architecture must
+/// be supported, and the layer count is sanity-checked as [`inspect`]
+/// checks it.
+pub fn model_layers(path: &Path) -> Result<HeaderLayers, SliceError> {
+    header_layers(&Gguf::open(path)?)
+}
+
+/// [`model_layers`] of a GGUF already open.
+pub fn header_layers(g: &Gguf) -> Result<HeaderLayers, SliceError> {
+    let arch = arch_of(g)?;
+    crate::supported_arch(&arch)?;
+    let n_layers = n_layers_of(g, &arch)?;
+    Ok(HeaderLayers { arch, n_layers })
+}
+
 /// Where a tensor belongs.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum TensorKind<'a> {
@@ -78,7 +105,8 @@ pub(crate) enum TensorKind<'a> {
     Embd,
     /// `output.weight`.
     Head,
-    /// Anything else.
+    /// Any other tensor (output norm, rope factors, ...): the globals
+    /// group, which slices copy.
     Global,
 }
 
@@ -323,7 +351,7 @@ pub(crate) fn n_vocab_from_metadata(g: &Gguf, arch: &str) -> Result<Option<u32>,
     Ok(None)
 }
 
-/// The token list key.
+/// The metadata key of the token list, whose length is the vocabulary size.
 pub(crate) const TOKENS: &str = "tokenizer.ggml.tokens";
 
 fn n_vocab_of(g: &Gguf, arch: &str, embd: &TensorInfo) -> Result<u32, SliceError> {

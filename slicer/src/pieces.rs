@@ -91,9 +91,9 @@ pub struct PieceTensor {
     /// Canonical name, as the group hash covers it: block tensors as
     /// `blk.N.<suffix>` (e.g. `blk.N.attn_q.weight`), others by their name.
     pub name: String,
-    /// ggml type id.
+    /// ggml type id (`enum ggml_type`), as in the source model.
     pub ggml_type: u32,
-    /// Shape in ggml order.
+    /// Shape in ggml order (innermost dimension first).
     pub dims: Vec<u64>,
     /// Data bytes (implied by type and shape).
     pub n_bytes: u64,
@@ -107,7 +107,8 @@ pub struct PieceTensor {
 /// A verifiable part of a model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Piece {
-    /// Which part.
+    /// Which part of the model this is: one block, the embedding, the head
+    /// or the other globals.
     pub id: PieceId,
     /// BLAKE3 (64 lowercase hex) of the piece: the corresponding
     /// [`ModelInfo`](crate::ModelInfo) group hash.
@@ -130,9 +131,10 @@ pub struct Manifest {
     pub model_id: String,
     /// `general.architecture`.
     pub arch: String,
-    /// Number of layers.
+    /// Number of layers (blocks) of the whole model; there is one
+    /// [`PieceId::Block`] per layer.
     pub n_layers: u32,
-    /// Hidden size.
+    /// Hidden size (width of a hidden state, `embedding_length`).
     pub n_embd: u32,
     /// Vocabulary size (as [`ModelInfo::n_vocab`](crate::ModelInfo::n_vocab)).
     pub n_vocab: u32,
@@ -254,7 +256,8 @@ impl Manifest {
         }
     }
 
-    /// The piece with this id.
+    /// The piece with this id, or `None` if the manifest lists none (e.g.
+    /// [`PieceId::Head`] of a model with tied embeddings).
     pub fn piece(&self, id: &PieceId) -> Option<&Piece> {
         self.pieces.iter().find(|p| p.id == *id)
     }
@@ -813,7 +816,7 @@ impl PieceHasher {
         }
     }
 
-    /// Bytes fed so far.
+    /// Bytes fed so far, counting any past the piece's end.
     pub fn bytes_received(&self) -> u64 {
         self.received
     }
@@ -880,10 +883,13 @@ fn map_piece(piece: &Piece, path: &Path) -> Result<PieceMap, SliceError> {
     let map = if len == 0 {
         None
     } else {
-        // SAFETY: read-only map; the caller must not modify or truncate
-        // piece files during the call (documented on
-        // `write_slice_from_pieces`), the same contract as `Gguf::open`.
-        // Every access is bounds-checked against the map's length.
+        // SAFETY: memmap2's contract is that the file is not modified or
+        // truncated while the map is in use, since the `&[u8]` it hands out
+        // would then change or fault under us. We map read-only and never
+        // write piece files here; that no one else does during the call is
+        // the documented condition of `write_slice_from_pieces`, the same as
+        // for `Gguf::open`. The map lives in the returned `PieceMap` and is
+        // only read through it.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| err(format!("cannot map it: {e}")))?;
         if map.len() as u64 != piece.n_bytes {
             return Err(err(format!(

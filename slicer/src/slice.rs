@@ -164,9 +164,9 @@ pub(crate) fn check_range(start: u32, end: u32, n: u32) -> Result<(), SliceError
 pub(crate) struct SrcTensor<'a> {
     /// Its name in the source model (blocks as `blk.{layer}.*`).
     pub name: String,
-    /// ggml type id.
+    /// ggml type id (`enum ggml_type`).
     pub ggml_type: u32,
-    /// Shape.
+    /// Shape in ggml order (innermost dimension first).
     pub dims: &'a [u64],
     /// Its bytes; `None` where the source does not have them (a piece that
     /// was not fetched). Only the tensors a slice copies need them.
@@ -181,11 +181,11 @@ pub(crate) struct SliceSource<'a> {
     pub metadata: &'a [(String, MetaValue)],
     /// `general.architecture`.
     pub arch: &'a str,
-    /// Layers of the model.
+    /// Number of layers (blocks) of the whole model.
     pub n_layers: u32,
-    /// Hidden size.
+    /// Hidden size (width of a hidden state).
     pub n_embd: u32,
-    /// The model id.
+    /// The id of the whole model, recorded in the slice's metadata.
     pub source_id: &'a str,
     /// The model's block hashes, by layer (to check the written slice).
     pub block_hashes: &'a [String],

@@ -16,6 +16,15 @@ use nakshatra_swarm::{spawn, Client, IdentityKeypair, Multiaddr, Role, ServerInf
 const NODES: usize = 20;
 const ANNOUNCERS: usize = 5;
 const LOOKUPS: usize = 200;
+/// Pause after starting the nodes so that identify and the Kademlia
+/// bootstrap fill the routing tables before anything is timed.
+const SETTLE: Duration = Duration::from_secs(2);
+/// Longest wait for the client to see every block covered: generous, it
+/// only keeps a broken swarm from hanging the benchmark.
+const COVERAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between two coverage checks: short, as it bounds the timing's
+/// resolution.
+const COVERAGE_POLL: Duration = Duration::from_millis(20);
 
 fn config(role: Role, bootstrap: Option<Multiaddr>) -> SwarmConfig {
     let mut c = match role {
@@ -79,7 +88,7 @@ async fn main() {
     }
     println!("started {NODES} nodes in {:?}", t.elapsed());
     // Let routing tables settle a little (identify + kad bootstrap).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(SETTLE).await;
 
     let (client, _) = start(Role::Client, nodes[0].1.clone()).await;
     let model = "5a".repeat(32);
@@ -98,11 +107,14 @@ async fn main() {
         if v.is_fully_covered() && v.peers.len() == ANNOUNCERS {
             break t.elapsed();
         }
-        if t.elapsed() > Duration::from_secs(60) {
-            println!("no full coverage after 60 s: gaps {:?}", v.gaps);
+        if t.elapsed() > COVERAGE_TIMEOUT {
+            println!(
+                "no full coverage after {COVERAGE_TIMEOUT:?}: gaps {:?}",
+                v.gaps
+            );
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(COVERAGE_POLL).await;
     };
     println!(
         "time to full coverage ({ANNOUNCERS} announcing nodes, 30 blocks, client sees all): {coverage:?}"

@@ -28,7 +28,9 @@ pub(crate) const KAD_MAX_PACKET: usize = 256 * 1024;
 /// provided by every serving node).
 pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 256;
 
-/// The node's behaviour.
+/// Every protocol a node speaks, composed into one libp2p behaviour: the
+/// private Kademlia DHT, identify, ping, optional mDNS, the info
+/// request-response protocol and raw streams.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<MemoryStore>,

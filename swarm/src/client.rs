@@ -188,12 +188,6 @@ impl Client {
             .await
     }
 
-    /// Every node providing `/nakshatra/1/models`, i.e. every serving node
-    /// the DHT knows of (up to 256 per storing node). Unverified.
-    pub async fn serving_peers(&self) -> Result<Vec<PeerId>, Stopped> {
-        Ok(sorted(self.providers(keys::MODELS_KEY).await?))
-    }
-
     /// Nodes providing `/nakshatra/1/model/{model_id}`. Unverified.
     pub async fn model_peers(&self, model_id: &str) -> Result<Vec<PeerId>, LookupError> {
         validate_model_id(model_id)?;
@@ -388,14 +382,16 @@ impl Client {
     /// Application-level round-trip time to `peer` over
     /// `/nakshatra/probe/1`: best of three nonce echoes on one stream (kept
     /// open for the next probe; dialling the peer if needed), within 3 s.
-    /// Includes the peer's [`crate::SwarmConfig::test_link_delay`]. `None`
+    /// Includes the peer's simulated link delay (test builds). `None`
     /// when no echo came back in time. `Some(0)` for this node itself.
     pub async fn probe_rtt(&self, peer: PeerId) -> Option<Duration> {
         probe::probe_rtt(self, peer).await
     }
 
-    /// This node's [`crate::SwarmConfig::test_link_delay`] (test-only
-    /// fault): the node applies it to its activation frames too.
+    /// This node's simulated link delay
+    /// ([`crate::SwarmConfig::test_link_delay`]): the node applies it to
+    /// its activation frames too. Test builds only.
+    #[cfg(feature = "fault-injection")]
     pub fn test_link_delay(&self) -> Option<Duration> {
         self.streams.test_link_delay
     }
@@ -477,8 +473,9 @@ impl Client {
 
     /// Puts `value` under `key` into the DHT as is: no signing, no checks.
     /// For fault-injection tests only (a node that publishes bad records);
-    /// honest code never needs it. Returns whether the put was started.
-    #[doc(hidden)]
+    /// honest code never needs it, and a production build does not have
+    /// it. Returns whether the put was started.
+    #[cfg(feature = "fault-injection")]
     pub async fn put_raw_record(&self, key: &str, value: Vec<u8>) -> Result<bool, Stopped> {
         let key = RecordKey::new(&key);
         self.call(|reply| Command::PutRaw { key, value, reply })

@@ -10,7 +10,8 @@ use nakshatra_protocol::rpc::{
     InfoRequest, InfoResponse, MAX_INFO_REQUEST_BYTES, MAX_INFO_RESPONSE_BYTES,
 };
 
-/// The codec (stateless).
+/// [`request_response::Codec`] of the info protocol; stateless, so one
+/// value serves every stream.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct InfoCodec;
 

@@ -68,11 +68,21 @@ pub struct SwarmConfig {
     /// every RTT measured *to* it (by askers, and by servers filling in
     /// their `next_rtts`) is inflated by it. The node applies the same delay
     /// to its activation frames ([`crate::Client::test_link_delay`]). This
-    /// sandbox has no tc/netem; never set it in production. Default `None`.
+    /// sandbox has no tc/netem. Only with the `fault-injection` feature
+    /// (tests); a production build has no such field. Default `None`.
+    #[cfg(feature = "fault-injection")]
     pub test_link_delay: Option<Duration>,
 }
 
 impl SwarmConfig {
+    /// The simulated link delay (test builds only; `None` otherwise).
+    pub(crate) fn link_delay(&self) -> Option<Duration> {
+        #[cfg(feature = "fault-injection")]
+        return self.test_link_delay;
+        #[cfg(not(feature = "fault-injection"))]
+        None
+    }
+
     /// Defaults for a serving node: listens on `/ip4/0.0.0.0/tcp/0`, mDNS
     /// on, 90 s TTL refreshed every 30 s.
     pub fn server() -> Self {
@@ -91,6 +101,7 @@ impl SwarmConfig {
             bootstrap_backoff_initial: Duration::from_secs(1),
             bootstrap_backoff_max: Duration::from_secs(30),
             agent_version: format!("nakshatra/{}", env!("CARGO_PKG_VERSION")),
+            #[cfg(feature = "fault-injection")]
             test_link_delay: None,
         }
     }

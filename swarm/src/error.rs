@@ -22,9 +22,9 @@ pub enum SwarmError {
     /// unsupported protocol).
     #[error("cannot listen on {addr}: {reason}")]
     Listen {
-        /// The address.
+        /// The configured listen address that was refused.
         addr: libp2p::Multiaddr,
-        /// Why.
+        /// The transport's reason, for people.
         reason: String,
     },
 }
@@ -74,9 +74,10 @@ pub enum InfoError {
     /// why the last candidate was refused, if there was one.
     #[error("no valid info for peer {peer}{}", last.as_ref().map(|e| format!(" (last refusal: {e})")).unwrap_or_default())]
     NotFound {
-        /// The peer.
+        /// The peer whose info was asked for.
         peer: PeerId,
-        /// Why the last candidate record was refused.
+        /// Why the last candidate record was refused; `None` when no
+        /// record was found at all.
         last: Option<RecordError>,
     },
     /// The event loop has stopped.

@@ -53,6 +53,12 @@ const MDNS_RETRY_DELAY: Duration = Duration::from_secs(1);
 const DEFER_LOOKUPS_MAX: Duration = Duration::from_secs(5);
 /// Most listen addresses put into a signed info.
 const MAX_ADVERTISED_ADDRS: usize = 16;
+/// Period of the housekeeping tick: bootstrap and mDNS re-dials, deferred
+/// lookups, expired-record pruning, and answering listen-address waiters
+/// (after a wildcard listener has reported every interface). It bounds how
+/// late those run, so it is short next to the 1 s mDNS retry delay and
+/// the bootstrap backoff, yet cheap: each tick only scans small maps.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_millis(250);
 
 /// Counters of what this node did with what it received.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -143,6 +149,8 @@ pub(crate) enum Command {
         key: RecordKey,
         reply: oneshot::Sender<Option<Vec<u8>>>,
     },
+    /// Test builds only (`Client::put_raw_record`).
+    #[cfg(feature = "fault-injection")]
     PutRaw {
         key: RecordKey,
         value: Vec<u8>,
@@ -264,7 +272,7 @@ impl EventLoop {
         let mut refresh = tokio::time::interval(self.config.refresh);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         refresh.tick().await; // the first tick is immediate
-        let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_PERIOD);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         tracing::info!(peer_id = %self.local_peer, role = ?self.config.role, "swarm node started");
@@ -405,6 +413,7 @@ impl EventLoop {
                     .map(|r| r.value.clone());
                 let _ = reply.send(value);
             }
+            #[cfg(feature = "fault-injection")]
             Command::PutRaw { key, value, reply } => {
                 let record = Record {
                     key,

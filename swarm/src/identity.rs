@@ -21,9 +21,9 @@ pub enum IdentityError {
     /// Reading, creating or writing the key file failed.
     #[error("identity file {path}: {source}")]
     Io {
-        /// The key file.
+        /// The key file being read or created.
         path: PathBuf,
-        /// The I/O error.
+        /// What the OS reported.
         source: io::Error,
     },
     /// The file exists but holds no usable key. It is left untouched:
@@ -33,9 +33,10 @@ pub enum IdentityError {
          create a new identity (the node's PeerId will change)"
     )]
     Corrupt {
-        /// The key file.
+        /// The key file, left untouched.
         path: PathBuf,
-        /// What is wrong.
+        /// What is wrong with its content (a length that is no known key
+        /// format, a key that does not decode, a non-ed25519 key).
         reason: String,
     },
     /// The keypair is not ed25519.

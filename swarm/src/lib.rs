@@ -60,12 +60,13 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod behaviour;
 mod client;
 mod codec;
 mod config;
+mod connect;
 mod error;
 mod event_loop;
 mod identity;
@@ -84,6 +85,7 @@ use tokio::{
 pub use behaviour::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 pub use client::Client;
 pub use config::{Role, SwarmConfig};
+pub use connect::{Handshake, OpenError, Reopen, WaitError};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
 pub use event_loop::SwarmStats;
 pub use identity::{load_or_create_identity, signing_key, IdentityError};
@@ -137,8 +139,8 @@ pub async fn spawn(
     // Dropped with the event loop: ends the probe server and next-hop task.
     let (stop_tx, stop_rx) = watch::channel(());
     let trigger = Arc::new(Notify::new());
-    let client = Client::new(tx, peer_id, control.clone(), config.test_link_delay);
-    probe::spawn_probe_server(control, config.test_link_delay, stop_rx.clone());
+    let client = Client::new(tx, peer_id, control.clone(), config.link_delay());
+    probe::spawn_probe_server(control, config.link_delay(), stop_rx.clone());
     if config.role == Role::Server {
         probe::spawn_next_hop_task(client.downgrade(), trigger.clone(), config.refresh, stop_rx);
     }

@@ -75,9 +75,9 @@ impl Default for PlanOptions {
 /// One hop of a [`Chain`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Hop {
-    /// The serving peer.
+    /// The peer that runs this hop's blocks.
     pub peer_id: PeerId,
-    /// First block it runs.
+    /// First block it runs (inclusive).
     pub start: u32,
     /// End of its range (exclusive).
     pub end: u32,
@@ -112,7 +112,7 @@ pub enum PlanError {
     /// Nobody serves the model (or it is unknown).
     #[error("model {model_id} is not served by any peer")]
     NoModel {
-        /// The model.
+        /// The model id asked for (64 lowercase hex).
         model_id: String,
     },
     /// Some blocks cannot be run: no usable peer (online, with a free
@@ -124,7 +124,7 @@ pub enum PlanError {
         Blocks(missing)
     )]
     Uncovered {
-        /// The model.
+        /// The model id asked for (64 lowercase hex).
         model_id: String,
         /// Maximal runs of such blocks, half-open `[start, end)`, sorted.
         missing: Vec<[u32; 2]>,

@@ -26,6 +26,7 @@ use tokio::{
 
 use crate::{
     client::{Client, WeakClient},
+    connect::{Handshake, Reopen},
     event_loop::Command,
 };
 
@@ -112,42 +113,48 @@ pub(crate) async fn probe_rtt(client: &Client, peer: PeerId) -> Option<Duration>
 }
 
 async fn probe_rounds(client: &Client, peer: PeerId, best: &mut Option<Duration>) {
-    let cached = client.take_probe_stream(peer);
-    // A kept stream may have died with its connection, and a fresh one may
-    // be dropped by a busy receiver before its accept loop takes it
-    // (libp2p-stream buffers no inbound streams): reopen a few times.
-    let mut reopens_left: u32 = if cached.is_some() { 3 } else { 2 };
-    let mut stream = match cached {
-        Some(s) => s,
-        None => match client.open_stream(peer, PROBE).await {
-            Ok(s) => s,
+    let mut record = |rtt: Duration| *best = Some(best.map_or(rtt, |b| b.min(rtt)));
+    // A kept stream may have died with its connection: one round tells.
+    let mut kept = client.take_probe_stream(peer);
+    if let Some(s) = kept.as_mut() {
+        match round_trip(s).await {
+            Ok(rtt) => record(rtt),
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "cannot open a probe stream");
-                return;
+                tracing::trace!(%peer, error = %e, "kept probe stream failed; opening another");
+                kept = None;
             }
-        },
-    };
-    stream.ignore_for_keep_alive();
-    let mut done = 0;
-    while done < PROBE_ROUNDS {
-        match round_trip(&mut stream).await {
-            Ok(rtt) => {
-                *best = Some(best.map_or(rtt, |b| b.min(rtt)));
-                done += 1;
-            }
-            Err(e) if reopens_left > 0 => {
-                tracing::trace!(%peer, error = %e, "probe stream failed; opening another");
-                reopens_left -= 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                stream = match client.open_stream(peer, PROBE).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "cannot open a probe stream");
-                        return;
+        }
+    }
+    let mut stream = match kept {
+        Some(s) => s,
+        None => {
+            let opened = client
+                .open_stream_with(peer, PROBE, Reopen::DEFAULT, |mut s| async move {
+                    s.ignore_for_keep_alive();
+                    match round_trip(&mut s).await {
+                        Ok(rtt) => Ok((s, rtt)),
+                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                            Err(Handshake::Failed(e))
+                        }
+                        Err(e) => Err(Handshake::Dropped(e)),
                     }
-                };
-                stream.ignore_for_keep_alive();
+                })
+                .await;
+            match opened {
+                Ok((s, rtt)) => {
+                    record(rtt);
+                    s
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot probe");
+                    return;
+                }
             }
+        }
+    };
+    for _ in 1..PROBE_ROUNDS {
+        match round_trip(&mut stream).await {
+            Ok(rtt) => record(rtt),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "probe failed");
                 return;

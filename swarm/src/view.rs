@@ -50,7 +50,7 @@ pub struct ModelView {
 /// plus the locally measured RTT).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerView {
-    /// The peer.
+    /// The serving peer, whose key signed the info shown.
     pub peer_id: PeerId,
     /// Held blocks, half-open `[start, end)`.
     pub range: [u32; 2],
@@ -65,13 +65,13 @@ pub struct PeerView {
     pub state: ServerState,
     /// Sessions it can open now.
     pub free_sessions: u32,
-    /// Sessions it can hold.
+    /// Sessions it can hold at most.
     pub max_sessions: u32,
-    /// Context tokens per session.
+    /// Context tokens (KV cache) each session gets.
     pub context_per_session: u32,
-    /// Hidden-state width.
+    /// Hidden-state width (floats per token between hops).
     pub n_embd: u32,
-    /// Its devices.
+    /// The compute devices it announced (name, backend, memory).
     pub devices: Vec<DeviceInfo>,
     /// Addresses it announced.
     pub listen_addrs: Vec<String>,

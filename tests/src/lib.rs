@@ -2,9 +2,9 @@
 //! 127.0.0.1 (or inside network namespaces the tests create).
 //!
 //! The tests run the release binary the README's test command builds
-//! (`target/release/nakshatra`), or the one named by `NAKSHATRA_BIN`.
-
-#![warn(missing_docs)]
+//! (`target/release/nakshatra`, with the `fault-injection` feature: some
+//! tests start nodes with the hidden `--fault` and `--test-link-delay-ms`
+//! flags), or the one named by `NAKSHATRA_BIN`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ pub fn nakshatra_bin() -> PathBuf {
     let p = target.join("release/nakshatra");
     assert!(
         p.exists(),
-        "{} is missing: build it first (cargo build --release -p nakshatra)",
+        "{} is missing: build it first (cargo build --release -p nakshatra --features fault-injection)",
         p.display()
     );
     p

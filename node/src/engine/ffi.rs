@@ -38,30 +38,38 @@ pub enum FfiError {
     /// llama.cpp refused to load the file.
     #[error("llama.cpp could not load model {path}")]
     LoadModel {
-        /// The file.
+        /// The GGUF that `llama_model_load_from_file` refused (llama.cpp
+        /// logs the reason through `tracing`).
         path: String,
     },
     /// llama.cpp refused to create a context.
     #[error("llama.cpp could not create a context (n_ctx {n_ctx}, sessions {n_seq})")]
     NewContext {
-        /// Total context size asked for.
+        /// Total context asked for, in tokens over all sequences
+        /// (`n_ctx_seq × n_seq`, saturating).
         n_ctx: u32,
-        /// Sequences asked for.
+        /// Number of independent sequences (sessions) asked for.
         n_seq: u32,
     },
-    /// `llama_decode` failed.
+    /// `llama_decode` returned this non-zero code (1: no KV slot for the
+    /// batch, 2: aborted, -1: invalid batch, < -1: fatal).
     #[error("llama_decode failed with code {0}")]
     Decode(i32),
-    /// The eval callback saw an unexpected tensor.
+    /// The eval callback saw the capture tensor in a form it cannot copy
+    /// (not contiguous F32), or the engine got a capture of the wrong size;
+    /// the message says which.
     #[error("hidden-state capture failed: {0}")]
     Capture(String),
-    /// A path or string had an interior NUL.
+    /// A path or tensor name had an interior NUL byte, so it cannot be
+    /// passed to C.
     #[error("string contains a NUL byte")]
     Nul,
-    /// llama.cpp returned no logits for a row.
+    /// llama.cpp returned no logits for this output row (`-1`: the last
+    /// one), e.g. because the last decode did not request it.
     #[error("no logits for output row {0}")]
     NoLogits(i32),
-    /// A ggml type has no float conversion.
+    /// This ggml type id is unknown, has no `to_float`, or does not fit the
+    /// requested element count and byte length.
     #[error("ggml type {0} cannot be converted to f32")]
     NoToFloat(u32),
 }
@@ -69,15 +77,19 @@ pub enum FfiError {
 /// Parameters for a context; see [`RawContext::new`].
 #[derive(Debug, Clone)]
 pub struct ContextParams {
-    /// Tokens per sequence.
+    /// KV cache size of each sequence, in tokens (llama.cpp may pad it up;
+    /// see [`RawContext::n_ctx_seq`]).
     pub n_ctx_seq: u32,
-    /// Number of sequences (sessions).
+    /// Number of independent sequences (sessions), each with its own
+    /// `n_ctx_seq` tokens of KV cache.
     pub n_seq: u32,
-    /// Logical batch (largest single `llama_decode`).
+    /// Logical batch: the most tokens one `llama_decode` may take.
     pub n_batch: u32,
-    /// Physical micro-batch.
+    /// Physical micro-batch: llama.cpp splits a decode into graphs of at
+    /// most this many tokens (the eval callback runs once per micro-batch).
     pub n_ubatch: u32,
-    /// Threads for decode and for prefill.
+    /// CPU threads used both for single-token decodes and for prefill
+    /// batches.
     pub n_threads: i32,
     /// Name of the tensor to capture in every micro-batch (hidden-state
     /// hand-off), or `None` for a context that produces logits.
@@ -89,10 +101,17 @@ pub struct RawModel {
     ptr: NonNull<sys::llama_model>,
 }
 
-// SAFETY: a loaded llama_model is read-only; llama.cpp supports using one
-// model from several contexts on several threads.
+// SAFETY: a `llama_model` has no thread affinity: it is plain heap state
+// plus backend buffers, and freeing it from another thread than the one that
+// loaded it is fine (llama-cpp-2's `LlamaModel` is `Send` for the same
+// reason).
 unsafe impl Send for RawModel {}
-// SAFETY: see above; no method mutates the model.
+// SAFETY: after `llama_model_load_from_file` returns, llama.cpp never writes
+// to the model: every function we call on it (`llama_model_n_*`,
+// `llama_model_get_vocab`, `llama_vocab_n_tokens`, `llama_init_from_model`)
+// takes it as read-only, and llama.cpp documents sharing one model between
+// several contexts used on several threads. `&RawModel` exposes nothing
+// else.
 unsafe impl Sync for RawModel {}
 
 impl RawModel {
@@ -100,8 +119,11 @@ impl RawModel {
     /// that a GPU backend can take (none on a CPU build).
     pub fn load(path: &Path, n_gpu_layers: i32) -> Result<Self, FfiError> {
         let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| FfiError::Nul)?;
-        // SAFETY: default params are plain data; the path is a valid C string
-        // that outlives the call.
+        // SAFETY: `llama_model_default_params` takes nothing and returns a
+        // plain struct by value (its pointer fields are null or static).
+        // `cpath` is a NUL-terminated string that lives until the end of this
+        // function; llama.cpp only reads it during the call and does not
+        // keep it. A failed load returns null, checked below.
         let ptr = unsafe {
             let mut params = sys::llama_model_default_params();
             params.n_gpu_layers = n_gpu_layers;
@@ -116,21 +138,26 @@ impl RawModel {
 
     /// Width of the hidden state.
     pub fn n_embd(&self) -> u32 {
-        // SAFETY: valid model pointer (type invariant).
+        // SAFETY: `self.ptr` is a live model (non-null from load, freed only
+        // in Drop); the call only reads its hyper-parameters.
         let n = unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()) };
         u32::try_from(n).unwrap_or(0)
     }
 
     /// Number of transformer blocks in this file.
     pub fn n_layer(&self) -> u32 {
-        // SAFETY: valid model pointer.
+        // SAFETY: `self.ptr` is a live model (non-null from load, freed only
+        // in Drop); the call only reads its hyper-parameters.
         let n = unsafe { sys::llama_model_n_layer(self.ptr.as_ptr()) };
         u32::try_from(n).unwrap_or(0)
     }
 
     /// Number of tokens in the vocabulary (1 for a slice without vocab).
     pub fn n_vocab(&self) -> u32 {
-        // SAFETY: valid model pointer; the vocab lives as long as the model.
+        // SAFETY: `self.ptr` is a live model; `llama_model_get_vocab`
+        // returns a pointer to the vocabulary embedded in the model (never
+        // null, lives as long as the model), which `llama_vocab_n_tokens`
+        // only reads before we return.
         let n = unsafe { sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(self.ptr.as_ptr())) };
         u32::try_from(n).unwrap_or(0)
     }
@@ -138,28 +165,50 @@ impl RawModel {
 
 impl Drop for RawModel {
     fn drop(&mut self) {
-        // SAFETY: we own the pointer; contexts hold an Arc so none outlive it.
+        // SAFETY: `self.ptr` came from `llama_model_load_from_file`, is owned
+        // by this value alone and is freed only here, once. Every context
+        // made from it holds an `Arc<RawModel>`, so this runs after the last
+        // context has been freed.
         unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
     }
 }
 
 /// State shared with the eval callback: which tensor to copy and where.
 struct Capture {
+    /// Name of the graph tensor to copy (`l_out-<last layer>`).
     target: CString,
+    /// Rows captured during the current `llama_decode`, appended once per
+    /// micro-batch in batch order; cleared before each decode.
     out: Vec<f32>,
+    /// Why the capture failed during the current decode, if it did.
     error: Option<String>,
 }
 
 /// `ggml_backend_sched_eval_callback`: with `ask`, says whether we want the
 /// tensor; without, copies it (F32, contiguous) into [`Capture::out`].
+///
+/// # Safety
+///
+/// Only llama.cpp calls this, as the `cb_eval` of a context made by
+/// [`RawContext::new`], synchronously on the thread inside `llama_decode`.
+/// `t` must be null or a tensor of the graph being computed (allocated and,
+/// when `ask` is false, computed), and `user` null or the `Capture` given as
+/// `cb_eval_user_data`, with no other reference to it live during the call.
 unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
     if t.is_null() || user.is_null() {
         return !ask;
     }
-    // SAFETY: `user` is the boxed Capture owned by the RawContext that is
-    // inside llama_decode right now (see module invariants); `t` is a live
-    // tensor for the duration of the callback.
+    // SAFETY: `user` is the `cb_eval_user_data` that `RawContext::new` set:
+    // the address of its boxed `Capture`, which lives (and does not move) as
+    // long as the context. llama.cpp only calls back from inside
+    // `llama_decode`, which `RawContext::decode` calls holding `&mut self`
+    // and without touching the box during the call, so this is the only
+    // reference to the `Capture` while it lives.
     let cap = unsafe { &mut *user.cast::<Capture>() };
+    // SAFETY: `t` is a non-null graph tensor (checked above) that ggml keeps
+    // alive during the callback. `ggml_get_name` returns a pointer to its
+    // fixed-size `name` array, which ggml always NUL-terminates; `name`
+    // borrows it only within this call.
     let name = unsafe { CStr::from_ptr(sys::ggml_get_name(t)) };
     if ask {
         return name == cap.target.as_c_str();
@@ -167,8 +216,13 @@ unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut 
     if name != cap.target.as_c_str() {
         return true;
     }
-    // SAFETY: `t` is valid; we only read its header and copy its data into a
-    // buffer of exactly nbytes.
+    // SAFETY: `t` is a live tensor that nothing writes while the callback
+    // runs, so reading its header through `&*t` is fine. With `ask` false
+    // the scheduler has computed it, so its backend buffer is set, as
+    // `ggml_backend_tensor_get` requires. We copy only once it is contiguous
+    // F32, so `ggml_nbytes(t)` is exactly `n` f32s; `cap.out` was just grown
+    // by `n` elements, so the destination `out[start..start + n]` holds
+    // `nbytes` bytes, and the source range `0..nbytes` is the whole tensor.
     unsafe {
         let tensor = &*t;
         if tensor.type_ != sys::GGML_TYPE_F32 || !sys::ggml_is_contiguous(t) {
@@ -198,13 +252,22 @@ unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut 
 pub struct RawContext {
     // Field order matters: the context is dropped (in Drop) before the
     // capture box and the model Arc are released.
+    /// The context; non-null, owned, freed once in Drop.
     ptr: NonNull<sys::llama_context>,
+    /// The eval callback's state, whose address llama.cpp holds as
+    /// `cb_eval_user_data`; `None` for a context that produces logits.
     capture: Option<Box<Capture>>,
+    /// Keeps the model alive for as long as the context uses it.
     _model: Arc<RawModel>,
 }
 
-// SAFETY: a llama_context may move between threads as long as one thread
-// uses it at a time, which `&mut self` on every call enforces.
+// SAFETY: a `llama_context` keeps no state tied to the thread that created
+// it (its thread pools and backend streams are owned by the context and
+// serve whichever thread calls in), so it may be used and freed on another
+// thread than the one that created it as long as calls never overlap. Every
+// method that calls llama.cpp takes `&mut self`, and `RawContext` is not
+// `Sync`, so calls never overlap. The capture box and the model `Arc` that
+// travel with it are `Send` too.
 unsafe impl Send for RawContext {}
 
 impl RawContext {
@@ -220,9 +283,14 @@ impl RawContext {
             None => None,
         };
         let n_ctx = p.n_ctx_seq.saturating_mul(p.n_seq);
-        // SAFETY: default params are plain data; the model pointer is valid
-        // (kept alive by the Arc stored in the result); the capture box
-        // outlives the context (see Drop).
+        // SAFETY: `llama_context_default_params` returns a plain struct by
+        // value. `model.ptr` is a live model, and the `Arc` moved into the
+        // result keeps it alive until after the context is freed (Drop).
+        // `capture_cb` matches `ggml_backend_sched_eval_callback`, and its
+        // user data is the heap address of the boxed `Capture`, which the
+        // result also owns: it does not move when the box does and is freed
+        // only after `llama_free` (Drop), so llama.cpp never calls back with
+        // a dangling pointer. A failed init returns null, checked below.
         let ptr = unsafe {
             let mut c = sys::llama_context_default_params();
             c.n_ctx = n_ctx;
@@ -252,13 +320,17 @@ impl RawContext {
 
     /// Tokens per sequence as llama.cpp settled it (padded up to 256).
     pub fn n_ctx_seq(&self) -> u32 {
-        // SAFETY: valid context.
+        // SAFETY: `self.ptr` is a live context (non-null from
+        // `llama_init_from_model`, freed only in Drop); the call only reads
+        // its parameters.
         unsafe { sys::llama_n_ctx_seq(self.ptr.as_ptr()) }
     }
 
     /// Changes the thread count for later decodes.
     pub fn set_threads(&mut self, n: i32) {
-        // SAFETY: valid context.
+        // SAFETY: `self.ptr` is a live context and `&mut self` means no
+        // other call on it is in progress. llama.cpp only stores the counts
+        // for later decodes (the engine passes at least 1).
         unsafe { sys::llama_set_n_threads(self.ptr.as_ptr(), n, n) }
     }
 
@@ -269,8 +341,18 @@ impl RawContext {
             cap.out.clear();
             cap.error = None;
         }
-        // SAFETY: valid context; the batch was filled within its capacity and
-        // `n_tokens` set accordingly (RawBatch invariant).
+        // SAFETY: `self.ptr` is a live context and `&mut self` means no other
+        // call on it is in progress (and that the capture box is not
+        // borrowed while the callback uses it). `batch` is borrowed for the
+        // whole call, and its first `n_tokens` entries of `token` or `embd`,
+        // `pos`, `n_seq_id`, `seq_id[i][0]` and `logits` are all initialised
+        // (RawBatch invariant). llama.cpp validates token ids against the
+        // vocabulary, sequence ids against `n_seq_max` and positions against
+        // the KV cache, and returns an error code for bad ones. What it
+        // cannot check is the width of `embd` rows: it reads `n_embd` of the
+        // model floats per token, so an embedding batch must be built with
+        // the model's `n_embd` (the engine passes `layout.n_embd`, which is
+        // `RawModel::n_embd`).
         let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
         if rc != 0 {
             return Err(FfiError::Decode(rc));
@@ -288,8 +370,14 @@ impl RawContext {
 
     /// Logits of output row `i` of the last decode (`-1`: the last row).
     pub fn logits(&mut self, i: i32, n_vocab: usize) -> Result<Vec<f32>, FfiError> {
-        // SAFETY: valid context; llama.cpp returns null for rows it has no
-        // logits for, else a pointer to n_vocab floats owned by the context.
+        // SAFETY: `self.ptr` is a live context and `&mut self` means no other
+        // call on it is in progress. `llama_get_logits_ith` returns null for
+        // a row it has no logits for (checked), else a pointer into the
+        // context's logits buffer at the start of a row of
+        // `llama_vocab_n_tokens(vocab)` floats. The caller must pass at most
+        // that many as `n_vocab` (the engine passes `RawModel::n_vocab`, the
+        // same count). The buffer is not touched until the next decode,
+        // which needs `&mut self`, and we copy the row out before returning.
         unsafe {
             let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), i);
             if p.is_null() {
@@ -301,29 +389,45 @@ impl RawContext {
 
     /// Removes positions `[p0, ∞)` of sequence `seq` from the KV cache.
     pub fn seq_rm(&mut self, seq: i32, p0: i32) -> bool {
-        // SAFETY: valid context; the memory handle belongs to it.
+        // SAFETY: `self.ptr` is a live context and `&mut self` means no other
+        // call on it is in progress. `llama_get_memory` returns its KV cache
+        // (owned by the context), used only for this call. A negative `p0`
+        // is clamped to 0; a `seq` outside `0..n_seq_max` would abort the
+        // process in a `GGML_ASSERT` (not touch memory), and the engine only
+        // passes ids it took from `0..n_seq`.
         unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), seq, p0, -1) }
     }
 }
 
 impl Drop for RawContext {
     fn drop(&mut self) {
-        // SAFETY: we own the context; the capture box and the model are still
-        // alive here (fields drop after this body).
+        // SAFETY: `self.ptr` came from `llama_init_from_model`, is owned by
+        // this value alone and is freed only here, once. The capture box
+        // (the callback's user data) and the model `Arc` are fields, so they
+        // are dropped after this body: both outlive the context.
         unsafe { sys::llama_free(self.ptr.as_ptr()) }
     }
 }
 
 /// What a batch carries per token.
 pub enum BatchInput<'a> {
-    /// Token ids.
+    /// Token ids, one row per token.
     Tokens(&'a [i32]),
     /// Row-major hidden states, `n_embd` floats per token.
-    Embd { data: &'a [f32], n_embd: usize },
+    Embd {
+        /// `n_tokens × n_embd` floats, token after token.
+        data: &'a [f32],
+        /// Width of one row; must be the model's `n_embd`, since llama.cpp
+        /// reads that many floats per token.
+        n_embd: usize,
+    },
 }
 
 /// An owned `llama_batch` for one sequence.
 pub struct RawBatch {
+    /// Allocated by `llama_batch_init` for exactly `n_tokens` tokens, one
+    /// sequence id each, with every per-token entry initialised; freed once
+    /// in Drop.
     raw: sys::llama_batch,
 }
 
@@ -345,9 +449,18 @@ impl RawBatch {
         if n == 0 {
             return None;
         }
-        // SAFETY: llama_batch_init allocates every array for n tokens (embd
-        // for n*embd floats when embd > 0, else token) and 1 seq id each; we
-        // write exactly those ranges below and free the batch in Drop.
+        // SAFETY: `llama_batch_init(n, embd, 1)` mallocs `embd` for `n × embd`
+        // floats when `embd > 0`, else `token` for `n` ids, and `pos`,
+        // `n_seq_id`, `logits` for `n` entries and `seq_id` for `n` pointers
+        // to one id each (it leaves them uninitialised and, like malloc
+        // failure anywhere in llama.cpp, does not report a failed
+        // allocation). The copy reads `n` ids from `t` (`n == t.len()`) or
+        // `n × embd` floats from `data` (`data.len()` checked above) into
+        // the matching array, which cannot overlap memory we were lent; the
+        // loop writes entries `0..n` of each array, so every entry llama.cpp
+        // will read is initialised. `n` and `embd` fit in `i32` (checked
+        // above) and llama.cpp multiplies them in `size_t`, so the sizes it
+        // allocates do not overflow. The batch is freed in Drop.
         unsafe {
             let mut raw = sys::llama_batch_init(n_i32, embd_i32, 1);
             match input {
@@ -372,7 +485,10 @@ impl RawBatch {
 
 impl Drop for RawBatch {
     fn drop(&mut self) {
-        // SAFETY: allocated by llama_batch_init, freed once.
+        // SAFETY: `self.raw` came from `llama_batch_init`, is owned by this
+        // value alone (`RawBatch` is neither `Clone` nor `Copy`) and is freed
+        // only here, once. Its `seq_id` array is null-terminated by
+        // `llama_batch_init`, as `llama_batch_free` needs.
         unsafe { sys::llama_batch_free(self.raw) }
     }
 }
@@ -385,9 +501,14 @@ pub fn ggml_to_f32(ty: u32, src: &[u8], n_elems: usize) -> Result<Vec<f32>, FfiE
         return Err(FfiError::NoToFloat(ty));
     }
     let mut out = vec![0f32; n_elems];
-    // SAFETY: ggml_get_type_traits returns a static table entry for valid
-    // types (checked by row_size); to_float reads row_size(ty, n) bytes,
-    // which `src` holds, and writes n floats into `out`.
+    // SAFETY: `row_size` succeeded, so `ty < GGML_TYPE_COUNT` (ggml indexes
+    // its static type table with it and only `assert`s the bound, which
+    // release builds drop) and `n_elems` is a whole number of blocks.
+    // `src.len()` is exactly `row_size(ty, n_elems)`, the bytes `to_float`
+    // (and the F32 copy) read for `n_elems` elements, and `out` holds
+    // `n_elems` f32s, what they write. `src` and the fresh `out` do not
+    // overlap, as `copy_nonoverlapping` and `to_float`'s `restrict`
+    // parameters need.
     unsafe {
         let traits = sys::ggml_get_type_traits(ty as sys::ggml_type);
         if traits.is_null() {
@@ -412,25 +533,34 @@ pub fn row_size(ty: u32, n: usize) -> Result<usize, FfiError> {
     if ty >= sys::GGML_TYPE_COUNT {
         return Err(FfiError::NoToFloat(ty));
     }
-    // SAFETY: ty is a valid ggml_type (checked above); pure function.
+    // SAFETY: `ggml_blck_size` indexes ggml's static type table, checking
+    // the bound only with `assert` (gone in release builds);
+    // `ty < GGML_TYPE_COUNT` was checked above, so the index is in bounds.
+    // It reads nothing else.
     let bs = unsafe { sys::ggml_blck_size(ty as sys::ggml_type) };
     if bs <= 0 || n as i64 % bs != 0 {
         return Err(FfiError::NoToFloat(ty));
     }
-    // SAFETY: as above.
+    // SAFETY: `ty < GGML_TYPE_COUNT` (checked above), so the table lookups
+    // in `ggml_row_size` are in bounds, and `bs > 0` with `n` a multiple of
+    // it, so its division is defined and exact.
     Ok(unsafe { sys::ggml_row_size(ty as sys::ggml_type, n as i64) })
 }
 
 /// Sampler parameters (llama.cpp's sampler chain).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerSpec {
-    /// 0 or less: greedy.
+    /// Softmax temperature; 0 or less means greedy (always the most likely
+    /// token, no randomness).
     pub temperature: f32,
-    /// 0: off.
+    /// Keep only the `top_k` most likely tokens before drawing; 0 or less:
+    /// off.
     pub top_k: i32,
-    /// 1.0: off.
+    /// Nucleus sampling: keep the smallest set of tokens whose probability
+    /// sums to at least `top_p`; 1.0 or more: off.
     pub top_p: f32,
-    /// Seed of the random draw.
+    /// Seed of the random draw (unused when greedy); the same seed and
+    /// logits give the same tokens.
     pub seed: u32,
 }
 
@@ -439,15 +569,22 @@ pub struct RawSampler {
     ptr: NonNull<sys::llama_sampler>,
 }
 
-// SAFETY: a sampler chain is plain state used by one thread at a time.
+// SAFETY: a sampler chain (and each sampler llama.cpp's built-in
+// constructors put in it) is plain heap state with no thread affinity, so
+// it may be used and freed on another thread. Every method that calls
+// llama.cpp takes `&mut self` and `RawSampler` is not `Sync`, so calls never
+// overlap.
 unsafe impl Send for RawSampler {}
 
 impl RawSampler {
     /// Greedy when `temperature <= 0`, else top-k → top-p → temperature →
     /// seeded draw (llama.cpp's usual order).
     pub fn new(spec: &SamplerSpec) -> Option<Self> {
-        // SAFETY: the chain takes ownership of every sampler added to it and
-        // frees them with itself.
+        // SAFETY: the `llama_sampler_init_*` constructors take plain values
+        // and return new heap samplers. A null chain is checked (and nothing
+        // else is allocated yet); `llama_sampler_chain_add` takes ownership
+        // of each sampler added, so each is freed exactly once, with the
+        // chain, by `llama_sampler_free` in Drop.
         unsafe {
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
             let chain = NonNull::new(chain)?;
@@ -485,8 +622,12 @@ impl RawSampler {
             selected: -1,
             sorted: false,
         };
-        // SAFETY: `arr` points into `data`, which outlives both calls;
-        // samplers may shrink `size` or re-point `data` within the array.
+        // SAFETY: `self.ptr` is a live chain and `&mut self` means no other
+        // call on it is in progress. `arr` describes `data`, which lives
+        // until the end of this function; the built-in samplers only sort,
+        // rewrite or shrink that array in place (`size` never grows) and
+        // set `selected`. So reading element `sel` after checking
+        // `sel < arr.size` and `arr.data` non-null stays within `data`.
         unsafe {
             sys::llama_sampler_apply(self.ptr.as_ptr(), &mut arr);
             let sel = usize::try_from(arr.selected).ok()?;
@@ -502,14 +643,24 @@ impl RawSampler {
 
 impl Drop for RawSampler {
     fn drop(&mut self) {
-        // SAFETY: owned chain, freed once (frees its members too).
+        // SAFETY: `self.ptr` came from `llama_sampler_chain_init`, is owned
+        // by this value alone and is freed only here, once; freeing the
+        // chain frees the samplers it owns.
         unsafe { sys::llama_sampler_free(self.ptr.as_ptr()) }
     }
 }
 
 /// llama.cpp's system info line (SIMD features, backends).
+///
+/// Must not run on two threads at once (see the SAFETY comment): call it
+/// through `engine::system_info`, which calls it at most once per process.
 pub fn system_info() -> String {
-    // SAFETY: returns a static NUL-terminated string.
+    // SAFETY: `llama_print_system_info` rebuilds a function-local static
+    // `std::string` and returns its `c_str()`: a NUL-terminated string that
+    // stays valid until the next call. We copy it out before returning, so
+    // the pointer is not used after this call. Two calls at once would race
+    // on that static, which is why the only caller, `engine::system_info`,
+    // runs this once behind a `OnceLock`.
     unsafe {
         let p: *const c_char = sys::llama_print_system_info();
         if p.is_null() {

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use nakshatra_slicer::{Gguf, MetaValue, TensorInfo};
+use nakshatra_slicer::{keys, Gguf, MetaValue, TensorInfo};
 
 pub use ffi::SamplerSpec;
 use ffi::{BatchInput, ContextParams, FfiError, RawBatch, RawContext, RawModel, RawSampler};
@@ -38,9 +38,9 @@ pub enum EngineError {
     /// The GGUF could not be read.
     #[error("cannot read {path}: {source}")]
     Gguf {
-        /// The file.
+        /// The model or slice file the engine was asked to load.
         path: PathBuf,
-        /// Why.
+        /// What the GGUF reader refused (truncated, not GGUF, bad tensor...).
         #[source]
         source: nakshatra_slicer::GgufError,
     },
@@ -50,20 +50,22 @@ pub enum EngineError {
     /// The file's metadata does not describe a usable slice.
     #[error("{path}: {reason}")]
     BadSlice {
-        /// The file.
+        /// The model or slice file the engine was asked to load.
         path: PathBuf,
-        /// What is wrong.
+        /// What is wrong with its metadata (e.g. a missing block count or
+        /// an impossible range), for people.
         reason: String,
     },
     /// A first range of a split model needs its token-embedding sidecar.
     #[error("{slice} starts at layer 0 but its token-embedding sidecar {sidecar} is missing or unusable: {reason}")]
     MissingEmbeddings {
-        /// The slice.
+        /// The first slice whose sidecar is needed.
         slice: PathBuf,
-        /// Where the sidecar was looked for.
+        /// Where the sidecar was looked for (`<slice>.embd.gguf`).
         sidecar: PathBuf,
-        /// Why it is unusable.
-        reason: String,
+        /// Why it is missing or unusable.
+        #[source]
+        reason: Box<EmbeddingsError>,
     },
     /// No such session (never opened, or closed).
     #[error("unknown session {0}")]
@@ -74,11 +76,11 @@ pub enum EngineError {
     /// The step does not fit in the session's context.
     #[error("context full: {have} tokens + {adding} new > {limit} per session")]
     ContextFull {
-        /// Tokens already in the session.
+        /// Tokens already in the session's KV cache.
         have: u32,
-        /// Tokens in this step.
+        /// Tokens (positions) this step would add.
         adding: u32,
-        /// Tokens a session holds.
+        /// Most tokens a session may hold ([`SliceEngine::ctx_per_session`]).
         limit: u32,
     },
     /// The input does not match what this range takes.
@@ -87,17 +89,18 @@ pub enum EngineError {
     /// Truncating to a position beyond the session's length.
     #[error("cannot truncate session {session} to {to}: it holds {have} tokens")]
     BadTruncate {
-        /// Session.
+        /// The session asked to be truncated.
         session: u64,
-        /// Position asked for.
+        /// Length (in tokens) it was asked to be cut to.
         to: u32,
-        /// Its length.
+        /// Tokens it holds, less than `to`.
         have: u32,
     },
     /// The sampler could not pick a token.
     #[error("sampling failed")]
     Sampling,
-    /// A tokenizer problem.
+    /// The tokenizer could not be loaded (no vocabulary in the file) or
+    /// could not render the chat template; the message says which.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 }
@@ -112,7 +115,8 @@ pub struct EngineConfig {
     pub ctx_per_session: u32,
     /// Sessions that can live at once in one loaded range.
     pub max_sessions: u32,
-    /// Physical micro-batch size.
+    /// Physical micro-batch size, in tokens: llama.cpp computes a step in
+    /// graphs of at most this many tokens.
     pub n_ubatch: u32,
     /// Layers offloaded to a GPU backend (`-1`: all; ignored on CPU builds).
     pub gpu_layers: i32,
@@ -146,7 +150,8 @@ pub struct Layout {
     pub end: u32,
     /// Layers of the whole model.
     pub n_layers_total: u32,
-    /// Hidden width.
+    /// Hidden width: floats per token in the hidden states this range
+    /// takes and returns.
     pub n_embd: u32,
 }
 
@@ -198,6 +203,31 @@ struct Session {
     pos: u32,
 }
 
+/// Why a token-embedding table cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddingsError {
+    /// The file does not parse.
+    #[error(transparent)]
+    Gguf(#[from] nakshatra_slicer::GgufError),
+    /// It has no `token_embd.weight`.
+    #[error("no token_embd.weight tensor")]
+    NoTensor,
+    /// The tensor is not `[n_embd, n_vocab]`.
+    #[error("token_embd.weight has shape {dims:?}, expected [{n_embd}, n_vocab]")]
+    Shape {
+        /// The tensor's dimensions.
+        dims: Vec<u64>,
+        /// The hidden size the range needs.
+        n_embd: usize,
+    },
+    /// ggml cannot size its rows (unknown or unsupported type).
+    #[error(transparent)]
+    Type(#[from] FfiError),
+    /// Its byte length does not match its shape.
+    #[error("token_embd.weight size does not match its shape")]
+    Size,
+}
+
 /// Looks token rows up in a `token_embd` tensor (the sidecar or the file
 /// itself), converting with ggml's `to_float`.
 struct Embedder {
@@ -209,23 +239,24 @@ struct Embedder {
 }
 
 impl Embedder {
-    fn open(path: &Path, n_embd: u32) -> Result<Self, String> {
-        let gguf = Gguf::open(path).map_err(|e| e.to_string())?;
+    fn open(path: &Path, n_embd: u32) -> Result<Self, EmbeddingsError> {
+        let gguf = Gguf::open(path)?;
         let tensor = gguf
             .tensor("token_embd.weight")
             .cloned()
-            .ok_or("no token_embd.weight tensor")?;
+            .ok_or(EmbeddingsError::NoTensor)?;
         let n_embd = n_embd as usize;
+        let shape_err = || EmbeddingsError::Shape {
+            dims: tensor.dims.clone(),
+            n_embd,
+        };
         if tensor.dims.first().copied() != Some(n_embd as u64) || tensor.dims.len() != 2 {
-            return Err(format!(
-                "token_embd.weight has shape {:?}, expected [{n_embd}, n_vocab]",
-                tensor.dims
-            ));
+            return Err(shape_err());
         }
-        let n_rows = usize::try_from(tensor.dims[1]).map_err(|e| e.to_string())?;
-        let row_bytes = ffi::row_size(tensor.ggml_type, n_embd).map_err(|e| e.to_string())?;
+        let n_rows = usize::try_from(tensor.dims[1]).map_err(|_| shape_err())?;
+        let row_bytes = ffi::row_size(tensor.ggml_type, n_embd)?;
         if (row_bytes as u64).checked_mul(n_rows as u64) != Some(tensor.n_bytes) {
-            return Err("token_embd.weight size does not match its shape".into());
+            return Err(EmbeddingsError::Size);
         }
         Ok(Self {
             gguf,
@@ -277,26 +308,15 @@ pub fn devices() -> Vec<llama_cpp_2::LlamaBackendDevice> {
 
 /// llama.cpp's build and CPU feature summary.
 pub fn system_info() -> String {
-    init_backend();
-    ffi::system_info()
-}
-
-fn meta_u32(g: &Gguf, key: &str) -> Option<u32> {
-    match g.get(key)? {
-        MetaValue::U32(v) => Some(*v),
-        MetaValue::I32(v) => u32::try_from(*v).ok(),
-        MetaValue::U64(v) => u32::try_from(*v).ok(),
-        MetaValue::I64(v) => u32::try_from(*v).ok(),
-        MetaValue::U16(v) => Some(u32::from(*v)),
-        MetaValue::U8(v) => Some(u32::from(*v)),
-        _ => None,
-    }
-}
-
-/// Path of the token-embedding sidecar the slicer writes next to a first
-/// slice: `<slice>.embd.gguf`.
-pub fn sidecar_path(slice: &Path) -> PathBuf {
-    nakshatra_slicer::embd_sidecar_path(slice)
+    // Computed once: `llama_print_system_info` rewrites a static buffer and
+    // must not run on two threads at once. The backends it lists are fixed
+    // once `init_backend` has run, so the line never changes afterwards.
+    static INFO: OnceLock<String> = OnceLock::new();
+    INFO.get_or_init(|| {
+        init_backend();
+        ffi::system_info()
+    })
+    .clone()
 }
 
 /// One loaded range of layers serving many sessions.
@@ -342,17 +362,13 @@ impl SliceEngine {
             path: path.to_path_buf(),
             source,
         })?;
-        let arch = match gguf.get("general.architecture") {
-            Some(MetaValue::String(a)) => a.clone(),
-            _ => return Err(bad("no general.architecture".into())),
-        };
-        nakshatra_slicer::supported_arch(&arch).map_err(|e| bad(e.to_string()))?;
-        let n_file_layers = meta_u32(&gguf, &format!("{arch}.block_count"))
-            .ok_or_else(|| bad(format!("no {arch}.block_count")))?;
+        let n_file_layers = nakshatra_slicer::header_layers(&gguf)
+            .map_err(|e| bad(e.to_string()))?
+            .n_layers;
         let (start, end, total) = match (
-            meta_u32(&gguf, "nakshatra.layer_start"),
-            meta_u32(&gguf, "nakshatra.layer_end"),
-            meta_u32(&gguf, "nakshatra.n_layers_total"),
+            gguf.get(keys::LAYER_START).and_then(MetaValue::as_u32),
+            gguf.get(keys::LAYER_END).and_then(MetaValue::as_u32),
+            gguf.get(keys::N_LAYERS_TOTAL).and_then(MetaValue::as_u32),
         ) {
             (Some(s), Some(e), Some(t)) if s < e && e <= t && e - s == n_file_layers => (s, e, t),
             (None, None, None) => (0, n_file_layers, n_file_layers),
@@ -382,12 +398,12 @@ impl SliceEngine {
         let embedder = if layout.is_first() && !layout.is_last() {
             let side = embeddings
                 .map(Path::to_path_buf)
-                .unwrap_or_else(|| sidecar_path(path));
+                .unwrap_or_else(|| nakshatra_slicer::embd_sidecar_path(path));
             Some(Embedder::open(&side, layout.n_embd).map_err(|reason| {
                 EngineError::MissingEmbeddings {
                     slice: path.to_path_buf(),
                     sidecar: side.clone(),
-                    reason,
+                    reason: Box::new(reason),
                 }
             })?)
         } else {
@@ -437,7 +453,8 @@ impl SliceEngine {
         self.n_vocab
     }
 
-    /// Tokens one session holds.
+    /// Most tokens (prompt and generated) one session may hold: what was
+    /// configured, even where llama.cpp padded the context up.
     pub fn ctx_per_session(&self) -> u32 {
         self.n_ctx_seq
     }
@@ -543,12 +560,7 @@ impl SliceEngine {
         let looked_up;
         let batch_input = match input {
             StepInput::Tokens(tokens) => {
-                if !self.layout.is_first() {
-                    return Err(EngineError::BadInput(format!(
-                        "layers {}..{} take hidden states, not tokens",
-                        self.layout.start, self.layout.end
-                    )));
-                }
+                self.check_tokens(tokens)?;
                 match &self.embedder {
                     Some(e) => {
                         looked_up = e.rows(tokens)?;
@@ -557,74 +569,98 @@ impl SliceEngine {
                             n_embd,
                         }
                     }
-                    None => {
-                        if let Some(bad) = tokens
-                            .iter()
-                            .find(|&&t| t < 0 || t as usize >= self.n_vocab)
-                        {
-                            return Err(EngineError::BadInput(format!(
-                                "token id {bad} outside vocab 0..{}",
-                                self.n_vocab
-                            )));
-                        }
-                        BatchInput::Tokens(tokens)
-                    }
+                    None => BatchInput::Tokens(tokens),
                 }
             }
             StepInput::Hidden(h) => {
-                if self.layout.is_first() {
-                    return Err(EngineError::BadInput(format!(
-                        "layers {}..{} take tokens, not hidden states",
-                        self.layout.start, self.layout.end
-                    )));
-                }
-                if h.len() % n_embd != 0 {
-                    return Err(EngineError::BadInput(format!(
-                        "{} floats is not a whole number of {n_embd}-wide rows",
-                        h.len()
-                    )));
-                }
-                if h.iter().any(|x| !x.is_finite()) {
-                    return Err(EngineError::BadInput("hidden state is not finite".into()));
-                }
+                self.check_hidden(h)?;
                 BatchInput::Embd { data: h, n_embd }
             }
         };
         let last = self.layout.is_last();
         let batch = RawBatch::new(batch_input, seq, pos as i32, !last)
             .ok_or_else(|| EngineError::BadInput("cannot build batch".into()))?;
-        let captured = match self.ctx.decode(&batch) {
-            Ok(c) => c,
+        let out = self
+            .ctx
+            .decode(&batch)
+            .map_err(EngineError::from)
+            .and_then(|captured| self.step_output(captured, n));
+        match out {
+            Ok(out) => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.pos = pos + adding;
+                }
+                Ok(out)
+            }
             Err(e) => {
                 // Undo whatever micro-batches made it into the cache.
                 self.ctx.seq_rm(seq, pos as i32);
-                return Err(e.into());
+                Err(e)
             }
-        };
-        let out = if last {
-            match self.ctx.logits(-1, self.n_vocab) {
-                Ok(l) => StepOutput::Logits(l),
-                Err(e) => {
-                    self.ctx.seq_rm(seq, pos as i32);
-                    return Err(e.into());
-                }
-            }
-        } else {
-            if captured.len() != n * n_embd {
-                self.ctx.seq_rm(seq, pos as i32);
-                return Err(FfiError::Capture(format!(
-                    "captured {} floats, expected {}",
-                    captured.len(),
-                    n * n_embd
-                ))
-                .into());
-            }
-            StepOutput::Hidden(captured)
-        };
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.pos = pos + adding;
         }
-        Ok(out)
+    }
+
+    /// Token ids are only for the first range, and must be in the
+    /// vocabulary (checked again by the embedder of a split model).
+    fn check_tokens(&self, tokens: &[i32]) -> Result<(), EngineError> {
+        if !self.layout.is_first() {
+            return Err(EngineError::BadInput(format!(
+                "layers {}..{} take hidden states, not tokens",
+                self.layout.start, self.layout.end
+            )));
+        }
+        if self.embedder.is_none() {
+            if let Some(bad) = tokens
+                .iter()
+                .find(|&&t| t < 0 || t as usize >= self.n_vocab)
+            {
+                return Err(EngineError::BadInput(format!(
+                    "token id {bad} outside vocab 0..{}",
+                    self.n_vocab
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hidden states are for every range but the first, whole rows of
+    /// finite numbers.
+    fn check_hidden(&self, h: &[f32]) -> Result<(), EngineError> {
+        let n_embd = self.layout.n_embd as usize;
+        if self.layout.is_first() {
+            return Err(EngineError::BadInput(format!(
+                "layers {}..{} take tokens, not hidden states",
+                self.layout.start, self.layout.end
+            )));
+        }
+        if !h.len().is_multiple_of(n_embd) {
+            return Err(EngineError::BadInput(format!(
+                "{} floats is not a whole number of {n_embd}-wide rows",
+                h.len()
+            )));
+        }
+        if h.iter().any(|x| !x.is_finite()) {
+            return Err(EngineError::BadInput("hidden state is not finite".into()));
+        }
+        Ok(())
+    }
+
+    /// What a decoded step of `n` tokens gives: the last position's logits
+    /// at the last range, else the `captured` hidden states of every row.
+    fn step_output(&mut self, captured: Vec<f32>, n: usize) -> Result<StepOutput, EngineError> {
+        let n_embd = self.layout.n_embd as usize;
+        if self.layout.is_last() {
+            return Ok(StepOutput::Logits(self.ctx.logits(-1, self.n_vocab)?));
+        }
+        if captured.len() != n * n_embd {
+            return Err(FfiError::Capture(format!(
+                "captured {} floats, expected {}",
+                captured.len(),
+                n * n_embd
+            ))
+            .into());
+        }
+        Ok(StepOutput::Hidden(captured))
     }
 
     /// The file this engine loaded.

@@ -40,7 +40,8 @@ impl LocalChain {
         Ok(Self { stages })
     }
 
-    /// The stages, in order.
+    /// The loaded ranges in layer order: the first takes tokens, the last
+    /// returns logits.
     pub fn stages(&self) -> &[SliceEngine] {
         &self.stages
     }
@@ -115,7 +116,7 @@ impl LocalChain {
         Err(EngineError::BadInput("empty chain".into()))
     }
 
-    /// Positions the session holds.
+    /// Tokens the session holds so far (as its first stage counts them).
     pub fn position(&self, s: &ChainSession) -> Result<u32, EngineError> {
         let first = self
             .stages
@@ -133,7 +134,8 @@ impl LocalChain {
         Ok(())
     }
 
-    /// Closes the session everywhere.
+    /// Closes the session on every stage, freeing its slots; a stage that
+    /// no longer knows it is skipped.
     pub fn close(&mut self, s: ChainSession) {
         for (st, id) in self.stages.iter_mut().zip(&s.0) {
             let _ = st.close_session(*id);
@@ -141,31 +143,31 @@ impl LocalChain {
     }
 }
 
-/// What to generate.
+/// Limits and sampling of one [`generate`] call.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerateParams {
     /// Tokens to generate at most.
     pub max_tokens: u32,
-    /// Sampling.
+    /// How each token is picked from the last range's logits.
     pub sampler: SamplerSpec,
     /// Keep every step's logits (for comparisons).
     pub keep_logits: bool,
 }
 
-/// A finished generation.
+/// What [`generate`] produced, with its timings.
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     /// Generated tokens (the end-of-generation token excluded).
     pub tokens: Vec<i32>,
     /// Logits of every step when asked for (step 0 is the prefill).
     pub logits: Vec<Vec<f32>>,
-    /// Prompt tokens.
+    /// Tokens in the prompt (the prefill step's length).
     pub n_prompt: usize,
     /// Time of the prefill step.
     pub prefill: Duration,
     /// Time of the decode steps.
     pub decode: Duration,
-    /// Decode steps run.
+    /// Decode steps run after the prefill; each sampled one more token.
     pub n_decode: usize,
 }
 

@@ -113,7 +113,8 @@ impl EngineService {
         Ok(rx.await.map_err(|_| ServiceError::Stopped)??)
     }
 
-    /// Opens a session.
+    /// Opens a session with an empty KV cache ([`EngineError::Busy`] when
+    /// every slot is taken).
     pub async fn open(&self) -> Result<SessionId, ServiceError> {
         self.call(Job::Open).await
     }
@@ -132,7 +133,7 @@ impl EngineService {
         self.call(|r| Job::Truncate(id, pos, r)).await
     }
 
-    /// Closes a session.
+    /// Closes a session and frees its slot and KV cache.
     pub async fn close(&self, id: SessionId) -> Result<(), ServiceError> {
         self.call(|r| Job::Close(id, r)).await
     }
@@ -147,12 +148,13 @@ impl EngineService {
         self.n_vocab
     }
 
-    /// Tokens one session holds.
+    /// Most tokens one session may hold
+    /// ([`SliceEngine::ctx_per_session`]).
     pub fn ctx_per_session(&self) -> u32 {
         self.ctx_per_session
     }
 
-    /// Session slots in all.
+    /// Sessions the engine can hold at once (open and free slots).
     pub fn max_sessions(&self) -> usize {
         self.max_sessions
     }

@@ -82,7 +82,8 @@ impl Tokenizer {
         self.model.vocab().is_eog(LlamaToken(token))
     }
 
-    /// Training context length.
+    /// Context length the model was trained with, in tokens (from the
+    /// GGUF metadata).
     pub fn n_ctx_train(&self) -> u32 {
         self.model.n_ctx_train()
     }

@@ -113,10 +113,14 @@ impl Gguf {
                 path: path.to_path_buf(),
             });
         }
-        // SAFETY: the map is read-only and private to this struct; like every
-        // memory-mapped reader we rely on the file not being truncated while
-        // open (documented on `Gguf`). All accesses are bounds-checked
-        // against the map's length.
+        // SAFETY: memmap2's contract is that the file is not modified or
+        // truncated (in or out of process) while the map is in use, since
+        // the `&[u8]` it hands out would then change or fault under us. We
+        // map read-only and never write the file; that no one else does is
+        // the documented condition of `Gguf` (see its docs), which is why
+        // this crate itself only ever replaces GGUFs by rename, leaving the
+        // mapped inode intact. The map is owned by the returned `Gguf`, so
+        // it is not used after unmapping.
         let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
         Self::from_backing(Backing::Map(map), path.to_path_buf())
     }

@@ -111,7 +111,7 @@ pub enum MetaValue {
     F32(f32),
     /// 64-bit float.
     F64(f64),
-    /// Boolean.
+    /// Boolean (one byte on disk, 0 or 1).
     Bool(bool),
     /// UTF-8 string.
     String(String),
@@ -144,11 +144,11 @@ pub enum MetaArray {
     F32(Vec<f32>),
     /// Array of `f64`.
     F64(Vec<f64>),
-    /// Array of booleans.
+    /// Array of booleans (one byte each on disk, 0 or 1).
     Bool(Vec<bool>),
     /// Array of strings (e.g. `tokenizer.ggml.tokens`).
     String(Vec<String>),
-    /// Array of arrays.
+    /// Array of arrays, each inner array with its own element type.
     Array(Vec<MetaArray>),
 }
 
@@ -272,7 +272,8 @@ impl MetaArray {
         self.len() == 0
     }
 
-    /// The type of the elements.
+    /// The type of the elements ([`ValueType::Array`] for an array of
+    /// arrays, whatever the inner arrays hold).
     pub fn elem_type(&self) -> ValueType {
         match self {
             MetaArray::U8(_) => ValueType::U8,

@@ -31,13 +31,14 @@ pub enum TensorData<'a> {
 /// A tensor to write with [`write_gguf`].
 #[derive(Debug, Clone)]
 pub struct NewTensor<'a> {
-    /// Tensor name.
+    /// Tensor name as written (unique within the file).
     pub name: String,
-    /// ggml type id.
+    /// ggml type id (`enum ggml_type`, e.g. [`crate::GGML_TYPE_F32`]).
     pub ggml_type: u32,
     /// Shape in ggml order (at most 4 dims).
     pub dims: Vec<u64>,
-    /// The data.
+    /// Where the tensor's bytes come from: borrowed bytes of exactly the
+    /// size type and shape imply, or zeros.
     pub data: TensorData<'a>,
 }
 

@@ -1,0 +1,290 @@
+//! Slices travel between peers: a model's signed manifest and its pieces
+//! are served from the files a node holds, and a node that lacks a range
+//! fetches its pieces from several peers in parallel, verified against the
+//! manifest, resumable, written atomically.
+//!
+//! One file per job:
+//! * [`server`]: `/nakshatra/manifest/1` and `/nakshatra/piece/1`, served
+//!   from the mapped GGUF files ([`PieceStore`]).
+//! * [`manifest`]: the verified manifest (cached, else from peers).
+//! * `scheduler`: which piece goes to which peer next, who lacks what,
+//!   who served bad bytes, progress; shared by every stream.
+//! * `worker`: one stream to one peer, requests pipelined across pieces.
+//! * `writer`: one piece's bytes on a blocking thread: hash, write
+//!   `.part`, verify, publish as `.bin`.
+//!
+//! Files live in the data dir's [`crate::datadir::PieceDir`]; pieces
+//! become a slice with `nakshatra_slicer::write_slice_from_pieces`, which
+//! writes the same bytes as slicing the original file.
+
+pub mod manifest;
+mod scheduler;
+pub mod server;
+mod worker;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nakshatra_slicer::{Manifest, PieceId, SliceError};
+use nakshatra_swarm::PeerId;
+
+use crate::datadir::PieceDir;
+
+pub use manifest::{manifest_and_vocab, ManifestError};
+pub use server::{spawn_piece_servers, PieceStore};
+
+use scheduler::Scheduler;
+
+/// Bytes asked for per piece request.
+pub const CHUNK: u64 = 2 * 1024 * 1024;
+/// Requests one stream keeps in flight, across piece boundaries.
+pub const PIPELINE_DEPTH: usize = 4;
+/// Streams a fetch opens to one peer.
+pub const STREAMS_PER_PEER: usize = 2;
+/// Times one peer may fail one piece, or one stream may fail to open, for
+/// network reasons before the piece is left to the others.
+pub const NET_RETRIES: u32 = 3;
+/// How often the progress bar (or, without a terminal, the progress log
+/// line's clock) is updated.
+const PROGRESS_TICK: Duration = Duration::from_millis(200);
+/// Least time between two progress log lines (no terminal).
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(2);
+
+/// Why a fetch of a range failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Pieces could not be had from any peer.
+    #[error("piece {pieces} could not be fetched from any peer: {why}")]
+    Piece {
+        /// The pieces still missing, comma-separated.
+        pieces: String,
+        /// Why the first of them failed last.
+        why: Box<PieceFailure>,
+    },
+    /// A local file could not be read or written (a full disk stops the
+    /// whole fetch with this).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The I/O error (`StorageFull` for a full disk).
+        #[source]
+        source: std::io::Error,
+    },
+    /// A piece asked for is not in the manifest.
+    #[error("piece {0} is not in the manifest")]
+    NotInManifest(PieceId),
+    /// The slice could not be written from the pieces.
+    #[error(transparent)]
+    Slice(#[from] SliceError),
+}
+
+/// Why one attempt at one piece failed (the last such reason is what a
+/// failed fetch reports).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PieceFailure {
+    /// Nobody was asked (no peer left that might hold it).
+    #[error("no peer has it")]
+    NoHolder,
+    /// The peer said it does not hold the piece.
+    #[error("{0} does not hold it")]
+    NotHere(PeerId),
+    /// The peer answered a chunk of the wrong size: it is not asked again.
+    #[error("{peer} answered {got} bytes of a {total}-byte piece for {asked} of {n_bytes}")]
+    WrongLength {
+        /// The peer.
+        peer: PeerId,
+        /// Bytes it sent.
+        got: usize,
+        /// The piece length it claimed.
+        total: u64,
+        /// Bytes asked for.
+        asked: u64,
+        /// The piece length in the manifest.
+        n_bytes: u64,
+    },
+    /// The peer's bytes do not hash to the manifest's: it is not asked
+    /// again.
+    #[error("{peer}: {source}")]
+    Corrupt {
+        /// The peer.
+        peer: PeerId,
+        /// The hash mismatch.
+        #[source]
+        source: Arc<SliceError>,
+    },
+    /// Bytes resumed from an earlier run (maybe another peer's) did not
+    /// verify: the piece starts over, nobody blamed.
+    #[error("resumed bytes do not verify: {0}")]
+    ResumeCorrupt(#[source] Arc<SliceError>),
+    /// The stream to the peer broke, timed out or could not be opened.
+    #[error("{peer}: {source}")]
+    Network {
+        /// The peer.
+        peer: PeerId,
+        /// What went wrong on the stream.
+        #[source]
+        source: Arc<worker::StreamTrouble>,
+    },
+}
+
+/// Counters of one fetch, for the closing log line and the benchmark.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FetchStats {
+    /// Bytes received from peers and verified.
+    pub bytes_fetched: u64,
+    /// Bytes of pieces already verified on disk (not fetched again).
+    pub bytes_reused: u64,
+    /// Pieces that failed verification (and were fetched again).
+    pub corrupt_pieces: u32,
+    /// Peers dropped for serving bad bytes (base58).
+    pub bad_peers: Vec<String>,
+    /// Wall time of the fetch, seconds.
+    pub seconds: f64,
+    /// Peers that served at least one verified piece.
+    pub sources: usize,
+}
+
+impl FetchStats {
+    /// Throughput of the bytes fetched, MB/s.
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes_fetched as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+/// Fetches every piece of `pieces` into `dir` from `peers` (several in
+/// parallel, [`STREAMS_PER_PEER`] streams each), verifying each; pieces
+/// already verified on disk are kept, partial ones resumed. A local I/O
+/// error (a full disk) stops everything at once; a peer that serves bad
+/// bytes gets no more requests.
+pub async fn fetch_pieces(
+    swarm: &nakshatra_swarm::Client,
+    peers: &[PeerId],
+    manifest: &Manifest,
+    pieces: &[PieceId],
+    dir: &PieceDir,
+) -> Result<FetchStats, FetchError> {
+    let io = |source| FetchError::Io {
+        path: dir.path().to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir.path()).map_err(io)?;
+    let t0 = Instant::now();
+    let (queue, stats, total) = pieces_to_fetch(manifest, pieces, dir).await?;
+    let n_jobs = queue.len();
+    if n_jobs == 0 {
+        return Ok(FetchStats {
+            seconds: t0.elapsed().as_secs_f64(),
+            ..stats
+        });
+    }
+    let sched = Scheduler::new(queue, stats);
+    let ticker = tokio::spawn(show_progress(sched.clone(), total, n_jobs));
+    // Connect to every source once before opening streams in parallel
+    // (simultaneous first dials to one peer can race each other).
+    futures::future::join_all(peers.iter().map(|p| swarm.probe_rtt(*p))).await;
+    let pool = writer::BufPool::default();
+    let workers: Vec<_> = peers
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(*p, STREAMS_PER_PEER))
+        .map(|peer| {
+            let w = worker::Worker {
+                swarm: swarm.clone(),
+                peer,
+                sched: sched.clone(),
+                manifest: manifest.clone(),
+                dir: dir.clone(),
+                pool: pool.clone(),
+            };
+            tokio::spawn(w.run())
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    ticker.abort();
+    sched.finish(n_jobs, t0.elapsed())
+}
+
+/// Splits `pieces` into those already verified on disk (counted as
+/// reused) and the queue to fetch; returns the queue, the stats so far
+/// and the bytes to fetch.
+async fn pieces_to_fetch(
+    manifest: &Manifest,
+    pieces: &[PieceId],
+    dir: &PieceDir,
+) -> Result<(Vec<PieceId>, FetchStats, u64), FetchError> {
+    let mut stats = FetchStats::default();
+    let mut queue = Vec::new();
+    let mut total = 0u64;
+    for id in pieces {
+        let piece = manifest
+            .piece(id)
+            .ok_or(FetchError::NotInManifest(*id))?
+            .clone();
+        let bin = dir.bin(id);
+        let n_bytes = piece.n_bytes;
+        let verified = tokio::task::spawn_blocking(move || writer::verify_file(&bin, &piece))
+            .await
+            .unwrap_or(false);
+        if verified {
+            stats.bytes_reused += n_bytes;
+        } else {
+            let _ = std::fs::remove_file(dir.bin(id));
+            total += n_bytes;
+            queue.push(*id);
+        }
+    }
+    Ok((queue, stats, total))
+}
+
+/// Shows the fetch's progress until aborted: a bar on a terminal, else a
+/// log line every [`PROGRESS_LOG_EVERY`].
+async fn show_progress(sched: Arc<Scheduler>, total: u64, n_jobs: usize) {
+    let bar = progress_bar(total);
+    let mut last_log = Instant::now();
+    let _clear = ClearOnDrop(bar.clone());
+    loop {
+        tokio::time::sleep(PROGRESS_TICK).await;
+        let (bytes, done) = sched.progress();
+        match &bar {
+            Some(b) => b.set_position(bytes.min(total)),
+            None if last_log.elapsed() > PROGRESS_LOG_EVERY => {
+                tracing::info!(
+                    "fetched {:.1} of {:.1} MB ({done}/{n_jobs} pieces)",
+                    bytes as f64 / 1e6,
+                    total as f64 / 1e6
+                );
+                last_log = Instant::now();
+            }
+            None => {}
+        }
+    }
+}
+
+/// Clears the progress bar when the progress task is aborted.
+struct ClearOnDrop(Option<indicatif::ProgressBar>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "fetching {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        b.set_style(style);
+    }
+    Some(b)
+}
