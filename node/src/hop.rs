@@ -13,13 +13,15 @@ use nakshatra_swarm::protocol::act::{
     tokens_from_bytes, ActFrame, ActReply, OpenSession, StepHeader, StepKind, TokenFrame,
     ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
 };
-use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
+use nakshatra_swarm::{Handshake, Multiaddr, PeerId, PeerQuota, Reopen, Stream, StreamProtocol};
 use tokio::sync::Mutex;
 
 use crate::engine::service::{EngineService, OwnedInput, ServiceError};
 use crate::engine::{EngineError, Sampler, SamplerSpec, SessionId, StepOutput};
 use crate::faults::Faults;
-use crate::net::{decode_hidden, encode_hidden, handshake, read_frame, write_frame, FrameError};
+use crate::net::{
+    decode_hidden, encode_hidden, handshake, read_frame_into, read_message, write_frame, FrameError,
+};
 
 /// How long a new activation stream may take to send its `Open`.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,13 +118,21 @@ pub fn spawn_server(
         .swarm
         .stream_control()
         .accept(StreamProtocol::new(ACT_PROTOCOL))?;
+    // A peer holds at most as many activation streams as the node has
+    // sessions; more are dropped unread.
+    let quota = PeerQuota::new(ctx.engine.max_sessions());
     tokio::spawn(async move {
         while let Some((peer, stream)) = act.next().await {
+            let Some(permit) = quota.try_acquire(peer) else {
+                tracing::debug!(%peer, "activation stream over the peer's share; dropped");
+                continue;
+            };
             let c = ctx.clone();
             tokio::spawn(async move {
                 if let Err(e) = serve_session(c, peer, stream).await {
                     tracing::debug!(%peer, "session ended: {e}");
                 }
+                drop(permit);
             });
         }
     });
@@ -162,6 +172,12 @@ fn check_open(ctx: &HopContext, o: &OpenSession) -> Result<(), SessionError> {
             ours: (l.start, l.end),
             asked: (me.start, me.end),
         });
+    }
+    let sm = &o.sampling;
+    if !sm.temperature.is_finite() || !(0.0..=1.0).contains(&sm.top_p) {
+        return Err(SessionError::Refused(
+            "sampling parameters out of range (temperature must be finite, top_p in 0..=1)",
+        ));
     }
     let is_last = o.index as usize + 1 == o.hops.len();
     if is_last != l.is_last() {
@@ -227,10 +243,10 @@ async fn connect_downstream(
             write_frame(&mut w, &ActFrame::Open(fwd.clone()), &[])
                 .await
                 .map_err(handshake)?;
-            match tokio::time::timeout(NEXT_HOP_READY_TIMEOUT, read_frame::<_, ActReply>(&mut r))
+            match tokio::time::timeout(NEXT_HOP_READY_TIMEOUT, read_message::<_, ActReply>(&mut r))
                 .await
             {
-                Ok(Ok((first, _))) => Ok((r, w, first)),
+                Ok(Ok(first)) => Ok((r, w, first)),
                 Ok(Err(e)) => Err(handshake(e)),
                 Err(_) => Err(Handshake::Failed(FrameError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -246,7 +262,7 @@ async fn connect_downstream(
     // Later replies from downstream (failures) are relayed upstream.
     let up = up.clone();
     tokio::spawn(async move {
-        while let Ok((r, _)) = read_frame::<_, ActReply>(&mut down_r).await {
+        while let Ok(r) = read_message::<_, ActReply>(&mut down_r).await {
             reply(&up, &r).await;
         }
     });
@@ -302,7 +318,7 @@ async fn serve_session(
 ) -> Result<(), SessionError> {
     let (mut up_r, up_w) = stream.split();
     let up: Upstream = Arc::new(Mutex::new(up_w));
-    let (first, _): (ActFrame, _) = tokio::time::timeout(OPEN_TIMEOUT, read_frame(&mut up_r))
+    let first: ActFrame = tokio::time::timeout(OPEN_TIMEOUT, read_message(&mut up_r))
         .await
         .map_err(|_| SessionError::NoOpen)?
         .map_err(SessionError::UpstreamGone)?;
@@ -375,20 +391,25 @@ async fn run_steps(
     down: &mut Downstream,
 ) -> Result<(), SessionError> {
     let mut pos: u32 = 0;
+    let mut payload = Vec::new();
     loop {
-        let frame = tokio::time::timeout(ctx.idle_timeout, read_frame::<_, ActFrame>(up_r)).await;
-        let (frame, payload) = match frame {
+        let limit = |f: &ActFrame| step_bytes(ctx, open, f);
+        let frame =
+            tokio::time::timeout(ctx.idle_timeout, read_frame_into(up_r, &mut payload, limit))
+                .await;
+        let (frame, n) = match frame {
             Err(_) => return Err(SessionError::Idle(ctx.idle_timeout)),
             Ok(Err(e)) => return Err(SessionError::UpstreamGone(e)),
             Ok(Ok(f)) => f,
         };
+        let payload = payload.get(..n).unwrap_or_default();
         ctx.faults.link_delay().await;
         let h = match frame {
             ActFrame::Close => return Ok(()),
             ActFrame::Open(_) => return Err(SessionError::SecondOpen),
             ActFrame::Step(h) => h,
         };
-        match step(ctx, open, session, &mut pos, h, &payload, down).await {
+        match step(ctx, open, session, &mut pos, h, payload, down).await {
             Ok(()) => {}
             // The asker is gone: nobody upstream to tell.
             Err(e @ SessionError::AskerGone(_)) => return Err(e),
@@ -398,6 +419,21 @@ async fn run_steps(
             }
         }
     }
+}
+
+/// The payload a frame from upstream may carry: a step's tokens (i32) at
+/// the first hop, its hidden states (`n_embd` wide, in the session's wire
+/// encoding) later, for at most a context's worth of tokens; nothing for
+/// any other frame. A longer payload is refused before it is read.
+fn step_bytes(ctx: &HopContext, open: &OpenSession, frame: &ActFrame) -> usize {
+    let ActFrame::Step(h) = frame else { return 0 };
+    let per_token = if open.index == 0 {
+        std::mem::size_of::<i32>()
+    } else {
+        ctx.engine.layout().n_embd as usize * open.wire.size()
+    };
+    let n_tokens = h.n_tokens.min(ctx.engine.ctx_per_session()) as usize;
+    n_tokens.saturating_mul(per_token)
 }
 
 /// One step: checks the input against the header and this hop's place,

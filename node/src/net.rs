@@ -140,23 +140,48 @@ async fn read_len<R: AsyncRead + Unpin>(
     Ok(len)
 }
 
-/// Reads one frame: its header and payload.
-pub async fn read_frame<R, H>(r: &mut R) -> Result<(H, Vec<u8>), FrameError>
+/// Bytes a frame's payload buffer grows by at most ahead of the bytes that
+/// arrived: a peer that announces a large payload and sends nothing costs
+/// this much, not the announced length.
+pub const PAYLOAD_GROWTH_STEP: usize = 1 << 20;
+
+/// Reads one frame that carries no payload (requests, replies, token
+/// frames): a frame announcing any payload is refused before its payload
+/// is read.
+pub async fn read_message<R, H>(r: &mut R) -> Result<H, FrameError>
+where
+    R: AsyncRead + Unpin,
+    H: DeserializeOwned,
+{
+    let mut none = Vec::new();
+    let (header, _) = read_frame_into(r, &mut none, |_: &H| 0).await?;
+    Ok(header)
+}
+
+/// Reads one frame whose payload may be up to `max_payload` bytes (the
+/// per-message cap of the caller's protocol).
+pub async fn read_frame<R, H>(r: &mut R, max_payload: usize) -> Result<(H, Vec<u8>), FrameError>
 where
     R: AsyncRead + Unpin,
     H: DeserializeOwned,
 {
     let mut payload = Vec::new();
-    let (header, _) = read_frame_into(r, &mut payload).await?;
+    let (header, n) = read_frame_into(r, &mut payload, |_: &H| max_payload).await?;
+    payload.truncate(n);
     Ok((header, payload))
 }
 
-/// Reads one frame, its payload into the front of `payload` (grown when
-/// too short, never shrunk, so a reused buffer is not cleared again);
-/// returns the header and the payload's length.
+/// Reads one frame, its payload into the front of `payload`; returns the
+/// header and the payload's length. `max_payload` says, from the decoded
+/// header, how many payload bytes this message may carry (0 for a
+/// message that carries none); a longer payload is refused before any of
+/// it is read. The buffer grows as bytes arrive, at most
+/// [`PAYLOAD_GROWTH_STEP`] ahead of them, and is never shrunk, so a reused
+/// buffer is neither reallocated nor cleared again.
 pub async fn read_frame_into<R, H>(
     r: &mut R,
     payload: &mut Vec<u8>,
+    max_payload: impl FnOnce(&H) -> usize,
 ) -> Result<(H, usize), FrameError>
 where
     R: AsyncRead + Unpin,
@@ -166,23 +191,33 @@ where
     let mut h = vec![0u8; hl];
     r.read_exact(&mut h).await?;
     let header = decode(&h, MAX_HEADER_BYTES).map_err(FrameError::Malformed)?;
-    let pl = read_len(r, "payload", MAX_PAYLOAD_BYTES).await?;
-    if payload.len() < pl {
-        payload.resize(pl, 0);
+    let max = max_payload(&header).min(MAX_PAYLOAD_BYTES);
+    let pl = read_len(r, "payload", max).await?;
+    let mut filled = 0;
+    while filled < pl {
+        let end = pl.min(filled + PAYLOAD_GROWTH_STEP);
+        if payload.len() < end {
+            payload.resize(end, 0);
+        }
+        let chunk = payload.get_mut(filled..end).ok_or_else(|| {
+            FrameError::Io(std::io::Error::other("payload buffer shorter than grown"))
+        })?;
+        r.read_exact(chunk).await?;
+        filled = end;
     }
-    r.read_exact(&mut payload[..pl]).await?;
     Ok((header, pl))
 }
 
 /// One request and its answer on a fresh stream to `peer` (connecting
 /// first if needed, and on a new stream if the peer dropped the first one
-/// at open): writes `req` as a frame, reads one frame back, closes; all
-/// within `timeout`.
+/// at open): writes `req` as a frame, reads one frame back (its payload at
+/// most `max_answer` bytes), closes; all within `timeout`.
 pub async fn request<Req, Resp>(
     swarm: &nakshatra_swarm::Client,
     peer: nakshatra_swarm::PeerId,
     protocol: &'static str,
     req: &Req,
+    max_answer: usize,
     timeout: std::time::Duration,
 ) -> Result<(Resp, Vec<u8>), RequestError>
 where
@@ -195,7 +230,7 @@ where
         nakshatra_swarm::Reopen::DEFAULT,
         |mut s| async move {
             write_frame(&mut s, req, &[]).await.map_err(handshake)?;
-            let answer = read_frame(&mut s).await.map_err(handshake)?;
+            let answer = read_frame(&mut s, max_answer).await.map_err(handshake)?;
             let _ = s.close().await;
             Ok(answer)
         },
@@ -282,16 +317,18 @@ mod tests {
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &step, &[1, 2, 3, 4]).await.unwrap();
-        let (h, p): (ActFrame, Vec<u8>) = read_frame(&mut buf.as_slice()).await.unwrap();
+        let (h, p): (ActFrame, Vec<u8>) = read_frame(&mut buf.as_slice(), 4).await.unwrap();
         assert_eq!(h, step);
         assert_eq!(p, vec![1, 2, 3, 4]);
         // Truncated anywhere: an error, never a panic.
         for cut in 0..buf.len() {
-            assert!(read_frame::<_, ActFrame>(&mut &buf[..cut]).await.is_err());
+            assert!(read_frame::<_, ActFrame>(&mut &buf[..cut], 4)
+                .await
+                .is_err());
         }
         // A header length over the cap is refused before allocating.
         let huge = (u32::MAX).to_le_bytes();
-        let e = read_frame::<_, ActFrame>(&mut huge.as_slice())
+        let e = read_frame::<_, ActFrame>(&mut huge.as_slice(), 4)
             .await
             .unwrap_err();
         assert!(
@@ -304,7 +341,7 @@ mod tests {
         big.extend_from_slice(&(h.len() as u32).to_le_bytes());
         big.extend_from_slice(&h);
         big.extend_from_slice(&u32::MAX.to_le_bytes());
-        let e = read_frame::<_, ActFrame>(&mut big.as_slice())
+        let e = read_frame::<_, ActFrame>(&mut big.as_slice(), MAX_PAYLOAD_BYTES)
             .await
             .unwrap_err();
         assert!(
@@ -317,13 +354,46 @@ mod tests {
             ),
             "{e}"
         );
+        // A payload over the message's own cap is refused before it is
+        // read, though under the global cap.
+        let mut small = Vec::new();
+        write_frame(&mut small, &ActFrame::Close, &[7; 16])
+            .await
+            .unwrap();
+        let e = read_message::<_, ActFrame>(&mut small.as_slice())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FrameError::TooLarge {
+                    len: 16,
+                    max: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A peer that announces 200 MiB and sends 10 bytes costs at most
+        // one growth step of memory, not 200 MiB.
+        let mut liar = Vec::new();
+        liar.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        liar.extend_from_slice(&h);
+        liar.extend_from_slice(&(200u32 << 20).to_le_bytes());
+        liar.extend_from_slice(&[1; 10]);
+        let mut buf = Vec::new();
+        let r =
+            read_frame_into::<_, ActFrame>(&mut liar.as_slice(), &mut buf, |_| MAX_PAYLOAD_BYTES)
+                .await;
+        assert!(matches!(r, Err(FrameError::Io(_))), "{r:?}");
+        assert!(buf.capacity() <= PAYLOAD_GROWTH_STEP, "{}", buf.capacity());
         // Garbage header.
         let mut g = Vec::new();
         g.extend_from_slice(&4u32.to_le_bytes());
         g.extend_from_slice(&[0xff; 4]);
         g.extend_from_slice(&0u32.to_le_bytes());
         assert!(matches!(
-            read_frame::<_, ActFrame>(&mut g.as_slice()).await,
+            read_frame::<_, ActFrame>(&mut g.as_slice(), 0).await,
             Err(FrameError::Malformed(_))
         ));
     }

@@ -10,15 +10,21 @@ use futures::{AsyncWriteExt, StreamExt};
 use nakshatra_slicer::{ModelHashes, SliceError};
 use nakshatra_swarm::protocol::act::{VocabRequest, VocabResponse, VOCAB_PROTOCOL};
 use nakshatra_swarm::protocol::RecordError;
-use nakshatra_swarm::{PeerId, StreamProtocol};
+use nakshatra_swarm::{PeerId, PeerQuota, StreamProtocol};
 
 use crate::datadir::{write_atomic, DataDir};
-use crate::net::{read_frame, write_frame, FrameError, Refusal, RequestError};
+use crate::net::{read_message, write_frame, FrameError, Refusal, RequestError};
 
 /// How long a peer may take to answer a vocabulary request (a few MB).
 pub const VOCAB_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a serving node waits for the request on a vocabulary stream.
 const VOCAB_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest vocabulary-only GGUF accepted from a peer (the largest real
+/// vocabularies, 256k tokens with merges and scores, are about 20 MB).
+pub const MAX_VOCAB_BYTES: usize = 64 << 20;
+/// Vocabulary requests one peer may have open at once (an asker makes
+/// one).
+const VOCAB_STREAMS_PER_PEER: usize = 2;
 /// Largest encoded [`ModelHashes`] accepted (one hash per block).
 const MAX_HASHES_BYTES: usize = 1 << 24;
 
@@ -95,13 +101,19 @@ pub fn spawn_server(
         .clone()
         .accept(StreamProtocol::new(VOCAB_PROTOCOL))?;
     let offer = Arc::new(offer);
+    let quota = PeerQuota::new(VOCAB_STREAMS_PER_PEER);
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
+            let Some(permit) = quota.try_acquire(peer) else {
+                tracing::debug!(%peer, "vocabulary stream over the peer's share; dropped");
+                continue;
+            };
             let offer = offer.clone();
             tokio::spawn(async move {
                 if let Err(e) = serve(&offer, stream).await {
                     tracing::debug!(%peer, "vocab request failed: {e}");
                 }
+                drop(permit);
             });
         }
     });
@@ -118,7 +130,7 @@ enum ServeError {
 }
 
 async fn serve(offer: &VocabOffer, mut s: nakshatra_swarm::Stream) -> Result<(), ServeError> {
-    let (req, _): (VocabRequest, _) = tokio::time::timeout(VOCAB_READ_TIMEOUT, read_frame(&mut s))
+    let req: VocabRequest = tokio::time::timeout(VOCAB_READ_TIMEOUT, read_message(&mut s))
         .await
         .map_err(|_| ServeError::Timeout)??;
     if req.model_id == offer.model_id {
@@ -182,8 +194,15 @@ async fn from_peer(
     let req = VocabRequest {
         model_id: model_id.to_string(),
     };
-    let (resp, gguf) =
-        crate::net::request(swarm, peer, VOCAB_PROTOCOL, &req, VOCAB_REQUEST_TIMEOUT).await?;
+    let (resp, gguf) = crate::net::request(
+        swarm,
+        peer,
+        VOCAB_PROTOCOL,
+        &req,
+        MAX_VOCAB_BYTES,
+        VOCAB_REQUEST_TIMEOUT,
+    )
+    .await?;
     let VocabResponse::Vocab { hashes } = resp else {
         return Err(PeerVocabError::NotHere);
     };

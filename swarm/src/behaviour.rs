@@ -1,16 +1,22 @@
 //! The composed libp2p behaviour and how it is configured.
 
 use libp2p::{
+    connection_limits::{self, ConnectionLimits},
     identify,
     identity::Keypair,
-    kad::{self, store::MemoryStore, store::MemoryStoreConfig, Mode, StoreInserts},
+    kad::{self, Mode, StoreInserts},
     mdns, ping, request_response,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
     StreamProtocol,
 };
 use nakshatra_protocol::rpc::INFO_PROTOCOL;
 
-use crate::{codec::InfoCodec, config::Role, SwarmConfig};
+use crate::{
+    codec::InfoCodec,
+    config::Role,
+    store::{Store, StoreLimits},
+    SwarmConfig,
+};
 
 /// Kademlia protocol name: a private DHT, apart from the public IPFS one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/nakshatra/kad/1.0.0");
@@ -28,12 +34,24 @@ pub(crate) const KAD_MAX_PACKET: usize = 256 * 1024;
 /// provided by every serving node).
 pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 256;
 
+/// Connections one peer may hold to this node at once (two nodes dialling
+/// each other at the same moment make two; more is a peer hoarding
+/// connections to get more streams).
+pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Inbound connections still in their handshake at once.
+pub(crate) const MAX_PENDING_INCOMING: u32 = 128;
+/// Established inbound connections at once (a node of a big swarm talks
+/// to a few hundred peers).
+pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 1024;
+
 /// Every protocol a node speaks, composed into one libp2p behaviour: the
 /// private Kademlia DHT, identify, ping, optional mDNS, the info
 /// request-response protocol and raw streams.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
-    pub(crate) kad: kad::Behaviour<MemoryStore>,
+    /// Refuses connections over the caps above, before any protocol runs.
+    pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) kad: kad::Behaviour<Store>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
@@ -60,13 +78,13 @@ impl Behaviour {
             .set_query_timeout(config.query_timeout)
             .set_max_packet_size(KAD_MAX_PACKET)
             .set_caching(kad::Caching::Disabled);
-        let store = MemoryStore::with_config(
+        let store = Store::new(
             peer_id,
-            MemoryStoreConfig {
+            StoreLimits {
                 max_records: 4096,
                 max_value_bytes: nakshatra_protocol::MAX_RECORD_BYTES + 1,
                 max_providers_per_key: MAX_PROVIDERS_PER_KEY,
-                max_provided_keys: 16 * 1024,
+                max_remote_provider_keys: 16 * 1024,
             },
         );
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
@@ -113,7 +131,15 @@ impl Behaviour {
                 .with_max_concurrent_streams(64),
         );
 
+        let limits = connection_limits::Behaviour::new(
+            ConnectionLimits::default()
+                .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+                .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
+        );
+
         Behaviour {
+            limits,
             kad,
             identify,
             ping,

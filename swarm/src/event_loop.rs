@@ -78,6 +78,10 @@ pub struct SwarmStats {
     pub routing_table_peers: usize,
     /// Whether this node currently announces.
     pub announcing: bool,
+    /// Records in the local DHT store now (expired ones are swept).
+    pub stored_records: usize,
+    /// Provider keys in the local DHT store now.
+    pub stored_provider_keys: usize,
 }
 
 /// What a serving node's next hops are: holders of block `end` of
@@ -401,6 +405,8 @@ impl EventLoop {
                 stats.connected_peers = self.swarm.connected_peers().count();
                 stats.routing_table_peers = self.routing_table_size();
                 stats.announcing = self.announcement.is_some();
+                (stats.stored_records, stats.stored_provider_keys) =
+                    self.swarm.behaviour_mut().kad.store_mut().sizes();
                 let _ = reply.send(stats);
             }
             Command::LocalRecord { key, reply } => {
@@ -758,11 +764,7 @@ impl EventLoop {
                 self.dial_peer(peer);
             }
         }
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .store_mut()
-            .retain(|_, r| !r.is_expired(now));
+        self.swarm.behaviour_mut().kad.store_mut().sweep(now);
         self.rtt_waiters.retain(|_, ws| {
             ws.retain(|w| !w.is_closed());
             !ws.is_empty()
@@ -1131,6 +1133,14 @@ impl EventLoop {
                 return;
             }
         };
+        // A node puts only its own info (kad's replication and caching
+        // are off), so a record sent by anyone else is a stranger's: one
+        // connection cannot fill the store with many identities' records.
+        if source != key_peer {
+            self.stats.records_rejected += 1;
+            tracing::warn!(%source, peer = %key_peer, "dropping DHT record: sent by another peer than the one it describes");
+            return;
+        }
         let now = now_ms();
         let verified = match verify(&record.value, Some(&key_peer), now) {
             Ok(v) => v,

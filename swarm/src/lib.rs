@@ -70,8 +70,10 @@ mod connect;
 mod error;
 mod event_loop;
 mod identity;
+mod inbound;
 pub mod plan;
 mod probe;
+mod store;
 mod view;
 
 use std::sync::Arc;
@@ -89,6 +91,7 @@ pub use connect::{Handshake, OpenError, Reopen, WaitError};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
 pub use event_loop::SwarmStats;
 pub use identity::{load_or_create_identity, signing_key, IdentityError};
+pub use inbound::{PeerQuota, QuotaPermit};
 pub use plan::{plan_chain, Chain, Hop, PlanError, PlanOptions};
 pub use view::{build_model_view, ModelView, PeerView, SwarmView};
 

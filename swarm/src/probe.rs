@@ -28,6 +28,7 @@ use crate::{
     client::{Client, WeakClient},
     connect::{Handshake, Reopen},
     event_loop::Command,
+    inbound::PeerQuota,
 };
 
 /// The probe protocol as a libp2p protocol name.
@@ -43,6 +44,9 @@ const ECHO_IDLE: Duration = Duration::from_secs(300);
 pub(crate) const MAX_PROBED_NEXT_HOPS: usize = 8;
 /// Most holders whose info is read to pick the probed ones.
 const MAX_NEXT_HOP_CANDIDATES: usize = 32;
+/// Probe streams one peer may have open at once (a prober keeps one per
+/// peer, and may be replacing a dead one).
+const PROBE_STREAMS_PER_PEER: usize = 4;
 /// Wait after a trigger before a round, so that bursts coalesce.
 const TRIGGER_DEBOUNCE: Duration = Duration::from_millis(300);
 
@@ -65,13 +69,21 @@ pub(crate) fn spawn_probe_server(
             return;
         }
     };
+    let quota = PeerQuota::new(PROBE_STREAMS_PER_PEER);
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 next = incoming.next() => match next {
                     Some((peer, stream)) => {
-                        tokio::spawn(echo(peer, stream, delay));
+                        let Some(permit) = quota.try_acquire(peer) else {
+                            tracing::debug!(%peer, "probe stream over the peer's share; dropped");
+                            continue;
+                        };
+                        tokio::spawn(async move {
+                            echo(peer, stream, delay).await;
+                            drop(permit);
+                        });
                     }
                     None => break,
                 },

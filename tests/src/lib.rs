@@ -187,6 +187,19 @@ impl Proc {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Its resident memory now and at its peak (`VmRSS`, `VmHWM` of
+    /// `/proc/<pid>/status`), KiB; `None` once it has exited.
+    pub fn memory_kib(&self) -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let field = |name: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
 }
 
 impl Drop for Proc {

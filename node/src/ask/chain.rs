@@ -16,13 +16,15 @@ use tokio::sync::mpsc;
 
 use super::{AskError, AskOptions, AskTimings, HopFault};
 use crate::engine::tokenizer::{Tokenizer, Utf8Stream};
-use crate::net::{handshake, read_frame, write_frame, FrameError};
+use crate::net::{handshake, read_message, write_frame, FrameError};
 
 /// How long the whole chain may take to answer `Open` with `Ready`.
 pub const CHAIN_READY_TIMEOUT: Duration = Duration::from_secs(40);
 /// How long the last hop may take to open its token stream once the chain
 /// is ready.
 pub const TOKEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new token stream may take to say which session it is for.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a run of one chain ended.
 pub(super) enum ChainOutcome<T> {
@@ -98,12 +100,12 @@ impl<'a> OpenChain<'a> {
                     }
                     let ready = tokio::time::timeout(
                         CHAIN_READY_TIMEOUT,
-                        read_frame::<_, ActReply>(&mut r),
+                        read_message::<_, ActReply>(&mut r),
                     )
                     .await;
                     match ready {
-                        Ok(Ok((ActReply::Ready, _))) => Ok((r, w)),
-                        Ok(Ok((ActReply::Failed { index, message, .. }, _))) => {
+                        Ok(Ok(ActReply::Ready)) => Ok((r, w)),
+                        Ok(Ok(ActReply::Failed { index, message, .. })) => {
                             Err(Handshake::Failed(ChainSetup::Failed { index, message }))
                         }
                         Ok(Err(e)) => Err(setup_handshake(e)),
@@ -124,12 +126,18 @@ impl<'a> OpenChain<'a> {
                     hop_err(0, HopFault::Timeout(CHAIN_READY_TIMEOUT))
                 }
             })?;
-        let tokens =
-            tokio::time::timeout(TOKEN_STREAM_TIMEOUT, token_stream(incoming, open.session))
-                .await
-                .ok()
-                .flatten()
-                .ok_or_else(|| hop_err(last, HopFault::NoTokenStream))?;
+        let last_peer: PeerId = hops
+            .last()
+            .and_then(|h| h.peer_id.parse().ok())
+            .ok_or_else(|| hop_err(last, HopFault::BadPeerId))?;
+        let tokens = tokio::time::timeout(
+            TOKEN_STREAM_TIMEOUT,
+            token_stream(incoming, last_peer, open.session),
+        )
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| hop_err(last, HopFault::NoTokenStream))?;
         Ok(OpenChain {
             hops,
             to_first,
@@ -179,6 +187,22 @@ impl<'a> OpenChain<'a> {
                 overheads_ms.push(overhead / n_hops);
             }
             pos += input.len() as u32;
+            // A token id from the network is checked before llama.cpp
+            // renders it (an id out of range would abort the process).
+            if usize::try_from(token).map_or(true, |t| t >= tok.n_vocab()) {
+                let e = self.hop_err(
+                    self.hops.len() as u32 - 1,
+                    HopFault::BadToken {
+                        token,
+                        n_vocab: tok.n_vocab(),
+                    },
+                );
+                return if out.tokens.is_empty() {
+                    ChainOutcome::NotStarted(e)
+                } else {
+                    ChainOutcome::Broken(e)
+                };
+            }
             if tok.is_eog(token) {
                 break;
             }
@@ -230,21 +254,18 @@ impl<'a> OpenChain<'a> {
         .await
         .map_err(|e| self.hop_err(0, HopFault::Stream(e)))?;
         let frame = tokio::select! {
-            f = tokio::time::timeout(timeout, read_frame::<_, TokenFrame>(&mut self.tokens)) => f,
+            f = tokio::time::timeout(timeout, read_message::<_, TokenFrame>(&mut self.tokens)) => f,
             Some((index, message)) = self.failures.recv() => {
                 return Err(self.hop_err(index, HopFault::Reported(message)));
             }
         };
         match frame {
-            Ok(Ok((
-                TokenFrame::Token {
-                    step: s,
-                    token,
-                    compute_us,
-                },
-                _,
-            ))) if s == step => Ok((token, compute_us)),
-            Ok(Ok((TokenFrame::Failed { message }, _))) => {
+            Ok(Ok(TokenFrame::Token {
+                step: s,
+                token,
+                compute_us,
+            })) if s == step => Ok((token, compute_us)),
+            Ok(Ok(TokenFrame::Failed { message })) => {
                 Err(self.hop_err(last, HopFault::Reported(message)))
             }
             Ok(Ok(_)) => Err(self.hop_err(last, HopFault::UnexpectedFrame)),
@@ -308,15 +329,22 @@ async fn connect_last_hop(swarm: &nakshatra_swarm::Client, hops: &[HopSpec]) {
     let _ = swarm.probe_rtt(peer).await;
 }
 
-/// The first inbound token stream that says hello for `session`.
+/// The first inbound token stream from the chain's last hop, `last`,
+/// that says hello for `session`. Streams from any other peer are dropped
+/// unread (every hop learns the session id; only the last hop may speak
+/// for it), and a stream gets [`HELLO_TIMEOUT`] to say hello.
 async fn token_stream(
     incoming: &mut nakshatra_swarm::stream::IncomingStreams,
+    last: PeerId,
     session: u64,
 ) -> Option<Stream> {
-    while let Some((_peer, mut s)) = incoming.next().await {
-        if let Ok((TokenFrame::Hello { session: id }, _)) =
-            read_frame::<_, TokenFrame>(&mut s).await
-        {
+    while let Some((peer, mut s)) = incoming.next().await {
+        if peer != last {
+            tracing::debug!(%peer, "token stream from a peer that is not the last hop; dropped");
+            continue;
+        }
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, read_message::<_, TokenFrame>(&mut s));
+        if let Ok(Ok(TokenFrame::Hello { session: id })) = hello.await {
             if id == session {
                 return Some(s);
             }
@@ -331,11 +359,11 @@ fn watch_failures(mut r: futures::io::ReadHalf<Stream>) -> mpsc::Receiver<(u32, 
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
-            match read_frame::<_, ActReply>(&mut r).await {
-                Ok((ActReply::Failed { index, message, .. }, _)) => {
+            match read_message::<_, ActReply>(&mut r).await {
+                Ok(ActReply::Failed { index, message, .. }) => {
                     let _ = tx.send((index, message)).await;
                 }
-                Ok((ActReply::Ready, _)) => {}
+                Ok(ActReply::Ready) => {}
                 Err(e) => {
                     let _ = tx.send((0, format!("stream closed: {e}"))).await;
                     return;

@@ -121,6 +121,14 @@ pub enum HopFault {
     /// The token stream sent something out of turn.
     #[error("unexpected token frame")]
     UnexpectedFrame,
+    /// The last hop sent a token id outside the vocabulary.
+    #[error("token id {token} is outside the vocabulary (0..{n_vocab})")]
+    BadToken {
+        /// The id it sent.
+        token: i32,
+        /// The vocabulary's size.
+        n_vocab: usize,
+    },
 }
 
 /// What to ask.

@@ -14,13 +14,19 @@
 //!   freed before its model; field order guarantees it). A context is used by
 //!   one thread at a time (`&mut self` on every call), so it is `Send` but
 //!   not `Sync`.
-//! * The eval-callback state ([`Capture`]) is boxed and its address handed
-//!   to llama.cpp as `cb_eval_user_data`; the box lives as long as the
-//!   context, never moves, and is only touched by llama.cpp inside
-//!   `llama_decode`, which we call with `&mut self`, so no other reference
-//!   exists while the callback runs.
-//! * [`RawBatch`] owns a `llama_batch` from `llama_batch_init` and frees it
-//!   on drop; it is filled only within the capacity it was allocated with.
+//! * The eval-callback state ([`Capture`]) is leaked from a `Box` into a
+//!   raw pointer whose copy is handed to llama.cpp as `cb_eval_user_data`.
+//!   Rust only ever reaches it through that same pointer (never through a
+//!   `Box` or a long-lived reference that could invalidate llama.cpp's
+//!   copy), with short-lived `&mut` taken only while llama.cpp is not
+//!   inside `llama_decode`; it is freed with `Box::from_raw` after
+//!   `llama_free`. llama.cpp only touches it inside `llama_decode`, which
+//!   we call with `&mut self`, so no other reference exists while the
+//!   callback runs.
+//! * [`RawBatch`] owns the per-token arrays of a batch as Rust `Vec`s whose
+//!   allocation is checked (`try_reserve_exact`), fully initialised and
+//!   never changed after construction; it lends llama.cpp a `llama_batch`
+//!   view of them, which llama.cpp only reads.
 //! * [`RawSampler`] owns a sampler chain and frees it on drop.
 //! * Every pointer returned by llama.cpp is null-checked before use, and
 //!   every length read from llama.cpp is checked before slicing.
@@ -199,11 +205,13 @@ unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, user: *mut 
         return !ask;
     }
     // SAFETY: `user` is the `cb_eval_user_data` that `RawContext::new` set:
-    // the address of its boxed `Capture`, which lives (and does not move) as
-    // long as the context. llama.cpp only calls back from inside
-    // `llama_decode`, which `RawContext::decode` calls holding `&mut self`
-    // and without touching the box during the call, so this is the only
-    // reference to the `Capture` while it lives.
+    // a copy of its `Capture` pointer (from `Box::leak`), which stays valid
+    // until after the context is freed. Rust only ever accesses the
+    // `Capture` through that same pointer, so this copy is not invalidated.
+    // llama.cpp only calls back from inside `llama_decode`, which
+    // `RawContext::decode` calls holding `&mut self` and with no reference
+    // to the `Capture` live during the call, so this is the only reference
+    // to it while it lives (it ends when the callback returns).
     let cap = unsafe { &mut *user.cast::<Capture>() };
     // SAFETY: `t` is a non-null graph tensor (checked above) that ggml keeps
     // alive during the callback. `ggml_get_name` returns a pointer to its
@@ -254,9 +262,15 @@ pub struct RawContext {
     // capture box and the model Arc are released.
     /// The context; non-null, owned, freed once in Drop.
     ptr: NonNull<sys::llama_context>,
-    /// The eval callback's state, whose address llama.cpp holds as
-    /// `cb_eval_user_data`; `None` for a context that produces logits.
-    capture: Option<Box<Capture>>,
+    /// The eval callback's state, from `Box::into_raw` (via `Box::leak`);
+    /// llama.cpp holds a copy of this pointer as `cb_eval_user_data`.
+    /// Owned by this value alone, only accessed through this pointer and
+    /// freed with `Box::from_raw` in Drop, after `llama_free`. `None` for a
+    /// context that produces logits.
+    capture: Option<NonNull<Capture>>,
+    /// Floats in one row of logits: the model's `llama_vocab_n_tokens`,
+    /// which is the row stride llama.cpp uses in its logits buffer.
+    n_vocab: usize,
     /// Keeps the model alive for as long as the context uses it.
     _model: Arc<RawModel>,
 }
@@ -266,31 +280,38 @@ pub struct RawContext {
 // serve whichever thread calls in), so it may be used and freed on another
 // thread than the one that created it as long as calls never overlap. Every
 // method that calls llama.cpp takes `&mut self`, and `RawContext` is not
-// `Sync`, so calls never overlap. The capture box and the model `Arc` that
-// travel with it are `Send` too.
+// `Sync`, so calls never overlap. The `Capture` it owns through a raw
+// pointer (a `CString`, a `Vec<f32>` and an `Option<String>`) and the model
+// `Arc` that travel with it are `Send` too.
 unsafe impl Send for RawContext {}
 
 impl RawContext {
     /// Creates a context with `n_seq` independent sequences of `n_ctx_seq`
     /// tokens each (non-unified KV, so sequences never share cells).
     pub fn new(model: Arc<RawModel>, p: &ContextParams) -> Result<Self, FfiError> {
-        let mut capture = match &p.capture {
-            Some(name) => Some(Box::new(Capture {
-                target: CString::new(name.as_bytes()).map_err(|_| FfiError::Nul)?,
-                out: Vec::new(),
-                error: None,
-            })),
+        let target = match &p.capture {
+            Some(name) => Some(CString::new(name.as_bytes()).map_err(|_| FfiError::Nul)?),
             None => None,
         };
+        // Nothing fallible runs between leaking the box and either handing
+        // it to the result or freeing it below.
+        let capture = target.map(|target| {
+            NonNull::from(Box::leak(Box::new(Capture {
+                target,
+                out: Vec::new(),
+                error: None,
+            })))
+        });
+        let n_vocab = model.n_vocab() as usize;
         let n_ctx = p.n_ctx_seq.saturating_mul(p.n_seq);
         // SAFETY: `llama_context_default_params` returns a plain struct by
         // value. `model.ptr` is a live model, and the `Arc` moved into the
         // result keeps it alive until after the context is freed (Drop).
         // `capture_cb` matches `ggml_backend_sched_eval_callback`, and its
-        // user data is the heap address of the boxed `Capture`, which the
-        // result also owns: it does not move when the box does and is freed
-        // only after `llama_free` (Drop), so llama.cpp never calls back with
-        // a dangling pointer. A failed init returns null, checked below.
+        // user data is the leaked `Capture` pointer, which the result owns
+        // and frees only after `llama_free` (Drop), so llama.cpp never calls
+        // back with a dangling pointer; `llama_init_from_model` does not
+        // call back itself. A failed init returns null, checked below.
         let ptr = unsafe {
             let mut c = sys::llama_context_default_params();
             c.n_ctx = n_ctx;
@@ -301,19 +322,28 @@ impl RawContext {
             c.n_threads_batch = p.n_threads;
             c.kv_unified = false;
             c.no_perf = true;
-            if let Some(cap) = capture.as_mut() {
+            if let Some(cap) = capture {
                 c.cb_eval = Some(capture_cb);
-                c.cb_eval_user_data = (&mut **cap as *mut Capture).cast::<c_void>();
+                c.cb_eval_user_data = cap.as_ptr().cast::<c_void>();
             }
             sys::llama_init_from_model(model.ptr.as_ptr(), c)
         };
-        let ptr = NonNull::new(ptr).ok_or(FfiError::NewContext {
-            n_ctx,
-            n_seq: p.n_seq,
-        })?;
+        let Some(ptr) = NonNull::new(ptr) else {
+            if let Some(cap) = capture {
+                // SAFETY: `cap` came from `Box::leak` above and nothing else
+                // owns it: the init failed, so no context holds the pointer
+                // as its user data, and it is freed only here, once.
+                drop(unsafe { Box::from_raw(cap.as_ptr()) });
+            }
+            return Err(FfiError::NewContext {
+                n_ctx,
+                n_seq: p.n_seq,
+            });
+        };
         Ok(Self {
             ptr,
             capture,
+            n_vocab,
             _model: model,
         })
     }
@@ -337,28 +367,41 @@ impl RawContext {
     /// Runs `batch`; returns the captured hidden states (n_tokens × n_embd,
     /// in batch order) when this context captures, else an empty vector.
     pub fn decode(&mut self, batch: &RawBatch) -> Result<Vec<f32>, FfiError> {
-        if let Some(cap) = self.capture.as_mut() {
+        if let Some(cap) = self.capture {
+            // SAFETY: `cap` points to the live `Capture` this context owns
+            // (freed only in Drop). llama.cpp is not inside `llama_decode`
+            // (`&mut self`: no call on the context is in progress), so it is
+            // not using its copy of the pointer, and this `&mut`, derived
+            // from the same pointer, ends before `llama_decode` below.
+            let cap = unsafe { &mut *cap.as_ptr() };
             cap.out.clear();
             cap.error = None;
         }
         // SAFETY: `self.ptr` is a live context and `&mut self` means no other
-        // call on it is in progress (and that the capture box is not
-        // borrowed while the callback uses it). `batch` is borrowed for the
-        // whole call, and its first `n_tokens` entries of `token` or `embd`,
-        // `pos`, `n_seq_id`, `seq_id[i][0]` and `logits` are all initialised
-        // (RawBatch invariant). llama.cpp validates token ids against the
+        // call on it is in progress (and no reference to the `Capture` is
+        // live while the callback uses it). `batch.raw()` points into
+        // `batch`'s arrays, which are borrowed for the whole call, never
+        // written, and hold `n_tokens` initialised entries of `token` or
+        // `embd` (the other one null), `pos`, `n_seq_id`, `seq_id` (each
+        // pointing to one id) and `logits` (RawBatch invariant); llama.cpp
+        // only reads them. llama.cpp validates token ids against the
         // vocabulary, sequence ids against `n_seq_max` and positions against
         // the KV cache, and returns an error code for bad ones. What it
         // cannot check is the width of `embd` rows: it reads `n_embd` of the
         // model floats per token, so an embedding batch must be built with
         // the model's `n_embd` (the engine passes `layout.n_embd`, which is
         // `RawModel::n_embd`).
-        let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw()) };
         if rc != 0 {
             return Err(FfiError::Decode(rc));
         }
-        match self.capture.as_mut() {
+        match self.capture {
             Some(cap) => {
+                // SAFETY: as above: `cap` is the live `Capture` this context
+                // owns, `llama_decode` has returned so llama.cpp is not using
+                // it, and this `&mut`, derived from the same pointer, ends
+                // before this function returns.
+                let cap = unsafe { &mut *cap.as_ptr() };
                 if let Some(e) = cap.error.take() {
                     return Err(FfiError::Capture(e));
                 }
@@ -368,22 +411,27 @@ impl RawContext {
         }
     }
 
-    /// Logits of output row `i` of the last decode (`-1`: the last row).
-    pub fn logits(&mut self, i: i32, n_vocab: usize) -> Result<Vec<f32>, FfiError> {
+    /// Logits of output row `i` of the last decode (`-1`: the last row):
+    /// one float per vocabulary entry.
+    pub fn logits(&mut self, i: i32) -> Result<Vec<f32>, FfiError> {
         // SAFETY: `self.ptr` is a live context and `&mut self` means no other
         // call on it is in progress. `llama_get_logits_ith` returns null for
         // a row it has no logits for (checked), else a pointer into the
-        // context's logits buffer at the start of a row of
-        // `llama_vocab_n_tokens(vocab)` floats. The caller must pass at most
-        // that many as `n_vocab` (the engine passes `RawModel::n_vocab`, the
-        // same count). The buffer is not touched until the next decode,
-        // which needs `&mut self`, and we copy the row out before returning.
+        // context's (sampled or plain) logits buffer at the start of a row:
+        // both buffers are `n_outputs_max` rows of the model's
+        // `vocab.n_tokens()` floats, and the pointer is `row × n_tokens`
+        // into one of them. `self.n_vocab` is that same count, read from
+        // this context's model with `llama_vocab_n_tokens` when the context
+        // was made (0 if it did not fit an `i32`, which reads nothing), so
+        // the slice stays within the row. The buffer is not touched until
+        // the next decode, which needs `&mut self`, and we copy the row out
+        // before returning.
         unsafe {
             let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), i);
             if p.is_null() {
                 return Err(FfiError::NoLogits(i));
             }
-            Ok(std::slice::from_raw_parts(p, n_vocab).to_vec())
+            Ok(std::slice::from_raw_parts(p, self.n_vocab).to_vec())
         }
     }
 
@@ -402,10 +450,18 @@ impl RawContext {
 impl Drop for RawContext {
     fn drop(&mut self) {
         // SAFETY: `self.ptr` came from `llama_init_from_model`, is owned by
-        // this value alone and is freed only here, once. The capture box
-        // (the callback's user data) and the model `Arc` are fields, so they
-        // are dropped after this body: both outlive the context.
+        // this value alone and is freed only here, once. The `Capture` (the
+        // callback's user data) is freed just below and the model `Arc` is a
+        // field, dropped after this body: both outlive the context.
         unsafe { sys::llama_free(self.ptr.as_ptr()) }
+        if let Some(cap) = self.capture.take() {
+            // SAFETY: `cap` came from `Box::leak` in `RawContext::new`, is
+            // owned by this value alone and is freed only here, once (taken
+            // out of the field). The context that held a copy of it as
+            // `cb_eval_user_data` was freed just above, so nothing uses it
+            // any more, and no reference derived from it is live.
+            drop(unsafe { Box::from_raw(cap.as_ptr()) });
+        }
     }
 }
 
@@ -423,73 +479,119 @@ pub enum BatchInput<'a> {
     },
 }
 
-/// An owned `llama_batch` for one sequence.
+/// The per-token input rows a [`RawBatch`] owns.
+enum BatchRows {
+    /// `n_tokens` token ids.
+    Tokens(Vec<i32>),
+    /// `n_tokens × n_embd` floats, token after token.
+    Embd(Vec<f32>),
+}
+
+/// The arrays of a `llama_batch` for one sequence, owned by Rust.
+///
+/// Invariant: `n_tokens > 0` and every array holds exactly `n_tokens`
+/// initialised entries (`Embd`: `n_tokens × n_embd` floats);
+/// `seq_id_ptrs[i]` points to `_seq_ids[i]`. Nothing is changed after
+/// [`RawBatch::new`] returns, so the pointers handed out by
+/// [`RawBatch::raw`] (and `seq_id_ptrs`, which point into the heap buffer of
+/// `_seq_ids`, which does not move when the `Vec` does) stay valid for as
+/// long as the batch is borrowed.
 pub struct RawBatch {
-    /// Allocated by `llama_batch_init` for exactly `n_tokens` tokens, one
-    /// sequence id each, with every per-token entry initialised; freed once
-    /// in Drop.
-    raw: sys::llama_batch,
+    /// Token ids or hidden-state rows.
+    rows: BatchRows,
+    /// Position of each token.
+    pos: Vec<i32>,
+    /// Number of sequence ids of each token (always 1).
+    n_seq_id: Vec<i32>,
+    /// The one sequence id of each token; read only by llama.cpp, through
+    /// `seq_id_ptrs`.
+    _seq_ids: Vec<i32>,
+    /// `_seq_ids[i]`'s address for each token, as `llama_batch::seq_id`
+    /// wants it; derived from a shared borrow, so never written through.
+    seq_id_ptrs: Vec<*mut i32>,
+    /// Whether each token's row is output (1) or not (0).
+    logits: Vec<i8>,
+    /// Number of tokens; fits in `i32`.
+    n_tokens: i32,
+}
+
+/// A vector with room for exactly `n` elements, or `None` if the allocation
+/// fails (instead of aborting the process).
+fn try_vec<T>(n: usize) -> Option<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    Some(v)
 }
 
 impl RawBatch {
-    /// Builds a batch for sequence `seq` starting at position `pos0`. Rows
-    /// whose index is in `outputs` (all when `all_outputs`) request output.
+    /// Builds a batch for sequence `seq` starting at position `pos0`. Every
+    /// row requests output when `all_outputs`, else only the last one.
+    /// `None` if the input is empty, too long or ragged, or an allocation
+    /// fails.
     pub fn new(input: BatchInput<'_>, seq: i32, pos0: i32, all_outputs: bool) -> Option<Self> {
-        let (n, embd) = match &input {
-            BatchInput::Tokens(t) => (t.len(), 0usize),
+        let n = match &input {
+            BatchInput::Tokens(t) => t.len(),
             BatchInput::Embd { data, n_embd } => {
                 if *n_embd == 0 || data.len() % n_embd != 0 {
                     return None;
                 }
-                (data.len() / n_embd, *n_embd)
+                data.len() / n_embd
             }
         };
-        let n_i32 = i32::try_from(n).ok()?;
-        let embd_i32 = i32::try_from(embd).ok()?;
+        let n_tokens = i32::try_from(n).ok()?;
         if n == 0 {
             return None;
         }
-        // SAFETY: `llama_batch_init(n, embd, 1)` mallocs `embd` for `n × embd`
-        // floats when `embd > 0`, else `token` for `n` ids, and `pos`,
-        // `n_seq_id`, `logits` for `n` entries and `seq_id` for `n` pointers
-        // to one id each (it leaves them uninitialised and, like malloc
-        // failure anywhere in llama.cpp, does not report a failed
-        // allocation). The copy reads `n` ids from `t` (`n == t.len()`) or
-        // `n × embd` floats from `data` (`data.len()` checked above) into
-        // the matching array, which cannot overlap memory we were lent; the
-        // loop writes entries `0..n` of each array, so every entry llama.cpp
-        // will read is initialised. `n` and `embd` fit in `i32` (checked
-        // above) and llama.cpp multiplies them in `size_t`, so the sizes it
-        // allocates do not overflow. The batch is freed in Drop.
-        unsafe {
-            let mut raw = sys::llama_batch_init(n_i32, embd_i32, 1);
-            match input {
-                BatchInput::Tokens(t) => {
-                    std::ptr::copy_nonoverlapping(t.as_ptr(), raw.token, n);
-                }
-                BatchInput::Embd { data, .. } => {
-                    std::ptr::copy_nonoverlapping(data.as_ptr(), raw.embd, n * embd);
-                }
+        let rows = match input {
+            BatchInput::Tokens(t) => {
+                let mut v = try_vec(t.len())?;
+                v.extend_from_slice(t);
+                BatchRows::Tokens(v)
             }
-            for i in 0..n {
-                *raw.pos.add(i) = pos0 + i as i32;
-                *raw.n_seq_id.add(i) = 1;
-                *(*raw.seq_id.add(i)) = seq;
-                *raw.logits.add(i) = i8::from(all_outputs || i + 1 == n);
+            BatchInput::Embd { data, .. } => {
+                let mut v = try_vec(data.len())?;
+                v.extend_from_slice(data);
+                BatchRows::Embd(v)
             }
-            raw.n_tokens = n_i32;
-            Some(Self { raw })
-        }
+        };
+        let mut pos = try_vec(n)?;
+        pos.extend((0..n_tokens).map(|i| pos0 + i));
+        let mut n_seq_id = try_vec(n)?;
+        n_seq_id.resize(n, 1);
+        let mut seq_ids = try_vec(n)?;
+        seq_ids.resize(n, seq);
+        let mut seq_id_ptrs = try_vec(n)?;
+        seq_id_ptrs.extend(seq_ids.iter().map(|id| std::ptr::from_ref(id).cast_mut()));
+        let mut logits = try_vec(n)?;
+        logits.extend((0..n).map(|i| i8::from(all_outputs || i + 1 == n)));
+        Some(Self {
+            rows,
+            pos,
+            n_seq_id,
+            _seq_ids: seq_ids,
+            seq_id_ptrs,
+            logits,
+            n_tokens,
+        })
     }
-}
 
-impl Drop for RawBatch {
-    fn drop(&mut self) {
-        // SAFETY: `self.raw` came from `llama_batch_init`, is owned by this
-        // value alone (`RawBatch` is neither `Clone` nor `Copy`) and is freed
-        // only here, once. Its `seq_id` array is null-terminated by
-        // `llama_batch_init`, as `llama_batch_free` needs.
-        unsafe { sys::llama_batch_free(self.raw) }
+    /// A `llama_batch` view of this batch's arrays, valid while `self` is
+    /// borrowed. Its pointers are derived from shared borrows: llama.cpp
+    /// must only read through them (`llama_decode` does).
+    fn raw(&self) -> sys::llama_batch {
+        let (token, embd) = match &self.rows {
+            BatchRows::Tokens(t) => (t.as_ptr().cast_mut(), std::ptr::null_mut()),
+            BatchRows::Embd(e) => (std::ptr::null_mut(), e.as_ptr().cast_mut()),
+        };
+        sys::llama_batch {
+            n_tokens: self.n_tokens,
+            token,
+            embd,
+            pos: self.pos.as_ptr().cast_mut(),
+            n_seq_id: self.n_seq_id.as_ptr().cast_mut(),
+            seq_id: self.seq_id_ptrs.as_ptr().cast_mut(),
+            logits: self.logits.as_ptr().cast_mut(),
+        }
     }
 }
 

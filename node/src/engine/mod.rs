@@ -650,7 +650,7 @@ impl SliceEngine {
     fn step_output(&mut self, captured: Vec<f32>, n: usize) -> Result<StepOutput, EngineError> {
         let n_embd = self.layout.n_embd as usize;
         if self.layout.is_last() {
-            return Ok(StepOutput::Logits(self.ctx.logits(-1, self.n_vocab)?));
+            return Ok(StepOutput::Logits(self.ctx.logits(-1)?));
         }
         if captured.len() != n * n_embd {
             return Err(FfiError::Capture(format!(

@@ -139,6 +139,7 @@ async fn from_peer(
         peer,
         MANIFEST_PROTOCOL,
         &req,
+        MAX_MANIFEST_BYTES,
         MANIFEST_REQUEST_TIMEOUT,
     )
     .await?;

@@ -14,16 +14,23 @@ use nakshatra_swarm::protocol::fetch::{
     MANIFEST_DOMAIN, MANIFEST_PROTOCOL, MAX_CHUNK_BYTES, PIECE_PROTOCOL,
 };
 use nakshatra_swarm::protocol::RecordError;
-use nakshatra_swarm::{PeerId, Stream, StreamProtocol};
+use nakshatra_swarm::{PeerId, PeerQuota, Stream, StreamProtocol};
 
 use crate::faults::Faults;
-use crate::net::{read_frame, write_frame, write_frame_parts, FrameError};
+use crate::net::{read_message, write_frame, write_frame_parts, FrameError};
 
 /// How long a manifest stream may take to send its request.
 const MANIFEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a piece stream may stay silent between requests before it is
 /// closed (a fetcher keeps its streams busy).
 const PIECE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Manifest requests one peer may have open at once.
+const MANIFEST_STREAMS_PER_PEER: usize = 2;
+/// Piece streams one peer may have open at once: a fetcher opens
+/// [`super::STREAMS_PER_PEER`], and one lost stream may linger while its
+/// replacement opens.
+const PIECE_STREAMS_PER_PEER: usize = 2 * super::STREAMS_PER_PEER;
 
 /// Why a [`PieceStore`] could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -180,14 +187,32 @@ pub fn spawn_piece_servers(
     let mut manifests = accept(MANIFEST_PROTOCOL)?;
     let mut pieces = accept(PIECE_PROTOCOL)?;
     let s = store.clone();
+    let quota = PeerQuota::new(MANIFEST_STREAMS_PER_PEER);
     tokio::spawn(async move {
-        while let Some((_peer, stream)) = manifests.next().await {
-            tokio::spawn(serve_manifest(s.clone(), stream));
+        while let Some((peer, stream)) = manifests.next().await {
+            let Some(permit) = quota.try_acquire(peer) else {
+                tracing::debug!(%peer, "manifest stream over the peer's share; dropped");
+                continue;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                serve_manifest(s, stream).await;
+                drop(permit);
+            });
         }
     });
+    let quota = PeerQuota::new(PIECE_STREAMS_PER_PEER);
     tokio::spawn(async move {
         while let Some((peer, stream)) = pieces.next().await {
-            tokio::spawn(serve_pieces(store.clone(), peer, stream));
+            let Some(permit) = quota.try_acquire(peer) else {
+                tracing::debug!(%peer, "piece stream over the peer's share; dropped");
+                continue;
+            };
+            let s = store.clone();
+            tokio::spawn(async move {
+                serve_pieces(s, peer, stream).await;
+                drop(permit);
+            });
         }
     });
     Ok(())
@@ -196,10 +221,10 @@ pub fn spawn_piece_servers(
 async fn serve_manifest(store: Arc<PieceStore>, mut stream: Stream) {
     let req = tokio::time::timeout(
         MANIFEST_READ_TIMEOUT,
-        read_frame::<_, ManifestRequest>(&mut stream),
+        read_message::<_, ManifestRequest>(&mut stream),
     )
     .await;
-    if let Ok(Ok((req, _))) = req {
+    if let Ok(Ok(req)) = req {
         let r = if req.model_id == store.model_id {
             write_frame(
                 &mut stream,
@@ -220,10 +245,10 @@ async fn serve_pieces(store: Arc<PieceStore>, peer: PeerId, mut stream: Stream) 
     loop {
         let req = tokio::time::timeout(
             PIECE_IDLE_TIMEOUT,
-            read_frame::<_, PieceRequest>(&mut stream),
+            read_message::<_, PieceRequest>(&mut stream),
         )
         .await;
-        let Ok(Ok((req, _))) = req else { break };
+        let Ok(Ok(req)) = req else { break };
         if store.answer(&mut stream, req).await.is_err() {
             break;
         }

@@ -242,8 +242,13 @@ impl Worker {
         len: u64,
     ) -> Result<(), StreamTrouble> {
         let mut buf = self.pool.take();
+        // Only the bytes asked for may come back.
+        let limit = |r: &PieceResponse| match r {
+            PieceResponse::Data { .. } => len as usize,
+            _ => 0,
+        };
         let (resp, n): (PieceResponse, usize) =
-            tokio::time::timeout(PIECE_READ_TIMEOUT, read_frame_into(s, &mut buf))
+            tokio::time::timeout(PIECE_READ_TIMEOUT, read_frame_into(s, &mut buf, limit))
                 .await
                 .map_err(|_| StreamTrouble::Timeout)??;
         let d = work

@@ -256,3 +256,156 @@ async fn hostile_records_are_dropped() {
     // Nobody panicked.
     assert!(!s0.task.is_finished() && !s1.task.is_finished() && !client.task.is_finished());
 }
+
+/// Provider keys the flood sends: every block of random model ids, in
+/// the nakshatra key layout (so the key filter alone lets them through).
+const FLOOD_PROVIDER_KEYS: usize = 20_000;
+/// Signed infos of fresh identities the flood puts.
+const FLOOD_RECORDS: usize = 500;
+/// Provider queries the flooding node runs at once.
+const FLOOD_BATCH: usize = 500;
+
+/// A hostile node floods `victim` with ADD_PROVIDER for random model ids
+/// and with validly signed infos of identities that are not its own.
+/// Returns once every put went out.
+async fn flood(victim: (PeerId, Multiaddr)) {
+    let key = IdentityKeypair::generate_ed25519();
+    let mut swarm = SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|k| {
+            let id = k.public().to_peer_id();
+            let mut cfg = kad::Config::new(KAD_PROTOCOL);
+            cfg.set_max_packet_size(1 << 20);
+            let store = MemoryStore::with_config(
+                id,
+                kad::store::MemoryStoreConfig {
+                    max_provided_keys: FLOOD_PROVIDER_KEYS + 100,
+                    ..Default::default()
+                },
+            );
+            let mut kad = kad::Behaviour::with_config(id, store, cfg);
+            kad.set_mode(Some(Mode::Server));
+            Evil {
+                kad,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/nakshatra/1".into(),
+                    k.public(),
+                )),
+            }
+        })
+        .unwrap()
+        .build();
+    swarm
+        .behaviour_mut()
+        .kad
+        .add_address(&victim.0, victim.1.clone());
+    swarm.dial(victim.1.clone()).unwrap();
+
+    let mut keys: Vec<String> = Vec::with_capacity(FLOOD_PROVIDER_KEYS);
+    let mut n = 0u32;
+    while keys.len() < FLOOD_PROVIDER_KEYS {
+        let model = format!("{:064x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15);
+        keys.extend((0..20).map(|b| keys::block_key(&model, b)));
+        n += 1;
+    }
+    let now = now_ms();
+    let mut records = Vec::new();
+    for i in 0..FLOOD_RECORDS {
+        let id = IdentityKeypair::generate_ed25519();
+        let sk = signing_key(&id).unwrap();
+        let mut info = fake_info(&format!("{:064x}", i + 1), 0, 30);
+        info.issued_at_ms = now;
+        info.expires_at_ms = now + 60_000;
+        records.push(record(
+            keys::info_key(&id.public().to_peer_id()),
+            protocol::sign(&sk, &info).unwrap().to_bytes(),
+        ));
+    }
+    let kad = &mut swarm.behaviour_mut().kad;
+    let mut pending: HashSet<QueryId> = records
+        .into_iter()
+        .map(|r| kad.put_record_to(r, std::iter::once(victim.0), Quorum::One))
+        .collect();
+    let mut keys = keys.into_iter();
+    loop {
+        while pending.len() < FLOOD_BATCH {
+            let Some(k) = keys.next() else { break };
+            let kad = &mut swarm.behaviour_mut().kad;
+            pending.insert(kad.start_providing(RecordKey::new(&k)).unwrap());
+        }
+        if pending.is_empty() {
+            return;
+        }
+        if let SwarmEvent::Behaviour(EvilEvent::Kad(kad::Event::OutboundQueryProgressed {
+            id,
+            step,
+            ..
+        })) = swarm.select_next_some().await
+        {
+            if step.last {
+                pending.remove(&id);
+            }
+        }
+    }
+}
+
+/// A flood of 20,000 provider records for random model ids and 500
+/// strangers' signed infos does not stop the victim from announcing (its
+/// blocks stay findable by a third node), one peer's provider keys are
+/// capped, the strangers' infos are refused, and expired entries leave the
+/// store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_store_still_takes_the_nodes_own_announcements() {
+    init_tracing();
+    let model = model_id(0x77);
+    let victim = start(Role::Server, vec![]).await;
+    let third = start(Role::Client, vec![victim.addr.clone().unwrap()]).await;
+    let mut addr = victim.addr.clone().unwrap();
+    addr.pop();
+    tokio::time::timeout(Duration::from_secs(240), flood((victim.peer(), addr)))
+        .await
+        .expect("the flood went out");
+
+    let stats = victim.client.stats().await.unwrap();
+    eprintln!(
+        "after the flood: {} provider records stored, {} refused; {} records stored, {} refused",
+        stats.providers_accepted,
+        stats.providers_rejected,
+        stats.records_accepted,
+        stats.records_rejected
+    );
+    assert!(stats.records_rejected >= FLOOD_RECORDS as u64, "{stats:?}");
+    assert_eq!(stats.stored_records, 0, "{stats:?}");
+    assert!(stats.providers_rejected > 0, "{stats:?}");
+    assert!(
+        stats.stored_provider_keys <= nakshatra_swarm::protocol::MAX_LAYERS as usize + 2,
+        "one peer's keys are not capped: {stats:?}"
+    );
+
+    // The victim announces after the flood; a third node finds it.
+    victim
+        .client
+        .announce(fake_info(&model, 0, 30))
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(15), "the victim's blocks", || async {
+        let h = third.client.block_holders(&model, 17).await.unwrap();
+        h.contains(&victim.peer()).then_some(())
+    })
+    .await;
+
+    // The flood's provider records expire (TTL) and are swept; the
+    // victim's own stay.
+    wait_for(TTL * 3, "expired provider records swept", || async {
+        let s = victim.client.stats().await.unwrap();
+        (s.stored_provider_keys <= 32).then_some(())
+    })
+    .await;
+    assert!(!victim.task.is_finished());
+}

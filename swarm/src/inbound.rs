@@ -1,0 +1,84 @@
+//! Per-peer caps on inbound streams of the node's own protocols: a peer
+//! that opens more streams of one protocol than its share gets the extra
+//! ones dropped at once, before anything is read from them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use libp2p::PeerId;
+
+/// How many streams of one protocol each peer may have open at once.
+#[derive(Debug, Clone)]
+pub struct PeerQuota {
+    cap: usize,
+    held: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+/// One stream's place in a [`PeerQuota`], given back when dropped.
+#[derive(Debug)]
+pub struct QuotaPermit {
+    peer: PeerId,
+    held: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl PeerQuota {
+    /// At most `cap` streams per peer (at least 1).
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            held: Arc::default(),
+        }
+    }
+
+    /// A place for one more stream of `peer`, or `None` when it holds its
+    /// share already.
+    pub fn try_acquire(&self, peer: PeerId) -> Option<QuotaPermit> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = held.entry(peer).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(QuotaPermit {
+            peer,
+            held: self.held.clone(),
+        })
+    }
+
+    /// Streams `peer` holds now.
+    pub fn held(&self, peer: &PeerId) -> usize {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.get(peer).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for QuotaPermit {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.peer);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_gets_its_share_and_no_more() {
+        let q = PeerQuota::new(2);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let p1 = q.try_acquire(a).unwrap();
+        let _p2 = q.try_acquire(a).unwrap();
+        assert!(q.try_acquire(a).is_none());
+        // Another peer is not affected.
+        let _p3 = q.try_acquire(b).unwrap();
+        drop(p1);
+        assert_eq!(q.held(&a), 1);
+        assert!(q.try_acquire(a).is_some());
+    }
+}
