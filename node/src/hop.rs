@@ -107,6 +107,9 @@ pub enum SessionError {
     /// The asker's token stream broke.
     #[error("asker gone: {0}")]
     AskerGone(#[source] FrameError),
+    /// No token stream to the asker could be opened.
+    #[error("token stream to the asker: {0}")]
+    NoTokenStream(#[source] nakshatra_swarm::stream::OpenStreamError),
 }
 
 /// Accepts activation streams until the swarm stops; one task per
@@ -304,9 +307,7 @@ async fn to_asker(ctx: &HopContext, open: &OpenSession) -> Result<Downstream, Se
         .await
         .map_err(|e| match e {
             nakshatra_swarm::OpenError::Handshake(e) => SessionError::AskerGone(e),
-            nakshatra_swarm::OpenError::Open(e) => SessionError::AskerGone(FrameError::Io(
-                std::io::Error::new(std::io::ErrorKind::NotConnected, e.to_string()),
-            )),
+            nakshatra_swarm::OpenError::Open(e) => SessionError::NoTokenStream(e),
         })?;
     Ok(Downstream::Asker(s, Box::new(sampler)))
 }

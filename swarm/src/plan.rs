@@ -61,6 +61,9 @@ pub struct PlanOptions {
     /// Peers not to use (e.g. a hop that just failed: the asker plans again
     /// without it).
     pub exclude: HashSet<PeerId>,
+    /// Tokens every hop must give a session (the prompt's length): peers
+    /// announcing a smaller context are planned around. Default 0.
+    pub min_context: u32,
 }
 
 impl Default for PlanOptions {
@@ -68,6 +71,7 @@ impl Default for PlanOptions {
         PlanOptions {
             default_rtt: DEFAULT_RTT,
             exclude: HashSet::new(),
+            min_context: 0,
         }
     }
 }
@@ -185,6 +189,7 @@ fn usable(p: &PeerView, n_layers: u32, opts: &PlanOptions) -> bool {
         && p.throughput > 0.0
         && p.range[0] < p.range[1]
         && p.range[1] <= n_layers
+        && p.context_per_session >= opts.min_context
         && !opts.exclude.contains(&p.peer_id)
 }
 
@@ -564,6 +569,22 @@ mod tests {
             Err(PlanError::Uncovered { missing, .. }) => assert_eq!(missing, vec![[0, 10]]),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn hops_too_short_for_the_prompt_are_planned_around() {
+        let (a, b) = (peer(1), peer(2));
+        let mut small = pv(a, 0, 10, 100.0);
+        small.context_per_session = 16;
+        let v = view(10, vec![small, pv(b, 0, 10, 1.0)]);
+        let chain = plan_chain(&v, &no_rtts(), &PlanOptions::default()).unwrap();
+        assert_eq!(ids(&chain), vec![a]);
+        let opts = PlanOptions {
+            min_context: 100,
+            ..PlanOptions::default()
+        };
+        let chain = plan_chain(&v, &no_rtts(), &opts).unwrap();
+        assert_eq!(ids(&chain), vec![b]);
     }
 
     #[test]

@@ -292,6 +292,53 @@ async fn a_bad_token_id_is_a_clear_error_not_an_abort() {
     assert!(!e.contains("panicked"), "{e}");
 }
 
+/// Attack 5, in part: a peer announcing the whole model at 10^6 tok/s
+/// with a context of one token. The planner picks it, the prompt does
+/// not fit, and the asker plans around it instead of failing with "prompt
+/// too long": the answer comes from the honest node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_too_small_for_the_prompt_is_planned_around() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY, PROMPT);
+    let info = nakshatra(&["model", "inspect", &model, "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Proc::join(dir.path(), &join_args(&model, "0..30", None));
+    let boot = node.addr().to_string();
+    let (liar, _task) = peer(&boot, true).await;
+    let mut si = ServerInfo::new(
+        info["id"].as_str().unwrap(),
+        info["arch"].as_str().unwrap(),
+        30,
+        0..30,
+        info["n_embd"].as_u64().unwrap() as u32,
+    );
+    si.throughput = 1e6;
+    si.max_sessions = 4;
+    si.free_sessions = 4;
+    si.context_per_session = 1;
+    liar.announce(si).await.unwrap();
+    let both = wait_for(Duration::from_secs(15), || {
+        status_json(&boot).filter(|v| holders(v, 0).len() == 2)
+    });
+    assert!(both.is_some(), "the liar never showed up");
+
+    let asker = tempfile::tempdir().unwrap();
+    let o = tokio::task::spawn_blocking(move || node_ask(&boot, asker.path(), GREEDY, PROMPT))
+        .await
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    let chain = e
+        .lines()
+        .find(|l| l.starts_with("chain:"))
+        .unwrap_or_default();
+    assert!(chain.contains(&node.peer_id()), "{e}");
+    assert!(!chain.contains(&liar.peer_id().to_string()), "{e}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
+}
+
 /// Plays the last hop of a session: ready at once, then a token id far
 /// outside any vocabulary for every step.
 async fn serve_garbage_tokens(fake: Client, s: Stream) {

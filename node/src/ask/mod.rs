@@ -375,34 +375,18 @@ impl Asker<'_> {
 
     /// Plans a chain without the `exclude`d peers (with them, when they
     /// are the only way through), then gets the vocabulary from its hops
-    /// and tokenizes the prompt.
+    /// and tokenizes the prompt. A chain with a hop whose context cannot
+    /// hold the prompt is planned again around such hops.
     async fn plan(&self, model_id: &str, exclude: &mut Vec<PeerId>) -> Result<Planned, AskError> {
-        let plan_opts = PlanOptions {
-            exclude: exclude.iter().copied().collect(),
-            ..PlanOptions::default()
-        };
-        let chain = match self.swarm.plan(model_id, &plan_opts).await {
-            Ok(c) => c,
-            // Planning around the hops that failed leaves a gap: they are
-            // the only way through, so they get another chance.
-            Err(e) if !exclude.is_empty() => {
-                tracing::warn!("no chain without the peers that failed ({e}); trying them again");
-                exclude.clear();
-                self.swarm.plan(model_id, &PlanOptions::default()).await?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let hops = hop_specs(&chain);
-        let report = hops
-            .iter()
-            .map(|h| HopReport {
-                peer_id: h.peer_id.clone(),
-                range: [h.start, h.end],
-            })
-            .collect();
-        // The vocabulary: from the last hop first, then the others.
+        let mut chain = self.plan_around(model_id, exclude, 0).await?;
+        // The vocabulary: from the last hop first, then the chain's other
+        // hops, then anyone else serving the model (a hop may refuse).
         let mut peers: Vec<PeerId> = chain.hops.iter().rev().map(|h| h.peer_id).collect();
-        peers.dedup();
+        for p in self.swarm.model_peers(model_id).await.unwrap_or_default() {
+            if !peers.contains(&p) {
+                peers.push(p);
+            }
+        }
         let vocab = crate::vocab::fetch(self.swarm, &peers, model_id, &self.opts.data_dir).await?;
         let tokenizer = Tokenizer::load(&vocab)?;
         let text = if self.opts.raw {
@@ -414,26 +398,80 @@ impl Asker<'_> {
         if prompt.is_empty() {
             return Err(AskError::EmptyPrompt);
         }
-        let limit = chain
-            .hops
-            .iter()
-            .map(|h| h.context_per_session)
-            .min()
-            .unwrap_or(0);
-        if prompt.len() > limit as usize {
-            return Err(AskError::PromptTooLong {
-                tokens: prompt.len(),
-                limit,
-            });
+        if prompt.len() > context_limit(&chain) as usize {
+            let tokens = prompt.len();
+            let needed = u32::try_from(tokens).unwrap_or(u32::MAX);
+            match self.plan_around(model_id, exclude, needed).await {
+                Ok(c) => {
+                    tracing::info!(
+                        "planned around hops whose context cannot hold the {tokens}-token prompt"
+                    );
+                    chain = c;
+                }
+                Err(_) => {
+                    return Err(AskError::PromptTooLong {
+                        tokens,
+                        limit: context_limit(&chain),
+                    })
+                }
+            }
         }
+        let hops = hop_specs(&chain);
+        let report = hops
+            .iter()
+            .map(|h| HopReport {
+                peer_id: h.peer_id.clone(),
+                range: [h.start, h.end],
+            })
+            .collect();
         Ok(Planned {
             hops,
             report,
             tokenizer,
             prompt,
-            limit,
+            limit: context_limit(&chain),
         })
     }
+
+    /// The fastest chain whose hops each hold `min_context` tokens, without
+    /// the `exclude`d peers unless they are the only way through.
+    async fn plan_around(
+        &self,
+        model_id: &str,
+        exclude: &mut Vec<PeerId>,
+        min_context: u32,
+    ) -> Result<Chain, AskError> {
+        let plan_opts = PlanOptions {
+            exclude: exclude.iter().copied().collect(),
+            min_context,
+            ..PlanOptions::default()
+        };
+        match self.swarm.plan(model_id, &plan_opts).await {
+            Ok(c) => Ok(c),
+            // Planning around the hops that failed leaves a gap: they are
+            // the only way through, so they get another chance.
+            Err(e) if !exclude.is_empty() => {
+                tracing::warn!("no chain without the peers that failed ({e}); trying them again");
+                exclude.clear();
+                let opts = PlanOptions {
+                    min_context,
+                    ..PlanOptions::default()
+                };
+                Ok(self.swarm.plan(model_id, &opts).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Tokens one session may hold on every hop of `chain`.
+fn context_limit(chain: &Chain) -> u32 {
+    chain
+        .hops
+        .iter()
+        .map(|h| h.context_per_session)
+        .min()
+        .unwrap_or(0)
 }
 
 fn hop_specs(chain: &Chain) -> Vec<HopSpec> {

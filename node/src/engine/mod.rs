@@ -481,7 +481,10 @@ impl SliceEngine {
             .pop()
             .ok_or(EngineError::Busy(self.max_sessions))?;
         // A slot is always empty when freed, but be certain.
-        self.ctx.seq_rm(seq, 0);
+        if !self.ctx.seq_rm(seq, 0) {
+            tracing::error!(seq, "cannot clear a free KV slot; retiring it");
+            return Err(EngineError::Busy(self.max_sessions));
+        }
         let id = SessionId(self.next_id);
         self.next_id += 1;
         self.sessions.insert(id, Session { seq, pos: 0 });
@@ -525,8 +528,15 @@ impl SliceEngine {
             .sessions
             .remove(&id)
             .ok_or(EngineError::UnknownSession(id.0))?;
-        self.ctx.seq_rm(s.seq, 0);
-        self.free_seqs.push(s.seq);
+        if self.ctx.seq_rm(s.seq, 0) {
+            self.free_seqs.push(s.seq);
+        } else {
+            // A slot that cannot be cleared is never handed out again.
+            tracing::error!(
+                seq = s.seq,
+                "cannot clear a session's KV cache; retiring its slot"
+            );
+        }
         Ok(())
     }
 
@@ -593,8 +603,17 @@ impl SliceEngine {
                 Ok(out)
             }
             Err(e) => {
-                // Undo whatever micro-batches made it into the cache.
-                self.ctx.seq_rm(seq, pos as i32);
+                // Undo whatever micro-batches made it into the cache. If
+                // llama.cpp cannot, the cache no longer matches the
+                // session's position: the session is closed rather than
+                // left to compute on a wrong cache.
+                if !self.ctx.seq_rm(seq, pos as i32) {
+                    tracing::error!(
+                        session = id.0,
+                        "cannot roll the KV cache back after a failed step; closing the session"
+                    );
+                    let _ = self.close_session(id);
+                }
                 Err(e)
             }
         }
