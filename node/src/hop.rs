@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::io::{ReadHalf, WriteHalf};
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt};
 use nakshatra_swarm::protocol::act::{
     tokens_from_bytes, ActFrame, ActReply, OpenSession, StepHeader, StepKind, TokenFrame,
     ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
 };
-use nakshatra_swarm::{Handshake, Multiaddr, PeerId, PeerQuota, Reopen, Stream, StreamProtocol};
+use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
 use tokio::sync::Mutex;
 
 use crate::engine::service::{EngineService, OwnedInput, ServiceError};
@@ -112,34 +112,26 @@ pub enum SessionError {
     NoTokenStream(#[source] nakshatra_swarm::stream::OpenStreamError),
 }
 
-/// Accepts activation streams until the swarm stops; one task per
-/// session.
+/// Serves activation streams until the swarm stops; one task per
+/// session. A peer holds at most as many activation streams as the node
+/// has sessions.
 pub fn spawn_server(
     ctx: Arc<HopContext>,
 ) -> Result<(), nakshatra_swarm::stream::AlreadyRegistered> {
-    let mut act = ctx
-        .swarm
-        .stream_control()
-        .accept(StreamProtocol::new(ACT_PROTOCOL))?;
-    // A peer holds at most as many activation streams as the node has
-    // sessions; more are dropped unread.
-    let quota = PeerQuota::new(ctx.engine.max_sessions());
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = act.next().await {
-            let Some(permit) = quota.try_acquire(peer) else {
-                tracing::debug!(%peer, "activation stream over the peer's share; dropped");
-                continue;
-            };
+    let per_peer = ctx.engine.max_sessions();
+    let swarm = ctx.swarm.clone();
+    swarm.serve_protocol(
+        StreamProtocol::new(ACT_PROTOCOL),
+        per_peer,
+        move |peer, stream| {
             let c = ctx.clone();
-            tokio::spawn(async move {
+            async move {
                 if let Err(e) = serve_session(c, peer, stream).await {
                     tracing::debug!(%peer, "session ended: {e}");
                 }
-                drop(permit);
-            });
-        }
-    });
-    Ok(())
+            }
+        },
+    )
 }
 
 fn failed(ctx: &HopContext, index: u32, e: &SessionError) -> ActReply {

@@ -579,7 +579,6 @@ async fn serve_protocols(
     p: &Prepared,
     engine: &EngineService,
 ) -> Result<(), JoinError> {
-    let control = swarm.stream_control();
     let store = {
         let (m, files, key, faults) = (
             p.manifest.clone(),
@@ -589,13 +588,13 @@ async fn serve_protocols(
         );
         tokio::task::spawn_blocking(move || PieceStore::new(m, &key, &files, faults)).await??
     };
-    fetch::spawn_piece_servers(&control, Arc::new(store))?;
+    fetch::spawn_piece_servers(swarm, Arc::new(store))?;
     let offer = VocabOffer::new(
         p.manifest.model_id.clone(),
         p.vocab.clone(),
         &p.manifest.hashes(),
     )?;
-    vocab::spawn_server(&control, offer)?;
+    vocab::spawn_server(swarm, offer)?;
     hop::spawn_server(Arc::new(HopContext {
         engine: engine.clone(),
         swarm: swarm.clone(),

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::AsyncWriteExt;
 use nakshatra_slicer::{ModelHashes, SliceError};
 use nakshatra_swarm::protocol::act::{VocabRequest, VocabResponse, VOCAB_PROTOCOL};
 use nakshatra_swarm::protocol::RecordError;
-use nakshatra_swarm::{PeerId, PeerQuota, StreamProtocol};
+use nakshatra_swarm::{PeerId, StreamProtocol};
 
 use crate::datadir::{write_atomic, DataDir};
 use crate::net::{read_message, write_frame, FrameError, Refusal, RequestError};
@@ -94,30 +94,22 @@ pub enum VocabError {
 
 /// Answers `/nakshatra/vocab/1` streams with `offer` until the swarm stops.
 pub fn spawn_server(
-    control: &nakshatra_swarm::stream::Control,
+    swarm: &nakshatra_swarm::Client,
     offer: VocabOffer,
 ) -> Result<(), nakshatra_swarm::stream::AlreadyRegistered> {
-    let mut incoming = control
-        .clone()
-        .accept(StreamProtocol::new(VOCAB_PROTOCOL))?;
     let offer = Arc::new(offer);
-    let quota = PeerQuota::new(VOCAB_STREAMS_PER_PEER);
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = incoming.next().await {
-            let Some(permit) = quota.try_acquire(peer) else {
-                tracing::debug!(%peer, "vocabulary stream over the peer's share; dropped");
-                continue;
-            };
+    swarm.serve_protocol(
+        StreamProtocol::new(VOCAB_PROTOCOL),
+        VOCAB_STREAMS_PER_PEER,
+        move |peer, stream| {
             let offer = offer.clone();
-            tokio::spawn(async move {
+            async move {
                 if let Err(e) = serve(&offer, stream).await {
                     tracing::debug!(%peer, "vocab request failed: {e}");
                 }
-                drop(permit);
-            });
-        }
-    });
-    Ok(())
+            }
+        },
+    )
 }
 
 /// Why one vocabulary request could not be answered.

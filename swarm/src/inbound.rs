@@ -1,11 +1,51 @@
-//! Per-peer caps on inbound streams of the node's own protocols: a peer
+//! Serving the node's own stream protocols: one accept loop per protocol
+//! that hands each stream to its own task at once (libp2p-stream drops
+//! streams that arrive while the loop is busy), and per-peer caps: a peer
 //! that opens more streams of one protocol than its share gets the extra
 //! ones dropped at once, before anything is read from them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use libp2p::PeerId;
+use futures::StreamExt;
+use libp2p::{PeerId, Stream, StreamProtocol};
+
+use crate::Client;
+
+impl Client {
+    /// Serves `protocol` until the swarm stops: every inbound stream runs
+    /// `handler(peer, stream)` in a task of its own, while its peer holds
+    /// fewer than `per_peer` streams of this protocol; a stream over the
+    /// share is dropped unread. Fails if `protocol` is already served.
+    pub fn serve_protocol<F, Fut>(
+        &self,
+        protocol: StreamProtocol,
+        per_peer: usize,
+        handler: F,
+    ) -> Result<(), libp2p_stream::AlreadyRegistered>
+    where
+        F: Fn(PeerId, Stream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut incoming = self.stream_control().accept(protocol.clone())?;
+        let quota = PeerQuota::new(per_peer);
+        tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                let Some(permit) = quota.try_acquire(peer) else {
+                    tracing::debug!(%peer, %protocol, "stream over the peer's share; dropped");
+                    continue;
+                };
+                let task = handler(peer, stream);
+                tokio::spawn(async move {
+                    task.await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(())
+    }
+}
 
 /// How many streams of one protocol each peer may have open at once.
 #[derive(Debug, Clone)]

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::AsyncWriteExt;
 use nakshatra_slicer::{Gguf, Manifest, PieceId, SliceError};
 use nakshatra_swarm::protocol::fetch::{
     ManifestRequest, ManifestResponse, PieceRef, PieceRequest, PieceResponse, SignedBlob,
     MANIFEST_DOMAIN, MANIFEST_PROTOCOL, MAX_CHUNK_BYTES, PIECE_PROTOCOL,
 };
 use nakshatra_swarm::protocol::RecordError;
-use nakshatra_swarm::{PeerId, PeerQuota, Stream, StreamProtocol};
+use nakshatra_swarm::{PeerId, Stream, StreamProtocol};
 
 use crate::faults::Faults;
 use crate::net::{read_message, write_frame, write_frame_parts, FrameError};
@@ -175,47 +175,25 @@ impl PieceStore {
 /// Serves `/nakshatra/manifest/1` and `/nakshatra/piece/1` from `store`
 /// until the swarm stops.
 pub fn spawn_piece_servers(
-    control: &nakshatra_swarm::stream::Control,
+    swarm: &nakshatra_swarm::Client,
     store: Arc<PieceStore>,
 ) -> Result<(), ServeError> {
-    let mut control = control.clone();
-    let mut accept = |protocol: &'static str| {
-        control
-            .accept(StreamProtocol::new(protocol))
-            .map_err(|source| ServeError { protocol, source })
-    };
-    let mut manifests = accept(MANIFEST_PROTOCOL)?;
-    let mut pieces = accept(PIECE_PROTOCOL)?;
+    let err = |protocol| move |source| ServeError { protocol, source };
     let s = store.clone();
-    let quota = PeerQuota::new(MANIFEST_STREAMS_PER_PEER);
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = manifests.next().await {
-            let Some(permit) = quota.try_acquire(peer) else {
-                tracing::debug!(%peer, "manifest stream over the peer's share; dropped");
-                continue;
-            };
-            let s = s.clone();
-            tokio::spawn(async move {
-                serve_manifest(s, stream).await;
-                drop(permit);
-            });
-        }
-    });
-    let quota = PeerQuota::new(PIECE_STREAMS_PER_PEER);
-    tokio::spawn(async move {
-        while let Some((peer, stream)) = pieces.next().await {
-            let Some(permit) = quota.try_acquire(peer) else {
-                tracing::debug!(%peer, "piece stream over the peer's share; dropped");
-                continue;
-            };
-            let s = store.clone();
-            tokio::spawn(async move {
-                serve_pieces(s, peer, stream).await;
-                drop(permit);
-            });
-        }
-    });
-    Ok(())
+    swarm
+        .serve_protocol(
+            StreamProtocol::new(MANIFEST_PROTOCOL),
+            MANIFEST_STREAMS_PER_PEER,
+            move |_, stream| serve_manifest(s.clone(), stream),
+        )
+        .map_err(err(MANIFEST_PROTOCOL))?;
+    swarm
+        .serve_protocol(
+            StreamProtocol::new(PIECE_PROTOCOL),
+            PIECE_STREAMS_PER_PEER,
+            move |peer, stream| serve_pieces(store.clone(), peer, stream),
+        )
+        .map_err(err(PIECE_PROTOCOL))
 }
 
 async fn serve_manifest(store: Arc<PieceStore>, mut stream: Stream) {

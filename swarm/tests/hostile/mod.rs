@@ -10,12 +10,12 @@ use libp2p::{
     identify,
     kad::{
         self,
-        store::{MemoryStore, RecordStore},
+        store::{MemoryStore, MemoryStoreConfig, RecordStore},
         Mode, QueryId, Quorum, Record, RecordKey,
     },
     noise,
     swarm::{NetworkBehaviour, SwarmEvent},
-    tcp, yamux, Multiaddr, PeerId, SwarmBuilder,
+    tcp, yamux, Multiaddr, PeerId, Swarm, SwarmBuilder,
 };
 use nakshatra_swarm::{
     protocol::{self, keys, now_ms, SignedServerInfo},
@@ -29,6 +29,40 @@ use crate::common::*;
 struct Evil {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
+}
+
+/// A bare libp2p node speaking our Kademlia protocol (as a DHT server)
+/// and identify, with a store of `store` size, listening on loopback.
+fn evil_swarm(key: IdentityKeypair, store: MemoryStoreConfig) -> Swarm<Evil> {
+    let mut swarm = SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|k| {
+            let id = k.public().to_peer_id();
+            let mut cfg = kad::Config::new(KAD_PROTOCOL);
+            cfg.set_max_packet_size(1 << 20);
+            let store = MemoryStore::with_config(id, store);
+            let mut kad = kad::Behaviour::with_config(id, store, cfg);
+            kad.set_mode(Some(Mode::Server));
+            Evil {
+                kad,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/nakshatra/1".into(),
+                    k.public(),
+                )),
+            }
+        })
+        .unwrap()
+        .build();
+    swarm
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .unwrap();
+    swarm
 }
 
 fn record(key: String, value: Vec<u8>) -> Record {
@@ -57,33 +91,7 @@ fn spawn_hostile(
     let (done_tx, done_rx) = oneshot::channel();
 
     tokio::spawn(async move {
-        let mut swarm = SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .unwrap()
-            .with_behaviour(|k| {
-                let id = k.public().to_peer_id();
-                let mut cfg = kad::Config::new(KAD_PROTOCOL);
-                cfg.set_max_packet_size(1 << 20);
-                let mut kad = kad::Behaviour::with_config(id, MemoryStore::new(id), cfg);
-                kad.set_mode(Some(Mode::Server));
-                Evil {
-                    kad,
-                    identify: identify::Behaviour::new(identify::Config::new(
-                        "/nakshatra/1".into(),
-                        k.public(),
-                    )),
-                }
-            })
-            .unwrap()
-            .build();
-        swarm
-            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
-            .unwrap();
+        let mut swarm = evil_swarm(key, MemoryStoreConfig::default());
         for (peer, addr) in &targets {
             swarm.behaviour_mut().kad.add_address(peer, addr.clone());
             swarm.dial(addr.clone()).unwrap();
@@ -269,38 +277,13 @@ const FLOOD_BATCH: usize = 500;
 /// and with validly signed infos of identities that are not its own.
 /// Returns once every put went out.
 async fn flood(victim: (PeerId, Multiaddr)) {
-    let key = IdentityKeypair::generate_ed25519();
-    let mut swarm = SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|k| {
-            let id = k.public().to_peer_id();
-            let mut cfg = kad::Config::new(KAD_PROTOCOL);
-            cfg.set_max_packet_size(1 << 20);
-            let store = MemoryStore::with_config(
-                id,
-                kad::store::MemoryStoreConfig {
-                    max_provided_keys: FLOOD_PROVIDER_KEYS + 100,
-                    ..Default::default()
-                },
-            );
-            let mut kad = kad::Behaviour::with_config(id, store, cfg);
-            kad.set_mode(Some(Mode::Server));
-            Evil {
-                kad,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/nakshatra/1".into(),
-                    k.public(),
-                )),
-            }
-        })
-        .unwrap()
-        .build();
+    let mut swarm = evil_swarm(
+        IdentityKeypair::generate_ed25519(),
+        MemoryStoreConfig {
+            max_provided_keys: FLOOD_PROVIDER_KEYS + 100,
+            ..Default::default()
+        },
+    );
     swarm
         .behaviour_mut()
         .kad
