@@ -13,7 +13,9 @@ use nakshatra_swarm::protocol::act::{
     tokens_from_bytes, ActFrame, ActReply, OpenSession, StepHeader, StepKind, TokenFrame,
     ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
 };
-use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
+use nakshatra_swarm::{
+    Handshake, Multiaddr, PeerId, PeerQuota, QuotaPermit, Reopen, Stream, StreamProtocol,
+};
 use tokio::sync::Mutex;
 
 use crate::engine::service::{EngineService, OwnedInput, ServiceError};
@@ -41,6 +43,15 @@ pub struct HopContext {
     pub faults: Faults,
     /// Sessions idle this long are closed and their KV freed.
     pub idle_timeout: Duration,
+    /// Each asker's share of this node's sessions (see
+    /// [`sessions_per_asker`]).
+    pub asker_quota: PeerQuota,
+}
+
+/// Sessions one asker may hold on a node with `max_sessions`: half of them
+/// (at least one), so that one greedy asker cannot lock every other out.
+pub fn sessions_per_asker(max_sessions: usize) -> usize {
+    max_sessions.div_ceil(2).max(1)
 }
 
 /// Why a session ended badly. The message is what upstream hears in
@@ -56,6 +67,14 @@ pub enum SessionError {
     /// The `Open` does not fit this node.
     #[error("{0}")]
     Refused(&'static str),
+    /// The asker already holds its share of this node's sessions.
+    #[error("asker {asker} already holds its share of this node's sessions ({share})")]
+    AskerShare {
+        /// The asker.
+        asker: PeerId,
+        /// Sessions one asker may hold here.
+        share: usize,
+    },
     /// The `Open` names another model.
     #[error("this node serves model {ours}, not {asked}")]
     OtherModel {
@@ -142,10 +161,28 @@ fn failed(ctx: &HopContext, index: u32, e: &SessionError) -> ActReply {
     }
 }
 
-fn check_open(ctx: &HopContext, o: &OpenSession) -> Result<(), SessionError> {
+/// Checks an `Open` that `upstream` sent: the chain is well formed, this
+/// hop is where the chain says, and `upstream` is who the chain says opens
+/// this hop (the asker for hop 1, the previous hop after that), so that a
+/// session is counted against the asker who really asked.
+fn check_open(ctx: &HopContext, upstream: &PeerId, o: &OpenSession) -> Result<(), SessionError> {
     let l = ctx.engine.layout();
     if o.hops.len() > MAX_HOPS {
         return Err(SessionError::TooLong(o.hops.len()));
+    }
+    check_chain(o, l.n_layers_total)?;
+    let opener = match o.index.checked_sub(1) {
+        None => o.asker.as_str(),
+        Some(prev) => o
+            .hops
+            .get(prev as usize)
+            .map(|h| h.peer_id.as_str())
+            .unwrap_or_default(),
+    };
+    if opener != upstream.to_string() {
+        return Err(SessionError::Refused(
+            "the session was opened by another peer than the chain names",
+        ));
     }
     let me = o
         .hops
@@ -176,6 +213,28 @@ fn check_open(ctx: &HopContext, o: &OpenSession) -> Result<(), SessionError> {
     }
     let is_last = o.index as usize + 1 == o.hops.len();
     if is_last != l.is_last() {
+        return Err(SessionError::Refused(
+            "the chain does not end where the model ends",
+        ));
+    }
+    Ok(())
+}
+
+/// A chain covers the model once: ranges join up from layer 0 to the
+/// model's end, each hop a different peer.
+fn check_chain(o: &OpenSession, n_layers: u32) -> Result<(), SessionError> {
+    let mut at = 0;
+    let mut peers = std::collections::HashSet::new();
+    for h in &o.hops {
+        if h.start != at || h.end <= h.start {
+            return Err(SessionError::Refused("the chain's ranges do not join up"));
+        }
+        if !peers.insert(h.peer_id.as_str()) {
+            return Err(SessionError::Refused("the chain names a peer twice"));
+        }
+        at = h.end;
+    }
+    if at != n_layers {
         return Err(SessionError::Refused(
             "the chain does not end where the model ends",
         ));
@@ -319,11 +378,7 @@ async fn serve_session(
         return Err(SessionError::NotOpen);
     };
     let index = open.index;
-    let session = match check_open(&ctx, &open) {
-        Ok(()) => ctx.engine.open().await.map_err(SessionError::from),
-        Err(e) => Err(e),
-    };
-    let session = match session {
+    let (session, _share) = match admit(&ctx, &peer, &open).await {
         Ok(s) => s,
         Err(e) => {
             reply(&up, &failed(&ctx, index, &e)).await;
@@ -351,6 +406,29 @@ async fn serve_session(
     let _ = ctx.engine.close(session).await;
     tracing::debug!(session = open.session, "session closed");
     r
+}
+
+/// Checks the `Open`, takes one of the asker's share of sessions, and
+/// opens the engine session; the permit is held for the session's life.
+async fn admit(
+    ctx: &HopContext,
+    upstream: &PeerId,
+    open: &OpenSession,
+) -> Result<(SessionId, QuotaPermit), SessionError> {
+    check_open(ctx, upstream, open)?;
+    let asker: PeerId = open
+        .asker
+        .parse()
+        .map_err(|_| SessionError::Refused("the asker's peer id does not parse"))?;
+    let permit = ctx
+        .asker_quota
+        .try_acquire(asker)
+        .ok_or(SessionError::AskerShare {
+            asker,
+            share: sessions_per_asker(ctx.engine.max_sessions()),
+        })?;
+    let session = ctx.engine.open().await?;
+    Ok((session, permit))
 }
 
 /// Ends the session downstream: `Close` to the next hop, or the failure

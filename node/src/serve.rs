@@ -601,6 +601,9 @@ async fn serve_protocols(
         model_id: p.manifest.model_id.clone(),
         faults: opts.faults.clone(),
         idle_timeout: opts.idle_timeout,
+        asker_quota: nakshatra_swarm::PeerQuota::new(hop::sessions_per_asker(
+            engine.max_sessions(),
+        )),
     }))?;
     Ok(())
 }

@@ -11,8 +11,8 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use nakshatra_e2e::*;
 use nakshatra_node::net::{read_frame, read_message, write_frame};
 use nakshatra_swarm::protocol::act::{
-    ActFrame, ActReply, StepHeader, StepKind, TokenFrame, VocabRequest, ACT_PROTOCOL,
-    TOKENS_PROTOCOL, VOCAB_PROTOCOL,
+    ActFrame, ActReply, HopSpec, OpenSession, Sampling, StepHeader, StepKind, TokenFrame,
+    VocabRequest, WireDtype, ACT_PROTOCOL, TOKENS_PROTOCOL, VOCAB_PROTOCOL,
 };
 use nakshatra_swarm::protocol::encode;
 use nakshatra_swarm::protocol::fetch::{
@@ -337,6 +337,107 @@ async fn a_context_too_small_for_the_prompt_is_planned_around() {
     assert!(chain.contains(&node.peer_id()), "{e}");
     assert!(!chain.contains(&liar.peer_id().to_string()), "{e}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
+}
+
+/// Attack 3, in part: a greedy peer opens sessions (as its own asker) and
+/// holds them. It gets its share (half of `--max-sessions 4`: two), the
+/// next `Open` is refused, as are `Open`s naming another asker or a chain
+/// that does not join up, and an honest `node ask` still gets a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY, PROMPT);
+    let info = nakshatra(&["model", "inspect", &model, "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let model_id = info["id"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Proc::join(dir.path(), &join_args(&model, "0..30", None));
+    let boot = node.addr().to_string();
+    let victim: PeerId = node.peer_id().parse().unwrap();
+    let (greedy, _task) = peer(&boot, false).await;
+    // Takes the token streams the victim opens back (and keeps them).
+    let mut back = greedy
+        .stream_control()
+        .accept(StreamProtocol::new(TOKENS_PROTOCOL))
+        .unwrap();
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Some((_, s)) = back.next().await {
+            kept.push(s);
+        }
+    });
+    let hop = |start, end| HopSpec {
+        peer_id: victim.to_string(),
+        start,
+        end,
+        addrs: Vec::new(),
+    };
+    let open = |hops: Vec<HopSpec>, asker: String| OpenSession {
+        session: rand_session(),
+        model_id: model_id.clone(),
+        hops,
+        index: 0,
+        sampling: Sampling {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 0,
+        },
+        wire: WireDtype::F32,
+        asker,
+    };
+    let me = greedy.peer_id().to_string();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (s, reply) = send_open(&greedy, victim, open(vec![hop(0, 30)], me.clone())).await;
+        match (i, reply) {
+            (0 | 1, ActReply::Ready) => held.push(s),
+            (2, ActReply::Failed { message, .. }) => {
+                assert!(message.contains("share"), "{message}")
+            }
+            (i, r) => panic!("open {i}: {r:?}"),
+        }
+    }
+    let stranger = PeerId::random().to_string();
+    let (_, r) = send_open(&greedy, victim, open(vec![hop(0, 30)], stranger)).await;
+    assert!(
+        matches!(&r, ActReply::Failed { message, .. } if message.contains("another peer")),
+        "{r:?}"
+    );
+    let (_, r) = send_open(&greedy, victim, open(vec![hop(0, 20)], me.clone())).await;
+    assert!(matches!(&r, ActReply::Failed { .. }), "{r:?}");
+
+    let asker = tempfile::tempdir().unwrap();
+    let o = tokio::task::spawn_blocking(move || node_ask(&boot, asker.path(), GREEDY, PROMPT))
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
+    drop(held);
+}
+
+/// A session id nobody else uses.
+fn rand_session() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::Instant::now())
+}
+
+/// Opens an activation stream to `victim`, sends `open`, and returns the
+/// stream and the victim's first reply.
+async fn send_open(greedy: &Client, victim: PeerId, open: OpenSession) -> (Stream, ActReply) {
+    let mut s = greedy
+        .open_stream(victim, StreamProtocol::new(ACT_PROTOCOL))
+        .await
+        .unwrap();
+    write_frame(&mut s, &ActFrame::Open(open), &[])
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(20), read_message::<_, ActReply>(&mut s))
+        .await
+        .expect("a reply in time")
+        .expect("a reply");
+    (s, reply)
 }
 
 /// Plays the last hop of a session: ready at once, then a token id far
