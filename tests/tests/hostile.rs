@@ -63,6 +63,34 @@ async fn peer(bootstrap: &str, server: bool) -> (Client, tokio::task::JoinHandle
     (client, task)
 }
 
+/// `nakshatra model inspect --json` of `model`.
+fn inspect(model: &str) -> serde_json::Value {
+    let o = nakshatra(&["model", "inspect", model, "--json"]);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// What a fake node claims: `range` of the inspected model `info`, at
+/// `throughput` tok/s, with four free sessions of `context` tokens.
+fn claim(
+    info: &serde_json::Value,
+    range: std::ops::Range<u32>,
+    throughput: f64,
+    context: u32,
+) -> ServerInfo {
+    let mut si = ServerInfo::new(
+        info["id"].as_str().unwrap(),
+        info["arch"].as_str().unwrap(),
+        30,
+        range,
+        info["n_embd"].as_u64().unwrap() as u32,
+    );
+    si.throughput = throughput;
+    si.max_sessions = 4;
+    si.free_sessions = 4;
+    si.context_per_session = context;
+    si
+}
+
 /// A frame whose header is `header` and whose length prefix announces
 /// `announced` payload bytes, followed by 1 KiB of them (then nothing).
 fn lying_frame(h: Vec<u8>, announced: u32) -> Vec<u8> {
@@ -245,8 +273,7 @@ async fn out_of_range_sampling_is_refused_by_the_hop() {
 async fn a_bad_token_id_is_a_clear_error_not_an_abort() {
     let model = test_model();
     let model = model.to_str().unwrap().to_string();
-    let info = nakshatra(&["model", "inspect", &model, "--json"]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = inspect(&model);
     let dir = tempfile::tempdir().unwrap();
     let node = Proc::join(dir.path(), &join_args(&model, "0..20", None));
     let boot = node.addr().to_string();
@@ -264,18 +291,9 @@ async fn a_bad_token_id_is_a_clear_error_not_an_abort() {
             tokio::spawn(serve_garbage_tokens(f.clone(), s));
         }
     });
-    let mut si = ServerInfo::new(
-        info["id"].as_str().unwrap(),
-        info["arch"].as_str().unwrap(),
-        30,
-        20..30,
-        info["n_embd"].as_u64().unwrap() as u32,
-    );
-    si.throughput = 1000.0;
-    si.max_sessions = 4;
-    si.free_sessions = 4;
-    si.context_per_session = 512;
-    fake.announce(si).await.unwrap();
+    fake.announce(claim(&info, 20..30, 1000.0, 512))
+        .await
+        .unwrap();
     let full = wait_for(Duration::from_secs(15), || {
         status_json(&boot).filter(|v| covered_blocks(v).len() == 30)
     });
@@ -301,24 +319,12 @@ async fn a_context_too_small_for_the_prompt_is_planned_around() {
     let model = test_model();
     let model = model.to_str().unwrap().to_string();
     let want = run_reference(&model, GREEDY, PROMPT);
-    let info = nakshatra(&["model", "inspect", &model, "--json"]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = inspect(&model);
     let dir = tempfile::tempdir().unwrap();
     let node = Proc::join(dir.path(), &join_args(&model, "0..30", None));
     let boot = node.addr().to_string();
     let (liar, _task) = peer(&boot, true).await;
-    let mut si = ServerInfo::new(
-        info["id"].as_str().unwrap(),
-        info["arch"].as_str().unwrap(),
-        30,
-        0..30,
-        info["n_embd"].as_u64().unwrap() as u32,
-    );
-    si.throughput = 1e6;
-    si.max_sessions = 4;
-    si.free_sessions = 4;
-    si.context_per_session = 1;
-    liar.announce(si).await.unwrap();
+    liar.announce(claim(&info, 0..30, 1e6, 1)).await.unwrap();
     let both = wait_for(Duration::from_secs(15), || {
         status_json(&boot).filter(|v| holders(v, 0).len() == 2)
     });
@@ -348,8 +354,7 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
     let model = test_model();
     let model = model.to_str().unwrap().to_string();
     let want = run_reference(&model, GREEDY, PROMPT);
-    let info = nakshatra(&["model", "inspect", &model, "--json"]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = inspect(&model);
     let model_id = info["id"].as_str().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let node = Proc::join(dir.path(), &join_args(&model, "0..30", None));

@@ -65,6 +65,18 @@ fn evil_swarm(key: IdentityKeypair, store: MemoryStoreConfig) -> Swarm<Evil> {
     swarm
 }
 
+/// The query `event` finished, if it finished one.
+fn finished(event: SwarmEvent<EvilEvent>) -> Option<QueryId> {
+    match event {
+        SwarmEvent::Behaviour(EvilEvent::Kad(kad::Event::OutboundQueryProgressed {
+            id,
+            step,
+            ..
+        })) if step.last => Some(id),
+        _ => None,
+    }
+}
+
 fn record(key: String, value: Vec<u8>) -> Record {
     Record {
         key: RecordKey::new(&key),
@@ -164,15 +176,8 @@ fn spawn_hostile(
 
         let mut done_tx = Some(done_tx);
         loop {
-            if let SwarmEvent::Behaviour(EvilEvent::Kad(kad::Event::OutboundQueryProgressed {
-                id,
-                step,
-                ..
-            })) = swarm.select_next_some().await
-            {
-                if step.last {
-                    pending.remove(&id);
-                }
+            if let Some(id) = finished(swarm.select_next_some().await) {
+                pending.remove(&id);
                 if pending.is_empty() {
                     if let Some(tx) = done_tx.take() {
                         let _ = tx.send(());
@@ -325,15 +330,8 @@ async fn flood(victim: (PeerId, Multiaddr)) {
         if pending.is_empty() {
             return;
         }
-        if let SwarmEvent::Behaviour(EvilEvent::Kad(kad::Event::OutboundQueryProgressed {
-            id,
-            step,
-            ..
-        })) = swarm.select_next_some().await
-        {
-            if step.last {
-                pending.remove(&id);
-            }
+        if let Some(id) = finished(swarm.select_next_some().await) {
+            pending.remove(&id);
         }
     }
 }
