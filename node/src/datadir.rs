@@ -71,6 +71,12 @@ impl DataDir {
         PieceDir(self.model_dir(model_id).join("pieces"))
     }
 
+    /// What `node ask` remembers about the peers it used: measured speeds
+    /// and recent failures (see `ask::memory`).
+    pub fn peer_memory(&self) -> PathBuf {
+        self.root.join("peers.json")
+    }
+
     /// The vocabulary-only GGUF of model `model_id`.
     pub fn vocab_gguf(&self, model_id: &str) -> PathBuf {
         self.root.join("vocab").join(format!("{model_id}.gguf"))

@@ -1,8 +1,9 @@
 //! Test-only fault injection, all of it in this file.
 //!
 //! The e2e tests need nodes that misbehave: a slow link (this sandbox has
-//! no netem), a peer that serves corrupt pieces, a peer that publishes
-//! forged DHT records. That code exists only with the `fault-injection`
+//! no netem), a peer that serves corrupt pieces, one that announces
+//! pieces but stalls or trickles them, a peer that publishes forged DHT
+//! records, one that lies about the model's layer count. That code exists only with the `fault-injection`
 //! cargo feature, which `scripts/test.sh` turns on; a production build
 //! (`cargo build --release -p nakshatra`, `cargo install`) has none of it:
 //! no hidden flags, no branches. Production code holds a [`Faults`] and
@@ -34,9 +35,111 @@ pub enum Fault {
     ForgeRecords,
     /// Serve pieces with a byte flipped in every chunk.
     CorruptPieces,
+    /// Announce a decode throughput far above the real one
+    /// ([`OVERCLAIMED_TPS`]) and take [`OVERCLAIM_STEP_DELAY`] more per
+    /// step: a hop that promises much and delivers little (its probe
+    /// echoes stay fast, so only measuring its steps shows it).
+    Overclaim,
+    /// Return wrong results: every step's output (hidden states or
+    /// logits) has its first value raised by [`CORRUPTION`]; announce
+    /// [`OVERCLAIMED_TPS`] too, to be planned.
+    CorruptOutput,
+    /// At the prefill step, report upstream that the next hop failed,
+    /// in a report signed in the next hop's name by a stranger's key, and
+    /// drop the session; announce [`OVERCLAIMED_TPS`] too, to be planned.
+    ForgeBlame,
+    /// Announce the model and serve the vocabulary, but never answer a
+    /// manifest or piece request: read them, keep the stream open, say
+    /// nothing (a Sybil provider that holds fetchers up).
+    Stall,
+    /// Serve pieces correctly but [`TRICKLE_BYTES`] every
+    /// [`TRICKLE_EVERY`] (a provider slow enough to hold a piece for a
+    /// minute, never silent long enough to look dead).
+    TricklePieces,
+    /// Announce the model as [`LIE_LAYERS`] layers (this node's range
+    /// clipped to them), whatever the model really has.
+    LieLayers,
 }
 
+/// With [`Fault::TricklePieces`], bytes sent at a time...
+#[cfg(feature = "fault-injection")]
+pub const TRICKLE_BYTES: usize = 4096;
+/// ... and the pause after each (40 KiB/s: a 2 MiB chunk takes 51 s).
+#[cfg(feature = "fault-injection")]
+pub const TRICKLE_EVERY: Duration = Duration::from_millis(100);
+/// The layer count a [`Fault::LieLayers`] node announces.
+#[cfg(feature = "fault-injection")]
+pub const LIE_LAYERS: u32 = 10;
+
+/// The throughput a node with [`Fault::Overclaim`] announces, tokens/s:
+/// plausible for a small slice on a fast GPU, far above any slice here.
+#[cfg(feature = "fault-injection")]
+pub const OVERCLAIMED_TPS: f64 = 20_000.0;
+/// What a node with [`Fault::CorruptOutput`] adds to the first value of
+/// each output (large enough to change a greedy answer).
+#[cfg(feature = "fault-injection")]
+pub const CORRUPTION: f32 = 64.0;
+/// What a node with [`Fault::Overclaim`] adds to each step it runs.
+#[cfg(feature = "fault-injection")]
+pub const OVERCLAIM_STEP_DELAY: Duration = Duration::from_millis(150);
+
 impl Faults {
+    /// The throughput to announce for a measured one (a lie with
+    /// [`Fault::Overclaim`]).
+    pub fn announced_throughput(&self, measured: f64) -> f64 {
+        #[cfg(feature = "fault-injection")]
+        if matches!(
+            self.fault,
+            Some(Fault::Overclaim | Fault::ForgeBlame | Fault::CorruptOutput)
+        ) {
+            return OVERCLAIMED_TPS;
+        }
+        measured
+    }
+
+    /// With [`Fault::CorruptOutput`], corrupts a step's output in place.
+    pub fn corrupt_output(&self, _out: &mut [f32]) {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::CorruptOutput) {
+            if let Some(x) = _out.first_mut() {
+                *x += CORRUPTION;
+            }
+        }
+    }
+
+    /// Waits out what [`Fault::Overclaim`] adds to a step.
+    pub async fn step_delay(&self) {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::Overclaim) {
+            tokio::time::sleep(OVERCLAIM_STEP_DELAY).await;
+        }
+    }
+
+    /// With [`Fault::ForgeBlame`], the forged report to send upstream
+    /// instead of running step `step` of session `open` (see there); else
+    /// `None`.
+    pub fn forged_blame(
+        &self,
+        _open: &nakshatra_swarm::protocol::act::OpenSession,
+        _step: u64,
+    ) -> Option<nakshatra_swarm::protocol::act::ActReply> {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::ForgeBlame) && _step == 0 {
+            use nakshatra_swarm::protocol::act::{ActReply, FailureReport};
+            let next = _open.index + 1;
+            let stranger = ed25519_dalek::SigningKey::from_bytes(&rand::random());
+            let message = "engine crashed (forged)".to_string();
+            return Some(ActReply::Failed(FailureReport::sign(
+                &stranger,
+                _open.session,
+                next,
+                next,
+                message,
+            )));
+        }
+        None
+    }
+
     /// Sets the swarm's probe echo delay to the simulated link delay.
     pub fn configure_swarm(&self, _cfg: &mut nakshatra_swarm::SwarmConfig) {
         #[cfg(feature = "fault-injection")]
@@ -66,6 +169,66 @@ impl Faults {
             return Some(data);
         }
         None
+    }
+
+    /// With [`Fault::Stall`], reads whatever the peer sends on `_s` until
+    /// it closes the stream, answering nothing, and returns true; else
+    /// returns false at once (the stream is served as usual).
+    pub async fn stall<S: futures::AsyncRead + Unpin>(&self, _s: &mut S) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::Stall) {
+            use futures::AsyncReadExt;
+            let mut sink = [0u8; 1024];
+            while matches!(_s.read(&mut sink).await, Ok(n) if n > 0) {}
+            return true;
+        }
+        false
+    }
+
+    /// With [`Fault::TricklePieces`], writes the frame `_header` + `_parts`
+    /// (as `net::write_frame_parts` would) slowly: [`TRICKLE_BYTES`] every
+    /// [`TRICKLE_EVERY`]; else `None` (the caller writes it).
+    pub async fn trickle<W, H>(
+        &self,
+        _w: &mut W,
+        _header: &H,
+        _parts: &[&[u8]],
+    ) -> Option<Result<(), crate::net::FrameError>>
+    where
+        W: futures::AsyncWrite + Unpin,
+        H: serde::Serialize,
+    {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::TricklePieces) {
+            use futures::AsyncWriteExt;
+            let mut frame = Vec::new();
+            if let Err(e) = crate::net::write_frame_parts(&mut frame, _header, _parts).await {
+                return Some(Err(e));
+            }
+            for bit in frame.chunks(TRICKLE_BYTES) {
+                let sent = async {
+                    _w.write_all(bit).await?;
+                    _w.flush().await
+                };
+                if let Err(e) = sent.await {
+                    return Some(Err(e.into()));
+                }
+                tokio::time::sleep(TRICKLE_EVERY).await;
+            }
+            return Some(Ok(()));
+        }
+        None
+    }
+
+    /// With [`Fault::LieLayers`], rewrites the info this node announces to
+    /// claim a model of [`LIE_LAYERS`] layers.
+    pub fn lie_about_shape(&self, _info: &mut nakshatra_swarm::ServerInfo) {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::LieLayers) {
+            _info.n_layers_total = LIE_LAYERS;
+            _info.end = _info.end.min(LIE_LAYERS);
+            _info.start = _info.start.min(_info.end.saturating_sub(1));
+        }
     }
 
     /// With [`Fault::ForgeRecords`], publishes one round of bad records

@@ -114,6 +114,15 @@ struct AskArgs {
     /// Seconds one step may take.
     #[arg(long, default_value_t = 60)]
     step_timeout: u64,
+    /// Check this fraction of steps (0..=1; the last always) on a replica
+    /// chain of other peers serving the same layers, bit for bit; a peer
+    /// caught returning wrong results is banned by this node.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    verify: f64,
+    /// Seconds a chain that lost a hop mid-answer waits for another peer
+    /// to serve the lost layers before giving up.
+    #[arg(long, default_value_t = 30)]
+    recover_wait: u64,
     /// The prompt.
     prompt: String,
 }
@@ -149,6 +158,14 @@ impl GenArgs {
             top_p: self.top_p,
             seed: self.seed,
         }
+    }
+}
+
+/// A `--verify` rate: a number in 0..=1.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a rate between 0 and 1")),
     }
 }
 
@@ -226,6 +243,10 @@ struct JoinArgs {
     /// Seconds a session may stay idle before its KV cache is freed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// Seconds without a step after which a session gives its slot up to
+    /// a new one when no slot is free.
+    #[arg(long, default_value_t = 30)]
+    evict_idle_after: u64,
     /// Test-only fault injection (builds with the `fault-injection`
     /// feature only).
     #[cfg(feature = "fault-injection")]
@@ -375,7 +396,7 @@ fn real_main(cli: Cli) -> Result<()> {
 }
 
 async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
-    use nakshatra_node::ask::{chain_line, AskOptions};
+    use nakshatra_node::ask::{chain_line, recovery_line, AskOptions};
     use nakshatra_swarm::protocol::act::{Sampling, WireDtype};
     let opts = AskOptions {
         bootstrap: a.bootstrap,
@@ -401,6 +422,8 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         connect_wait: std::time::Duration::from_secs(a.wait),
         step_timeout: std::time::Duration::from_secs(a.step_timeout),
         attempts: 4,
+        verify: a.verify,
+        recover_wait: std::time::Duration::from_secs(a.recover_wait),
     };
     let json = a.json;
     let stdout = std::io::stdout();
@@ -414,6 +437,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
                 let _ = o.flush();
             }
         },
+        |r| eprintln!("{}", recovery_line(r)),
     )
     .await?;
     let t = &out.timings;
@@ -421,6 +445,14 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         out!("{}", serde_json::to_string(&out)?);
     } else {
         out!();
+    }
+    if let Some(v) = &out.verify {
+        eprintln!(
+            "verify: {} of {} steps checked against a replica chain ({}): all equal",
+            v.checked,
+            v.steps,
+            v.replica.join(" -> ")
+        );
     }
     eprintln!(
         "stats: prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s | hop overhead median {:.3} ms, p99 {:.3} ms | setup {:.2} s",
@@ -502,6 +534,7 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         record_ttl: std::time::Duration::from_secs(a.record_ttl),
         refresh: std::time::Duration::from_secs(a.refresh),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
+        evict_idle_after: std::time::Duration::from_secs(a.evict_idle_after),
     };
     let mut node = serve::start(opts).await?;
     {

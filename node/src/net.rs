@@ -177,7 +177,9 @@ where
 /// message that carries none); a longer payload is refused before any of
 /// it is read. The buffer grows as bytes arrive, at most
 /// [`PAYLOAD_GROWTH_STEP`] ahead of them, and is never shrunk, so a reused
-/// buffer is neither reallocated nor cleared again.
+/// buffer is neither reallocated nor cleared again. Its capacity never
+/// passes the announced length (so never the cap): it grows by doubling,
+/// as a `Vec` does, but clamped to that length.
 pub async fn read_frame_into<R, H>(
     r: &mut R,
     payload: &mut Vec<u8>,
@@ -196,6 +198,14 @@ where
     let mut filled = 0;
     while filled < pl {
         let end = pl.min(filled + PAYLOAD_GROWTH_STEP);
+        if payload.capacity() < end {
+            // `resize` alone would double the capacity past the announced
+            // length (a 7 MB chunk cap allocated 8 MiB; found by
+            // fuzz/tests/frames.rs): reserve the doubling ourselves,
+            // clamped to the announced length, which is under the cap.
+            let want = end.max(payload.capacity().saturating_mul(2)).min(pl);
+            payload.reserve_exact(want.saturating_sub(payload.len()));
+        }
         if payload.len() < end {
             payload.resize(end, 0);
         }
@@ -304,6 +314,22 @@ mod tests {
         }
         assert_eq!(decode_hidden(&[0; 3], WireDtype::F32), None);
         assert_eq!(decode_hidden(&[0; 3], WireDtype::F16), None);
+    }
+
+    #[tokio::test]
+    async fn payload_buffer_never_passes_the_announced_length() {
+        // 3 MiB + 1: doubling (1, 2, 4 MiB) would pass it.
+        let n = 3 * PAYLOAD_GROWTH_STEP + 1;
+        let mut frame = Vec::new();
+        write_frame(&mut frame, &ActFrame::Close, &vec![7; n])
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let (_, got) = read_frame_into::<_, ActFrame>(&mut frame.as_slice(), &mut buf, |_| n)
+            .await
+            .unwrap();
+        assert_eq!(got, n);
+        assert!(buf.capacity() <= n, "{}", buf.capacity());
     }
 
     #[tokio::test]

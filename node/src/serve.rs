@@ -31,6 +31,9 @@ use crate::vocab::{self, VocabError, VocabOffer};
 pub const PEER_WAIT: Duration = Duration::from_secs(15);
 /// How often it looks for the model's servers meanwhile.
 const MODEL_POLL: Duration = Duration::from_millis(250);
+/// Least time between two announcements of a changed free session count,
+/// unless the node filled up or got room again.
+pub const CAPACITY_MIN_INTERVAL: Duration = Duration::from_secs(30);
 /// Decode steps timed to measure the announced throughput.
 const MEASURE_STEPS: u32 = 16;
 /// Share of free memory `--layers auto` uses when `--max-memory` is not
@@ -170,6 +173,9 @@ pub struct JoinOptions {
     pub refresh: Duration,
     /// Sessions idle this long are closed and their KV freed.
     pub idle_timeout: Duration,
+    /// Sessions idle this long give their slot up to a new session that
+    /// finds none free (a keep-alive cannot hold a slot for ever).
+    pub evict_idle_after: Duration,
 }
 
 /// Which layers to serve.
@@ -202,6 +208,12 @@ pub struct ServingNode {
     pub info: ServerInfo,
     /// Dialable addresses, each ending in `/p2p/<peer id>`.
     pub addrs: Vec<Multiaddr>,
+    /// Its sessions (to count the evictable ones as free).
+    pub sessions: Arc<hop::SessionTable>,
+    /// See [`JoinOptions::evict_idle_after`].
+    pub evict_idle_after: Duration,
+    /// When the capacity was last announced.
+    pub capacity_at: std::time::Instant,
 }
 
 /// Loads (or creates, mode 0600) this node's persistent identity.
@@ -250,12 +262,15 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     opts.faults.configure_swarm(&mut cfg);
     let (swarm, task) = nakshatra_swarm::spawn(keypair, cfg).await?;
     match prepare_and_announce(&opts, &swarm, &signing).await {
-        Ok((engine, info, addrs)) => Ok(ServingNode {
+        Ok((engine, info, addrs, sessions)) => Ok(ServingNode {
             engine,
             swarm,
             task,
             info,
             addrs,
+            sessions,
+            evict_idle_after: opts.evict_idle_after,
+            capacity_at: std::time::Instant::now(),
         }),
         Err(e) => {
             let _ = swarm.shutdown().await;
@@ -411,7 +426,10 @@ async fn auto_range(
     manifest: &Manifest,
     budget: u64,
 ) -> Result<Range<u32>, JoinError> {
-    let view = swarm.model_view(&manifest.model_id).await?;
+    // The layer count is the verified manifest's: announcements that
+    // disagree are left out, however many.
+    let shape = fetch::shape_of(manifest);
+    let view = swarm.model_view_with(&manifest.model_id, &shape).await?;
     let (range, why) = placement::choose_range(manifest, &view, budget)?;
     tracing::info!(
         "--layers auto chose {}..{} ({} MB of weights, budget {} MB): {why}",
@@ -518,7 +536,15 @@ async fn prepare_and_announce(
     opts: &JoinOptions,
     swarm: &nakshatra_swarm::Client,
     signing: &ed25519_dalek::SigningKey,
-) -> Result<(EngineService, ServerInfo, Vec<Multiaddr>), JoinError> {
+) -> Result<
+    (
+        EngineService,
+        ServerInfo,
+        Vec<Multiaddr>,
+        Arc<hop::SessionTable>,
+    ),
+    JoinError,
+> {
     let p = prepare(opts, swarm).await?;
     tracing::info!("llama.cpp: {}", engine::system_info());
     let (engine, throughput) = load_and_measure(&p.slice, &opts.engine).await?;
@@ -528,7 +554,7 @@ async fn prepare_and_announce(
         p.range.end
     );
     let engine = EngineService::spawn(engine);
-    serve_protocols(opts, swarm, signing, &p, &engine).await?;
+    let sessions = serve_protocols(opts, swarm, signing, &p, &engine).await?;
 
     let me = swarm.peer_id();
     let addrs: Vec<Multiaddr> = swarm
@@ -546,12 +572,13 @@ async fn prepare_and_announce(
         m.n_embd,
     );
     si.devices = device_infos();
-    si.throughput = throughput;
+    si.throughput = opts.faults.announced_throughput(throughput);
     si.free_sessions = engine.free_sessions() as u32;
     si.max_sessions = engine.max_sessions() as u32;
     si.context_per_session = engine.ctx_per_session();
+    opts.faults.lie_about_shape(&mut si);
     swarm.announce(si.clone()).await?;
-    Ok((engine, si, addrs))
+    Ok((engine, si, addrs, sessions))
 }
 
 /// Loads the slice and times [`MEASURE_STEPS`] decode steps (the
@@ -578,7 +605,7 @@ async fn serve_protocols(
     signing: &ed25519_dalek::SigningKey,
     p: &Prepared,
     engine: &EngineService,
-) -> Result<(), JoinError> {
+) -> Result<Arc<hop::SessionTable>, JoinError> {
     let store = {
         let (m, files, key, faults) = (
             p.manifest.clone(),
@@ -595,6 +622,7 @@ async fn serve_protocols(
         &p.manifest.hashes(),
     )?;
     vocab::spawn_server(swarm, offer)?;
+    let sessions = Arc::new(hop::SessionTable::default());
     hop::spawn_server(Arc::new(HopContext {
         engine: engine.clone(),
         swarm: swarm.clone(),
@@ -604,16 +632,26 @@ async fn serve_protocols(
         asker_quota: nakshatra_swarm::PeerQuota::new(hop::sessions_per_asker(
             engine.max_sessions(),
         )),
+        signer: signing.clone(),
+        sessions: sessions.clone(),
+        evict_idle_after: opts.evict_idle_after,
     }))?;
-    Ok(())
+    Ok(sessions)
 }
 
 impl ServingNode {
-    /// Re-announces when the free session count changed.
+    /// Re-announces the free session count (sessions idle long enough to
+    /// be evicted count as free) when it changed: at once when the node
+    /// fills up or gets room again, else at most every
+    /// [`CAPACITY_MIN_INTERVAL`] (sessions come and go all the time).
     pub async fn refresh_capacity(&mut self) -> Result<(), JoinError> {
-        let free = self.engine.free_sessions() as u32;
-        if free != self.info.free_sessions {
+        let free = self.engine.free_sessions() + self.sessions.evictable(self.evict_idle_after);
+        let free = free.min(self.engine.max_sessions()) as u32;
+        let was = self.info.free_sessions;
+        let due = (free == 0) != (was == 0) || self.capacity_at.elapsed() >= CAPACITY_MIN_INTERVAL;
+        if free != was && due {
             self.info.free_sessions = free;
+            self.capacity_at = std::time::Instant::now();
             self.swarm.announce(self.info.clone()).await?;
         }
         Ok(())

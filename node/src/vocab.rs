@@ -26,7 +26,7 @@ pub const MAX_VOCAB_BYTES: usize = 64 << 20;
 /// one).
 const VOCAB_STREAMS_PER_PEER: usize = 2;
 /// Largest encoded [`ModelHashes`] accepted (one hash per block).
-const MAX_HASHES_BYTES: usize = 1 << 24;
+pub const MAX_HASHES_BYTES: usize = 1 << 24;
 
 /// What a serving node hands to askers: the vocabulary-only GGUF and the
 /// encoded model hashes that let the asker check it against the model id.
@@ -202,7 +202,11 @@ async fn from_peer(
     Ok((hashes, gguf))
 }
 
-fn verify(gguf: &[u8], hashes: &[u8], model_id: &str) -> Result<(), PeerVocabError> {
+/// Checks a peer's answer: `hashes` (encoded [`ModelHashes`]) decode, and
+/// `gguf` is the vocabulary of `model_id` with those hashes
+/// ([`nakshatra_slicer::verify_vocab`]). Every vocabulary taken from a
+/// peer or the cache goes through here (public for the fuzz tests).
+pub fn verify(gguf: &[u8], hashes: &[u8], model_id: &str) -> Result<(), PeerVocabError> {
     let hashes: ModelHashes = nakshatra_swarm::protocol::decode(hashes, MAX_HASHES_BYTES)
         .map_err(PeerVocabError::Hashes)?;
     nakshatra_slicer::verify_vocab(gguf, model_id, &hashes).map_err(PeerVocabError::Verify)?;

@@ -114,11 +114,11 @@ fn sessions_interleave_and_truncate() {
     let mut la = ch.step(&sa, &pa).unwrap();
     let mut lb = ch.step(&sb, &pb).unwrap();
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..20 {
-        let a = sampler_a.sample(&la).unwrap();
+    for step in 0..20u64 {
+        let a = sampler_a.sample(&la, step).unwrap();
         ta.push(a);
         la = ch.step(&sa, &[a]).unwrap();
-        let b = sampler_b.sample(&lb).unwrap();
+        let b = sampler_b.sample(&lb, step).unwrap();
         tb.push(b);
         lb = ch.step(&sb, &[b]).unwrap();
     }
@@ -133,8 +133,8 @@ fn sessions_interleave_and_truncate() {
     let mut sampler = nakshatra_node::engine::Sampler::new(&params.sampler).unwrap();
     let mut logits = ch.step(&sa, &[ta[5]]).unwrap();
     let mut again = Vec::new();
-    for _ in 6..20 {
-        let t = sampler.sample(&logits).unwrap();
+    for step in 6..20u64 {
+        let t = sampler.sample(&logits, step).unwrap();
         again.push(t);
         logits = ch.step(&sa, &[t]).unwrap();
     }
@@ -148,4 +148,43 @@ fn sessions_interleave_and_truncate() {
     let s = ch.open().unwrap();
     let g = generate(&mut ch, &s, &pa, &params, |_| false, |_| {}).unwrap();
     assert_eq!(g.tokens, alone_a);
+}
+
+/// What recovery and `node ask --verify` stand on: a session replayed in
+/// the replay's shapes (the prompt as the one step it was, then the
+/// generated tokens in steps of at most `REPLAY_CHUNK`) gives every
+/// position, bit for bit, the logits the original one-token steps gave.
+/// A short prompt and one longer than 64 tokens (whose own step is
+/// replayed as it was), whole model and a 3-way split.
+#[test]
+fn chunked_replay_matches_step_by_step() {
+    use nakshatra_node::ask::REPLAY_CHUNK;
+    let _g = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let long = "The history of the printing press begins in the fifteenth century. ".repeat(6);
+    for text in [PROMPTS[1], long.as_str()] {
+        let toks = tokens(text);
+        for cuts in [&[][..], &[10, 20][..]] {
+            let mut ch = chain(dir.path(), cuts, &cfg(1, 512));
+            let reference = run_once(&mut ch, &toks, &greedy(40, true));
+            let n = reference.tokens.len() - 1;
+            let s = ch.open().unwrap();
+            let first = ch.step(&s, &toks).unwrap();
+            assert_eq!(max_abs_diff(&first, &reference.logits[0]), 0.0);
+            let mut fed = 0;
+            while fed < n {
+                let end = (fed + REPLAY_CHUNK).min(n);
+                let got = ch.step(&s, &reference.tokens[fed..end]).unwrap();
+                let diff = max_abs_diff(&got, &reference.logits[end]);
+                assert_eq!(
+                    diff,
+                    0.0,
+                    "prompt of {} tokens, split {cuts:?}: the replay of tokens {fed}..{end} differs",
+                    toks.len()
+                );
+                fed = end;
+            }
+            ch.close(s);
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //!   flow downstream (tokens into hop 1, hidden states between hops) and
 //!   [`ActFrame::Close`] ends the session. Upstream, each stream carries
 //!   [`ActReply::Ready`] once the rest of the chain is set up, or
-//!   [`ActReply::Failed`] naming the hop that failed.
+//!   [`ActReply::Failed`]: a [`FailureReport`] signed by the hop that saw
+//!   the failure, blaming itself or its next hop.
 //! * [`TOKENS_PROTOCOL`] — last hop → asker (over the connection the asker
 //!   already has to it): [`TokenFrame::Hello`] naming the session, then one
 //!   [`TokenFrame::Token`] per step, or [`TokenFrame::Failed`].
@@ -27,9 +28,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Activation stream protocol id.
-pub const ACT_PROTOCOL: &str = "/nakshatra/act/1";
+pub const ACT_PROTOCOL: &str = "/nakshatra/act/2";
 /// Token return stream protocol id.
-pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/1";
+pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/2";
 /// Vocabulary fetch protocol id.
 pub const VOCAB_PROTOCOL: &str = "/nakshatra/vocab/1";
 
@@ -153,15 +154,133 @@ pub enum ActFrame {
 pub enum ActReply {
     /// Every hop from this one to the last has its session open.
     Ready,
-    /// A hop failed (at open or later).
-    Failed {
-        /// Index of the hop that failed.
-        index: u32,
-        /// Base58 peer id of the hop that failed, as in its [`HopSpec`].
-        peer_id: String,
-        /// Why, for people.
-        message: String,
+    /// A hop failed (at open or later), in a report signed by the hop that
+    /// saw it; hops upstream relay it unchanged.
+    Failed(FailureReport),
+}
+
+/// A failure as one hop saw it, signed with that hop's libp2p key so that
+/// the hops relaying it upstream cannot forge or alter it.
+///
+/// A hop can show only what happened to itself or on its own link to the
+/// next hop, so `blamed` is the reporter or the hop after it
+/// ([`FailureReport::check`]); the asker counts a failure blamed on the
+/// next hop against both, since the reporter cannot prove it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureReport {
+    /// The session ([`OpenSession::session`]).
+    pub session: u64,
+    /// Index of the hop that signed the report.
+    pub reporter: u32,
+    /// Index of the hop the reporter blames: itself or the next hop.
+    pub blamed: u32,
+    /// Why, for people.
+    pub message: String,
+    /// ed25519 signature over [`FailureReport::signed_bytes`] by the
+    /// reporter's libp2p key.
+    pub signature: Vec<u8>,
+}
+
+/// Why a [`FailureReport`] cannot be taken at its word.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// It is for another session.
+    #[error("report for session {got}, not {want}")]
+    OtherSession {
+        /// The session it names.
+        got: u64,
+        /// The session it should name.
+        want: u64,
     },
+    /// The reporter is not in the chain.
+    #[error("reporter {0} is not a hop of the chain")]
+    NoSuchReporter(u32),
+    /// The reporter blames a hop it cannot see (not itself, not its next).
+    #[error("hop {reporter} blames hop {blamed}, which it cannot show")]
+    BlamesTooFar {
+        /// The reporter.
+        reporter: u32,
+        /// The hop it blames.
+        blamed: u32,
+    },
+    /// The reporter's peer id carries no ed25519 key.
+    #[error("hop {0}'s peer id carries no ed25519 key")]
+    NoKey(u32),
+    /// The signature is not the reporter's.
+    #[error("the report is not signed by hop {0}")]
+    BadSignature(u32),
+}
+
+/// Domain separation for [`FailureReport`] signatures.
+const REPORT_CONTEXT: &[u8] = b"nakshatra/failure-report/1";
+
+impl FailureReport {
+    /// A report by hop `reporter` of `session`, blaming `blamed`, signed
+    /// with `key` (the reporter's libp2p identity).
+    pub fn sign(
+        key: &ed25519_dalek::SigningKey,
+        session: u64,
+        reporter: u32,
+        blamed: u32,
+        message: String,
+    ) -> Self {
+        use ed25519_dalek::Signer;
+        let mut r = FailureReport {
+            session,
+            reporter,
+            blamed,
+            message,
+            signature: Vec::new(),
+        };
+        r.signature = key.sign(&r.signed_bytes()).to_bytes().to_vec();
+        r
+    }
+
+    /// What the signature covers: a context string, then session,
+    /// reporter, blamed (little endian) and the message.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(REPORT_CONTEXT.len() + 16 + self.message.len());
+        b.extend_from_slice(REPORT_CONTEXT);
+        b.extend_from_slice(&self.session.to_le_bytes());
+        b.extend_from_slice(&self.reporter.to_le_bytes());
+        b.extend_from_slice(&self.blamed.to_le_bytes());
+        b.extend_from_slice(self.message.as_bytes());
+        b
+    }
+
+    /// Checks the report against the chain of `session`: the reporter is a
+    /// hop, it blames itself or its next hop, and the signature is the key
+    /// of the reporter's peer id.
+    pub fn check(&self, session: u64, hops: &[HopSpec]) -> Result<(), ReportError> {
+        if self.session != session {
+            return Err(ReportError::OtherSession {
+                got: self.session,
+                want: session,
+            });
+        }
+        let reporter = hops
+            .get(self.reporter as usize)
+            .ok_or(ReportError::NoSuchReporter(self.reporter))?;
+        let blamed_ok = self.blamed == self.reporter
+            || (self.blamed == self.reporter.saturating_add(1)
+                && (self.blamed as usize) < hops.len());
+        if !blamed_ok {
+            return Err(ReportError::BlamesTooFar {
+                reporter: self.reporter,
+                blamed: self.blamed,
+            });
+        }
+        let key = reporter
+            .peer_id
+            .parse::<libp2p_identity::PeerId>()
+            .ok()
+            .and_then(|p| crate::record::ed25519_key_of(&p))
+            .ok_or(ReportError::NoKey(self.reporter))?;
+        let sig = ed25519_dalek::Signature::from_slice(&self.signature)
+            .map_err(|_| ReportError::BadSignature(self.reporter))?;
+        key.verify_strict(&self.signed_bytes(), &sig)
+            .map_err(|_| ReportError::BadSignature(self.reporter))
+    }
 }
 
 /// Frames on the token return stream (last hop → asker).
@@ -181,6 +300,11 @@ pub enum TokenFrame {
         token: i32,
         /// Engine time of all hops on this step, microseconds.
         compute_us: u64,
+        /// BLAKE3 of the logits the token was sampled from (f32, little
+        /// endian): what `--verify` compares with a replica chain's.
+        /// Sent with every token, so a hop cannot tell which steps are
+        /// checked.
+        digest: [u8; 32],
     },
     /// The last hop failed.
     Failed {
@@ -229,6 +353,55 @@ pub fn tokens_from_bytes(b: &[u8]) -> Option<Vec<i32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hop(key: &ed25519_dalek::SigningKey) -> HopSpec {
+        let peer = crate::peer_id_of(&key.verifying_key().to_bytes()).unwrap();
+        HopSpec {
+            peer_id: peer.to_string(),
+            start: 0,
+            end: 1,
+            addrs: vec![],
+        }
+    }
+
+    #[test]
+    fn failure_reports_name_only_what_the_reporter_can_show() {
+        let keys: Vec<_> = (1..=3u8)
+            .map(|i| ed25519_dalek::SigningKey::from_bytes(&[i; 32]))
+            .collect();
+        let hops: Vec<HopSpec> = keys.iter().map(hop).collect();
+        let own = FailureReport::sign(&keys[1], 9, 1, 1, "engine refused".into());
+        assert_eq!(own.check(9, &hops), Ok(()));
+        let next = FailureReport::sign(&keys[1], 9, 1, 2, "next hop gone".into());
+        assert_eq!(next.check(9, &hops), Ok(()));
+        // Hop 0 blaming hop 2 (which it never talks to) is refused...
+        let far = FailureReport::sign(&keys[0], 9, 0, 2, "hop 2 died".into());
+        assert_eq!(
+            far.check(9, &hops),
+            Err(ReportError::BlamesTooFar {
+                reporter: 0,
+                blamed: 2
+            })
+        );
+        // ...and so is hop 0 signing in hop 1's name, or a changed message,
+        // another session, a reporter past the chain, blame past its end.
+        let forged = FailureReport::sign(&keys[0], 9, 1, 2, "hop 2 died".into());
+        assert_eq!(forged.check(9, &hops), Err(ReportError::BadSignature(1)));
+        let mut altered = own.clone();
+        altered.message = "something else".into();
+        assert_eq!(altered.check(9, &hops), Err(ReportError::BadSignature(1)));
+        assert!(matches!(
+            own.check(10, &hops),
+            Err(ReportError::OtherSession { .. })
+        ));
+        let past = FailureReport::sign(&keys[2], 9, 3, 3, "x".into());
+        assert_eq!(past.check(9, &hops), Err(ReportError::NoSuchReporter(3)));
+        let off_end = FailureReport::sign(&keys[2], 9, 2, 3, "x".into());
+        assert!(matches!(
+            off_end.check(9, &hops),
+            Err(ReportError::BlamesTooFar { .. })
+        ));
+    }
 
     #[test]
     fn token_bytes_round_trip() {

@@ -21,6 +21,16 @@ const MAX_BACKEND_LEN: usize = 32;
 const MAX_DESCRIPTION_LEN: usize = 256;
 /// Largest embedding width a record may claim.
 const MAX_N_EMBD: u32 = 1 << 20;
+/// Highest decode throughput a record may announce, tokens/s: one
+/// llama.cpp decode step through even one layer takes well over 10 µs on
+/// any hardware, so more than this is a lie, not a fast machine. (A lie
+/// below it is caught by the asker measuring the hop.)
+pub const MAX_THROUGHPUT: f64 = 100_000.0;
+/// Most context tokens per session a record may announce (far beyond any
+/// model's trained context).
+pub const MAX_CONTEXT: u32 = 1 << 24;
+/// Most sessions a record may announce.
+pub const MAX_SESSIONS: u32 = 1 << 16;
 /// Longest peer id string in [`NextRtt::peer_id`], bytes (a base58 PeerId
 /// of an ed25519 key is 52 characters).
 const MAX_PEER_ID_LEN: usize = 128;
@@ -213,10 +223,25 @@ impl ServerInfo {
             check_text("devices.backend", &d.backend, MAX_BACKEND_LEN)?;
             check_text("devices.description", &d.description, MAX_DESCRIPTION_LEN)?;
         }
-        if !self.throughput.is_finite() || self.throughput < 0.0 {
+        if !self.throughput.is_finite() || !(0.0..=MAX_THROUGHPUT).contains(&self.throughput) {
             return Err(bad(
                 "throughput",
-                format!("{} is not a finite rate >= 0", self.throughput),
+                format!(
+                    "{} is not a rate in 0..={MAX_THROUGHPUT} tokens/s",
+                    self.throughput
+                ),
+            ));
+        }
+        if self.context_per_session > MAX_CONTEXT {
+            return Err(bad(
+                "context_per_session",
+                format!("{} tokens, at most {MAX_CONTEXT}", self.context_per_session),
+            ));
+        }
+        if self.max_sessions > MAX_SESSIONS {
+            return Err(bad(
+                "max_sessions",
+                format!("{}, at most {MAX_SESSIONS}", self.max_sessions),
             ));
         }
         if self.free_sessions > self.max_sessions {

@@ -47,10 +47,10 @@ mod wire;
 
 pub use info::{validate_model_id, DeviceInfo, NextRtt, ServerInfo, ServerState};
 pub use record::{
-    now_ms, peer_id_of, sign, verify, verify_with, RecordError, SignedServerInfo,
+    ed25519_key_of, now_ms, peer_id_of, sign, verify, verify_with, RecordError, SignedServerInfo,
     VerifiedServerInfo, VerifyLimits,
 };
-pub use wire::{decode, encode};
+pub use wire::{decode, encode, DECODE_LIMIT};
 
 /// The libp2p peer identity type records are bound to (re-exported from
 /// `libp2p-identity`, the same type `libp2p::PeerId` is).

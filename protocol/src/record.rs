@@ -315,6 +315,24 @@ pub fn peer_id_of(public_key: &[u8; 32]) -> Result<PeerId, RecordError> {
     Ok(libp2p_identity::PublicKey::from(key).to_peer_id())
 }
 
+/// The ed25519 key a peer id carries inline (ed25519 peer ids are the
+/// identity multihash of the protobuf-encoded public key); `None` for a
+/// peer id that hashes its key or holds another key type.
+pub fn ed25519_key_of(peer: &PeerId) -> Option<VerifyingKey> {
+    // Multihash bytes: code (varint), digest length (varint), digest. An
+    // inline key has code 0 (identity) and, being under 128 bytes, a
+    // one-byte length.
+    let bytes = peer.to_bytes();
+    let (&code, rest) = bytes.split_first()?;
+    let (&len, digest) = rest.split_first()?;
+    if code != 0 || len as usize != digest.len() || len >= 0x80 {
+        return None;
+    }
+    let key = libp2p_identity::PublicKey::try_decode_protobuf(digest).ok()?;
+    let ed = key.try_into_ed25519().ok()?;
+    VerifyingKey::from_bytes(&ed.to_bytes()).ok()
+}
+
 /// The current unix time in milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
     SystemTime::now()

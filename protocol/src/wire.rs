@@ -6,8 +6,11 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::RecordError;
 
 /// Upper bound bincode may claim while decoding any one message (it bounds
-/// allocations driven by length prefixes read from the wire).
-const DECODE_LIMIT: usize = 1 << 20;
+/// allocations driven by length prefixes read from the wire): the bytes
+/// of every decoded integer, string and byte string count against it, so
+/// a message whose decoded fields add up to more is refused, whatever
+/// `max` [`decode`] is given.
+pub const DECODE_LIMIT: usize = 1 << 20;
 
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()

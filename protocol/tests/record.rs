@@ -298,6 +298,54 @@ fn bad_fields_are_refused_even_when_signed() {
             },
             |e| matches!(e, RecordError::BadField { .. }),
         ),
+        // Impossible announcements: a rate no hardware reaches, a context
+        // or session count beyond any model or machine.
+        (
+            ServerInfo {
+                throughput: 1e9,
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "throughput",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                context_per_session: u32::MAX,
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "context_per_session",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                max_sessions: u32::MAX,
+                free_sessions: 1,
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "max_sessions",
+                        ..
+                    }
+                )
+            },
+        ),
         (
             ServerInfo {
                 arch: "llama\x1b[2J".into(),

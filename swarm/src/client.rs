@@ -21,7 +21,7 @@ use crate::{
     event_loop::{Command, SwarmStats},
     plan::{plan_chain, Chain, PlanError, PlanOptions},
     probe,
-    view::{build_model_view, ModelView, SwarmView},
+    view::{build_model_view_with, ModelShape, ModelView, SwarmView},
 };
 
 /// How long [`Client::listen_addrs`] waits for the listeners to come up.
@@ -419,7 +419,8 @@ impl Client {
     }
 
     /// Plans the fastest chain of hops through `model_id` from this node:
-    /// reads the model's view ([`Client::model_view`]), probes every peer a
+    /// reads the model's view ([`Client::model_view`], on `opts.shape` when
+    /// given: peers that disagree with it are left out), probes every peer a
     /// chain could use ([`Client::probe_rtt`], concurrently: the first
     /// hop's and the last hop's RTTs are link costs), then runs
     /// [`crate::plan::plan_chain`].
@@ -435,6 +436,7 @@ impl Client {
         let (view, rtts) = self
             .model_view_impl(
                 model_id,
+                opts.shape.as_ref(),
                 &mut infos,
                 RttMode::Probe {
                     exclude: &opts.exclude,
@@ -457,6 +459,14 @@ impl Client {
     /// Peers with an open connection.
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, Stopped> {
         self.call(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// Whether a connection to `peer` is open now (`false` once the loop
+    /// has stopped).
+    pub async fn is_connected(&self, peer: PeerId) -> bool {
+        self.connected_peers()
+            .await
+            .is_ok_and(|peers| peers.contains(&peer))
     }
 
     /// Counters: records accepted/refused, connections, routing table size.
@@ -490,11 +500,31 @@ impl Client {
     /// reads each candidate's info ([`Client::server_info`]) and drops
     /// every peer whose info does not verify or is not for this model.
     /// A model nobody serves gives `n_layers == 0` and empty lists.
+    ///
+    /// The layer count is the announcers' majority vote
+    /// ([`crate::build_model_view`]): for display only. A node that knows
+    /// the model's verified manifest uses [`Client::model_view_with`].
     pub async fn model_view(&self, model_id: &str) -> Result<ModelView, LookupError> {
         validate_model_id(model_id)?;
         let mut infos = HashMap::new();
         Ok(self
-            .model_view_impl(model_id, &mut infos, RttMode::Ping)
+            .model_view_impl(model_id, None, &mut infos, RttMode::Ping)
+            .await?
+            .0)
+    }
+
+    /// [`Client::model_view`] for a model whose shape is known from its
+    /// verified manifest: every block of `shape` is looked up, and peers
+    /// whose records disagree with it are left out however many they are.
+    pub async fn model_view_with(
+        &self,
+        model_id: &str,
+        shape: &ModelShape,
+    ) -> Result<ModelView, LookupError> {
+        validate_model_id(model_id)?;
+        let mut infos = HashMap::new();
+        Ok(self
+            .model_view_impl(model_id, Some(shape), &mut infos, RttMode::Ping)
             .await?
             .0)
     }
@@ -516,7 +546,7 @@ impl Client {
         let mut models = Vec::new();
         for id in ids {
             models.push(
-                self.model_view_impl(&id, &mut infos, RttMode::Ping)
+                self.model_view_impl(&id, None, &mut infos, RttMode::Ping)
                     .await?
                     .0,
             );
@@ -527,15 +557,22 @@ impl Client {
     async fn model_view_impl(
         &self,
         model_id: &str,
+        shape: Option<&ModelShape>,
         infos: &mut HashMap<PeerId, Option<ServerInfo>>,
         mode: RttMode<'_>,
     ) -> Result<(ModelView, HashMap<PeerId, Duration>), Stopped> {
         let candidates = self.providers(&keys::model_key(model_id)).await?;
         self.fetch_infos(candidates, infos).await?;
 
-        // Every block key, with the layer count the servers agree on.
-        let known: Vec<(PeerId, ServerInfo)> = infos_of(infos, model_id);
-        let n_layers = build_model_view(model_id, &known, &HashMap::new()).n_layers;
+        // Every block key: of the known shape, else of the layer count the
+        // servers agree on.
+        let n_layers = match shape {
+            Some(s) => s.n_layers,
+            None => {
+                let known: Vec<(PeerId, ServerInfo)> = infos_of(infos, model_id);
+                build_model_view_with(model_id, None, &known, &HashMap::new()).n_layers
+            }
+        };
         let lookups: Vec<Result<HashSet<PeerId>, Stopped>> = stream::iter(0..n_layers)
             .map(|b| async move { self.providers(&keys::block_key(model_id, b)).await })
             .buffer_unordered(CONCURRENCY)
@@ -578,7 +615,7 @@ impl Client {
                     .await
             }
         };
-        Ok((build_model_view(model_id, &known, &rtts), rtts))
+        Ok((build_model_view_with(model_id, shape, &known, &rtts), rtts))
     }
 
     /// Fetches (concurrently) the info of every peer not fetched yet.

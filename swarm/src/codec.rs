@@ -11,9 +11,10 @@ use nakshatra_protocol::rpc::{
 };
 
 /// [`request_response::Codec`] of the info protocol; stateless, so one
-/// value serves every stream.
+/// value serves every stream. Public so that the fuzz tests can feed its
+/// readers hostile bytes; nodes only use it inside the swarm.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct InfoCodec;
+pub struct InfoCodec;
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];

@@ -32,6 +32,7 @@ use nakshatra_protocol::{
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::scope::Scope;
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     config::Role,
@@ -359,7 +360,8 @@ impl EventLoop {
                 }
             }
             Command::LearnAddrs { peer, addrs, reply } => {
-                for a in addrs {
+                let scope = self.scope();
+                for a in addrs.into_iter().filter(|a| scope.allows(a)) {
                     self.remember_addr(peer, a);
                 }
                 let _ = reply.send(());
@@ -485,6 +487,19 @@ impl EventLoop {
         info.protocol_version = PROTOCOL_VERSION;
         info.validate()?;
         let new_keys = announcement_keys(&info);
+        // Same keys (a capacity change, say): only the info record is new;
+        // the provider records stand (re-providing every block on each
+        // session opened or closed would flood the DHT).
+        let same_keys = self
+            .announcement
+            .as_ref()
+            .is_some_and(|old| old.keys == new_keys);
+        if same_keys {
+            if let Some(ann) = self.announcement.as_mut() {
+                ann.info = info;
+            }
+            return Ok(self.publish_info()?);
+        }
         if let Some(old) = self.announcement.take() {
             for key in old.keys.iter().filter(|k| !new_keys.contains(k)) {
                 self.swarm.behaviour_mut().kad.stop_providing(key);
@@ -805,6 +820,14 @@ impl EventLoop {
         }
     }
 
+    /// The networks this node may dial into (see [`Scope`]); mDNS on
+    /// means this node is on a LAN.
+    fn scope(&self) -> Scope {
+        let mut scope = Scope::of(&self.listen_addrs, &self.config.bootstrap);
+        scope.private |= self.config.mdns;
+        scope
+    }
+
     fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
         if peer == self.local_peer {
             return;
@@ -857,7 +880,10 @@ impl EventLoop {
                 ..
             })) => {
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
-                for addr in info.listen_addrs {
+                let scope = self.scope();
+                // A peer's claims about where it listens: only addresses on
+                // networks this node is on (see `scope`).
+                for addr in info.listen_addrs.into_iter().filter(|a| scope.allows(a)) {
                     self.remember_addr(peer_id, addr.clone());
                     if speaks_kad {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);

@@ -73,6 +73,7 @@ mod identity;
 mod inbound;
 pub mod plan;
 mod probe;
+mod scope;
 mod store;
 mod view;
 
@@ -86,6 +87,7 @@ use tokio::{
 
 pub use behaviour::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 pub use client::Client;
+pub use codec::InfoCodec;
 pub use config::{Role, SwarmConfig};
 pub use connect::{Handshake, OpenError, Reopen, WaitError};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
@@ -93,10 +95,12 @@ pub use event_loop::SwarmStats;
 pub use identity::{load_or_create_identity, signing_key, IdentityError};
 pub use inbound::{PeerQuota, QuotaPermit};
 pub use plan::{plan_chain, Chain, Hop, PlanError, PlanOptions};
-pub use view::{build_model_view, ModelView, PeerView, SwarmView};
+pub use view::{
+    build_model_view, build_model_view_with, ModelShape, ModelView, PeerView, SwarmView,
+};
 
 /// A raw libp2p stream (futures `AsyncRead + AsyncWrite`), and the name of
-/// a stream protocol (`StreamProtocol::new("/nakshatra/act/1")`).
+/// a stream protocol (`StreamProtocol::new("/nakshatra/act/2")`).
 pub use libp2p::{Stream, StreamProtocol};
 /// libp2p-stream, for raw streams ([`Client::stream_control`]): `Control`,
 /// `IncomingStreams`, `OpenStreamError`, `AlreadyRegistered`.

@@ -46,13 +46,17 @@ use libp2p::{Multiaddr, PeerId};
 use nakshatra_protocol::ServerState;
 use serde::{Serialize, Serializer};
 
-use crate::{error::LookupError, view::ModelView, PeerView};
+use crate::{
+    error::LookupError,
+    view::{ModelShape, ModelView},
+    PeerView,
+};
 
 /// Link RTT assumed where none was measured (see [`PlanOptions`]).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(50);
 
 /// Knobs of [`plan_chain`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlanOptions {
     /// RTT assumed for a link nobody measured (a first or last hop missing
     /// from `first_rtts`, a hop pair missing from `next_rtts`). Default
@@ -64,6 +68,22 @@ pub struct PlanOptions {
     /// Tokens every hop must give a session (the prompt's length): peers
     /// announcing a smaller context are planned around. Default 0.
     pub min_context: u32,
+    /// The model's shape from its verified manifest: [`Client::plan`]
+    /// builds the view on it ([`crate::view::build_model_view_with`]), so
+    /// peers announcing another layer count or architecture are left out
+    /// however many they are. `None` (the default): the announcers'
+    /// majority vote, which Sybils can win; an asker always passes it.
+    ///
+    /// [`Client::plan`]: crate::Client::plan
+    pub shape: Option<ModelShape>,
+    /// Seconds per decode token the asker measured for a peer's whole
+    /// range: used instead of the peer's announced throughput (a figure
+    /// measured beats one announced). Default empty.
+    pub measured: HashMap<PeerId, f64>,
+    /// Seconds added to a peer's cost (a hop that failed recently): the
+    /// planner goes round it when another chain exists and still uses it
+    /// when it is the only way through. Default empty.
+    pub penalty: HashMap<PeerId, f64>,
 }
 
 impl Default for PlanOptions {
@@ -72,6 +92,9 @@ impl Default for PlanOptions {
             default_rtt: DEFAULT_RTT,
             exclude: HashSet::new(),
             min_context: 0,
+            shape: None,
+            measured: HashMap::new(),
+            penalty: HashMap::new(),
         }
     }
 }
@@ -119,8 +142,8 @@ pub enum PlanError {
         /// The model id asked for (64 lowercase hex).
         model_id: String,
     },
-    /// Some blocks cannot be run: no usable peer (online, with a free
-    /// session, throughput > 0, not excluded, reachable) holds them, or
+    /// Some blocks cannot be run: no usable peer (online,
+    /// throughput > 0, not excluded, reachable) holds them, or
     /// those that do cannot be chained (their ranges start mid-way through
     /// every usable range before them).
     #[error(
@@ -181,10 +204,37 @@ impl Ord for Cost {
     }
 }
 
+/// What a peer announcing no free session adds to its cost: its record
+/// may be a few seconds old (sessions come and go), so it is still
+/// planned when nobody else can serve, and refuses at `Open` if it is
+/// really full.
+pub const FULL_PENALTY: f64 = 5.0;
+
+/// A hop's own seconds per token in a chain's cost: the asker's measured
+/// figure if it has one, else 1 / announced throughput; plus any penalty
+/// (`opts.penalty`, [`FULL_PENALTY`]).
+fn hop_cost(p: &PeerView, opts: &PlanOptions) -> f64 {
+    let own = match opts.measured.get(&p.peer_id) {
+        Some(m) if m.is_finite() && *m >= 0.0 => *m,
+        _ => 1.0 / p.throughput,
+    };
+    let penalty = opts.penalty.get(&p.peer_id).copied().unwrap_or(0.0);
+    let penalty = if penalty.is_finite() {
+        penalty.max(0.0)
+    } else {
+        0.0
+    };
+    let full = if p.free_sessions == 0 {
+        FULL_PENALTY
+    } else {
+        0.0
+    };
+    own + penalty + full
+}
+
 /// Whether a chain may use `p` at all.
 fn usable(p: &PeerView, n_layers: u32, opts: &PlanOptions) -> bool {
     p.state == ServerState::Online
-        && p.free_sessions > 0
         && p.throughput.is_finite()
         && p.throughput > 0.0
         && p.range[0] < p.range[1]
@@ -197,7 +247,7 @@ fn usable(p: &PeerView, n_layers: u32, opts: &PlanOptions) -> bool {
 /// through `view`'s model (cost model and search: see the module doc).
 ///
 /// `first_rtts`: RTTs the asker measured to peers (first-hop links and the
-/// return leg). Peers that are not online, have no free session, announce
+/// return leg). Peers that are not online, announce
 /// no throughput, or are in `opts.exclude` are not used.
 ///
 /// Errors: [`PlanError::NoModel`] when the view has no layers or no peers;
@@ -247,6 +297,7 @@ pub fn plan_chain(
             Some(p) => next_rtt_of(peers[p], peers[to]),
         }
     };
+    let hop_secs = |p: &PeerView| hop_cost(p, opts);
     let default_rtt = opts.default_rtt.as_secs_f64();
     let secs = |d: Option<Duration>| d.map_or(default_rtt, |d| d.as_secs_f64());
 
@@ -270,7 +321,7 @@ pub fn plan_chain(
             continue;
         };
         for &v in next {
-            let cost = d + secs(link(from, v)) + 1.0 / peers[v].throughput;
+            let cost = d + secs(link(from, v)) + hop_secs(peers[v]);
             if cost < dist[v + 1] {
                 dist[v + 1] = cost;
                 prev[v + 1] = Some(s);
@@ -430,6 +481,41 @@ mod tests {
 
     fn no_rtts() -> HashMap<PeerId, Duration> {
         HashMap::new()
+    }
+
+    /// A liar announcing the whole model at a great rate wins until the
+    /// asker has measured it; a penalised hop is gone round while another
+    /// way exists and still used when it is the only one.
+    #[test]
+    fn measured_figures_and_penalties_beat_announcements() {
+        let (liar, a, b) = (peer(1), peer(2), peer(3));
+        let v = view(
+            30,
+            vec![
+                pv(liar, 0, 30, 50_000.0),
+                pv(a, 0, 15, 100.0),
+                pv(b, 15, 30, 100.0),
+            ],
+        );
+        let rtts = HashMap::from([(liar, ms(1)), (a, ms(1)), (b, ms(1))]);
+        let mut opts = PlanOptions::default();
+        assert_eq!(ids(&plan_chain(&v, &rtts, &opts).unwrap()), vec![liar]);
+        opts.measured.insert(liar, 0.4);
+        assert_eq!(ids(&plan_chain(&v, &rtts, &opts).unwrap()), vec![a, b]);
+        // Measured fast again: back in favour.
+        opts.measured.insert(liar, 0.001);
+        assert_eq!(ids(&plan_chain(&v, &rtts, &opts).unwrap()), vec![liar]);
+        opts.penalty.insert(liar, 10.0);
+        assert_eq!(ids(&plan_chain(&v, &rtts, &opts).unwrap()), vec![a, b]);
+        // Everyone penalised: still a chain, the cheapest.
+        opts.penalty.insert(a, 10.0);
+        opts.penalty.insert(b, 10.0);
+        assert_eq!(ids(&plan_chain(&v, &rtts, &opts).unwrap()), vec![liar]);
+        // Figures that are not numbers are ignored, not trusted.
+        opts.penalty.clear();
+        opts.measured.insert(liar, f64::NAN);
+        opts.penalty.insert(a, f64::INFINITY);
+        assert_eq!(ids(&plan_chain(&v, &rtts, &opts).unwrap()), vec![liar]);
     }
 
     #[test]
@@ -719,6 +805,7 @@ mod tests {
             first: &'a HashMap<PeerId, Duration>,
             default: f64,
             best: Option<f64>,
+            opts: &'a PlanOptions,
         }
         impl Search<'_> {
             fn go(&mut self, prev: Option<&PeerView>, at: u32, cost: f64) {
@@ -751,7 +838,7 @@ mod tests {
                             .find(|r| r.peer_id == p.peer_id.to_base58())
                             .map_or(self.default, |r| f64::from(r.rtt_ms) / 1000.0),
                     };
-                    self.go(Some(p), p.range[1], cost + link + 1.0 / p.throughput);
+                    self.go(Some(p), p.range[1], cost + link + hop_cost(p, self.opts));
                 }
             }
         }
@@ -765,6 +852,7 @@ mod tests {
             first,
             default: opts.default_rtt.as_secs_f64(),
             best: None,
+            opts,
         };
         search.go(None, 0, 0.0);
         search.best
@@ -781,7 +869,7 @@ mod tests {
         let get = |id: PeerId| v.peers.iter().find(|p| p.peer_id == id).unwrap();
         let mut cost = 0.0;
         for (k, h) in c.hops.iter().enumerate() {
-            cost += h.rtt.map_or(d, |r| r.as_secs_f64()) + 1.0 / get(h.peer_id).throughput;
+            cost += h.rtt.map_or(d, |r| r.as_secs_f64()) + hop_cost(get(h.peer_id), opts);
             if k == 0 {
                 assert_eq!(h.start, 0);
             } else {

@@ -34,9 +34,13 @@ pub struct SwarmView {
 pub struct ModelView {
     /// Model id (64 hex).
     pub id: String,
-    /// Architecture, as its servers announce it.
+    /// Architecture: from the verified manifest when the caller knew it
+    /// ([`build_model_view_with`]), else as the majority of its servers
+    /// announce it.
     pub arch: String,
-    /// Number of blocks of the model (0 when no server announced it).
+    /// Number of blocks of the model: from the verified manifest when the
+    /// caller knew it, else the majority of its servers' announcements (0
+    /// when no server announced it).
     pub n_layers: u32,
     /// `coverage[b]`: peers holding block `b` (online, verified), sorted.
     pub coverage: Vec<Vec<PeerId>>,
@@ -92,13 +96,49 @@ impl ModelView {
     }
 }
 
+/// What a model's verified manifest says about its shape: the layer count
+/// and architecture every honest announcement of the model repeats. The
+/// model id is a content hash and the manifest is checked against it, so
+/// this is the truth; announcements are only claims.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelShape {
+    /// Number of blocks (layers) of the whole model.
+    pub n_layers: u32,
+    /// `general.architecture`.
+    pub arch: String,
+}
+
 /// Builds the view of `model_id` from verified infos (any model; others are
-/// ignored) and measured RTTs. Offline peers are left out; `joining` peers
-/// are listed but do not count as coverage. Peers whose `n_layers_total`
-/// or `arch` disagree with the majority are left out (one model id is one
-/// content hash, so they are lying or broken).
+/// ignored) and measured RTTs, without knowing the model's shape: the
+/// layer count and architecture are taken by majority vote of the
+/// announcers (ties go to the larger layer count), and peers that
+/// disagree are left out.
+///
+/// A vote can be won by Sybils (any number of identities announcing a
+/// wrong layer count), so this is only the fallback for display (`swarm
+/// status`, which knows no manifest). Anything that acts on the view
+/// (planning a chain, choosing a range to serve) knows the shape from the
+/// verified manifest and uses [`build_model_view_with`].
 pub fn build_model_view(
     model_id: &str,
+    infos: &[(PeerId, ServerInfo)],
+    rtts: &HashMap<PeerId, Duration>,
+) -> ModelView {
+    build_model_view_with(model_id, None, infos, rtts)
+}
+
+/// Builds the view of `model_id` from verified infos (any model; others are
+/// ignored) and measured RTTs. Offline peers are left out; `joining` peers
+/// are listed but do not count as coverage.
+///
+/// `shape`: the model's shape from its verified manifest. Peers whose
+/// `n_layers_total` or `arch` disagree with it are left out, however many
+/// they are (one model id is one content hash, so they are lying or
+/// broken), and the view has `shape.n_layers` blocks even when nobody
+/// serves them. `None`: the majority vote of [`build_model_view`].
+pub fn build_model_view_with(
+    model_id: &str,
+    shape: Option<&ModelShape>,
     infos: &[(PeerId, ServerInfo)],
     rtts: &HashMap<PeerId, Duration>,
 ) -> ModelView {
@@ -107,22 +147,29 @@ pub fn build_model_view(
         .filter(|(_, i)| i.model_id == model_id && i.state != ServerState::Offline)
         .collect();
 
-    // Majority vote on (n_layers, arch); ties go to the larger layer count.
-    let mut votes: BTreeMap<(u32, &str), usize> = BTreeMap::new();
-    for (_, i) in &mine {
-        *votes
-            .entry((i.n_layers_total, i.arch.as_str()))
-            .or_default() += 1;
-    }
-    let Some(((n_layers, arch), _)) = votes
-        .iter()
-        .max_by_key(|((n, _), count)| (**count, *n))
-        .map(|(k, v)| (*k, *v))
-    else {
-        return ModelView {
-            id: model_id.to_string(),
-            ..ModelView::default()
-        };
+    let (n_layers, arch, what) = match shape {
+        Some(s) => (s.n_layers, s.arch.as_str(), "the verified manifest"),
+        None => {
+            // Majority vote on (n_layers, arch); ties go to the larger
+            // layer count.
+            let mut votes: BTreeMap<(u32, &str), usize> = BTreeMap::new();
+            for (_, i) in &mine {
+                *votes
+                    .entry((i.n_layers_total, i.arch.as_str()))
+                    .or_default() += 1;
+            }
+            let Some(((n, a), _)) = votes
+                .iter()
+                .max_by_key(|((n, _), count)| (**count, *n))
+                .map(|(k, v)| (*k, *v))
+            else {
+                return ModelView {
+                    id: model_id.to_string(),
+                    ..ModelView::default()
+                };
+            };
+            (n, a, "the majority")
+        }
     };
     for (peer, i) in &mine {
         if i.n_layers_total != n_layers || i.arch != arch {
@@ -131,7 +178,7 @@ pub fn build_model_view(
                 model = model_id,
                 n_layers = i.n_layers_total,
                 arch = %i.arch,
-                "peer disagrees with the majority about the model's shape; ignoring it"
+                "peer disagrees with {what} about the model's shape ({n_layers} layers, {arch}); ignoring it"
             );
         }
     }
@@ -269,6 +316,68 @@ mod tests {
         assert_eq!(v.peers.len(), 2);
         assert!(v.is_fully_covered());
         assert!(v.gaps.is_empty());
+    }
+
+    /// Sybils announcing a 10-layer model outnumber the honest servers of
+    /// the 30-layer one: the vote believes them, the verified shape does
+    /// not, and the chain planned on it is the honest one.
+    #[test]
+    fn a_known_shape_beats_a_lying_majority() {
+        use crate::plan::{plan_chain, PlanOptions};
+        let m = "ab".repeat(32);
+        let online = |mut i: ServerInfo| {
+            i.throughput = 10.0;
+            i.free_sessions = 1;
+            i.max_sessions = 1;
+            i.context_per_session = 512;
+            i
+        };
+        let mut infos = vec![
+            (peer(1), online(info(&m, 30, 0, 15))),
+            (peer(2), online(info(&m, 30, 15, 30))),
+        ];
+        // Five liars: "the model has 10 layers, and I hold them all", each
+        // faster than the honest servers.
+        for s in 10..15 {
+            let mut lie = online(info(&m, 10, 0, 10));
+            lie.throughput = 1e6;
+            infos.push((peer(s), lie));
+        }
+        let voted = build_model_view(&m, &infos, &HashMap::new());
+        assert_eq!(voted.n_layers, 10, "the vote is what Sybils decide");
+        assert_eq!(voted.peers.len(), 5);
+
+        let shape = ModelShape {
+            n_layers: 30,
+            arch: "llama".into(),
+        };
+        let v = build_model_view_with(&m, Some(&shape), &infos, &HashMap::new());
+        assert_eq!(v.n_layers, 30);
+        assert_eq!(v.arch, "llama");
+        let kept: Vec<PeerId> = v.peers.iter().map(|p| p.peer_id).collect();
+        assert_eq!(kept, vec![peer(1), peer(2)]);
+        assert!(v.is_fully_covered());
+        let chain = plan_chain(&v, &HashMap::new(), &PlanOptions::default()).unwrap();
+        let hops: Vec<(PeerId, u32, u32)> = chain
+            .hops
+            .iter()
+            .map(|h| (h.peer_id, h.start, h.end))
+            .collect();
+        assert_eq!(hops, vec![(peer(1), 0, 15), (peer(2), 15, 30)]);
+
+        // The architecture is part of the shape too.
+        let other = ModelShape {
+            n_layers: 30,
+            arch: "qwen2".into(),
+        };
+        let v = build_model_view_with(&m, Some(&other), &infos, &HashMap::new());
+        assert!(v.peers.is_empty());
+        assert_eq!(v.gaps, vec![[0, 30]]);
+
+        // Known shape, nobody serving: every block is a gap.
+        let v = build_model_view_with(&m, Some(&shape), &[], &HashMap::new());
+        assert_eq!((v.n_layers, v.gaps.clone()), (30, vec![[0, 30]]));
+        assert!(plan_chain(&v, &HashMap::new(), &PlanOptions::default()).is_err());
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod attack;
+
 /// The `nakshatra` binary under test.
 pub fn nakshatra_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NAKSHATRA_BIN") {
@@ -161,6 +163,13 @@ impl Proc {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+    }
+
     /// Sends SIGKILL (a crash, as far as the swarm can tell).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -199,6 +208,19 @@ impl Proc {
                 .and_then(|v| v.parse().ok())
         };
         Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resets its peak resident memory (`VmHWM`) to what it holds now
+    /// (`5` to `/proc/<pid>/clear_refs`, Linux 4.0+), so that the next
+    /// [`Proc::memory_kib`] peak is the peak since this call. False when
+    /// the kernel refuses.
+    pub fn reset_peak_memory(&self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").is_ok()
     }
 }
 

@@ -341,3 +341,199 @@ fn a_full_disk_is_a_clear_error() {
         assert!(leftovers.is_empty(), "{stage}: files left: {leftovers:?}");
     }
 }
+
+/// The joiner's fetch summary line, and its seconds.
+fn fetch_summary(log: &str) -> Option<(String, f64)> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("fetched ") && l.contains(" MB in "))?;
+    let secs = line
+        .split(" MB in ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((line.to_string(), secs))
+}
+
+/// Sybil providers: besides one honest seeder, four nodes announce the
+/// model but never answer a manifest or piece request, and two serve
+/// pieces at 40 KiB/s (a 2 MiB chunk takes 51 s, under the 60 s read
+/// timeout). A joiner fetching the whole model (32 pieces) from all seven
+/// finishes in seconds, every piece verified, no `.part` or race file
+/// left: the pieces the stalled and trickling peers took are raced on the
+/// honest one, mid-fetch once those peers are found stalled or crawling
+/// (named in the joiner's log), and at the end; manifest requests go out
+/// side by side. Tried one by one, the four silent peers alone would cost
+/// 4 × 30 s of manifest timeouts, and every piece they took 60 s or more.
+#[test]
+fn stalling_and_trickling_providers_do_not_hold_up_a_fetch() {
+    let model = test_model();
+    let model = model.to_str().unwrap();
+    let id = model_info()["id"].as_str().unwrap().to_string();
+    let dirs: Vec<_> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
+    // The honest seeder is slow (400 ms per chunk: about 10 MB/s), so that
+    // the fetch lasts past the stall detection's 5 s.
+    let mut a = base(None);
+    a.extend_from_slice(&[
+        "--model",
+        model,
+        "--layers",
+        "0..10",
+        "--test-link-delay-ms",
+        "400",
+    ]);
+    let honest = Proc::join(dirs[0].path(), &a);
+    let boot = honest.addr().to_string();
+    let mut sybils = Vec::new();
+    for (i, fault) in [
+        "stall",
+        "stall",
+        "stall",
+        "stall",
+        "trickle-pieces",
+        "trickle-pieces",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = base(Some(&boot));
+        // A one-layer slice is quick to load; pieces are served from the
+        // whole model file, so each of them announces and serves them all.
+        s.extend_from_slice(&["--model", model, "--layers", "29..30", "--fault", fault]);
+        sybils.push(Proc::join(dirs[1 + i].path(), &s));
+    }
+    // Every Sybil is a provider of the model before the joiner looks.
+    let all = wait_for(Duration::from_secs(15), || {
+        status_json(&boot).filter(|v| v["models"][0]["peers"].as_array().map_or(0, Vec::len) == 7)
+    });
+    assert!(
+        all.is_some(),
+        "not every node announced: {:?}",
+        status_json(&boot)
+    );
+
+    let mut c = base(Some(&boot));
+    c.extend_from_slice(&["--model-id", &id, "--layers", "0..30"]);
+    let t0 = Instant::now();
+    let joiner = Proc::spawn(&[], dirs[7].path(), &{
+        let mut v = vec!["node", "join"];
+        v.extend_from_slice(&c);
+        v
+    });
+    let summary = wait_for(Duration::from_secs(150), || fetch_summary(&joiner.stderr()));
+    let took = t0.elapsed();
+    let log = joiner.stderr();
+    let (line, secs) = summary.unwrap_or_else(|| panic!("no fetch summary: {log}"));
+    eprintln!(
+        "fetched with 4 stalling and 2 trickling providers: fetch {secs:.2} s, {:.1} s from \
+         start to summary: {line}",
+        took.as_secs_f64()
+    );
+    assert!(line.contains("0 corrupt piece(s)"), "{line}");
+    assert!(!log.contains("failed verification"), "{log}");
+    // Far below what the stalls would add up to one after another (a
+    // single piece read timeout is 60 s), and generous for a loaded host.
+    assert!(secs < 40.0, "the fetch took {secs} s: {line}");
+    assert!(
+        took < Duration::from_secs(60),
+        "joining took {took:?}: {log}"
+    );
+    // Pieces were taken from stalled or crawling Sybils while the fetch
+    // went on, and those Sybils are named.
+    let raced = log
+        .lines()
+        .find(|l| l.contains("raced away from stalled or crawling peers"))
+        .unwrap_or_else(|| panic!("nothing raced: {log}"));
+    eprintln!("{raced}");
+    let n: u32 = raced
+        .split("INFO ")
+        .nth(1)
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(n >= 1, "no piece raced mid-fetch: {raced}");
+    assert!(
+        sybils.iter().any(|p| raced.contains(&p.peer_id())),
+        "no Sybil named: {raced}"
+    );
+    assert!(!raced.contains(&honest.peer_id()), "{raced}");
+    // The joiner serves the slice it fetched, and nothing half-written is
+    // left among its pieces.
+    let slice = wait_for(Duration::from_secs(30), || {
+        (!files_named(dirs[7].path(), "0-30.gguf").is_empty()).then_some(())
+    });
+    assert!(slice.is_some(), "no slice: {log}");
+    let parts = files_named(dirs[7].path(), ".part");
+    assert!(parts.is_empty(), "files left: {parts:?}");
+}
+
+/// Liars outnumber honest servers: two nodes announce the model as 10
+/// layers (holding "all" of them, 0..10), one honest node serves all 30.
+/// A vote of announcers would believe the liars; the asker and a joining
+/// node take the layer count from the verified manifest instead: `node
+/// ask` plans the honest chain and prints the whole model's text, and a
+/// `--layers auto` joiner sees every block served (it would otherwise
+/// think 10..30 had no holder).
+#[test]
+fn the_layer_count_comes_from_the_manifest_not_a_vote() {
+    let model = test_model();
+    let model = model.to_str().unwrap();
+    let info = model_info();
+    let id = info["id"].as_str().unwrap().to_string();
+    let block = info["block_bytes"][10].as_u64().unwrap();
+    let ten = (block * 10 + block / 2).to_string();
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut a = base(None);
+    a.extend_from_slice(&["--model", model, "--layers", "0..30"]);
+    let honest = Proc::join(dirs[0].path(), &a);
+    let boot = honest.addr().to_string();
+    let mut liars = Vec::new();
+    for d in &dirs[1..3] {
+        let mut l = base(Some(&boot));
+        l.extend_from_slice(&[
+            "--model",
+            model,
+            "--layers",
+            "0..10",
+            "--fault",
+            "lie-layers",
+        ]);
+        liars.push(Proc::join(d.path(), &l));
+    }
+    // `swarm status` knows no manifest: it shows the vote, and the vote is
+    // the liars'.
+    let voted = wait_for(Duration::from_secs(15), || {
+        status_json(&boot).filter(|v| v["models"][0]["n_layers"] == 10)
+    });
+    assert!(
+        voted.is_some(),
+        "liars not announced: {:?}",
+        status_json(&boot)
+    );
+
+    let o = ask(&boot, dirs[3].path());
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), reference(model));
+    let chain = e
+        .lines()
+        .find(|l| l.starts_with("chain:"))
+        .unwrap_or_else(|| panic!("no chain line: {e}"));
+    assert!(chain.contains(&honest.peer_id()), "{chain}");
+    for l in &liars {
+        assert!(!chain.contains(&l.peer_id()), "a liar was planned: {chain}");
+    }
+
+    let mut j = base(Some(&boot));
+    j.extend_from_slice(&["--model-id", &id, "--layers", "auto", "--max-memory", &ten]);
+    let joiner = Proc::join(dirs[4].path(), &j);
+    let log = joiner.stderr();
+    let chose = log
+        .lines()
+        .find(|l| l.contains("--layers auto chose"))
+        .unwrap_or_else(|| panic!("no choice: {log}"));
+    assert!(chose.contains("every block is served"), "{chose}");
+}

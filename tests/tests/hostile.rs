@@ -7,27 +7,18 @@
 
 use std::time::Duration;
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, StreamExt};
+use nakshatra_e2e::attack::{closed_by_victim, flood, lying_frames, peer};
 use nakshatra_e2e::*;
 use nakshatra_node::net::{read_frame, read_message, write_frame};
 use nakshatra_swarm::protocol::act::{
-    ActFrame, ActReply, HopSpec, OpenSession, Sampling, StepHeader, StepKind, TokenFrame,
-    VocabRequest, WireDtype, ACT_PROTOCOL, TOKENS_PROTOCOL, VOCAB_PROTOCOL,
+    ActFrame, ActReply, HopSpec, OpenSession, Sampling, TokenFrame, WireDtype, ACT_PROTOCOL,
+    TOKENS_PROTOCOL,
 };
-use nakshatra_swarm::protocol::encode;
-use nakshatra_swarm::protocol::fetch::{
-    ManifestRequest, PieceRef, PieceRequest, MANIFEST_PROTOCOL, PIECE_PROTOCOL,
-};
-use nakshatra_swarm::{
-    Client, IdentityKeypair, Multiaddr, PeerId, ServerInfo, Stream, StreamProtocol, SwarmConfig,
-};
+use nakshatra_swarm::{Client, PeerId, ServerInfo, Stream, StreamProtocol};
 
 const PROMPT: &str = "The capital of France is";
 const GREEDY: &[&str] = &["--raw", "--temperature", "0", "--max-tokens", "8"];
-/// Streams the attacker opens per protocol.
-const FLOOD: usize = 64;
-/// A payload length just under the global frame cap (256 MiB).
-const HUGE: u32 = 255 << 20;
 /// Most the victim's peak resident memory may grow under the flood. The
 /// pre-fix node zero-filled every announced payload: 64 streams × 255 MiB.
 const MEMORY_BOUND_KIB: u64 = 64 * 1024;
@@ -38,29 +29,6 @@ fn join_args<'a>(model: &'a str, layers: &'a str, bootstrap: Option<&'a str>) ->
     v.extend_from_slice(&["--max-sessions", "4", "--ctx-size", "512"]);
     v.extend_from_slice(&["--record-ttl", "8", "--refresh", "2"]);
     v
-}
-
-/// A libp2p peer of our own, bootstrapped to `bootstrap`.
-async fn peer(bootstrap: &str, server: bool) -> (Client, tokio::task::JoinHandle<()>) {
-    let mut cfg = if server {
-        let mut c = SwarmConfig::server();
-        c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-        c.record_ttl = Duration::from_secs(8);
-        c.refresh = Duration::from_secs(2);
-        c
-    } else {
-        SwarmConfig::client()
-    };
-    cfg.bootstrap = vec![bootstrap.parse::<Multiaddr>().unwrap()];
-    cfg.mdns = false;
-    let (client, task) = nakshatra_swarm::spawn(IdentityKeypair::generate_ed25519(), cfg)
-        .await
-        .unwrap();
-    client
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .unwrap();
-    (client, task)
 }
 
 /// `nakshatra model inspect --json` of `model`.
@@ -91,56 +59,6 @@ fn claim(
     si
 }
 
-/// A frame whose header is `header` and whose length prefix announces
-/// `announced` payload bytes, followed by 1 KiB of them (then nothing).
-fn lying_frame(h: Vec<u8>, announced: u32) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    v.extend_from_slice(&h);
-    v.extend_from_slice(&announced.to_le_bytes());
-    v.extend_from_slice(&[0x5a; 1024]);
-    v
-}
-
-/// Opens `FLOOD` streams of `protocol` to `victim`, writes `frame` on each
-/// and keeps them open. Streams that cannot even be opened count as
-/// refused.
-async fn flood(
-    attacker: &Client,
-    victim: PeerId,
-    protocol: &'static str,
-    frame: &[u8],
-) -> Vec<Stream> {
-    let mut control = attacker.stream_control();
-    let mut streams = Vec::new();
-    for _ in 0..FLOOD {
-        let open = control.open_stream(victim, StreamProtocol::new(protocol));
-        if let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(5), open).await {
-            let _ = s.write_all(frame).await;
-            let _ = s.flush().await;
-            streams.push(s);
-        }
-    }
-    streams
-}
-
-/// How many of `streams` the victim closed within `within` (a read ends
-/// or fails instead of blocking).
-async fn closed_by_victim(streams: &mut [Stream], within: Duration) -> usize {
-    let reads = streams.iter_mut().map(|s| async move {
-        let mut b = [0u8; 1];
-        matches!(
-            tokio::time::timeout(within, s.read(&mut b)).await,
-            Ok(Ok(0)) | Ok(Err(_))
-        )
-    });
-    futures::future::join_all(reads)
-        .await
-        .into_iter()
-        .filter(|closed| *closed)
-        .count()
-}
-
 /// Attack 1: length prefixes that announce 255 MiB, on 64 streams of
 /// every protocol the node serves. The node refuses each at once (the
 /// streams over the peer's share unread, the others at the length
@@ -158,50 +76,7 @@ async fn length_prefix_floods_are_refused_at_once() {
     let (attacker, _task) = peer(&boot, false).await;
     let (_, peak_before) = node.memory_kib().unwrap();
 
-    let step = ActFrame::Step(StepHeader {
-        step: 0,
-        pos: 0,
-        n_tokens: 1,
-        kind: StepKind::Tokens,
-        compute_us: 0,
-    });
-    let model_id = "ab".repeat(32);
-    let frames: [(&'static str, Vec<u8>); 4] = [
-        (ACT_PROTOCOL, lying_frame(encode(&step).unwrap(), HUGE)),
-        (
-            VOCAB_PROTOCOL,
-            lying_frame(
-                encode(&VocabRequest {
-                    model_id: model_id.clone(),
-                })
-                .unwrap(),
-                HUGE,
-            ),
-        ),
-        (
-            MANIFEST_PROTOCOL,
-            lying_frame(
-                encode(&ManifestRequest {
-                    model_id: model_id.clone(),
-                })
-                .unwrap(),
-                HUGE,
-            ),
-        ),
-        (
-            PIECE_PROTOCOL,
-            lying_frame(
-                encode(&PieceRequest {
-                    model_id,
-                    piece: PieceRef::Block(0),
-                    offset: 0,
-                    len: 1 << 20,
-                })
-                .unwrap(),
-                HUGE,
-            ),
-        ),
-    ];
+    let frames = lying_frames();
     let mut held = Vec::new();
     for (protocol, frame) in &frames {
         let mut streams = flood(&attacker, victim, protocol, frame).await;
@@ -324,7 +199,7 @@ async fn a_context_too_small_for_the_prompt_is_planned_around() {
     let node = Proc::join(dir.path(), &join_args(&model, "0..30", None));
     let boot = node.addr().to_string();
     let (liar, _task) = peer(&boot, true).await;
-    liar.announce(claim(&info, 0..30, 1e6, 1)).await.unwrap();
+    liar.announce(claim(&info, 0..30, 5e4, 1)).await.unwrap();
     let both = wait_for(Duration::from_secs(15), || {
         status_json(&boot).filter(|v| holders(v, 0).len() == 2)
     });
@@ -360,18 +235,7 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
     let node = Proc::join(dir.path(), &join_args(&model, "0..30", None));
     let boot = node.addr().to_string();
     let victim: PeerId = node.peer_id().parse().unwrap();
-    let (greedy, _task) = peer(&boot, false).await;
-    // Takes the token streams the victim opens back (and keeps them).
-    let mut back = greedy
-        .stream_control()
-        .accept(StreamProtocol::new(TOKENS_PROTOCOL))
-        .unwrap();
-    tokio::spawn(async move {
-        let mut kept = Vec::new();
-        while let Some((_, s)) = back.next().await {
-            kept.push(s);
-        }
-    });
+    let (greedy, _task) = greedy_peer(&boot).await;
     let hop = |start, end| HopSpec {
         peer_id: victim.to_string(),
         start,
@@ -398,8 +262,8 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
         let (s, reply) = send_open(&greedy, victim, open(vec![hop(0, 30)], me.clone())).await;
         match (i, reply) {
             (0 | 1, ActReply::Ready) => held.push(s),
-            (2, ActReply::Failed { message, .. }) => {
-                assert!(message.contains("share"), "{message}")
+            (2, ActReply::Failed(f)) => {
+                assert!(f.message.contains("share"), "{}", f.message)
             }
             (i, r) => panic!("open {i}: {r:?}"),
         }
@@ -407,11 +271,11 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
     let stranger = PeerId::random().to_string();
     let (_, r) = send_open(&greedy, victim, open(vec![hop(0, 30)], stranger)).await;
     assert!(
-        matches!(&r, ActReply::Failed { message, .. } if message.contains("another peer")),
+        matches!(&r, ActReply::Failed(f) if f.message.contains("another peer")),
         "{r:?}"
     );
     let (_, r) = send_open(&greedy, victim, open(vec![hop(0, 20)], me.clone())).await;
-    assert!(matches!(&r, ActReply::Failed { .. }), "{r:?}");
+    assert!(matches!(&r, ActReply::Failed(_)), "{r:?}");
 
     let asker = tempfile::tempdir().unwrap();
     let o = tokio::task::spawn_blocking(move || node_ask(&boot, asker.path(), GREEDY, PROMPT))
@@ -420,6 +284,98 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
     drop(held);
+}
+
+/// A client peer that takes the token streams a victim opens back to it,
+/// and keeps them.
+async fn greedy_peer(boot: &str) -> (Client, tokio::task::JoinHandle<()>) {
+    let (greedy, task) = peer(boot, false).await;
+    let mut back = greedy
+        .stream_control()
+        .accept(StreamProtocol::new(TOKENS_PROTOCOL))
+        .unwrap();
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Some((_, s)) = back.next().await {
+            kept.push(s);
+        }
+    });
+    (greedy, task)
+}
+
+/// An `Open` of a one-hop chain: `victim` runs the whole model for
+/// `asker`, greedy sampling.
+fn whole_model_open(model_id: &str, victim: PeerId, asker: PeerId) -> OpenSession {
+    OpenSession {
+        session: rand_session(),
+        model_id: model_id.to_string(),
+        hops: vec![HopSpec {
+            peer_id: victim.to_string(),
+            start: 0,
+            end: 30,
+            addrs: Vec::new(),
+        }],
+        index: 0,
+        sampling: Sampling {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 0,
+        },
+        wire: WireDtype::F32,
+        asker: asker.to_string(),
+    }
+}
+
+/// Attack 3, keep-alive and Sybil askers: two identities each take their
+/// share of a two-session node and keep the sessions open without a step
+/// (a keep-alive every few minutes would do the same under the idle
+/// timeout). Once idle for `--evict-idle-after`, the sessions count as
+/// free again, and an honest ask evicts the idlest and is answered; the
+/// evicted session's holder hears why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_give_their_slots_up_to_an_honest_ask() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY, PROMPT);
+    let model_id = inspect(&model)["id"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = loopback_args(None);
+    args.extend_from_slice(&["--model", &model, "--layers", "0..30", "--ctx-size", "512"]);
+    args.extend_from_slice(&["--record-ttl", "8", "--refresh", "2"]);
+    args.extend_from_slice(&["--max-sessions", "2", "--evict-idle-after", "2"]);
+    let node = Proc::join(dir.path(), &args);
+    let boot = node.addr().to_string();
+    let victim: PeerId = node.peer_id().parse().unwrap();
+    let mut held = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (sybil, task) = greedy_peer(&boot).await;
+        let open = whole_model_open(&model_id, victim, sybil.peer_id());
+        let (s, reply) = send_open(&sybil, victim, open).await;
+        assert_eq!(reply, ActReply::Ready);
+        held.push(s);
+        tasks.push((sybil, task));
+    }
+    // Both slots are taken; once idle for `--evict-idle-after` (2 s) they
+    // may be evicted, and count as free in the node's announcements.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let asker = tempfile::tempdir().unwrap();
+    let o = tokio::task::spawn_blocking(move || node_ask(&boot, asker.path(), GREEDY, PROMPT))
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
+    let mut evicted = 0;
+    for s in &mut held {
+        let r = tokio::time::timeout(Duration::from_secs(1), read_message::<_, ActReply>(s)).await;
+        if let Ok(Ok(ActReply::Failed(f))) = r {
+            assert!(f.message.contains("evicted"), "{}", f.message);
+            evicted += 1;
+        }
+    }
+    assert!(evicted >= 1, "no idle session was evicted");
 }
 
 /// A session id nobody else uses.
@@ -475,9 +431,238 @@ async fn serve_garbage_tokens(fake: Client, s: Stream) {
             step: h.step,
             token: i32::MAX,
             compute_us: 0,
+            digest: [0; 32],
         };
         if write_frame(&mut tokens, &t, &[]).await.is_err() {
             return;
         }
     }
+}
+
+/// The last `chain:` line `node ask` printed (the chain that answered).
+fn chain_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rfind(|l| l.starts_with("chain:"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Attack 5, lies that attract traffic: a node announces the whole model
+/// at 20,000 tokens/s (under the cap on impossible figures, far above what
+/// it delivers: every step it runs waits 150 ms more, while its probe
+/// echoes stay fast). The first ask goes
+/// through it (the answer is still right: it computes honestly, slowly),
+/// measures it, and says so; the asker's node remembers, so the next ask
+/// plans the honest chain. A record announcing an impossible rate is not
+/// even taken (see `protocol/tests/record.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_that_overclaims_is_measured_and_demoted() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY, PROMPT);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Proc::join(dirs[0].path(), &join_args(&model, "0..15", None));
+    let boot = a.addr().to_string();
+    let b = Proc::join(dirs[1].path(), &join_args(&model, "15..30", Some(&boot)));
+    let mut liar_args = join_args(&model, "0..30", Some(&boot));
+    liar_args.extend_from_slice(&["--fault", "overclaim"]);
+    let liar = Proc::join(dirs[2].path(), &liar_args);
+    let all = wait_for(Duration::from_secs(30), || {
+        status_json(&boot).filter(|v| holders(v, 0).len() == 2 && holders(v, 29).len() == 2)
+    });
+    assert!(all.is_some(), "the swarm never formed");
+
+    let asker = tempfile::tempdir().unwrap();
+    let ask = |asker: std::path::PathBuf| {
+        let boot = boot.clone();
+        tokio::task::spawn_blocking(move || node_ask(&boot, &asker, GREEDY, PROMPT))
+    };
+    let first = ask(asker.path().to_path_buf()).await.unwrap();
+    let e1 = String::from_utf8_lossy(&first.stderr).into_owned();
+    assert!(first.status.success(), "{e1}");
+    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), want.trim());
+    assert!(chain_line(&e1).contains(&liar.peer_id()), "{e1}");
+    assert!(e1.contains("marked slower for later asks"), "{e1}");
+    let memory = std::fs::read_to_string(asker.path().join("peers.json")).unwrap();
+    assert!(memory.contains(&liar.peer_id()), "{memory}");
+
+    let second = ask(asker.path().to_path_buf()).await.unwrap();
+    let e2 = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(second.status.success(), "{e2}");
+    assert_eq!(String::from_utf8_lossy(&second.stdout).trim(), want.trim());
+    let chain = chain_line(&e2);
+    assert!(
+        chain.contains(&a.peer_id()) && chain.contains(&b.peer_id()),
+        "{e2}"
+    );
+    assert!(!chain.contains(&liar.peer_id()), "{e2}");
+}
+
+/// Attack 5, forged blame: the middle hop of a chain, at the prefill,
+/// reports that the last hop failed, in a report signed in the last
+/// hop's name with a stranger's key. Hop 1 checks it, refuses it, and
+/// reports its next hop (the forger) instead; the asker counts that
+/// against the forger (and the reporter, who cannot prove it), never
+/// against the last hop, and answers through the honest middle node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_failure_report_blames_the_forger_not_its_victim() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY, PROMPT);
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Proc::join(dirs[0].path(), &join_args(&model, "0..10", None));
+    let boot = first.addr().to_string();
+    let last = Proc::join(dirs[1].path(), &join_args(&model, "20..30", Some(&boot)));
+    let mut forger_args = join_args(&model, "10..20", Some(&boot));
+    // It also announces a great rate, so that it is planned first.
+    forger_args.extend_from_slice(&["--fault", "forge-blame"]);
+    let forger = Proc::join(dirs[2].path(), &forger_args);
+    let honest = Proc::join(dirs[3].path(), &join_args(&model, "10..20", Some(&boot)));
+    let all = wait_for(Duration::from_secs(30), || {
+        status_json(&boot).filter(|v| holders(v, 15).len() == 2 && holders(v, 25).len() == 1)
+    });
+    assert!(all.is_some(), "the swarm never formed");
+
+    let asker = tempfile::tempdir().unwrap();
+    let dir = asker.path().to_path_buf();
+    let o = tokio::task::spawn_blocking(move || node_ask(&boot, &dir, GREEDY, PROMPT))
+        .await
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
+    let failed = e
+        .lines()
+        .find(|l| l.contains("attempt 1 failed"))
+        .unwrap_or_default();
+    assert!(
+        failed.contains(&format!("hop 1 ({})", forger.peer_id())),
+        "{e}"
+    );
+    assert!(failed.contains("does not check"), "{e}");
+    let chain = chain_line(&e);
+    assert!(chain.contains(&honest.peer_id()), "{e}");
+    let memory: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(asker.path().join("peers.json")).unwrap()).unwrap();
+    assert!(memory.get(forger.peer_id()).is_some(), "{memory}");
+    let last_failures = memory
+        .get(last.peer_id())
+        .and_then(|e| e["failures"].as_u64())
+        .unwrap_or(0);
+    assert_eq!(last_failures, 0, "{memory}");
+}
+
+/// Finding 7, the port scanner: an `Open` names a next hop "at" an address
+/// of the asker's choosing (here a TCP port this test listens on). The
+/// victim never dials addresses an `Open` gives: it looks the next hop up
+/// (its own signed record, which this made-up peer has none of), reports
+/// it unreachable, and the port sees no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_cannot_make_a_hop_dial_an_address_of_the_askers_choosing() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let model_id = inspect(&model)["id"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Proc::join(dir.path(), &join_args(&model, "0..10", None));
+    let boot = node.addr().to_string();
+    let victim: PeerId = node.peer_id().parse().unwrap();
+    let (scanner, _task) = peer(&boot, false).await;
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    target.set_nonblocking(true).unwrap();
+    let port = target.local_addr().unwrap().port();
+    let made_up = PeerId::random();
+    let mut open = whole_model_open(&model_id, victim, scanner.peer_id());
+    open.hops = vec![
+        HopSpec {
+            peer_id: victim.to_string(),
+            start: 0,
+            end: 10,
+            addrs: Vec::new(),
+        },
+        HopSpec {
+            peer_id: made_up.to_string(),
+            start: 10,
+            end: 30,
+            addrs: vec![format!("/ip4/127.0.0.1/tcp/{port}/p2p/{made_up}")],
+        },
+    ];
+    let (_s, reply) = send_open(&scanner, victim, open).await;
+    match reply {
+        ActReply::Failed(f) => assert_eq!((f.reporter, f.blamed), (0, 1), "{f:?}"),
+        r => panic!("{r:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    match target.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the victim dialled the address the Open gave: {other:?}"),
+    }
+}
+
+/// Attack 6, wrong results, and `node ask --verify`: layers 0..15 are
+/// served by A and A3, 15..30 by B and B2, all honest. An ask with
+/// `--verify 0.5` checks its chain on the replica and says so. Then L
+/// joins, serving 0..15 and announcing a great rate, and returns wrong
+/// hidden states. An ask with `--verify 1` through L finds the mismatch,
+/// replays hop by hop, names and bans L; the next ask leaves L out and
+/// gives the whole model's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_catches_and_bans_a_hop_returning_wrong_results() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY, PROMPT);
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Proc::join(dirs[0].path(), &join_args(&model, "0..15", None));
+    let boot = a.addr().to_string();
+    let _a3 = Proc::join(dirs[1].path(), &join_args(&model, "0..15", Some(&boot)));
+    let _b = Proc::join(dirs[2].path(), &join_args(&model, "15..30", Some(&boot)));
+    let _b2 = Proc::join(dirs[3].path(), &join_args(&model, "15..30", Some(&boot)));
+    let ready = wait_for(Duration::from_secs(30), || {
+        status_json(&boot).filter(|v| holders(v, 0).len() == 2 && holders(v, 29).len() == 2)
+    });
+    assert!(ready.is_some(), "the swarm never formed");
+    let asker = tempfile::tempdir().unwrap();
+    let ask = |extra: &'static [&'static str]| {
+        let (boot, dir) = (boot.clone(), asker.path().to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let mut args = GREEDY.to_vec();
+            args.extend_from_slice(extra);
+            node_ask(&boot, &dir, &args, PROMPT)
+        })
+    };
+
+    let o = ask(&["--verify", "0.5"]).await.unwrap();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
+    assert!(
+        e.contains("against a replica chain") && e.contains("all equal"),
+        "{e}"
+    );
+
+    let mut liar_args = join_args(&model, "0..15", Some(&boot));
+    liar_args.extend_from_slice(&["--fault", "corrupt-output"]);
+    let liar = Proc::join(dirs[4].path(), &liar_args);
+    let seen = wait_for(Duration::from_secs(30), || {
+        status_json(&boot).filter(|v| holders(v, 0).len() == 3)
+    });
+    assert!(seen.is_some(), "the liar never showed up");
+    let o = ask(&["--verify", "1"]).await.unwrap();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{e}");
+    assert!(chain_line(&e).contains(&liar.peer_id()), "{e}");
+    assert!(e.contains("verification failed at step 0"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "hop 0 ({}) of the chain returned wrong results; banned",
+            liar.peer_id()
+        )),
+        "{e}"
+    );
+
+    let o = ask(&[]).await.unwrap();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    assert!(!chain_line(&e).contains(&liar.peer_id()), "{e}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.trim());
 }

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use futures::io::WriteHalf;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use nakshatra_swarm::protocol::act::{
-    tokens_to_bytes, ActFrame, ActReply, HopSpec, OpenSession, StepHeader, StepKind, TokenFrame,
-    ACT_PROTOCOL,
+    tokens_to_bytes, ActFrame, ActReply, FailureReport, HopSpec, OpenSession, StepHeader, StepKind,
+    TokenFrame, ACT_PROTOCOL,
 };
 use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 
+use super::verify::Tap;
 use super::{AskError, AskOptions, AskTimings, HopFault};
 use crate::engine::tokenizer::{Tokenizer, Utf8Stream};
 use crate::net::{handshake, read_message, write_frame, FrameError};
@@ -23,6 +24,15 @@ pub const CHAIN_READY_TIMEOUT: Duration = Duration::from_secs(40);
 /// How long the last hop may take to open its token stream once the chain
 /// is ready.
 pub const TOKEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, after the token stream broke, the asker waits for a hop's
+/// failure report to come up the chain before blaming the last hop.
+pub const REPORT_GRACE: Duration = Duration::from_millis(500);
+/// A decode step taking this many times the median one means a stalled
+/// hop (see [`stall_deadline`]).
+pub const STALL_FACTOR: f64 = 20.0;
+/// The least a decode step is given before the chain counts as stalled
+/// (scheduling hiccups on a busy host stay well below it).
+pub const STALL_FLOOR: Duration = Duration::from_secs(3);
 /// How long a new token stream may take to say which session it is for.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -37,14 +47,117 @@ pub(super) enum ChainOutcome<T> {
     Broken(AskError),
 }
 
-/// What one run generated.
-pub(super) struct Generated {
-    /// The text.
+/// Where a generation stands: what was generated so far, carried from a
+/// chain that broke to the one that replaces it.
+#[derive(Default)]
+pub(super) struct Progress {
+    /// The prompt's tokens.
+    pub(super) prompt: Vec<i32>,
+    /// The text so far.
     pub(super) text: String,
-    /// The token ids.
+    /// The token ids so far.
     pub(super) tokens: Vec<i32>,
-    /// Its timings (setup excluded).
+    /// The next step (0: the prefill).
+    pub(super) next_step: u64,
+    /// Timings (setup excluded).
     pub(super) timings: AskTimings,
+    utf8: Utf8Stream,
+    overheads_ms: Vec<f64>,
+    steps_ms: Vec<f64>,
+    t_decode_start: Option<Instant>,
+}
+
+impl Progress {
+    /// A generation of `prompt` that has not started.
+    pub(super) fn new(prompt: Vec<i32>) -> Self {
+        Progress {
+            timings: AskTimings {
+                prompt_tokens: prompt.len(),
+                ..AskTimings::default()
+            },
+            prompt,
+            ..Progress::default()
+        }
+    }
+
+    /// Fills the rates and percentiles of the timings.
+    pub(super) fn finish_timings(&mut self) {
+        self.timings.finish(
+            self.prompt.len(),
+            std::mem::take(&mut self.overheads_ms),
+            std::mem::take(&mut self.steps_ms),
+            self.t_decode_start.map(|t| t.elapsed()),
+        );
+    }
+}
+
+/// Most one-token steps a replay puts into one step. A position's logits
+/// are the same bits in a batch as alone only while the batch stays small
+/// (on llama.cpp's CPU kernels, up to 64 tokens in our measurements; past
+/// that other kernels take over): well inside that.
+pub const REPLAY_CHUNK: usize = 16;
+
+/// One step of a replay: its first position and its input.
+pub(super) struct ReplayStep {
+    /// The original step this replay step ends at (its token is that
+    /// step's).
+    pub(super) step: u64,
+    /// First position.
+    pub(super) pos: u32,
+    /// Input tokens.
+    pub(super) input: Vec<i32>,
+}
+
+/// How to replay `steps` (original steps, numbered, with their inputs,
+/// in order and back to back from position 0) into a session so that
+/// every position comes out bit for bit as it did: a step of several
+/// tokens (the prompt, or a replay chunk) as it was, runs of consecutive
+/// one-token steps in batches of at most [`REPLAY_CHUNK`].
+pub(super) fn replay_schedule(steps: &[(u64, Vec<i32>)]) -> Vec<ReplayStep> {
+    let mut out: Vec<ReplayStep> = Vec::new();
+    let mut pos = 0u32;
+    // Whether the last replay step is a run of one-token steps.
+    let mut in_run = false;
+    for (step, input) in steps {
+        let step = *step;
+        match (out.last_mut(), input.as_slice()) {
+            (Some(r), [t]) if in_run && r.step + 1 == step && r.input.len() < REPLAY_CHUNK => {
+                r.input.push(*t);
+                r.step = step;
+            }
+            _ => {
+                in_run = input.len() == 1;
+                out.push(ReplayStep {
+                    step,
+                    pos,
+                    input: input.clone(),
+                });
+            }
+        }
+        pos += input.len() as u32;
+    }
+    out
+}
+
+/// How long a decode step may take before the chain counts as stalled:
+/// [`STALL_FACTOR`] times the median decode step so far, at least
+/// [`STALL_FLOOR`], at most `cap` (the user's `--step-timeout`).
+fn stall_deadline(steps_ms: &[f64], cap: Duration) -> Duration {
+    let mut v = steps_ms.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = v.get(v.len() / 2).copied().unwrap_or(0.0);
+    let d = Duration::from_secs_f64(median * STALL_FACTOR / 1e3).max(STALL_FLOOR);
+    d.min(cap)
+}
+
+/// What the last hop sent back for one step.
+pub(super) struct StepResult {
+    /// The token sampled.
+    pub(super) token: i32,
+    /// Engine time the hops reported, microseconds.
+    pub(super) compute_us: u64,
+    /// The digest of the logits it was sampled from.
+    pub(super) digest: [u8; 32],
 }
 
 /// A chain whose session is open at every hop.
@@ -54,8 +167,9 @@ pub(super) struct OpenChain<'a> {
     to_first: WriteHalf<Stream>,
     /// Tokens come back here, from the last hop.
     tokens: Stream,
-    /// Failures reported upstream by any hop: (hop index, message).
-    failures: mpsc::Receiver<(u32, String)>,
+    /// Failures reported upstream by any hop, as the hop to blame and
+    /// its fault.
+    failures: mpsc::Receiver<(u32, HopFault)>,
 }
 
 impl<T> ChainOutcome<T> {
@@ -105,8 +219,8 @@ impl<'a> OpenChain<'a> {
                     .await;
                     match ready {
                         Ok(Ok(ActReply::Ready)) => Ok((r, w)),
-                        Ok(Ok(ActReply::Failed { index, message, .. })) => {
-                            Err(Handshake::Failed(ChainSetup::Failed { index, message }))
+                        Ok(Ok(ActReply::Failed(report))) => {
+                            Err(Handshake::Failed(ChainSetup::Failed(report)))
                         }
                         Ok(Err(e)) => Err(setup_handshake(e)),
                         Err(_) => Err(Handshake::Failed(ChainSetup::Timeout)),
@@ -116,8 +230,9 @@ impl<'a> OpenChain<'a> {
             .await
             .map_err(|e| match e {
                 nakshatra_swarm::OpenError::Open(e) => hop_err(0, HopFault::NoStream(e)),
-                nakshatra_swarm::OpenError::Handshake(ChainSetup::Failed { index, message }) => {
-                    hop_err(index, HopFault::Reported(message))
+                nakshatra_swarm::OpenError::Handshake(ChainSetup::Failed(report)) => {
+                    let (index, fault) = judge(hops, open.session, report);
+                    hop_err(index, fault)
                 }
                 nakshatra_swarm::OpenError::Handshake(ChainSetup::Stream(e)) => {
                     hop_err(0, HopFault::Stream(e))
@@ -142,51 +257,67 @@ impl<'a> OpenChain<'a> {
             hops,
             to_first,
             tokens,
-            failures: watch_failures(r),
+            failures: watch_failures(r, hops.to_vec(), open.session),
         })
     }
 
-    /// Runs the steps: `prompt` as one prefill step, then one token at a
-    /// time until `max_tokens`, an end-of-generation token or the
-    /// context `limit`. `on_text` sees the text as it comes.
+    /// Runs the steps from where `progress` stands: the history so far
+    /// (the prompt, then every token generated on earlier chains) as one
+    /// step, then one token at a time until `max_tokens`, an
+    /// end-of-generation token or the context `limit`. A resumed run's
+    /// first step replays the history into this chain's hops (same bits as
+    /// the steps that built it: see `verify`'s module doc), and
+    /// `on_replay` hears how long it took. `on_text` sees the text as it
+    /// comes; `tap`, when given, sees every step (for `--verify`) and can
+    /// stop the run.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn run(
         mut self,
-        prompt: &[i32],
+        progress: &mut Progress,
         tok: &Tokenizer,
         limit: u32,
         opts: &AskOptions,
-        on_text: &mut impl FnMut(&str),
-    ) -> ChainOutcome<Generated> {
+        on_text: &mut dyn FnMut(&str),
+        on_replay: &mut dyn FnMut(usize, Duration),
+        tap: Option<Tap>,
+    ) -> ChainOutcome<()> {
         let n_hops = self.hops.len().max(1) as f64;
-        let mut out = Generated {
-            text: String::new(),
-            tokens: Vec::new(),
-            timings: AskTimings {
-                prompt_tokens: prompt.len(),
-                ..AskTimings::default()
-            },
+        let p = progress;
+        let (mut input, mut pos) = match self.catch_up(p, tok, opts, on_replay, &tap).await {
+            Ok(at) => at,
+            Err(e) => return ChainOutcome::Broken(e),
         };
-        let mut utf8 = Utf8Stream::default();
-        let mut overheads_ms = Vec::new();
-        let mut input: Vec<i32> = prompt.to_vec();
-        let mut pos: u32 = 0;
-        let mut t_decode_start = None;
-        for step in 0..opts.max_tokens as u64 {
+        while p.next_step < u64::from(opts.max_tokens) {
+            let step = p.next_step;
+            if tap.as_ref().is_some_and(Tap::stopped) {
+                break;
+            }
             let t0 = Instant::now();
-            let (token, compute_us) = match self.step(step, pos, &input, opts.step_timeout).await {
-                Ok(t) => t,
-                Err(e) if out.tokens.is_empty() => return ChainOutcome::NotStarted(e),
+            let timeout = if step == 0 {
+                opts.step_timeout
+            } else {
+                stall_deadline(&p.steps_ms, opts.step_timeout)
+            };
+            let r = match self.step(step, pos, &input, timeout).await {
+                Ok(r) => r,
+                Err(e) if p.tokens.is_empty() => return ChainOutcome::NotStarted(e),
                 Err(e) => return ChainOutcome::Broken(e),
             };
+            let (token, compute_us) = (r.token, r.compute_us);
+            if let Some(tap) = &tap {
+                tap.stepped(step, &input, pos + input.len() as u32, r.digest);
+            }
             let elapsed = t0.elapsed();
             if step == 0 {
-                out.timings.prefill_s = elapsed.as_secs_f64();
-                t_decode_start = Some(Instant::now());
+                p.timings.prefill_s = elapsed.as_secs_f64();
+                p.t_decode_start = Some(Instant::now());
             } else {
+                p.steps_ms.push(elapsed.as_secs_f64() * 1e3);
                 let overhead = elapsed.as_secs_f64() * 1e3 - compute_us as f64 / 1e3;
-                overheads_ms.push(overhead / n_hops);
+                p.overheads_ms.push(overhead / n_hops);
             }
             pos += input.len() as u32;
+            p.next_step += 1;
             // A token id from the network is checked before llama.cpp
             // renders it (an id out of range would abort the process).
             if usize::try_from(token).map_or(true, |t| t >= tok.n_vocab()) {
@@ -197,7 +328,7 @@ impl<'a> OpenChain<'a> {
                         n_vocab: tok.n_vocab(),
                     },
                 );
-                return if out.tokens.is_empty() {
+                return if p.tokens.is_empty() {
                     ChainOutcome::NotStarted(e)
                 } else {
                     ChainOutcome::Broken(e)
@@ -206,38 +337,86 @@ impl<'a> OpenChain<'a> {
             if tok.is_eog(token) {
                 break;
             }
-            out.tokens.push(token);
-            let piece = utf8.push(&tok.piece(token));
+            p.tokens.push(token);
+            let piece = p.utf8.push(&tok.piece(token));
             on_text(&piece);
-            out.text.push_str(&piece);
+            p.text.push_str(&piece);
             if pos >= limit {
                 break;
             }
             input = vec![token];
         }
-        let rest = utf8.finish();
+        let rest = p.utf8.finish();
         on_text(&rest);
-        out.text.push_str(&rest);
+        p.text.push_str(&rest);
+        drop(tap);
+        self.close().await;
+        ChainOutcome::Done(())
+    }
+
+    /// A resumed run's catch-up: replays the prompt and every token
+    /// generated so far but the last (see [`replay_schedule`]), checking
+    /// that each replayed step samples the token it sampled before, and
+    /// tells `on_replay` how many tokens and how long. Returns the input
+    /// and position of the next step: the prompt at 0 for a fresh run,
+    /// else the last token after the history.
+    async fn catch_up(
+        &mut self,
+        p: &Progress,
+        tok: &Tokenizer,
+        opts: &AskOptions,
+        on_replay: &mut dyn FnMut(usize, Duration),
+        tap: &Option<Tap>,
+    ) -> Result<(Vec<i32>, u32), AskError> {
+        let Some((&last, done)) = p.tokens.split_last().filter(|_| p.next_step > 0) else {
+            return Ok((p.prompt.clone(), 0));
+        };
+        let t0 = Instant::now();
+        let mut steps = vec![(0, p.prompt.clone())];
+        steps.extend((1..).zip(done.iter().map(|t| vec![*t])));
+        let schedule = replay_schedule(&steps);
+        let replayed = p.prompt.len() + done.len();
+        let n_vocab = tok.n_vocab();
+        for r in &schedule {
+            let got = self
+                .step(r.step, r.pos, &r.input, opts.step_timeout)
+                .await?;
+            if let Some(tap) = tap {
+                tap.stepped(r.step, &r.input, r.pos + r.input.len() as u32, got.digest);
+            }
+            let want = p.tokens.get(r.step as usize).copied();
+            if Some(got.token) != want {
+                let last = self.hops.len() as u32 - 1;
+                return Err(self.hop_err(
+                    last,
+                    HopFault::ReplayDiffers {
+                        step: r.step,
+                        token: got.token,
+                        want: want.unwrap_or(-1),
+                        n_vocab,
+                    },
+                ));
+            }
+        }
+        on_replay(replayed, t0.elapsed());
+        Ok((vec![last], replayed as u32))
+    }
+
+    /// Ends the session at every hop.
+    pub(super) async fn close(mut self) {
         let _ = write_frame(&mut self.to_first, &ActFrame::Close, &[]).await;
         let _ = self.to_first.close().await;
-        out.timings.finish(
-            prompt.len(),
-            overheads_ms,
-            t_decode_start.map(|t| t.elapsed()),
-        );
-        ChainOutcome::Done(out)
     }
 
     /// One step: sends `input` at `pos` into hop 1 and waits for the token
-    /// (or a failure any hop reports). Returns the token and the compute
-    /// time the hops reported, microseconds.
-    async fn step(
+    /// (or a failure any hop reports).
+    pub(super) async fn step(
         &mut self,
         step: u64,
         pos: u32,
         input: &[i32],
         timeout: Duration,
-    ) -> Result<(i32, u64), AskError> {
+    ) -> Result<StepResult, AskError> {
         let last = self.hops.len() as u32 - 1;
         let header = StepHeader {
             step,
@@ -255,8 +434,8 @@ impl<'a> OpenChain<'a> {
         .map_err(|e| self.hop_err(0, HopFault::Stream(e)))?;
         let frame = tokio::select! {
             f = tokio::time::timeout(timeout, read_message::<_, TokenFrame>(&mut self.tokens)) => f,
-            Some((index, message)) = self.failures.recv() => {
-                return Err(self.hop_err(index, HopFault::Reported(message)));
+            Some((index, fault)) = self.failures.recv() => {
+                return Err(self.hop_err(index, fault));
             }
         };
         match frame {
@@ -264,16 +443,29 @@ impl<'a> OpenChain<'a> {
                 step: s,
                 token,
                 compute_us,
-            })) if s == step => Ok((token, compute_us)),
-            Ok(Ok(TokenFrame::Failed { message })) => {
-                Err(self.hop_err(last, HopFault::Reported(message)))
-            }
-            Ok(Ok(_)) => Err(self.hop_err(last, HopFault::UnexpectedFrame)),
-            // The token stream broke: a hop may have said why upstream.
-            Ok(Err(e)) => Err(match self.failures.try_recv() {
-                Ok((index, message)) => self.hop_err(index, HopFault::Reported(message)),
-                Err(_) => self.hop_err(last, HopFault::TokenStream(e)),
+                digest,
+            })) if s == step => Ok(StepResult {
+                token,
+                compute_us,
+                digest,
             }),
+            Ok(Ok(TokenFrame::Failed { message })) => Err(self.hop_err(
+                last,
+                HopFault::Reported {
+                    by: last,
+                    by_peer: self.peer(last),
+                    message,
+                },
+            )),
+            Ok(Ok(_)) => Err(self.hop_err(last, HopFault::UnexpectedFrame)),
+            // The token stream broke: a hop may have said why upstream
+            // (its report may be a moment behind, relayed hop by hop).
+            Ok(Err(e)) => Err(
+                match tokio::time::timeout(REPORT_GRACE, self.failures.recv()).await {
+                    Ok(Some((index, fault))) => self.hop_err(index, fault),
+                    _ => self.hop_err(last, HopFault::TokenStream(e)),
+                },
+            ),
             Err(_) => Err(AskError::StepTimeout { step, timeout }),
         }
     }
@@ -281,14 +473,41 @@ impl<'a> OpenChain<'a> {
     fn hop_err(&self, index: u32, fault: HopFault) -> AskError {
         hop_error(self.hops, index, fault)
     }
+
+    fn peer(&self, index: u32) -> String {
+        peer_at(self.hops, index)
+    }
+}
+
+fn peer_at(hops: &[HopSpec], index: u32) -> String {
+    hops.get(index as usize)
+        .map(|h| h.peer_id.clone())
+        .unwrap_or_default()
+}
+
+/// Who is to blame for a failure report that came up hop 1's stream: the
+/// hop it blames when it checks (see [`FailureReport::check`]), else
+/// hop 1, which relayed a report nobody can stand behind.
+fn judge(hops: &[HopSpec], session: u64, report: FailureReport) -> (u32, HopFault) {
+    match report.check(session, hops) {
+        Ok(()) => (
+            report.blamed,
+            HopFault::Reported {
+                by: report.reporter,
+                by_peer: peer_at(hops, report.reporter),
+                message: report.message,
+            },
+        ),
+        Err(e) => (0, HopFault::BadReport(e)),
+    }
 }
 
 /// How the chain's set-up failed, as seen on hop 1's stream.
 #[derive(Debug, thiserror::Error)]
 enum ChainSetup {
-    /// A hop answered `Failed`.
-    #[error("hop {index}: {message}")]
-    Failed { index: u32, message: String },
+    /// A hop answered `Failed` (not checked yet).
+    #[error("hop {}: {}", .0.blamed, .0.message)]
+    Failed(FailureReport),
     /// The stream broke.
     #[error(transparent)]
     Stream(FrameError),
@@ -309,10 +528,7 @@ fn setup_handshake(e: FrameError) -> Handshake<ChainSetup> {
 fn hop_error(hops: &[HopSpec], index: u32, fault: HopFault) -> AskError {
     AskError::Hop {
         index,
-        peer: hops
-            .get(index as usize)
-            .map(|h| h.peer_id.clone())
-            .unwrap_or_default(),
+        peer: peer_at(hops, index),
         fault,
     }
 }
@@ -353,19 +569,23 @@ async fn token_stream(
     None
 }
 
-/// Reads failures reported upstream on hop 1's stream, until it closes
-/// (reported as a failure of hop 0).
-fn watch_failures(mut r: futures::io::ReadHalf<Stream>) -> mpsc::Receiver<(u32, String)> {
+/// Reads failures reported upstream on hop 1's stream, each judged
+/// (see [`judge`]), until it closes (reported as a failure of hop 0).
+fn watch_failures(
+    mut r: futures::io::ReadHalf<Stream>,
+    hops: Vec<HopSpec>,
+    session: u64,
+) -> mpsc::Receiver<(u32, HopFault)> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
             match read_message::<_, ActReply>(&mut r).await {
-                Ok(ActReply::Failed { index, message, .. }) => {
-                    let _ = tx.send((index, message)).await;
+                Ok(ActReply::Failed(report)) => {
+                    let _ = tx.send(judge(&hops, session, report)).await;
                 }
                 Ok(ActReply::Ready) => {}
                 Err(e) => {
-                    let _ = tx.send((0, format!("stream closed: {e}"))).await;
+                    let _ = tx.send((0, HopFault::Stream(e))).await;
                     return;
                 }
             }

@@ -5,8 +5,9 @@
 //! is planned around and another is tried.
 
 mod chain;
+pub mod memory;
+pub mod verify;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use nakshatra_swarm::plan::{Chain, PlanError, PlanOptions};
@@ -20,15 +21,18 @@ use crate::engine::EngineError;
 use crate::net::FrameError;
 use crate::vocab::VocabError;
 
-use chain::{ChainOutcome, OpenChain};
+use chain::{ChainOutcome, OpenChain, Progress};
+use memory::PeerMemory;
 
-pub use chain::{CHAIN_READY_TIMEOUT, TOKEN_STREAM_TIMEOUT};
+pub use chain::{CHAIN_READY_TIMEOUT, REPLAY_CHUNK, TOKEN_STREAM_TIMEOUT};
 
 /// Pause before the next chain after one failed to start.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// Failures after which a hop is planned around (a single transport
-/// hiccup is retried as is).
-const FAILURES_TO_EXCLUDE: u32 = 2;
+/// How long each hop of a stalled chain gets to answer a probe before it
+/// counts as the hop that stalled.
+pub const STALL_PROBE: Duration = Duration::from_secs(2);
+/// How often a recovery with no replacement yet plans again.
+const RECOVER_POLL: Duration = Duration::from_secs(1);
 
 /// Errors of `node ask`, each a clear message for the user.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,9 @@ pub enum AskError {
     /// The vocabulary could not be had or did not verify.
     #[error(transparent)]
     Vocab(#[from] VocabError),
+    /// No verified manifest (the model's layer count comes from it).
+    #[error(transparent)]
+    Manifest(#[from] crate::fetch::ManifestError),
     /// The vocabulary does not load, or has no chat template.
     #[error(transparent)]
     Tokenizer(#[from] EngineError),
@@ -86,20 +93,84 @@ pub enum AskError {
         /// The step timeout.
         timeout: Duration,
     },
+    /// A step got no token in time, and these hops no longer answer.
+    #[error("step {step} got no token within {timeout:?}; silent: {}", if silent.is_empty() { "none (every hop still answers probes)".to_string() } else { silent.join(", ") })]
+    Stalled {
+        /// The step.
+        step: u64,
+        /// Its deadline.
+        timeout: Duration,
+        /// Peers of the chain that did not answer a probe.
+        silent: Vec<String>,
+    },
     /// The token stream could not be accepted.
     #[error("cannot accept token streams: {0}")]
     Accept(#[from] nakshatra_swarm::stream::AlreadyRegistered),
     /// The event loop stopped.
     #[error(transparent)]
     Stopped(#[from] nakshatra_swarm::Stopped),
+    /// `--verify` was asked for but the chain cannot be checked.
+    #[error("cannot verify: {0}")]
+    CannotVerify(String),
+    /// `--verify` found wrong results.
+    #[error("verification failed at step {step}: {finding}")]
+    Verify {
+        /// The step whose logits differed.
+        step: u64,
+        /// Who lied (and was banned), or why nobody could be named.
+        finding: String,
+    },
+}
+
+impl AskError {
+    /// Whether a chain that broke this way mid-answer can be repaired
+    /// (a hop was lost); a wrong result or a refusal to verify cannot.
+    pub fn recoverable(&self) -> bool {
+        match self {
+            AskError::Hop { .. } => true,
+            AskError::Stalled { silent, .. } => !silent.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// The peers a failure counts against: the hop blamed and, when a hop
+    /// blamed its next one (which it cannot prove), the reporter too, so
+    /// that a hop gains nothing by blaming an honest neighbour.
+    pub fn charged_peers(&self) -> Vec<PeerId> {
+        if let AskError::Stalled { silent, .. } = self {
+            return silent.iter().filter_map(|p| p.parse().ok()).collect();
+        }
+        let AskError::Hop { peer, fault, .. } = self else {
+            return Vec::new();
+        };
+        let mut peers = vec![peer.as_str()];
+        if let HopFault::Reported { by_peer, .. } = fault {
+            if by_peer != peer {
+                peers.push(by_peer);
+            }
+        }
+        peers.iter().filter_map(|p| p.parse().ok()).collect()
+    }
 }
 
 /// What went wrong at one hop.
 #[derive(Debug, thiserror::Error)]
 pub enum HopFault {
-    /// The hop (or the one it names) reported a failure.
-    #[error("{0}")]
-    Reported(String),
+    /// A hop reported a failure, in a report that checks: of its own, or
+    /// of its next hop (`by` is then the hop before).
+    #[error("{message} (reported by hop {by})")]
+    Reported {
+        /// Index of the hop that signed the report.
+        by: u32,
+        /// Its peer id (base58).
+        by_peer: String,
+        /// What it said.
+        message: String,
+    },
+    /// Hop 1 relayed a failure report that does not check (forged, or
+    /// blaming a hop its signer cannot see).
+    #[error("a failure report that does not check: {0}")]
+    BadReport(nakshatra_swarm::protocol::act::ReportError),
     /// The chain named a peer id that does not parse.
     #[error("bad peer id")]
     BadPeerId,
@@ -121,6 +192,19 @@ pub enum HopFault {
     /// The token stream sent something out of turn.
     #[error("unexpected token frame")]
     UnexpectedFrame,
+    /// A replay into a new chain sampled another token than the chain
+    /// that broke (a hop is not computing what the model computes).
+    #[error("replaying step {step} sampled token {token}, the answer so far has {want} (vocabulary of {n_vocab})")]
+    ReplayDiffers {
+        /// The step replayed.
+        step: u64,
+        /// What the replay sampled.
+        token: i32,
+        /// What the answer has there.
+        want: i32,
+        /// The vocabulary's size.
+        n_vocab: usize,
+    },
     /// The last hop sent a token id outside the vocabulary.
     #[error("token id {token} is outside the vocabulary (0..{n_vocab})")]
     BadToken {
@@ -158,6 +242,11 @@ pub struct AskOptions {
     pub step_timeout: Duration,
     /// Chains tried before giving up.
     pub attempts: u32,
+    /// Fraction of steps checked on a replica chain (`--verify`; 0: off).
+    pub verify: f64,
+    /// How long a chain that broke mid-answer waits for a replacement of
+    /// the lost blocks to appear (`--recover-wait`).
+    pub recover_wait: Duration,
 }
 
 /// One hop as reported.
@@ -184,6 +273,9 @@ pub struct AskTimings {
     pub decode_s: f64,
     /// Decode tokens per second.
     pub decode_tps: f64,
+    /// Median wall time of one decode step, milliseconds (what the asker
+    /// measures its chain by).
+    pub decode_step_median_ms: f64,
     /// Per-hop overhead of decode steps (wall time less the compute the
     /// hops report, over the hop count): median, milliseconds.
     pub hop_overhead_median_ms: f64,
@@ -195,7 +287,15 @@ pub struct AskTimings {
 
 impl AskTimings {
     /// Fills the rates and overhead percentiles from the raw measurements.
-    fn finish(&mut self, prompt: usize, mut overheads_ms: Vec<f64>, decode: Option<Duration>) {
+    fn finish(
+        &mut self,
+        prompt: usize,
+        mut overheads_ms: Vec<f64>,
+        mut steps_ms: Vec<f64>,
+        decode: Option<Duration>,
+    ) {
+        steps_ms.sort_by(|a, b| a.total_cmp(b));
+        self.decode_step_median_ms = steps_ms.get(steps_ms.len() / 2).copied().unwrap_or(0.0);
         self.prefill_tps = prompt as f64 / self.prefill_s.max(1e-9);
         self.decode_steps = overheads_ms.len();
         self.decode_s = decode.map(|d| d.as_secs_f64()).unwrap_or(0.0);
@@ -223,6 +323,10 @@ pub struct AskOutcome {
     pub model_id: String,
     /// Timings.
     pub timings: AskTimings,
+    /// What `--verify` checked (`null` without it).
+    pub verify: Option<verify::VerifyReport>,
+    /// Chains repaired mid-answer.
+    pub recoveries: Vec<Recovery>,
 }
 
 /// The `chain:` line printed before the first token.
@@ -240,6 +344,7 @@ pub async fn ask(
     opts: AskOptions,
     mut on_chain: impl FnMut(&[HopReport]),
     mut on_text: impl FnMut(&str),
+    mut on_recovery: impl FnMut(&Recovery),
 ) -> Result<AskOutcome, AskError> {
     let t_setup = Instant::now();
     let mut cfg = SwarmConfig::client();
@@ -251,12 +356,59 @@ pub async fn ask(
         swarm: &swarm,
         opts: &opts,
         t_setup,
+        memory: std::sync::Mutex::new(PeerMemory::load(&opts.data_dir.peer_memory())),
+        setup_s: std::sync::OnceLock::new(),
     }
-    .run(&mut on_chain, &mut on_text)
+    .run(&mut Events {
+        chain: &mut on_chain,
+        text: &mut on_text,
+        recovery: &mut on_recovery,
+    })
     .await;
     let _ = swarm.shutdown().await;
     let _ = task.await;
     r
+}
+
+/// What an ask reports as it goes.
+struct Events<'e> {
+    /// The chain, before its first step.
+    chain: &'e mut dyn FnMut(&[HopReport]),
+    /// Generated text, as it comes.
+    text: &'e mut dyn FnMut(&str),
+    /// A chain repaired mid-answer.
+    recovery: &'e mut dyn FnMut(&Recovery),
+}
+
+/// A chain that broke mid-answer and the one that took over.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovery {
+    /// The peer that was lost (base58).
+    pub lost: String,
+    /// The layers it ran, `[start, end)`.
+    pub range: [u32; 2],
+    /// The peers now running those layers.
+    pub replaced_by: Vec<String>,
+    /// Tokens replayed into the new chain (prompt and generated so far).
+    pub replayed_tokens: usize,
+    /// How long the replay took, seconds.
+    pub replay_s: f64,
+    /// From the failure to the answer going on again (detection not
+    /// included), seconds.
+    pub total_s: f64,
+}
+
+/// The `recovered:` line printed on stderr for a recovery.
+pub fn recovery_line(r: &Recovery) -> String {
+    format!(
+        "recovered: lost {} [{}..{}), replaced by {}, replayed {} tokens in {:.2} s",
+        r.lost,
+        r.range[0],
+        r.range[1],
+        r.replaced_by.join(", "),
+        r.replayed_tokens,
+        r.replay_s
+    )
 }
 
 /// One ask in progress.
@@ -264,6 +416,19 @@ struct Asker<'a> {
     swarm: &'a nakshatra_swarm::Client,
     opts: &'a AskOptions,
     t_setup: Instant,
+    /// Measured speeds and failures, from earlier asks and this one.
+    memory: std::sync::Mutex<PeerMemory>,
+    /// Seconds from the start to the first chain open.
+    setup_s: std::sync::OnceLock<f64>,
+}
+
+/// The peers `--verify` checks a chain with.
+struct VerifyPlan {
+    /// One per hop: same range, another peer.
+    replica: Vec<HopSpec>,
+    /// One more per hop where the swarm has it (to tell a liar from its
+    /// replica).
+    thirds: Vec<Option<HopSpec>>,
 }
 
 /// A chain planned and ready to open, with everything its run needs.
@@ -274,59 +439,162 @@ struct Planned {
     prompt: Vec<i32>,
     /// Tokens one session may hold on every hop.
     limit: u32,
+    /// Each hop's announced figure, to judge the chain by.
+    figures: Vec<memory::PlannedHop>,
+    /// The plan's seconds per token.
+    estimated: f64,
 }
 
 impl Asker<'_> {
-    /// Tries up to `attempts` chains, planning around hops that failed.
-    async fn run(
-        &self,
-        on_chain: &mut impl FnMut(&[HopReport]),
-        on_text: &mut impl FnMut(&str),
-    ) -> Result<AskOutcome, AskError> {
+    /// Tries up to `attempts` chains, planning around hops that failed
+    /// (each failure is remembered: see [`memory`]). A chain that breaks
+    /// after tokens were streamed is repaired: a new chain without the
+    /// lost peer is given the history so far and the answer goes on from
+    /// the step that broke.
+    async fn run(&self, ev: &mut Events<'_>) -> Result<AskOutcome, AskError> {
         let mut incoming = self
             .swarm
             .stream_control()
             .accept(StreamProtocol::new(TOKENS_PROTOCOL))?;
         self.swarm.wait_connected(self.opts.connect_wait).await?;
         let model_id = self.model_id().await?;
-        let mut exclude: Vec<PeerId> = Vec::new();
-        let mut failures: HashMap<PeerId, u32> = HashMap::new();
         let mut last_err = None;
-        for attempt in 0..self.opts.attempts.max(1) {
-            let planned = self.plan(&model_id, &mut exclude).await?;
-            let e = match self
-                .try_chain(&model_id, planned, &mut incoming, on_chain, on_text)
-                .await
-            {
-                ChainOutcome::Done(outcome) => return Ok(outcome),
-                ChainOutcome::Broken(e) => return Err(e),
-                ChainOutcome::NotStarted(e) => e,
+        let mut progress: Option<Progress> = None;
+        let mut lost: Option<Lost> = None;
+        let mut recoveries = Vec::new();
+        let mut failures = 0;
+        while failures < self.opts.attempts.max(1) {
+            let avoid: Vec<PeerId> = lost.iter().map(|l| l.peer).collect();
+            let planned = match &lost {
+                None => self.plan(&model_id, &avoid).await?,
+                Some(l) => self.plan_recovery(&model_id, &avoid, l).await?,
             };
-            tracing::warn!("attempt {} failed: {e}", attempt + 1);
-            if let AskError::Hop { peer, .. } = &e {
-                if let Ok(p) = peer.parse::<PeerId>() {
-                    let n = failures.entry(p).or_insert(0);
-                    *n += 1;
-                    if *n >= FAILURES_TO_EXCLUDE {
-                        exclude.push(p);
+            let p = progress.get_or_insert_with(|| Progress::new(planned.prompt.clone()));
+            let mut replay = None;
+            let outcome = self
+                .try_chain(&model_id, &planned, p, &mut incoming, ev, &mut |n, t| {
+                    replay = Some((n, t))
+                })
+                .await;
+            if let (Some(l), Some((n, t))) = (lost.take(), replay) {
+                let r = l.recovered(&planned.hops, n, t);
+                (ev.recovery)(&r);
+                recoveries.push(r);
+            }
+            let e = match outcome {
+                ChainOutcome::Done(report) => {
+                    let mut p = progress.take().unwrap_or_default();
+                    return Ok(self.outcome(&model_id, &planned, &mut p, report, recoveries));
+                }
+                ChainOutcome::Broken(e) => {
+                    let e = self.stalled(e, &planned.hops).await;
+                    self.charge(&e);
+                    match Lost::from(&e, &planned.hops) {
+                        Some(l) if e.recoverable() => {
+                            tracing::warn!("the chain broke mid-answer ({e}); repairing it");
+                            lost = Some(l);
+                            failures += 1;
+                            continue;
+                        }
+                        _ => return Err(e),
                     }
                 }
-            }
+                ChainOutcome::NotStarted(e) => e,
+            };
+            failures += 1;
+            tracing::warn!("attempt {failures} failed: {e}");
+            self.charge(&e);
             last_err = Some(e);
             tokio::time::sleep(RETRY_PAUSE).await;
         }
         Err(last_err.unwrap_or(AskError::EmptyChain))
     }
 
-    /// Opens the planned chain and runs it.
+    /// A step that timed out: which hops of `hops` no longer answer a
+    /// probe (a stalled or stopped process), so that the failure is
+    /// charged to them; other errors as they are.
+    async fn stalled(&self, e: AskError, hops: &[HopSpec]) -> AskError {
+        let AskError::StepTimeout { step, timeout } = e else {
+            return e;
+        };
+        let probes = hops.iter().map(|h| async move {
+            let peer: PeerId = h.peer_id.parse().ok()?;
+            let alive = tokio::time::timeout(STALL_PROBE, self.swarm.probe_rtt(peer))
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            (!alive).then(|| h.peer_id.clone())
+        });
+        let silent: Vec<String> = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        AskError::Stalled {
+            step,
+            timeout,
+            silent,
+        }
+    }
+
+    /// The answer, once a chain finished.
+    fn outcome(
+        &self,
+        model_id: &str,
+        planned: &Planned,
+        p: &mut Progress,
+        verify: Option<verify::VerifyReport>,
+        recoveries: Vec<Recovery>,
+    ) -> AskOutcome {
+        p.finish_timings();
+        self.judge(planned, &p.timings);
+        let mut timings = p.timings.clone();
+        timings.setup_s = self.setup_s.get().copied().unwrap_or(0.0);
+        AskOutcome {
+            text: std::mem::take(&mut p.text),
+            tokens: std::mem::take(&mut p.tokens),
+            chain: planned.report.clone(),
+            model_id: model_id.to_string(),
+            timings,
+            verify,
+            recoveries,
+        }
+    }
+
+    /// Counts a failure against the peers it names, and remembers it.
+    fn charge(&self, e: &AskError) {
+        let peers = e.charged_peers();
+        if peers.is_empty() {
+            return;
+        }
+        let mut m = self.memory();
+        for p in &peers {
+            m.failed(p);
+        }
+        if let Err(e) = m.save() {
+            tracing::warn!("cannot save the peer memory: {e}");
+        }
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, PeerMemory> {
+        self.memory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Opens the planned chain and runs it from where `p` stands
+    /// (checked on a replica with `--verify`). `on_replay` hears of a
+    /// resumed run's replay.
     async fn try_chain(
         &self,
         model_id: &str,
-        planned: Planned,
+        planned: &Planned,
+        p: &mut Progress,
         incoming: &mut nakshatra_swarm::stream::IncomingStreams,
-        on_chain: &mut impl FnMut(&[HopReport]),
-        on_text: &mut impl FnMut(&str),
-    ) -> ChainOutcome<AskOutcome> {
+        ev: &mut Events<'_>,
+        on_replay: &mut dyn FnMut(usize, Duration),
+    ) -> ChainOutcome<Option<verify::VerifyReport>> {
         let open = OpenSession {
             session: rand::random(),
             model_id: model_id.to_string(),
@@ -336,26 +604,143 @@ impl Asker<'_> {
             wire: self.opts.wire,
             asker: self.swarm.peer_id().to_string(),
         };
-        let chain = match OpenChain::open(self.swarm, incoming, open, &planned.hops).await {
+        let check = match self.verify_plan(model_id, &planned.hops).await {
             Ok(c) => c,
-            Err(e) => return ChainOutcome::NotStarted(e),
+            Err(e) => return ChainOutcome::Broken(e),
         };
-        let setup_s = self.t_setup.elapsed().as_secs_f64();
-        on_chain(&planned.report);
-        let p = &planned;
-        chain
-            .run(&p.prompt, &p.tokenizer, p.limit, self.opts, on_text)
+        let chain = match OpenChain::open(self.swarm, incoming, open.clone(), &planned.hops).await {
+            Ok(c) => c,
+            Err(e) if p.tokens.is_empty() => return ChainOutcome::NotStarted(e),
+            Err(e) => return ChainOutcome::Broken(e),
+        };
+        let _ = self.setup_s.set(self.t_setup.elapsed().as_secs_f64());
+        (ev.chain)(&planned.report);
+        let (limit, tok) = (planned.limit, &planned.tokenizer);
+        let Some(c) = &check else {
+            let r = chain
+                .run(p, tok, limit, self.opts, ev.text, on_replay, None)
+                .await;
+            return r.map(|()| None);
+        };
+        let mut ro = open.clone();
+        ro.session = rand::random();
+        ro.hops = c.replica.clone();
+        let replica = match OpenChain::open(self.swarm, incoming, ro, &c.replica).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = AskError::CannotVerify(format!("the replica chain: {e}"));
+                return ChainOutcome::Broken(e);
+            }
+        };
+        let names = c.replica.iter().map(|h| h.peer_id.clone()).collect();
+        let (tap, rx, stop) = verify::tap();
+        let main = chain.run(p, tok, limit, self.opts, ev.text, on_replay, Some(tap));
+        let timeout = self.opts.step_timeout;
+        let checked = verify::check(replica, names, self.opts.verify, rx, stop, timeout);
+        let (outcome, checked) = tokio::join!(main, checked);
+        match checked {
+            verify::Checked::Equal(report) => outcome.map(|()| Some(report)),
+            verify::Checked::Failed(e) => ChainOutcome::Broken(AskError::CannotVerify(format!(
+                "the replica chain failed: {e}"
+            ))),
+            verify::Checked::Differs(m) => {
+                ChainOutcome::Broken(self.mismatch(incoming, &open, planned, c, &m).await)
+            }
+        }
+    }
+
+    /// A step the replica disagreed with: names and bans the liar if the
+    /// replays show one.
+    async fn mismatch(
+        &self,
+        incoming: &mut nakshatra_swarm::stream::IncomingStreams,
+        open: &OpenSession,
+        planned: &Planned,
+        c: &VerifyPlan,
+        m: &verify::Mismatch,
+    ) -> AskError {
+        let culprit = self
+            .blame(incoming, open, &planned.hops, &c.replica, &c.thirds, m)
+            .await;
+        let (liar, finding) = verify::finding(culprit, &planned.hops, &c.replica);
+        if let Some(peer) = liar {
+            let mut mem = self.memory();
+            mem.ban(&peer);
+            if let Err(e) = mem.save() {
+                tracing::warn!("cannot save the peer memory: {e}");
+            }
+        }
+        AskError::Verify {
+            step: m.step,
+            finding,
+        }
+    }
+
+    /// With `--verify`: a replica for every hop, and a spare for each
+    /// position (to tell a liar from its replica).
+    async fn verify_plan(
+        &self,
+        model_id: &str,
+        hops: &[HopSpec],
+    ) -> Result<Option<VerifyPlan>, AskError> {
+        if self.opts.verify <= 0.0 {
+            return Ok(None);
+        }
+        let view = self
+            .swarm
+            .model_view(model_id)
             .await
-            .map(|mut g| {
-                g.timings.setup_s = setup_s;
-                AskOutcome {
-                    text: g.text,
-                    tokens: g.tokens,
-                    chain: planned.report.clone(),
-                    model_id: model_id.to_string(),
-                    timings: g.timings,
-                }
+            .map_err(|e| AskError::CannotVerify(e.to_string()))?;
+        let (banned, measured) = {
+            let m = self.memory();
+            (m.banned(), m.measured())
+        };
+        let secs = |p: &nakshatra_swarm::PeerView| {
+            measured
+                .get(&p.peer_id)
+                .copied()
+                .unwrap_or(1.0 / p.throughput.max(1e-9))
+        };
+        let replica =
+            verify::replicas(&view.peers, hops, &banned, secs).map_err(AskError::CannotVerify)?;
+        let mut taken = banned.clone();
+        taken.extend(
+            replica
+                .iter()
+                .filter_map(|h| h.peer_id.parse::<PeerId>().ok()),
+        );
+        let thirds = hops
+            .iter()
+            .map(|h| {
+                verify::replicas(&view.peers, std::slice::from_ref(h), &taken, secs)
+                    .ok()
+                    .and_then(|mut v| v.pop())
             })
+            .collect();
+        Ok(Some(VerifyPlan { replica, thirds }))
+    }
+
+    /// Measures the chain against its plan and remembers what it learnt.
+    fn judge(&self, planned: &Planned, t: &AskTimings) {
+        let step = t.decode_step_median_ms / 1e3;
+        let mut m = self.memory();
+        let verdict = m.judge(&planned.figures, planned.estimated, step, t.decode_steps);
+        if let memory::Verdict::UnderDelivered {
+            measured,
+            estimated,
+        } = verdict
+        {
+            tracing::warn!(
+                "the chain took {:.1} ms per token, planned {:.1} ms: its hops are marked slower for later asks",
+                measured * 1e3,
+                estimated * 1e3
+            );
+        }
+        if verdict != memory::Verdict::TooShort {
+            if let Err(e) = m.save() {
+                tracing::warn!("cannot save the peer memory: {e}");
+            }
+        }
     }
 
     /// The model asked for, or the only one the swarm serves.
@@ -377,8 +762,8 @@ impl Asker<'_> {
     /// are the only way through), then gets the vocabulary from its hops
     /// and tokenizes the prompt. A chain with a hop whose context cannot
     /// hold the prompt is planned again around such hops.
-    async fn plan(&self, model_id: &str, exclude: &mut Vec<PeerId>) -> Result<Planned, AskError> {
-        let mut chain = self.plan_around(model_id, exclude, 0).await?;
+    async fn plan(&self, model_id: &str, avoid: &[PeerId]) -> Result<Planned, AskError> {
+        let mut chain = self.plan_around(model_id, 0, avoid).await?;
         // The vocabulary: from the last hop first, then the chain's other
         // hops, then anyone else serving the model (a hop may refuse).
         let mut peers: Vec<PeerId> = chain.hops.iter().rev().map(|h| h.peer_id).collect();
@@ -401,7 +786,7 @@ impl Asker<'_> {
         if prompt.len() > context_limit(&chain) as usize {
             let tokens = prompt.len();
             let needed = u32::try_from(tokens).unwrap_or(u32::MAX);
-            match self.plan_around(model_id, exclude, needed).await {
+            match self.plan_around(model_id, needed, avoid).await {
                 Ok(c) => {
                     tracing::info!(
                         "planned around hops whose context cannot hold the {tokens}-token prompt"
@@ -424,42 +809,125 @@ impl Asker<'_> {
                 range: [h.start, h.end],
             })
             .collect();
+        let figures = chain
+            .hops
+            .iter()
+            .map(|h| memory::PlannedHop {
+                peer: h.peer_id,
+                announced_secs: 1.0 / h.throughput,
+            })
+            .collect();
         Ok(Planned {
             hops,
             report,
             tokenizer,
             prompt,
             limit: context_limit(&chain),
+            figures,
+            estimated: chain.est_secs_per_token,
         })
     }
 
-    /// The fastest chain whose hops each hold `min_context` tokens, without
-    /// the `exclude`d peers unless they are the only way through.
+    /// The fastest chain whose hops each hold `min_context` tokens, by the
+    /// figures this node measured where it has them (announced ones
+    /// elsewhere), going round peers that failed lately.
     async fn plan_around(
         &self,
         model_id: &str,
-        exclude: &mut Vec<PeerId>,
         min_context: u32,
+        avoid: &[PeerId],
     ) -> Result<Chain, AskError> {
-        let plan_opts = PlanOptions {
-            exclude: exclude.iter().copied().collect(),
-            min_context,
-            ..PlanOptions::default()
-        };
-        match self.swarm.plan(model_id, &plan_opts).await {
-            Ok(c) => Ok(c),
-            // Planning around the hops that failed leaves a gap: they are
-            // the only way through, so they get another chance.
-            Err(e) if !exclude.is_empty() => {
-                tracing::warn!("no chain without the peers that failed ({e}); trying them again");
-                exclude.clear();
-                let opts = PlanOptions {
-                    min_context,
-                    ..PlanOptions::default()
-                };
-                Ok(self.swarm.plan(model_id, &opts).await?)
+        // The layer count and architecture come from the verified manifest
+        // (cached after the first time), never from a vote of announcers.
+        let shape = crate::fetch::model_shape(self.swarm, model_id, &self.opts.data_dir).await?;
+        let plan_opts = {
+            let m = self.memory();
+            PlanOptions {
+                min_context,
+                shape: Some(shape),
+                measured: m.measured(),
+                penalty: m.penalty(),
+                exclude: m
+                    .banned()
+                    .into_iter()
+                    .chain(avoid.iter().copied())
+                    .collect(),
+                ..PlanOptions::default()
             }
-            Err(e) => Err(e.into()),
+        };
+        Ok(self.swarm.plan(model_id, &plan_opts).await?)
+    }
+}
+
+impl Asker<'_> {
+    /// A chain without the peer that was `lost` (and the other `avoid`ed
+    /// ones): at once if the swarm has one, else as soon as one appears,
+    /// for up to `--recover-wait`; then the planner's error, naming the
+    /// blocks nobody else serves.
+    async fn plan_recovery(
+        &self,
+        model_id: &str,
+        avoid: &[PeerId],
+        lost: &Lost,
+    ) -> Result<Planned, AskError> {
+        let deadline = Instant::now() + self.opts.recover_wait;
+        loop {
+            match self.plan(model_id, avoid).await {
+                Err(AskError::Plan(e)) if Instant::now() < deadline => {
+                    tracing::warn!(
+                        "no replacement for {} [{}..{}) yet ({e}); waiting",
+                        lost.peer,
+                        lost.range[0],
+                        lost.range[1]
+                    );
+                    tokio::time::sleep(RECOVER_POLL).await;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// The peer a broken chain lost.
+struct Lost {
+    peer: PeerId,
+    /// Its layers in the chain.
+    range: [u32; 2],
+    /// When the loss was seen.
+    at: Instant,
+}
+
+impl Lost {
+    /// The peer `e` names (the hop blamed, or the first that went silent),
+    /// and its range in `hops`.
+    fn from(e: &AskError, hops: &[HopSpec]) -> Option<Lost> {
+        let name = match e {
+            AskError::Hop { peer, .. } => peer.clone(),
+            AskError::Stalled { silent, .. } => silent.first()?.clone(),
+            _ => return None,
+        };
+        let hop = hops.iter().find(|h| h.peer_id == name)?;
+        Some(Lost {
+            peer: name.parse().ok()?,
+            range: [hop.start, hop.end],
+            at: Instant::now(),
+        })
+    }
+
+    /// The recovery, now that the chain `hops` replayed `n` tokens in
+    /// `replay`.
+    fn recovered(&self, hops: &[HopSpec], n: usize, replay: Duration) -> Recovery {
+        Recovery {
+            lost: self.peer.to_string(),
+            range: self.range,
+            replaced_by: hops
+                .iter()
+                .filter(|h| h.start < self.range[1] && h.end > self.range[0])
+                .map(|h| format!("{} [{}..{})", h.peer_id, h.start, h.end))
+                .collect(),
+            replayed_tokens: n,
+            replay_s: replay.as_secs_f64(),
+            total_s: self.at.elapsed().as_secs_f64(),
         }
     }
 }

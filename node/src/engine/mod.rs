@@ -193,6 +193,18 @@ pub enum StepOutput {
     Logits(Vec<f32>),
 }
 
+/// BLAKE3 of a logits row as little-endian f32 bytes: equal on two hosts
+/// exactly when the logits are bit for bit the same (what `--verify`
+/// compares).
+pub fn logits_digest(logits: &[f32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for chunk in logits.chunks(4096) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+        h.update(&bytes);
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Handle of a session inside one [`SliceEngine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
@@ -688,20 +700,55 @@ impl SliceEngine {
     }
 }
 
-/// A llama.cpp sampler chain for one session.
-pub struct Sampler(RawSampler);
+/// A session's sampling: greedy when `temperature <= 0`; otherwise top-k,
+/// top-p, temperature and a draw seeded per step.
+///
+/// The draw of step `s` is seeded with [`step_seed`]`(seed, s)`, not taken
+/// from one generator running through the session, so a step's token
+/// depends only on its logits, the spec and its step number: a session
+/// resumed on another last hop (or replayed) draws exactly what it would
+/// have drawn.
+pub struct Sampler {
+    spec: SamplerSpec,
+    /// The one chain, when greedy (it keeps no state between steps).
+    greedy: Option<RawSampler>,
+}
 
 impl Sampler {
-    /// Greedy when `temperature <= 0`; otherwise top-k, top-p, temperature
-    /// and a seeded draw.
+    /// A sampler for `spec` (its chain is built once here, so a spec
+    /// llama.cpp refuses fails now, not at the first token).
     pub fn new(spec: &SamplerSpec) -> Result<Self, EngineError> {
-        RawSampler::new(spec).map(Self).ok_or(EngineError::Sampling)
+        let chain = RawSampler::new(spec).ok_or(EngineError::Sampling)?;
+        Ok(Self {
+            spec: *spec,
+            greedy: (spec.temperature <= 0.0).then_some(chain),
+        })
     }
 
-    /// Picks the next token from one row of logits.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<i32, EngineError> {
-        self.0.sample(logits).ok_or(EngineError::Sampling)
+    /// Picks the token of step `step` from one row of logits.
+    pub fn sample(&mut self, logits: &[f32], step: u64) -> Result<i32, EngineError> {
+        if let Some(g) = &mut self.greedy {
+            return g.sample(logits).ok_or(EngineError::Sampling);
+        }
+        let spec = SamplerSpec {
+            seed: step_seed(self.spec.seed, step),
+            ..self.spec
+        };
+        RawSampler::new(&spec)
+            .and_then(|mut s| s.sample(logits))
+            .ok_or(EngineError::Sampling)
     }
+}
+
+/// The seed of step `step`'s draw in a session seeded with `seed`
+/// (splitmix64 of both, folded to 32 bits).
+pub fn step_seed(seed: u32, step: u64) -> u32 {
+    let mut z =
+        (u64::from(seed) << 32 | u64::from(seed)) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z ^ (z >> 32)) as u32
 }
 
 impl std::fmt::Debug for Sampler {

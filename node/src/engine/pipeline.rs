@@ -215,7 +215,7 @@ pub fn generate(
     out.prefill = t0.elapsed();
     let t1 = Instant::now();
     loop {
-        let tok = sampler.sample(&logits)?;
+        let tok = sampler.sample(&logits, out.tokens.len() as u64)?;
         if params.keep_logits {
             out.logits.push(std::mem::take(&mut logits));
         }

@@ -1,8 +1,21 @@
 //! The manifest of a model fetched from peers: taken from the data dir's
 //! cache when it verifies there, else from the first peer whose signed
-//! manifest reproduces the model id together with the vocabulary.
+//! manifest reproduces the model id together with the vocabulary. Peers
+//! are asked side by side ([`MANIFEST_HEDGE`], [`MANIFEST_PARALLEL`]) and a
+//! peer silent for [`MANIFEST_FIRST_BYTE`] is given up, so peers that
+//! never answer do not add their timeouts one after another.
+//!
+//! The verified manifest is also where a node learns the model's shape
+//! ([`model_shape`]): its layer count and architecture, which the swarm
+//! view and the planner take from here rather than from a vote of
+//! announcers.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::AsyncWriteExt;
+use nakshatra_swarm::{ModelShape, Reopen, StreamProtocol};
 
 use nakshatra_slicer::{Manifest, SliceError};
 use nakshatra_swarm::protocol::fetch::{
@@ -13,11 +26,24 @@ use nakshatra_swarm::protocol::RecordError;
 use nakshatra_swarm::PeerId;
 
 use crate::datadir::{write_atomic, DataDir};
-use crate::net::{Refusal, RequestError};
+use crate::net::{handshake, read_frame, write_frame, Refusal, RequestError};
 use crate::vocab::VocabError;
 
 /// How long a peer may take to answer a manifest request.
 pub const MANIFEST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Without a verified manifest this long after the last request went
+/// out, the next peer is asked as well (an honest peer answers in
+/// milliseconds; a silent one no longer holds the others up).
+pub const MANIFEST_HEDGE: Duration = Duration::from_millis(500);
+/// Manifest requests in flight at once at most (each answer may be up to
+/// `MAX_MANIFEST_BYTES`, so this bounds the memory a fetch of the
+/// manifest can take: 64 MiB).
+pub const MANIFEST_PARALLEL: usize = 4;
+/// A peer that has sent no byte of its answer this long after the request
+/// started (connecting included) is given up, freeing its place for the
+/// next peer: an honest one answers a manifest request in milliseconds,
+/// so a silent peer costs this, not [`MANIFEST_REQUEST_TIMEOUT`].
+pub const MANIFEST_FIRST_BYTE: Duration = Duration::from_secs(3);
 
 /// Why one peer's manifest was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +51,9 @@ pub enum PeerManifestError {
     /// The request failed.
     #[error(transparent)]
     Request(#[from] RequestError),
+    /// Not a byte of an answer in time.
+    #[error("no answer within {0:?}")]
+    Silent(Duration),
     /// The peer does not serve this model.
     #[error("has no manifest for this model")]
     NotHere,
@@ -100,16 +129,47 @@ pub async fn manifest_and_vocab(
         }
         tracing::warn!("cached manifest of {model_id} does not verify; fetching it again");
     }
+    // Ask one peer; another after every failure, or when no answer came
+    // within MANIFEST_HEDGE; at most MANIFEST_PARALLEL at once.
     let mut last = None;
-    for &peer in peers {
-        match from_peer(swarm, peer, model_id, &vocab).await {
-            Ok(m) => {
+    let mut waiting = peers.iter().copied();
+    let mut asked = FuturesUnordered::new();
+    let ask = |peer: PeerId| {
+        let vocab = &vocab;
+        async move { (peer, from_peer(swarm, peer, model_id, vocab).await) }
+    };
+    loop {
+        if asked.len() < MANIFEST_PARALLEL {
+            if let Some(peer) = waiting.next() {
+                asked.push(ask(peer));
+            }
+        }
+        if asked.is_empty() {
+            break;
+        }
+        let answer = match tokio::time::timeout(MANIFEST_HEDGE, asked.next()).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => break,
+            // Nothing yet: the next peer is asked too.
+            Err(_) => continue,
+        };
+        match answer {
+            (_, Ok(m)) => {
+                drop(asked);
                 let bytes = nakshatra_swarm::protocol::encode(&m).map_err(ManifestError::Encode)?;
                 write_atomic(&mpath, &bytes).map_err(cache_err(&mpath))?;
                 return Ok((m, vocab));
             }
-            Err(source) => {
-                tracing::warn!(%peer, "manifest refused: {source}");
+            (peer, Err(source)) => {
+                match &source {
+                    // A peer that cannot be reached or says nothing.
+                    PeerManifestError::Request(_)
+                    | PeerManifestError::Silent(_)
+                    | PeerManifestError::NotHere => {
+                        tracing::debug!(%peer, "no manifest: {source}")
+                    }
+                    _ => tracing::warn!(%peer, "manifest refused: {source}"),
+                }
                 last = Some((peer, source));
             }
         }
@@ -124,7 +184,37 @@ pub async fn manifest_and_vocab(
     })
 }
 
-/// One peer's manifest, signature and content verified.
+/// The shape a verified manifest gives a model (what the swarm view and
+/// the planner hold announcements to).
+pub fn shape_of(m: &Manifest) -> ModelShape {
+    ModelShape {
+        n_layers: m.n_layers,
+        arch: m.arch.clone(),
+    }
+}
+
+/// The shape of `model_id` from its verified manifest: the data dir's
+/// cache when it verifies there (no network), else the vocabulary and
+/// manifest from the model's servers, verified against the model id and
+/// cached ([`manifest_and_vocab`]). This is what `node ask` plans with:
+/// the layer count is never taken from what announcers claim.
+pub async fn model_shape(
+    swarm: &nakshatra_swarm::Client,
+    model_id: &str,
+    data_dir: &DataDir,
+) -> Result<ModelShape, ManifestError> {
+    // The cache first: no lookup when it is there.
+    if let Ok((m, _)) = manifest_and_vocab(swarm, &[], model_id, data_dir).await {
+        return Ok(shape_of(&m));
+    }
+    let peers = swarm.model_peers(model_id).await.unwrap_or_default();
+    let (m, _) = manifest_and_vocab(swarm, &peers, model_id, data_dir).await?;
+    Ok(shape_of(&m))
+}
+
+/// One peer's manifest, signature and content verified. Given up when
+/// the peer sends no byte within [`MANIFEST_FIRST_BYTE`], or the whole
+/// exchange takes over [`MANIFEST_REQUEST_TIMEOUT`].
 async fn from_peer(
     swarm: &nakshatra_swarm::Client,
     peer: PeerId,
@@ -134,15 +224,39 @@ async fn from_peer(
     let req = ManifestRequest {
         model_id: model_id.to_string(),
     };
-    let (resp, payload): (ManifestResponse, Vec<u8>) = crate::net::request(
-        swarm,
+    let meter = Arc::new(super::Meter::new(Instant::now()));
+    let exchange = swarm.open_stream_with(
         peer,
-        MANIFEST_PROTOCOL,
-        &req,
-        MAX_MANIFEST_BYTES,
-        MANIFEST_REQUEST_TIMEOUT,
-    )
-    .await?;
+        StreamProtocol::new(MANIFEST_PROTOCOL),
+        Reopen::DEFAULT,
+        |s| {
+            let (req, meter) = (&req, meter.clone());
+            async move {
+                let mut s = super::Metered::new(s, meter);
+                write_frame(&mut s, req, &[]).await.map_err(handshake)?;
+                let answer: (ManifestResponse, Vec<u8>) = read_frame(&mut s, MAX_MANIFEST_BYTES)
+                    .await
+                    .map_err(handshake)?;
+                let _ = s.close().await;
+                Ok(answer)
+            }
+        },
+    );
+    let exchange = tokio::time::timeout(MANIFEST_REQUEST_TIMEOUT, exchange);
+    tokio::pin!(exchange);
+    let answer = tokio::select! {
+        a = &mut exchange => a,
+        () = tokio::time::sleep(MANIFEST_FIRST_BYTE) => {
+            if meter.bytes() == 0 {
+                return Err(PeerManifestError::Silent(MANIFEST_FIRST_BYTE));
+            }
+            // It is answering: let it finish.
+            exchange.await
+        }
+    };
+    let (resp, payload) = answer
+        .map_err(|_| RequestError::Timeout(MANIFEST_REQUEST_TIMEOUT))?
+        .map_err(RequestError::from)?;
     if resp != ManifestResponse::Manifest {
         return Err(PeerManifestError::NotHere);
     }

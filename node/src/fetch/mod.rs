@@ -3,15 +3,26 @@
 //! fetches its pieces from several peers in parallel, verified against the
 //! manifest, resumable, written atomically.
 //!
+//! Peers are tried side by side, never one after another: every source
+//! gets its streams at once (a dead or silent one costs its own timeouts,
+//! in parallel with the others' work), a piece whose source stalls or
+//! crawls is raced on another peer within seconds, and the last pieces in
+//! flight are raced on idle peers (endgame). The first verified copy of a
+//! piece is published; the others are cancelled and their files removed
+//! (see `scheduler` for the thresholds).
+//!
 //! One file per job:
 //! * [`server`]: `/nakshatra/manifest/1` and `/nakshatra/piece/1`, served
 //!   from the mapped GGUF files ([`PieceStore`]).
-//! * [`manifest`]: the verified manifest (cached, else from peers).
-//! * `scheduler`: which piece goes to which peer next, who lacks what,
-//!   who served bad bytes, progress; shared by every stream.
-//! * `worker`: one stream to one peer, requests pipelined across pieces.
-//! * `writer`: one piece's bytes on a blocking thread: hash, write
-//!   `.part`, verify, publish as `.bin`.
+//! * [`manifest`]: the verified manifest (cached, else raced across
+//!   peers).
+//! * `scheduler`: which piece goes to which peer next (and when a piece is
+//!   raced), who lacks what, who served bad bytes, how fast each stream
+//!   goes, progress; shared by every stream.
+//! * `worker`: one stream to one peer, requests pipelined across pieces,
+//!   bytes counted as they arrive.
+//! * `writer`: one attempt's bytes: hash, write `.part` (or a race file),
+//!   verify, publish as `.bin` if first.
 //!
 //! Files live in the data dir's [`crate::datadir::PieceDir`]; pieces
 //! become a slice with `nakshatra_slicer::write_slice_from_pieces`, which
@@ -24,18 +35,23 @@ mod worker;
 mod writer;
 
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use futures::{AsyncRead, AsyncWrite};
 
 use nakshatra_slicer::{Manifest, PieceId, SliceError};
 use nakshatra_swarm::PeerId;
 
 use crate::datadir::PieceDir;
 
-pub use manifest::{manifest_and_vocab, ManifestError};
+pub use manifest::{manifest_and_vocab, model_shape, shape_of, ManifestError};
+pub use scheduler::{MAX_HEALTHY_ATTEMPTS, RATE_WINDOW, SLOW_FACTOR, STALL_TIMEOUT, WATCH_TICK};
 pub use server::{spawn_piece_servers, PieceStore};
 
-use scheduler::Scheduler;
+use scheduler::{Meter, Scheduler};
 
 /// Bytes asked for per piece request.
 pub const CHUNK: u64 = 2 * 1024 * 1024;
@@ -145,6 +161,14 @@ pub struct FetchStats {
     pub seconds: f64,
     /// Peers that served at least one verified piece.
     pub sources: usize,
+    /// Times a piece was given to another stream because every stream
+    /// fetching it stalled or crawled ([`STALL_TIMEOUT`], [`SLOW_FACTOR`]).
+    pub raced_pieces: u32,
+    /// Times an idle stream took a duplicate of a piece in flight at the
+    /// end of the fetch (endgame).
+    pub endgame_pieces: u32,
+    /// Peers whose streams were found stalled or crawling (base58).
+    pub slow_peers: Vec<String>,
 }
 
 impl FetchStats {
@@ -154,11 +178,14 @@ impl FetchStats {
     }
 }
 
-/// Fetches every piece of `pieces` into `dir` from `peers` (several in
-/// parallel, [`STREAMS_PER_PEER`] streams each), verifying each; pieces
-/// already verified on disk are kept, partial ones resumed. A local I/O
-/// error (a full disk) stops everything at once; a peer that serves bad
-/// bytes gets no more requests.
+/// Fetches every piece of `pieces` into `dir` from `peers` (all at once,
+/// [`STREAMS_PER_PEER`] streams each), verifying each; pieces already
+/// verified on disk are kept, partial ones resumed. Pieces whose sources
+/// stall or crawl, and the last ones in flight, are raced across peers
+/// (first verified copy wins). A local I/O error (a full disk) stops
+/// everything at once; a peer that serves bad bytes gets no more
+/// requests. Returns once every stream and writer has stopped, with no
+/// race file left in `dir`.
 pub async fn fetch_pieces(
     swarm: &nakshatra_swarm::Client,
     peers: &[PeerId],
@@ -171,6 +198,8 @@ pub async fn fetch_pieces(
         source,
     };
     std::fs::create_dir_all(dir.path()).map_err(io)?;
+    // Race files of a run that was killed are never resumed.
+    writer::remove_race_files(dir);
     let t0 = Instant::now();
     let (queue, stats, total) = pieces_to_fetch(manifest, pieces, dir).await?;
     let n_jobs = queue.len();
@@ -182,30 +211,124 @@ pub async fn fetch_pieces(
     }
     let sched = Scheduler::new(queue, stats);
     let ticker = tokio::spawn(show_progress(sched.clone(), total, n_jobs));
-    // Connect to every source once before opening streams in parallel
-    // (simultaneous first dials to one peer can race each other).
-    futures::future::join_all(peers.iter().map(|p| swarm.probe_rtt(*p))).await;
+    let watchdog = tokio::spawn(watch(sched.clone()));
     let pool = writer::BufPool::default();
-    let workers: Vec<_> = peers
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(*p, STREAMS_PER_PEER))
-        .map(|peer| {
-            let w = worker::Worker {
-                swarm: swarm.clone(),
-                peer,
-                sched: sched.clone(),
-                manifest: manifest.clone(),
-                dir: dir.clone(),
-                pool: pool.clone(),
-            };
-            tokio::spawn(w.run())
-        })
-        .collect();
-    for w in workers {
-        let _ = w.await;
+    let mut workers = tokio::task::JoinSet::new();
+    for &peer in peers {
+        let ws: Vec<worker::Worker> = (0..STREAMS_PER_PEER)
+            .map(|_| {
+                let (id, meter) = sched.add_worker(peer);
+                worker::Worker {
+                    swarm: swarm.clone(),
+                    peer,
+                    sched: sched.clone(),
+                    manifest: manifest.clone(),
+                    dir: dir.clone(),
+                    pool: pool.clone(),
+                    id,
+                    meter,
+                }
+            })
+            .collect();
+        let swarm = swarm.clone();
+        workers.spawn(async move {
+            // Connect once before opening streams in parallel (simultaneous
+            // first dials to one peer can race each other); peers do not
+            // wait for each other.
+            let _ = swarm.probe_rtt(peer).await;
+            futures::future::join_all(ws.into_iter().map(worker::Worker::run)).await;
+        });
     }
+    // Until every worker stopped, or every piece is in (streams still
+    // waiting on a stalled peer are then dropped).
+    loop {
+        let changed = sched.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if sched.is_complete() {
+            break;
+        }
+        tokio::select! {
+            r = workers.join_next() => if r.is_none() { break },
+            _ = changed => {}
+        }
+    }
+    workers.abort_all();
+    while workers.join_next().await.is_some() {}
+    // Each writer ends its attempt once its worker is gone.
+    sched.writers_done().await;
     ticker.abort();
-    sched.finish(n_jobs, t0.elapsed())
+    watchdog.abort();
+    writer::remove_race_files(dir);
+    let stats = sched.finish(t0.elapsed())?;
+    if !stats.slow_peers.is_empty() {
+        tracing::info!(
+            "{} piece(s) raced away from stalled or crawling peers ({}), {} raced at the end (first verified copy kept)",
+            stats.raced_pieces,
+            if stats.slow_peers.is_empty() {
+                "none".to_string()
+            } else {
+                stats.slow_peers.join(", ")
+            },
+            stats.endgame_pieces
+        );
+    }
+    Ok(stats)
+}
+
+/// The watchdog: [`Scheduler::watch`] every [`WATCH_TICK`] until aborted.
+async fn watch(sched: Arc<Scheduler>) {
+    loop {
+        tokio::time::sleep(WATCH_TICK).await;
+        sched.watch();
+    }
+}
+
+/// A stream whose reads are counted on a [`Meter`] (the piece workers'
+/// rates, the manifest requests' first byte).
+struct Metered<S> {
+    inner: S,
+    meter: Arc<Meter>,
+}
+
+impl<S> Metered<S> {
+    fn new(inner: S, meter: Arc<Meter>) -> Self {
+        Self { inner, meter }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.meter.add(*n);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
 }
 
 /// Splits `pieces` into those already verified on disk (counted as

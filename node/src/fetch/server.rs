@@ -66,7 +66,7 @@ pub struct PieceStore {
     /// Mapped files holding pieces (the full model, or a slice and its
     /// sidecar), with the pieces each holds.
     pub files: Vec<(Gguf, Vec<PieceId>)>,
-    /// Test-only faults (a slow link, corrupt chunks).
+    /// Test-only faults (a slow link, corrupt, stalled or trickled chunks).
     faults: Faults,
 }
 
@@ -162,6 +162,9 @@ impl PieceStore {
         match self.parts(&id, req.offset, req.len).filter(|_| held) {
             Some((parts, total)) => {
                 let resp = PieceResponse::Data { total };
+                if let Some(r) = self.faults.trickle(s, &resp, &parts).await {
+                    return r;
+                }
                 match self.faults.corrupt_chunk(&parts) {
                     Some(bad) => write_frame(s, &resp, &bad).await,
                     None => write_frame_parts(s, &resp, &parts).await,
@@ -197,6 +200,9 @@ pub fn spawn_piece_servers(
 }
 
 async fn serve_manifest(store: Arc<PieceStore>, mut stream: Stream) {
+    if store.faults.stall(&mut stream).await {
+        return;
+    }
     let req = tokio::time::timeout(
         MANIFEST_READ_TIMEOUT,
         read_message::<_, ManifestRequest>(&mut stream),
@@ -220,6 +226,9 @@ async fn serve_manifest(store: Arc<PieceStore>, mut stream: Stream) {
 }
 
 async fn serve_pieces(store: Arc<PieceStore>, peer: PeerId, mut stream: Stream) {
+    if store.faults.stall(&mut stream).await {
+        return;
+    }
     loop {
         let req = tokio::time::timeout(
             PIECE_IDLE_TIMEOUT,

@@ -1,8 +1,13 @@
 //! One stream to one peer. Requests are pipelined across piece boundaries
 //! ([`PIPELINE_DEPTH`] chunks in flight); each piece's bytes go to its own
-//! [`PieceWriter`] on a blocking thread, so the stream never waits for the
-//! disk. A stream lost to network trouble is replaced, and the pieces
-//! under way continue on the new one from the bytes received.
+//! [`PieceWriter`], so the stream never waits for the disk. A stream lost
+//! to network trouble is replaced, and the pieces under way continue on
+//! the new one from the bytes received. Every byte read is counted on the
+//! worker's [`Meter`], which the scheduler's watchdog reads to find
+//! streams that stall or crawl. A piece published by another attempt is
+//! cancelled here: no more requests for it, and a stream whose answers
+//! still due are all for such pieces is dropped at once (a trickling peer
+//! does not keep the worker).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,15 +17,16 @@ use nakshatra_slicer::{Manifest, PieceId};
 use nakshatra_swarm::protocol::fetch::{PieceRef, PieceRequest, PieceResponse, PIECE_PROTOCOL};
 use nakshatra_swarm::{PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
-use super::scheduler::{Next, Scheduler};
+use super::scheduler::{AttemptId, Job, Meter, Next, Peek, Scheduler, Verdict, WorkerId};
 use super::writer::{BufPool, PieceWriter, SinkMsg};
-use super::{PieceFailure, CHUNK, NET_RETRIES, PIPELINE_DEPTH};
+use super::{Metered, PieceFailure, CHUNK, NET_RETRIES, PIPELINE_DEPTH};
 use crate::datadir::PieceDir;
 use crate::net::{read_frame_into, write_frame, FrameError};
 
-/// How long a piece stream may go without an answer to a request.
+/// How long a piece stream may go without an answer to a request before
+/// it is dropped (its pieces were raced on other peers long before, after
+/// [`super::scheduler::STALL_TIMEOUT`]).
 pub const PIECE_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Wait before a new stream after network trouble.
 const REOPEN_BACKOFF: Duration = Duration::from_millis(100);
@@ -58,16 +64,26 @@ struct PumpError {
     answered: bool,
 }
 
+/// How a stream's pump ended without network trouble.
+enum Pumped {
+    /// Nothing more for this peer.
+    Done,
+    /// Every answer still due was for pieces published elsewhere: the
+    /// stream was dropped rather than read to the end.
+    Abandoned,
+}
+
 /// A piece whose bytes are being requested and received on one stream.
 struct Download {
     id: PieceId,
+    attempt: AttemptId,
     n_bytes: u64,
     /// Next offset to ask for.
     requested: u64,
     /// Offset up to which answers came back.
     received: u64,
-    /// Stopped asking (the peer lacks it or broke the protocol); answers
-    /// still due are read and dropped.
+    /// Stopped asking (the peer lacks it or broke the protocol, or another
+    /// copy was published); answers still due are read and dropped.
     failed: bool,
     tx: mpsc::Sender<SinkMsg>,
 }
@@ -80,14 +96,16 @@ pub(super) struct Worker {
     pub(super) manifest: Manifest,
     pub(super) dir: PieceDir,
     pub(super) pool: BufPool,
+    /// Its place in the scheduler.
+    pub(super) id: WorkerId,
+    /// Where its streams count the bytes they read.
+    pub(super) meter: Arc<Meter>,
 }
 
-/// A worker's pieces under way and their writers' tasks.
+/// A worker's pieces under way; they survive a lost stream.
 #[derive(Default)]
 struct Work {
-    /// Pieces under way on this worker; they survive a lost stream.
     downloads: VecDeque<Download>,
-    writers: Vec<JoinHandle<()>>,
 }
 
 impl Worker {
@@ -99,17 +117,34 @@ impl Worker {
         let mut dropped_at_open = 0u32;
         let mut last = StreamTrouble::Dropped;
         while !self.sched.should_stop(&self.peer) {
+            self.cancel_published(&mut work).await;
+            work.downloads.retain(|d| !d.failed);
+            if work.downloads.is_empty() {
+                // Nothing under way: open a stream only when there is
+                // something to ask this peer for.
+                let changed = self.sched.changed();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                match self.sched.peek(self.id) {
+                    Peek::Done => break,
+                    Peek::Wait => {
+                        let _ = tokio::time::timeout(IDLE_RECHECK, changed).await;
+                        continue;
+                    }
+                    Peek::Work => {}
+                }
+            }
             let outcome = match self
                 .swarm
                 .open_stream(self.peer, StreamProtocol::new(PIECE_PROTOCOL))
                 .await
             {
-                Ok(mut s) => {
+                Ok(inner) => {
                     // Requests in flight on a lost stream are lost with it.
-                    work.downloads.retain(|d| !d.failed);
                     for d in work.downloads.iter_mut() {
                         d.requested = d.received;
                     }
+                    let mut s = Metered::new(inner, self.meter.clone());
                     self.pump(&mut s, &mut work).await
                 }
                 Err(e) => Err(PumpError {
@@ -117,7 +152,11 @@ impl Worker {
                     answered: true,
                 }),
             };
-            let Err(e) = outcome else { break };
+            let e = match outcome {
+                Ok(Pumped::Done) => break,
+                Ok(Pumped::Abandoned) => continue,
+                Err(e) => e,
+            };
             tracing::debug!(peer = %self.peer, "network trouble: {}", e.trouble);
             last = e.trouble;
             // A stream the peer dropped before answering anything (a busy
@@ -132,8 +171,8 @@ impl Worker {
             }
             tokio::time::sleep(REOPEN_BACKOFF).await;
         }
-        // Pieces still under way go back to the queue; their bytes are kept
-        // for a resume, unless this peer served bad data.
+        // Pieces still under way go back to the others; their bytes are
+        // kept for a resume, unless this peer served bad data.
         let discard = self.sched.should_stop(&self.peer);
         let last = Arc::new(last);
         for d in work.downloads.drain(..) {
@@ -145,8 +184,16 @@ impl Worker {
                 let _ = d.tx.send(SinkMsg::Abort { why, discard }).await;
             }
         }
-        for w in work.writers {
-            let _ = w.await;
+    }
+
+    /// Stops the downloads of pieces another attempt published: no more
+    /// requests, and their writers throw their bytes away.
+    async fn cancel_published(&self, work: &mut Work) {
+        for d in work.downloads.iter_mut() {
+            if !d.failed && self.sched.is_finished(&d.id) {
+                d.failed = true;
+                let _ = d.tx.send(SinkMsg::Cancel).await;
+            }
         }
     }
 
@@ -155,9 +202,9 @@ impl Worker {
     /// caller's to continue on another stream or to abort.
     async fn pump(
         &self,
-        s: &mut nakshatra_swarm::Stream,
+        s: &mut Metered<nakshatra_swarm::Stream>,
         work: &mut Work,
-    ) -> Result<(), PumpError> {
+    ) -> Result<Pumped, PumpError> {
         let mut answered = false;
         let fail = |answered| move |trouble: StreamTrouble| PumpError { trouble, answered };
         let mut inflight: VecDeque<u64> = VecDeque::new();
@@ -167,6 +214,7 @@ impl Worker {
             let changed = self.sched.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            self.cancel_published(work).await;
             match self
                 .fill(s, work, &mut inflight)
                 .await
@@ -178,19 +226,21 @@ impl Worker {
                     let _ = tokio::time::timeout(IDLE_RECHECK, changed).await;
                     continue;
                 }
-                Fill::Done if inflight.is_empty() => return Ok(()),
+                Fill::Done if inflight.is_empty() => return Ok(Pumped::Done),
                 Fill::Done | Fill::Full => {}
             }
             let Some(len) = inflight.pop_front() else {
                 continue;
             };
-            self.receive(s, work, len).await.map_err(fail(answered))?;
+            if !self.receive(s, work, len).await.map_err(fail(answered))? {
+                return Ok(Pumped::Abandoned);
+            }
             answered = true;
             finish_complete(&mut work.downloads).await;
             if self.sched.should_stop(&self.peer) {
                 // This peer served bad bytes, or the disk failed: the
                 // caller drops what is still coming.
-                return Ok(());
+                return Ok(Pumped::Done);
             }
         }
     }
@@ -199,7 +249,7 @@ impl Worker {
     /// way with bytes not yet asked for, else a new piece.
     async fn fill(
         &self,
-        s: &mut nakshatra_swarm::Stream,
+        s: &mut Metered<nakshatra_swarm::Stream>,
         work: &mut Work,
         inflight: &mut VecDeque<u64>,
     ) -> Result<Fill, StreamTrouble> {
@@ -209,9 +259,9 @@ impl Worker {
                 .iter_mut()
                 .find(|d| !d.failed && d.requested < d.n_bytes);
             let Some(d) = open else {
-                match self.sched.next_job(&self.peer) {
-                    Next::Job(id) => {
-                        self.start(id, work).await;
+                match self.sched.next_job(self.id) {
+                    Next::Job(job) => {
+                        self.start(job, work).await;
                         continue;
                     }
                     Next::Wait if inflight.is_empty() => return Ok(Fill::Idle),
@@ -234,23 +284,45 @@ impl Worker {
     }
 
     /// Reads the answer to the oldest request (`len` bytes asked) and
-    /// hands it to its piece's writer.
+    /// hands it to its piece's writer. `Ok(false)`: while waiting, every
+    /// piece with answers still due was published elsewhere (or failed),
+    /// so the stream is not worth reading on.
     async fn receive(
         &self,
-        s: &mut nakshatra_swarm::Stream,
+        s: &mut Metered<nakshatra_swarm::Stream>,
         work: &mut Work,
         len: u64,
-    ) -> Result<(), StreamTrouble> {
+    ) -> Result<bool, StreamTrouble> {
+        // Pieces whose answers are still due on this stream.
+        let due: Vec<PieceId> = work
+            .downloads
+            .iter()
+            .filter(|d| !d.failed && d.received < d.requested)
+            .map(|d| d.id)
+            .collect();
         let mut buf = self.pool.take();
         // Only the bytes asked for may come back.
         let limit = |r: &PieceResponse| match r {
             PieceResponse::Data { .. } => len as usize,
             _ => 0,
         };
-        let (resp, n): (PieceResponse, usize) =
-            tokio::time::timeout(PIECE_READ_TIMEOUT, read_frame_into(s, &mut buf, limit))
-                .await
-                .map_err(|_| StreamTrouble::Timeout)??;
+        let (resp, n): (PieceResponse, usize) = {
+            let read =
+                tokio::time::timeout(PIECE_READ_TIMEOUT, read_frame_into(s, &mut buf, limit));
+            tokio::pin!(read);
+            loop {
+                let changed = self.sched.changed();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if due.iter().all(|id| self.sched.is_finished(id)) {
+                    return Ok(false);
+                }
+                tokio::select! {
+                    r = &mut read => break r.map_err(|_| StreamTrouble::Timeout)??,
+                    _ = changed => {}
+                }
+            }
+        };
         let d = work
             .downloads
             .iter_mut()
@@ -258,11 +330,12 @@ impl Worker {
             .ok_or(StreamTrouble::Unasked)?;
         d.received += len;
         if d.failed {
-            return Ok(());
+            self.pool.put(buf);
+            return Ok(true);
         }
         let msg = match resp {
             PieceResponse::Data { total } if total == d.n_bytes && n as u64 == len => {
-                self.sched.received(len);
+                self.sched.received(d.attempt, len);
                 SinkMsg::Data(buf, n)
             }
             PieceResponse::Data { total } => {
@@ -283,14 +356,17 @@ impl Worker {
         };
         // A closed writer hit a local error; `should_stop` sees it.
         let _ = d.tx.send(msg).await;
-        Ok(())
+        Ok(true)
     }
 
-    /// Starts the writer of piece `id`, which tells how many bytes a
-    /// previous run left in its `.part` (the download resumes from there).
-    async fn start(&self, id: PieceId, work: &mut Work) {
-        let Some(piece) = self.manifest.piece(&id).cloned() else {
-            return self.sched.drop_job();
+    /// Starts the writer of one attempt, which tells how many bytes a
+    /// previous attempt or run left in the piece's `.part` (the download
+    /// resumes from there).
+    async fn start(&self, job: Job, work: &mut Work) {
+        let Some(piece) = self.manifest.piece(&job.id).cloned() else {
+            // Not in the manifest (checked before the fetch).
+            let why = PieceFailure::NoHolder;
+            return self.sched.end(job.attempt, Verdict::NotHere(why));
         };
         let n_bytes = piece.n_bytes;
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH + 2);
@@ -301,21 +377,24 @@ impl Worker {
             peer: self.peer,
             sched: self.sched.clone(),
             pool: self.pool.clone(),
+            attempt: job.attempt,
+            owns_part: job.owns_part,
         };
-        let handle = tokio::task::spawn_blocking(move || w.run(have_tx, rx));
+        // Counted before it runs, so that the fetch waits for it.
+        self.sched.writer_started();
+        tokio::spawn(w.run(have_tx, rx));
         let Ok(have) = have_rx.await else {
             // The writer could not start (a local error, recorded).
-            let _ = handle.await;
             return;
         };
-        work.writers.push(handle);
         if have >= n_bytes {
             // Already complete on disk: only verify.
             let _ = tx.send(SinkMsg::Finish).await;
             return;
         }
         work.downloads.push_back(Download {
-            id,
+            id: job.id,
+            attempt: job.attempt,
             n_bytes,
             requested: have,
             received: have,

@@ -1,8 +1,8 @@
-//! The serving side of a chain (`/nakshatra/act/1`): a hop takes a
+//! The serving side of a chain (`/nakshatra/act/2`): a hop takes a
 //! session's steps from upstream (the asker or the previous hop), runs its
 //! range, and pushes the hidden states to the next hop — or, at the last
 //! hop, samples and streams the token to the asker
-//! (`/nakshatra/tokens/1`).
+//! (`/nakshatra/tokens/2`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use nakshatra_swarm::protocol::act::{
-    tokens_from_bytes, ActFrame, ActReply, OpenSession, StepHeader, StepKind, TokenFrame,
-    ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
+    tokens_from_bytes, ActFrame, ActReply, FailureReport, OpenSession, ReportError, StepHeader,
+    StepKind, TokenFrame, ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
 };
-use nakshatra_swarm::{
-    Handshake, Multiaddr, PeerId, PeerQuota, QuotaPermit, Reopen, Stream, StreamProtocol,
-};
+use nakshatra_swarm::{Handshake, PeerId, PeerQuota, QuotaPermit, Reopen, Stream, StreamProtocol};
 use tokio::sync::Mutex;
+
+mod sessions;
+
+pub use sessions::{SessionTable, SlotGuard, EVICT_WAIT};
 
 use crate::engine::service::{EngineService, OwnedInput, ServiceError};
 use crate::engine::{EngineError, Sampler, SamplerSpec, SessionId, StepOutput};
@@ -46,6 +48,13 @@ pub struct HopContext {
     /// Each asker's share of this node's sessions (see
     /// [`sessions_per_asker`]).
     pub asker_quota: PeerQuota,
+    /// This node's libp2p identity key: signs its failure reports.
+    pub signer: ed25519_dalek::SigningKey,
+    /// Its sessions and when each last had a step.
+    pub sessions: Arc<SessionTable>,
+    /// A session with no step for this long gives its slot up to a new
+    /// `Open` that finds none free (see [`SessionTable`]).
+    pub evict_idle_after: Duration,
 }
 
 /// Sessions one asker may hold on a node with `max_sessions`: half of them
@@ -111,6 +120,9 @@ pub enum SessionError {
     /// No step and no `Close` for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// Idle for a while, and its slot was needed by a new session.
+    #[error("evicted: idle for {0:?} or more while another session needed the slot")]
+    Evicted(Duration),
     /// The upstream stream broke.
     #[error("upstream gone: {0}")]
     UpstreamGone(#[source] FrameError),
@@ -153,11 +165,55 @@ pub fn spawn_server(
     )
 }
 
-fn failed(ctx: &HopContext, index: u32, e: &SessionError) -> ActReply {
-    ActReply::Failed {
-        index,
-        peer_id: ctx.swarm.peer_id().to_string(),
-        message: e.to_string(),
+/// This hop's signed report of `e`: blaming the next hop for what
+/// happened on the link to it, itself for everything else.
+fn failed(ctx: &HopContext, open: &OpenSession, e: &SessionError) -> ActReply {
+    let blamed = match e {
+        SessionError::NextHop(_) => open.index + 1,
+        _ => open.index,
+    };
+    report(&ctx.signer, open, blamed, e.to_string())
+}
+
+/// A failure report signed by this hop (hop `open.index`).
+fn report(
+    signer: &ed25519_dalek::SigningKey,
+    open: &OpenSession,
+    blamed: u32,
+    message: String,
+) -> ActReply {
+    ActReply::Failed(FailureReport::sign(
+        signer,
+        open.session,
+        open.index,
+        blamed,
+        message,
+    ))
+}
+
+/// A reply that came up from the next hop, checked before it is relayed:
+/// a failure report must be signed by a hop after this one and blame only
+/// what its signer can show. One that is not is replaced by this hop's
+/// own report blaming the next hop (which sent it).
+fn checked_from_next(
+    signer: &ed25519_dalek::SigningKey,
+    open: &OpenSession,
+    r: ActReply,
+) -> ActReply {
+    let ActReply::Failed(f) = &r else { return r };
+    let check = if f.reporter <= open.index {
+        Err(ReportError::NoSuchReporter(f.reporter))
+    } else {
+        f.check(open.session, &open.hops)
+    };
+    match check {
+        Ok(()) => r,
+        Err(e) => report(
+            signer,
+            open,
+            open.index + 1,
+            format!("the next hop sent a failure report that does not check: {e}"),
+        ),
     }
 }
 
@@ -242,10 +298,21 @@ fn check_chain(o: &OpenSession, n_layers: u32) -> Result<(), SessionError> {
     Ok(())
 }
 
+/// A task that ends when its owner is dropped (a session's relay of
+/// downstream replies lives no longer than the session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Where a session's results go.
 enum Downstream {
-    /// The next hop's activation stream.
-    Hop(WriteHalf<Stream>),
+    /// The next hop's activation stream, and the task relaying its
+    /// replies upstream.
+    Hop(WriteHalf<Stream>, AbortOnDrop),
     /// The asker's token stream (last hop), and the session's sampler.
     Asker(Stream, Box<Sampler>),
 }
@@ -270,22 +337,23 @@ async fn connect_downstream(
 ) -> Result<Downstream, ActReply> {
     let index = open.index;
     if (index as usize) + 1 == open.hops.len() {
-        return to_asker(ctx, open)
-            .await
-            .map_err(|e| failed(ctx, index, &e));
+        return to_asker(ctx, open).await.map_err(|e| failed(ctx, open, &e));
     }
     let next = &open.hops[index as usize + 1];
-    let fail_next = |message: String| ActReply::Failed {
-        index: index + 1,
-        peer_id: next.peer_id.clone(),
-        message,
-    };
+    let fail_next = |message: String| report(&ctx.signer, open, index + 1, message);
     let peer: PeerId = next
         .peer_id
         .parse()
         .map_err(|_| fail_next(format!("bad peer id {}", next.peer_id)))?;
-    let addrs: Vec<Multiaddr> = next.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-    ctx.swarm.add_peer_addresses(peer, addrs).await;
+    // The addresses in the `Open` are the asker's word: not dialled. A
+    // next hop this node is not connected to yet is reached at the
+    // addresses its own signed record gives (and only those on networks
+    // this node is on: see the swarm's address scope).
+    if !ctx.swarm.is_connected(peer).await {
+        if let Err(e) = ctx.swarm.server_info(peer).await {
+            tracing::debug!(%peer, "next hop's record: {e}");
+        }
+    }
     let mut fwd = open.clone();
     fwd.index = index + 1;
     let fwd = &fwd;
@@ -311,16 +379,25 @@ async fn connect_downstream(
         .await;
     let (mut down_r, down_w, first) = opened.map_err(|e| fail_next(e.to_string()))?;
     if first != ActReply::Ready {
-        return Err(first);
+        return Err(checked_from_next(&ctx.signer, open, first));
     }
-    // Later replies from downstream (failures) are relayed upstream.
+    // Later replies from downstream (failures) are checked and relayed
+    // upstream, for as long as the session lasts. The next hop's stream
+    // ending while the session lives means the next hop is gone: said at
+    // once (the asker may be waiting on a step that will never come).
     let up = up.clone();
-    tokio::spawn(async move {
-        while let Ok(r) = read_message::<_, ActReply>(&mut down_r).await {
-            reply(&up, &r).await;
-        }
+    let (signer, open) = (ctx.signer.clone(), open.clone());
+    let relay = tokio::spawn(async move {
+        let e = loop {
+            match read_message::<_, ActReply>(&mut down_r).await {
+                Ok(r) => reply(&up, &checked_from_next(&signer, &open, r)).await,
+                Err(e) => break e,
+            }
+        };
+        let gone = format!("the next hop's stream ended: {e}");
+        reply(&up, &report(&signer, &open, open.index + 1, gone)).await;
     });
-    Ok(Downstream::Hop(down_w))
+    Ok(Downstream::Hop(down_w, AbortOnDrop(relay)))
 }
 
 /// The last hop's token stream back to the asker, over the connection the
@@ -381,7 +458,7 @@ async fn serve_session(
     let (session, _share) = match admit(&ctx, &peer, &open).await {
         Ok(s) => s,
         Err(e) => {
-            reply(&up, &failed(&ctx, index, &e)).await;
+            reply(&up, &failed(&ctx, &open, &e)).await;
             return Err(e);
         }
     };
@@ -396,9 +473,10 @@ async fn serve_session(
         Err(f) => {
             reply(&up, &f).await;
             Err(match f {
-                ActReply::Failed { index, message, .. } => {
-                    SessionError::Downstream { index, message }
-                }
+                ActReply::Failed(r) => SessionError::Downstream {
+                    index: r.blamed,
+                    message: r.message,
+                },
                 ActReply::Ready => SessionError::Refused("the next hop answered out of turn"),
             })
         }
@@ -427,6 +505,13 @@ async fn admit(
             asker,
             share: sessions_per_asker(ctx.engine.max_sessions()),
         })?;
+    if ctx.engine.free_sessions() == 0 && ctx.sessions.evict_idlest(ctx.evict_idle_after) {
+        // The evicted session's task closes it: wait for its slot.
+        let t0 = std::time::Instant::now();
+        while ctx.engine.free_sessions() == 0 && t0.elapsed() < EVICT_WAIT {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let session = ctx.engine.open().await?;
     Ok((session, permit))
 }
@@ -435,12 +520,17 @@ async fn admit(
 /// (if any) to the asker.
 async fn close_downstream(down: Downstream, error: Option<&SessionError>) {
     match down {
-        Downstream::Hop(mut w) => {
+        Downstream::Hop(mut w, relay) => {
+            // The session ends here: its relay first, so that the next
+            // hop closing its stream is not taken for a failure.
+            drop(relay);
             let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
             let _ = w.close().await;
         }
         Downstream::Asker(mut s, _) => {
-            if let Some(e) = error {
+            // Upstream gone is not this hop's failure, and the hop before
+            // reports its next hop itself: the stream just ends.
+            if let Some(e) = error.filter(|e| !matches!(e, SessionError::UpstreamGone(_))) {
                 let f = TokenFrame::Failed {
                     message: e.to_string(),
                 };
@@ -463,16 +553,28 @@ async fn run_steps(
 ) -> Result<(), SessionError> {
     let mut pos: u32 = 0;
     let mut payload = Vec::new();
+    let (slot, mut evicted) = ctx.sessions.register();
     loop {
         let limit = |f: &ActFrame| step_bytes(ctx, open, f);
-        let frame =
-            tokio::time::timeout(ctx.idle_timeout, read_frame_into(up_r, &mut payload, limit))
-                .await;
+        let frame = tokio::select! {
+            f = tokio::time::timeout(ctx.idle_timeout, read_frame_into(up_r, &mut payload, limit)) => f,
+            Ok(()) = &mut evicted => {
+                // Upstream hears why (it may still be there, just idle).
+                let e = SessionError::Evicted(ctx.evict_idle_after);
+                reply(up, &failed(ctx, open, &e)).await;
+                return Err(e);
+            }
+        };
         let (frame, n) = match frame {
-            Err(_) => return Err(SessionError::Idle(ctx.idle_timeout)),
+            Err(_) => {
+                let e = SessionError::Idle(ctx.idle_timeout);
+                reply(up, &failed(ctx, open, &e)).await;
+                return Err(e);
+            }
             Ok(Err(e)) => return Err(SessionError::UpstreamGone(e)),
             Ok(Ok(f)) => f,
         };
+        slot.touch();
         let payload = payload.get(..n).unwrap_or_default();
         ctx.faults.link_delay().await;
         let h = match frame {
@@ -480,12 +582,18 @@ async fn run_steps(
             ActFrame::Open(_) => return Err(SessionError::SecondOpen),
             ActFrame::Step(h) => h,
         };
+        if let Some(forged) = ctx.faults.forged_blame(open, h.step) {
+            reply(up, &forged).await;
+            return Err(SessionError::Refused(
+                "fault injection: forged a failure report",
+            ));
+        }
         match step(ctx, open, session, &mut pos, h, payload, down).await {
             Ok(()) => {}
             // The asker is gone: nobody upstream to tell.
             Err(e @ SessionError::AskerGone(_)) => return Err(e),
             Err(e) => {
-                reply(up, &failed(ctx, open.index, &e)).await;
+                reply(up, &failed(ctx, open, &e)).await;
                 return Err(e);
             }
         }
@@ -544,11 +652,13 @@ async fn step(
         )));
     }
     let t0 = Instant::now();
+    ctx.faults.step_delay().await;
     let out = ctx.engine.forward(session, input).await?;
     let compute_us = h.compute_us + t0.elapsed().as_micros() as u64;
     *pos += h.n_tokens;
     match (out, down) {
-        (StepOutput::Hidden(hidden), Downstream::Hop(w)) => {
+        (StepOutput::Hidden(mut hidden), Downstream::Hop(w, _)) => {
+            ctx.faults.corrupt_output(&mut hidden);
             let next = StepHeader {
                 kind: StepKind::Hidden,
                 compute_us,
@@ -559,12 +669,15 @@ async fn step(
                 .await
                 .map_err(SessionError::NextHop)
         }
-        (StepOutput::Logits(logits), Downstream::Asker(s, sampler)) => {
-            let token = sampler.sample(&logits)?;
+        (StepOutput::Logits(mut logits), Downstream::Asker(s, sampler)) => {
+            ctx.faults.corrupt_output(&mut logits);
+            let digest = crate::engine::logits_digest(&logits);
+            let token = sampler.sample(&logits, h.step)?;
             let t = TokenFrame::Token {
                 step: h.step,
                 token,
                 compute_us,
+                digest,
             };
             write_frame(s, &t, &[])
                 .await

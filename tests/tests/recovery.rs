@@ -1,0 +1,280 @@
+//! A hop dies mid-answer and the answer goes on, token-identical (issue
+//! 11): real `nakshatra node join` processes on 127.0.0.1, two per range,
+//! a `node ask` streaming 64 greedy tokens; a hop of its chain is killed
+//! (or stopped) once some text has streamed. The asker repairs the chain,
+//! replays the history into the new hops, and its stdout equals the whole
+//! model's output byte for byte, with one `recovered:` line on stderr.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nakshatra_e2e::*;
+
+const PROMPT: &str = "The capital of France is";
+const GREEDY_64: &[&str] = &["--raw", "--temperature", "0", "--max-tokens", "64"];
+/// Each node waits this long before handling a frame: 64 tokens through
+/// three hops take seconds, time to kill one mid-answer.
+const LINK_DELAY_MS: &str = "15";
+/// Bytes of answer streamed before the hop is hit.
+const STREAMED_BEFORE_KILL: usize = 20;
+
+/// A swarm with two nodes for each of `ranges`.
+struct Swarm {
+    nodes: Vec<(String, Proc)>,
+    boot: String,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Swarm {
+    fn start(model: &str, ranges: &[&str]) -> Swarm {
+        let mut dirs = Vec::new();
+        let mut nodes: Vec<(String, Proc)> = Vec::new();
+        let mut boot: Option<String> = None;
+        for range in ranges {
+            let dir = tempfile::tempdir().unwrap();
+            let mut args = loopback_args(boot.as_deref());
+            args.extend_from_slice(&["--model", model, "--layers", range]);
+            args.extend_from_slice(&["--max-sessions", "4", "--ctx-size", "512"]);
+            args.extend_from_slice(&["--record-ttl", "8", "--refresh", "2"]);
+            args.extend_from_slice(&["--test-link-delay-ms", LINK_DELAY_MS]);
+            let p = Proc::join(dir.path(), &args);
+            boot.get_or_insert_with(|| p.addr().to_string());
+            nodes.push((range.to_string(), p));
+            dirs.push(dir);
+        }
+        Swarm {
+            nodes,
+            boot: boot.unwrap_or_default(),
+            _dirs: dirs,
+        }
+    }
+
+    /// Waits until every range's nodes are all announced.
+    fn wait_covered(&self, blocks: &[(usize, usize)]) {
+        let ok = wait_for(Duration::from_secs(40), || {
+            status_json(&self.boot)
+                .filter(|v| blocks.iter().all(|(b, n)| holders(v, *b).len() == *n))
+        });
+        assert!(ok.is_some(), "the swarm never formed");
+    }
+
+    fn node(&mut self, peer: &str) -> &mut Proc {
+        self.nodes
+            .iter_mut()
+            .map(|(_, p)| p)
+            .find(|p| p.peer_id() == peer)
+            .expect("a node of this swarm")
+    }
+}
+
+/// A `node ask` whose stdout is read as it streams.
+struct Asker {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Asker {
+    fn start(boot: &str, dir: &std::path::Path, extra: &[&str]) -> Asker {
+        let mut cmd = Command::new(nakshatra_bin());
+        cmd.arg("--data-dir")
+            .arg(dir)
+            .args(["node", "ask", "--no-mdns", "--bootstrap", boot])
+            .args(extra)
+            .arg(PROMPT)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn node ask");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Asker {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The peers of the `chain:` line, once printed.
+    fn chain(&self, within: Duration) -> Vec<String> {
+        let line = wait_for(within, || {
+            let e = self.stderr.lock().unwrap().clone();
+            e.lines()
+                .find(|l| l.starts_with("chain: ") && l.contains(" [0.."))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no chain line: {}", self.stderr.lock().unwrap()));
+        line.trim_start_matches("chain: ")
+            .split(" -> ")
+            .filter_map(|h| h.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
+    fn wait_streamed(&self, bytes: usize, within: Duration) {
+        let ok = wait_for(within, || {
+            (self.stdout.lock().unwrap().len() >= bytes).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "no answer streamed: {}",
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Waits for the exit; returns success, stdout, stderr.
+    fn finish(mut self, within: Duration) -> (bool, String, String) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let out = String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned();
+        let err = self.stderr.lock().unwrap().clone();
+        (status.is_some_and(|s| s.success()), out, err)
+    }
+}
+
+/// Kills (or stops) hop `hop` of the chain once the answer is streaming;
+/// the answer must equal the whole model's and say it recovered once.
+fn hit_a_hop_mid_answer(hop: usize, how: &str) {
+    hit_a_hop_with(hop, how, GREEDY_64)
+}
+
+fn hit_a_hop_with(hop: usize, how: &str, gen: &[&str]) {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, gen, PROMPT);
+    let mut swarm = Swarm::start(
+        &model,
+        &["0..10", "10..20", "20..30", "0..10", "10..20", "20..30"],
+    );
+    swarm.wait_covered(&[(0, 2), (15, 2), (25, 2)]);
+    let asker_dir = tempfile::tempdir().unwrap();
+    let asker = Asker::start(&swarm.boot, asker_dir.path(), gen);
+    let chain = asker.chain(Duration::from_secs(60));
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    asker.wait_streamed(STREAMED_BEFORE_KILL, Duration::from_secs(60));
+    let victim = chain[hop].clone();
+    match how {
+        "KILL" => swarm.node(&victim).kill(),
+        sig => swarm.node(&victim).signal(sig),
+    }
+    let (ok, out, err) = asker.finish(Duration::from_secs(120));
+    if how == "STOP" {
+        swarm.node(&victim).signal("CONT");
+    }
+    assert!(ok, "{err}");
+    assert_eq!(out.trim_end(), want.trim_end(), "{err}");
+    let recovered: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("recovered:"))
+        .collect();
+    assert_eq!(recovered.len(), 1, "{err}");
+    assert!(
+        recovered[0].starts_with(&format!("recovered: lost {victim} [")),
+        "{err}"
+    );
+    assert!(
+        !recovered[0].contains(&format!("replaced by {victim}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_middle_hop_killed_mid_answer_is_replaced_token_identical() {
+    hit_a_hop_mid_answer(1, "KILL");
+}
+
+#[test]
+fn the_first_hop_killed_mid_answer_is_replaced_token_identical() {
+    hit_a_hop_mid_answer(0, "KILL");
+}
+
+#[test]
+fn the_last_hop_killed_mid_answer_is_replaced_token_identical() {
+    hit_a_hop_mid_answer(2, "KILL");
+}
+
+#[test]
+fn a_stopped_hop_is_detected_by_its_stall_and_replaced() {
+    hit_a_hop_mid_answer(1, "STOP");
+}
+
+/// A seeded sampled answer goes on as it would have: each step's draw is
+/// seeded by its step number, not by a generator that died with the hop.
+#[test]
+fn a_seeded_sampled_answer_recovers_to_the_same_text() {
+    let sampled = [
+        "--raw",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "42",
+        "--max-tokens",
+        "64",
+    ];
+    hit_a_hop_with(1, "KILL", &sampled);
+}
+
+/// No other peer serves the lost layers: after `--recover-wait` the ask
+/// fails with an error naming them, never hangs; the text so far stays.
+#[test]
+fn with_no_replica_the_error_names_the_lost_blocks() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let mut swarm = Swarm::start(&model, &["0..10", "10..20", "20..30"]);
+    swarm.wait_covered(&[(0, 1), (15, 1), (25, 1)]);
+    let asker_dir = tempfile::tempdir().unwrap();
+    let mut args = GREEDY_64.to_vec();
+    args.extend_from_slice(&["--recover-wait", "3"]);
+    let asker = Asker::start(&swarm.boot, asker_dir.path(), &args);
+    let chain = asker.chain(Duration::from_secs(60));
+    asker.wait_streamed(STREAMED_BEFORE_KILL, Duration::from_secs(60));
+    swarm.node(&chain[1]).kill();
+    let t = Instant::now();
+    let (ok, out, err) = asker.finish(Duration::from_secs(60));
+    assert!(!ok, "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}: {err}",
+        t.elapsed()
+    );
+    assert!(out.len() >= STREAMED_BEFORE_KILL, "{out}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("blocks 10..20"),
+        "{err}"
+    );
+}
