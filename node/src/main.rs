@@ -123,6 +123,10 @@ struct AskArgs {
     /// to serve the lost layers before giving up.
     #[arg(long, default_value_t = 30)]
     recover_wait: u64,
+    /// Seconds to keep asking (with growing pauses) when the chain's hops
+    /// have no free session.
+    #[arg(long, default_value_t = 120)]
+    busy_wait: u64,
     /// The prompt.
     prompt: String,
 }
@@ -424,6 +428,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         attempts: 4,
         verify: a.verify,
         recover_wait: std::time::Duration::from_secs(a.recover_wait),
+        busy_wait: std::time::Duration::from_secs(a.busy_wait),
     };
     let json = a.json;
     let stdout = std::io::stdout();

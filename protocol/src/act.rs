@@ -174,6 +174,10 @@ pub struct FailureReport {
     pub reporter: u32,
     /// Index of the hop the reporter blames: itself or the next hop.
     pub blamed: u32,
+    /// Not a fault: the blamed hop has no session for this asker now (its
+    /// slots, or the asker's share of them, are taken). The asker waits
+    /// and tries again rather than planning around it.
+    pub busy: bool,
     /// Why, for people.
     pub message: String,
     /// ed25519 signature over [`FailureReport::signed_bytes`] by the
@@ -224,11 +228,24 @@ impl FailureReport {
         blamed: u32,
         message: String,
     ) -> Self {
+        Self::sign_kind(key, session, reporter, blamed, false, message)
+    }
+
+    /// [`FailureReport::sign`] of a report that may say "busy".
+    pub fn sign_kind(
+        key: &ed25519_dalek::SigningKey,
+        session: u64,
+        reporter: u32,
+        blamed: u32,
+        busy: bool,
+        message: String,
+    ) -> Self {
         use ed25519_dalek::Signer;
         let mut r = FailureReport {
             session,
             reporter,
             blamed,
+            busy,
             message,
             signature: Vec::new(),
         };
@@ -237,13 +254,14 @@ impl FailureReport {
     }
 
     /// What the signature covers: a context string, then session,
-    /// reporter, blamed (little endian) and the message.
+    /// reporter, blamed (little endian), busy (one byte) and the message.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(REPORT_CONTEXT.len() + 16 + self.message.len());
         b.extend_from_slice(REPORT_CONTEXT);
         b.extend_from_slice(&self.session.to_le_bytes());
         b.extend_from_slice(&self.reporter.to_le_bytes());
         b.extend_from_slice(&self.blamed.to_le_bytes());
+        b.push(u8::from(self.busy));
         b.extend_from_slice(self.message.as_bytes());
         b
     }

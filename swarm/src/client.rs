@@ -428,8 +428,8 @@ impl Client {
     /// Peers that do not answer the probe within 3 s are left out (this
     /// node could not reach them as first hop, nor get tokens back from
     /// them as last hop), so an unreachable range shows up as
-    /// [`PlanError::Uncovered`], like a range whose holders are all full
-    /// or excluded. [`PlanError::NoModel`]: nobody announces the model.
+    /// [`PlanError::Uncovered`], like a range whose holders are all
+    /// excluded. [`PlanError::NoModel`]: nobody announces the model.
     pub async fn plan(&self, model_id: &str, opts: &PlanOptions) -> Result<Chain, PlanError> {
         validate_model_id(model_id).map_err(LookupError::from)?;
         let mut infos = HashMap::new();
@@ -595,12 +595,10 @@ impl Client {
                     .await
             }
             RttMode::Probe { exclude } => {
-                // Only peers a chain could use.
+                // Only peers a chain could use (a full one too: its record
+                // may be seconds old, and the planner only penalises it).
                 let candidates = known.iter().filter(|(p, i)| {
-                    i.state == ServerState::Online
-                        && i.free_sessions > 0
-                        && i.throughput > 0.0
-                        && !exclude.contains(p)
+                    i.state == ServerState::Online && i.throughput > 0.0 && !exclude.contains(p)
                 });
                 stream::iter(candidates.map(|(p, _)| *p))
                     .map(|p| async move { (p, self.probe_rtt(p).await) })

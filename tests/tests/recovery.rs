@@ -29,6 +29,12 @@ struct Swarm {
 
 impl Swarm {
     fn start(model: &str, ranges: &[&str]) -> Swarm {
+        Self::start_with(model, ranges, "4", LINK_DELAY_MS)
+    }
+
+    /// One node per range, each with `sessions` session slots and a
+    /// simulated link delay of `delay_ms`.
+    fn start_with(model: &str, ranges: &[&str], sessions: &str, delay_ms: &str) -> Swarm {
         let mut dirs = Vec::new();
         let mut nodes: Vec<(String, Proc)> = Vec::new();
         let mut boot: Option<String> = None;
@@ -36,9 +42,9 @@ impl Swarm {
             let dir = tempfile::tempdir().unwrap();
             let mut args = loopback_args(boot.as_deref());
             args.extend_from_slice(&["--model", model, "--layers", range]);
-            args.extend_from_slice(&["--max-sessions", "4", "--ctx-size", "512"]);
+            args.extend_from_slice(&["--max-sessions", sessions, "--ctx-size", "512"]);
             args.extend_from_slice(&["--record-ttl", "8", "--refresh", "2"]);
-            args.extend_from_slice(&["--test-link-delay-ms", LINK_DELAY_MS]);
+            args.extend_from_slice(&["--test-link-delay-ms", delay_ms]);
             let p = Proc::join(dir.path(), &args);
             boot.get_or_insert_with(|| p.addr().to_string());
             nodes.push((range.to_string(), p));
@@ -277,4 +283,117 @@ fn with_no_replica_the_error_names_the_lost_blocks() {
         last.starts_with("error:") && last.contains("blocks 10..20"),
         "{err}"
     );
+}
+
+/// The lost range may come back split: 10..15 and 15..20 are the only
+/// other servers of the lost 10..20.
+#[test]
+fn a_replacement_may_split_the_lost_range() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY_64, PROMPT);
+    let mut swarm = Swarm::start(&model, &["0..10", "10..20", "20..30", "10..15", "15..20"]);
+    swarm.wait_covered(&[(0, 1), (12, 2), (17, 2), (25, 1)]);
+    let asker_dir = tempfile::tempdir().unwrap();
+    let asker = Asker::start(&swarm.boot, asker_dir.path(), GREEDY_64);
+    let chain = asker.chain(Duration::from_secs(60));
+    assert_eq!(chain.len(), 3, "the one-hop middle is cheaper: {chain:?}");
+    asker.wait_streamed(STREAMED_BEFORE_KILL, Duration::from_secs(60));
+    let victim = chain[1].clone();
+    swarm.node(&victim).kill();
+    let (ok, out, err) = asker.finish(Duration::from_secs(120));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim_end(), want.trim_end(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("recovered:"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with(&format!("recovered: lost {victim} [10..20), replaced by "))
+            && line.contains(" [10..15), ")
+            && line.contains(" [15..20), replayed"),
+        "{err}"
+    );
+}
+
+/// More asks than sessions: 32 at once through a 3-hop chain whose nodes
+/// hold 8 sessions each. Hops that are full say "busy" at `Open`; askers
+/// wait with growing pauses and try again. Every ask completes with its
+/// single-process answer; a second round of 32 leaves the nodes' memory
+/// where the first left it (llama.cpp's KV pages stay resident once
+/// touched, and the allocator keeps what it got: what must not happen is
+/// growth per ask).
+/// What a second round of 32 asks may add to a node's resident memory:
+/// half a MiB per ask, far less than any session's buffers (allocator
+/// noise is a few MiB).
+const SECOND_ROUND_SLACK_KIB: u64 = 16 * 1024;
+
+#[test]
+fn thirty_two_asks_share_eight_sessions_by_waiting() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "The largest planet is",
+        "Water boils at",
+    ];
+    let gen = ["--raw", "--temperature", "0", "--max-tokens", "12"];
+    let wants: Vec<String> = prompts
+        .iter()
+        .map(|p| run_reference(&model, &gen, p))
+        .collect();
+    let swarm = Swarm::start_with(&model, &["0..10", "10..20", "20..30"], "8", "0");
+    swarm.wait_covered(&[(0, 1), (15, 1), (25, 1)]);
+    let round = |n: usize| -> Vec<(usize, std::process::Output)> {
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = dirs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let (boot, prompt) = (&swarm.boot, prompts[i % prompts.len()]);
+                    s.spawn(move || (i, node_ask(boot, d.path(), &gen, prompt)))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    for (i, o) in round(32) {
+        assert!(
+            o.status.success(),
+            "first-round ask {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let before: Vec<u64> = swarm
+        .nodes
+        .iter()
+        .map(|(_, p)| p.memory_kib().unwrap().0)
+        .collect();
+    let outs = round(32);
+    let mut waited = 0;
+    for (i, o) in &outs {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "ask {i}: {err}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim_end(),
+            wants[i % prompts.len()].trim_end(),
+            "ask {i}: {err}"
+        );
+        waited += usize::from(err.contains("busy"));
+    }
+    assert!(
+        waited > 0,
+        "no ask ever waited: the test did not load the nodes"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    for ((range, p), before) in swarm.nodes.iter().zip(before) {
+        let after = p.memory_kib().unwrap().0;
+        assert!(
+            after <= before + SECOND_ROUND_SLACK_KIB,
+            "node {range}: {before} KiB after the first round, {after} KiB after the second"
+        );
+    }
 }

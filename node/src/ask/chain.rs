@@ -490,6 +490,9 @@ fn peer_at(hops: &[HopSpec], index: u32) -> String {
 /// hop 1, which relayed a report nobody can stand behind.
 fn judge(hops: &[HopSpec], session: u64, report: FailureReport) -> (u32, HopFault) {
     match report.check(session, hops) {
+        Ok(()) if report.busy && report.blamed == report.reporter => {
+            (report.blamed, HopFault::Busy(report.message))
+        }
         Ok(()) => (
             report.blamed,
             HopFault::Reported {

@@ -30,8 +30,12 @@ use serde::{Deserialize, Serialize};
 /// How long a measured figure is trusted; then the announced one is used
 /// again (the peer may have been busy, or upgraded).
 pub const MEASURE_TTL: Duration = Duration::from_secs(30 * 60);
-/// How long a failure counts against a peer.
+/// How long a failure is remembered (for the backoff to grow on the next).
 pub const FAILURE_TTL: Duration = Duration::from_secs(10 * 60);
+/// How long a peer is gone round after its first failure; doubled for
+/// each further failure remembered (Petals: 15 s, doubling), up to
+/// [`FAILURE_TTL`].
+pub const BACKOFF: Duration = Duration::from_secs(15);
 /// Seconds per token added to a peer's cost per recent failure: far more
 /// than any real hop takes, so the planner goes round it whenever another
 /// chain exists, and still uses it when it is the only way through.
@@ -93,6 +97,18 @@ impl Entry {
     fn banned(&self, now: u64) -> bool {
         self.banned_at_ms
             .is_some_and(|t| now.saturating_sub(t) < BAN_TTL.as_millis() as u64)
+    }
+
+    /// Whether the peer is in its backoff after its last failure.
+    fn backing_off(&self, now: u64) -> bool {
+        let n = self.failures(now);
+        if n == 0 {
+            return false;
+        }
+        let backoff = BACKOFF
+            .saturating_mul(1u32 << (n - 1).min(16))
+            .min(FAILURE_TTL);
+        now.saturating_sub(self.failed_at_ms) < backoff.as_millis() as u64
     }
 
     fn last_seen(&self) -> u64 {
@@ -165,16 +181,16 @@ impl PeerMemory {
             .collect()
     }
 
-    /// Seconds added per peer for its recent failures, for
-    /// `PlanOptions::penalty`.
+    /// Seconds added per peer in its backoff after a failure (see
+    /// [`BACKOFF`]), for `PlanOptions::penalty`.
     pub fn penalty(&self) -> HashMap<PeerId, f64> {
         let now = now_ms();
         self.peers
             .iter()
+            .filter(|(_, e)| e.backing_off(now))
             .filter_map(|(p, e)| {
                 let n = e.failures(now);
-                (n > 0)
-                    .then(|| Some((p.parse().ok()?, n as f64 * FAILURE_PENALTY.as_secs_f64())))?
+                Some((p.parse().ok()?, n as f64 * FAILURE_PENALTY.as_secs_f64()))
             })
             .collect()
     }

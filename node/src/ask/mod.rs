@@ -33,6 +33,39 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub const STALL_PROBE: Duration = Duration::from_secs(2);
 /// How often a recovery with no replacement yet plans again.
 const RECOVER_POLL: Duration = Duration::from_secs(1);
+/// First pause after a hop said it is busy; doubled each time, up to
+/// [`BUSY_PAUSE_MAX`].
+const BUSY_PAUSE: Duration = Duration::from_millis(250);
+/// Longest pause between two asks of a busy hop.
+const BUSY_PAUSE_MAX: Duration = Duration::from_secs(4);
+
+/// Waiting on busy hops: pauses that double, for up to a deadline.
+struct Backoff {
+    deadline: Instant,
+    pause: Duration,
+}
+
+impl Backoff {
+    fn new(wait: Duration) -> Self {
+        Backoff {
+            deadline: Instant::now() + wait,
+            pause: BUSY_PAUSE,
+        }
+    }
+
+    /// Whether there is still time to wait.
+    fn wait(&self) -> bool {
+        Instant::now() + self.pause < self.deadline
+    }
+
+    /// The next pause (with jitter, so that many waiting askers do not
+    /// come back at once).
+    async fn sleep(&mut self) {
+        let jitter = self.pause.mul_f64(rand::random::<f64>() * 0.5);
+        tokio::time::sleep(self.pause + jitter).await;
+        self.pause = (self.pause * 2).min(BUSY_PAUSE_MAX);
+    }
+}
 
 /// Errors of `node ask`, each a clear message for the user.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +156,17 @@ pub enum AskError {
 }
 
 impl AskError {
+    /// Whether a hop only said it is busy (see [`HopFault::Busy`]).
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            AskError::Hop {
+                fault: HopFault::Busy(_),
+                ..
+            }
+        )
+    }
+
     /// Whether a chain that broke this way mid-answer can be repaired
     /// (a hop was lost); a wrong result or a refusal to verify cannot.
     pub fn recoverable(&self) -> bool {
@@ -143,6 +187,9 @@ impl AskError {
         let AskError::Hop { peer, fault, .. } = self else {
             return Vec::new();
         };
+        if matches!(fault, HopFault::Busy(_)) {
+            return Vec::new();
+        }
         let mut peers = vec![peer.as_str()];
         if let HopFault::Reported { by_peer, .. } = fault {
             if by_peer != peer {
@@ -167,6 +214,10 @@ pub enum HopFault {
         /// What it said.
         message: String,
     },
+    /// The hop has no session for this asker now (all its slots, or the
+    /// asker's share, are taken): not a fault, the asker waits.
+    #[error("busy: {0}")]
+    Busy(String),
     /// Hop 1 relayed a failure report that does not check (forged, or
     /// blaming a hop its signer cannot see).
     #[error("a failure report that does not check: {0}")]
@@ -247,6 +298,8 @@ pub struct AskOptions {
     /// How long a chain that broke mid-answer waits for a replacement of
     /// the lost blocks to appear (`--recover-wait`).
     pub recover_wait: Duration,
+    /// How long to keep asking hops that say they are busy (`--busy-wait`).
+    pub busy_wait: Duration,
 }
 
 /// One hop as reported.
@@ -463,6 +516,7 @@ impl Asker<'_> {
         let mut lost: Option<Lost> = None;
         let mut recoveries = Vec::new();
         let mut failures = 0;
+        let mut busy = Backoff::new(self.opts.busy_wait);
         while failures < self.opts.attempts.max(1) {
             let avoid: Vec<PeerId> = lost.iter().map(|l| l.peer).collect();
             let planned = match &lost {
@@ -476,15 +530,22 @@ impl Asker<'_> {
                     replay = Some((n, t))
                 })
                 .await;
-            if let (Some(l), Some((n, t))) = (lost.take(), replay) {
-                let r = l.recovered(&planned.hops, n, t);
-                (ev.recovery)(&r);
-                recoveries.push(r);
+            if let Some((n, t)) = replay {
+                if let Some(l) = lost.take() {
+                    let r = l.recovered(&planned.hops, n, t);
+                    (ev.recovery)(&r);
+                    recoveries.push(r);
+                }
             }
             let e = match outcome {
                 ChainOutcome::Done(report) => {
                     let mut p = progress.take().unwrap_or_default();
                     return Ok(self.outcome(&model_id, &planned, &mut p, report, recoveries));
+                }
+                ChainOutcome::Broken(e) if e.is_busy() && busy.wait() => {
+                    tracing::warn!("{e}; asking again in a moment");
+                    busy.sleep().await;
+                    continue;
                 }
                 ChainOutcome::Broken(e) => {
                     let e = self.stalled(e, &planned.hops).await;
@@ -498,6 +559,11 @@ impl Asker<'_> {
                         }
                         _ => return Err(e),
                     }
+                }
+                ChainOutcome::NotStarted(e) if e.is_busy() && busy.wait() => {
+                    tracing::warn!("{e}; asking again in a moment");
+                    busy.sleep().await;
+                    continue;
                 }
                 ChainOutcome::NotStarted(e) => e,
             };

@@ -172,7 +172,19 @@ fn failed(ctx: &HopContext, open: &OpenSession, e: &SessionError) -> ActReply {
         SessionError::NextHop(_) => open.index + 1,
         _ => open.index,
     };
-    report(&ctx.signer, open, blamed, e.to_string())
+    let busy = matches!(
+        e,
+        SessionError::AskerShare { .. }
+            | SessionError::Engine(ServiceError::Engine(EngineError::Busy(_)))
+    );
+    ActReply::Failed(FailureReport::sign_kind(
+        &ctx.signer,
+        open.session,
+        open.index,
+        blamed,
+        busy,
+        e.to_string(),
+    ))
 }
 
 /// A failure report signed by this hop (hop `open.index`).
