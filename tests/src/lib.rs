@@ -451,3 +451,17 @@ pub fn loopback_args(bootstrap: Option<&str>) -> Vec<&str> {
     }
     v
 }
+
+/// A number from environment variable `k` (benchmark knobs), else `d`.
+pub fn env_num<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// The median of `v`; NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
