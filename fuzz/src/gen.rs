@@ -123,7 +123,11 @@ pub fn act_frame(u: &mut Unstructured<'_>) -> Result<ActFrame> {
 /// An [`ActReply`].
 pub fn act_reply(u: &mut Unstructured<'_>) -> Result<ActReply> {
     Ok(if u.arbitrary()? {
-        ActReply::Ready
+        let n = u.int_in_range(0..=4usize)?;
+        let kept = (0..n)
+            .map(|_| u.arbitrary())
+            .collect::<Result<Vec<u32>>>()?;
+        ActReply::Ready { kept }
     } else {
         ActReply::Failed(failure_report(u)?)
     })

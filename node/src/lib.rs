@@ -3,6 +3,7 @@
 //! `docs/ARCHITECTURE.md` maps the modules.
 
 pub mod ask;
+pub mod choose;
 pub mod datadir;
 pub mod engine;
 pub mod faults;

@@ -127,6 +127,12 @@ struct AskArgs {
     /// have no free session.
     #[arg(long, default_value_t = 120)]
     busy_wait: u64,
+    /// Test-only: a repaired chain gets a new session id, so that no hop
+    /// resumes its part and the history is replayed into every hop (the
+    /// recovery benchmark's baseline).
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    test_fresh_recovery: bool,
     /// The prompt.
     prompt: String,
 }
@@ -201,19 +207,16 @@ enum SwarmCmd {
 #[derive(Args, Debug)]
 struct JoinArgs {
     /// The whole model (GGUF). Without it, `--model-id` fetches the layers
-    /// from peers.
-    #[arg(
-        long,
-        required_unless_present = "model_id",
-        conflicts_with = "model_id"
-    )]
+    /// from peers; with neither, the node serves the model the swarm needs
+    /// most (the least covered), fetched from peers.
+    #[arg(long, conflicts_with = "model_id")]
     model: Option<PathBuf>,
     /// Model id (64 hex) to fetch from peers, verified piece by piece.
     #[arg(long)]
     model_id: Option<String>,
     /// Layers to serve, half-open (`0..10`), or `auto`: the blocks the swarm
     /// needs most that fit in `--max-memory`.
-    #[arg(long, value_parser = parse_layers)]
+    #[arg(long, value_parser = parse_layers, default_value = "auto")]
     layers: LayerChoice,
     /// Memory for weights with `--layers auto` (e.g. `512MB`, `4GiB`);
     /// default: 80% of free memory.
@@ -222,7 +225,9 @@ struct JoinArgs {
     /// Peers to bootstrap from (multiaddr, `/p2p/<id>` optional).
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
-    /// Addresses to listen on.
+    /// Addresses to listen on. Each TCP address also gets QUIC on the same
+    /// port number over UDP (`/ip4/IP/udp/PORT/quic-v1`), unless a QUIC
+    /// address is given: then exactly the addresses given.
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
     listen: Vec<Multiaddr>,
     /// Do not look for peers on the LAN with mDNS.
@@ -429,6 +434,10 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         verify: a.verify,
         recover_wait: std::time::Duration::from_secs(a.recover_wait),
         busy_wait: std::time::Duration::from_secs(a.busy_wait),
+        #[cfg(feature = "fault-injection")]
+        fresh_recovery: a.test_fresh_recovery,
+        #[cfg(not(feature = "fault-injection"))]
+        fresh_recovery: false,
     };
     let json = a.json;
     let stdout = std::io::stdout();
@@ -517,7 +526,7 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
     let source = match (a.model, a.model_id) {
         (Some(p), _) => serve::ModelSource::File(p),
         (None, Some(id)) => serve::ModelSource::Id(id),
-        (None, None) => bail!("give --model PATH or --model-id ID"),
+        (None, None) => serve::ModelSource::Swarm,
     };
     let opts = serve::JoinOptions {
         source,
@@ -548,6 +557,9 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
             writeln!(out, "listening on {addr}")?;
         }
         out.flush()?;
+    }
+    if let Some(choice) = &node.chosen {
+        eprintln!("model: {choice}");
     }
     eprintln!(
         "serving layers {}..{} of model {} as {}",

@@ -3,8 +3,11 @@
 //! the swarm until told to leave.
 //!
 //! The steps, in order: check the user's input (before any network use),
-//! start the swarm, [`prepare`] the slice (cut from a local model, or
-//! fetched from peers), load and measure it, start the servers, announce.
+//! start the swarm (listening on TCP and QUIC, see
+//! [`nakshatra_swarm::with_quic_listeners`]), choose the model when none
+//! was named ([`crate::choose`]), [`prepare`] the slice (cut from a local
+//! model, or fetched from peers), load and measure it, start the servers,
+//! announce.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -16,6 +19,7 @@ use nakshatra_swarm::{
     DeviceInfo, IdentityKeypair, Multiaddr, PeerId, Protocol, ServerInfo, SwarmConfig,
 };
 
+use crate::choose::{self, ChooseError, ModelChoice};
 use crate::datadir::DataDir;
 use crate::engine::service::EngineService;
 use crate::engine::{self, EngineConfig, SliceEngine};
@@ -31,6 +35,13 @@ use crate::vocab::{self, VocabError, VocabOffer};
 pub const PEER_WAIT: Duration = Duration::from_secs(15);
 /// How often it looks for the model's servers meanwhile.
 const MODEL_POLL: Duration = Duration::from_millis(250);
+/// How long a node joining with no model named reads the swarm's view,
+/// once connected, for a model to serve before it gives up (the swarm
+/// serves none): a few DHT round trips.
+pub const CHOOSE_WAIT: Duration = Duration::from_secs(5);
+/// How often it reads the view meanwhile (each read is a round of DHT
+/// lookups).
+const CHOOSE_POLL: Duration = Duration::from_secs(1);
 /// Least time between two announcements of a changed free session count,
 /// unless the node filled up or got room again.
 pub const CAPACITY_MIN_INTERVAL: Duration = Duration::from_secs(30);
@@ -98,6 +109,9 @@ pub enum JoinError {
     /// Peers are reachable, but none serves the model.
     #[error("no peer serves model {0} (unknown model id?)")]
     UnknownModel(String),
+    /// No model named, and none to choose from the swarm.
+    #[error(transparent)]
+    Choose(#[from] ChooseError),
     /// Announcing failed.
     #[error(transparent)]
     Announce(#[from] nakshatra_swarm::AnnounceError),
@@ -159,7 +173,9 @@ pub struct JoinOptions {
     pub faults: Faults,
     /// Peers to bootstrap from.
     pub bootstrap: Vec<Multiaddr>,
-    /// Addresses to listen on.
+    /// Addresses to listen on; each TCP one also gets QUIC on the same
+    /// port number unless one of them is QUIC
+    /// ([`nakshatra_swarm::with_quic_listeners`]).
     pub listen: Vec<Multiaddr>,
     /// Identity, slice cache, fetched pieces, vocabularies.
     pub data_dir: DataDir,
@@ -194,6 +210,9 @@ pub enum ModelSource {
     File(PathBuf),
     /// Only a model id (`--model-id`): the pieces are fetched from peers.
     Id(String),
+    /// Nothing named: the model the swarm needs most
+    /// ([`choose::choose_model`]), then as [`ModelSource::Id`].
+    Swarm,
 }
 
 /// A node that is up: its engine and its swarm handle.
@@ -206,6 +225,9 @@ pub struct ServingNode {
     pub task: tokio::task::JoinHandle<()>,
     /// What it announced last.
     pub info: ServerInfo,
+    /// The model chosen from the swarm, and why ([`ModelSource::Swarm`]
+    /// only).
+    pub chosen: Option<ModelChoice>,
     /// Dialable addresses, each ending in `/p2p/<peer id>`.
     pub addrs: Vec<Multiaddr>,
     /// Its sessions (to count the evictable ones as free).
@@ -254,7 +276,7 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     let keypair = load_identity(&opts.data_dir)?;
     let signing = nakshatra_swarm::signing_key(&keypair)?;
     let mut cfg = SwarmConfig::server();
-    cfg.listen = opts.listen.clone();
+    cfg.listen = nakshatra_swarm::with_quic_listeners(&opts.listen);
     cfg.bootstrap = opts.bootstrap.clone();
     cfg.mdns = opts.mdns;
     cfg.record_ttl = opts.record_ttl;
@@ -262,11 +284,18 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     opts.faults.configure_swarm(&mut cfg);
     let (swarm, task) = nakshatra_swarm::spawn(keypair, cfg).await?;
     match prepare_and_announce(&opts, &swarm, &signing).await {
-        Ok((engine, info, addrs, sessions)) => Ok(ServingNode {
+        Ok(Up {
+            engine,
+            info,
+            chosen,
+            addrs,
+            sessions,
+        }) => Ok(ServingNode {
             engine,
             swarm,
             task,
             info,
+            chosen,
             addrs,
             sessions,
             evict_idle_after: opts.evict_idle_after,
@@ -304,6 +333,7 @@ fn check_input(opts: &JoinOptions) -> Result<(), JoinError> {
                 }
             })?;
         }
+        ModelSource::Swarm => {}
     }
     Ok(())
 }
@@ -330,6 +360,8 @@ struct Prepared {
     /// The vocabulary-only GGUF.
     vocab: Vec<u8>,
     range: Range<u32>,
+    /// The model chosen from the swarm ([`ModelSource::Swarm`]).
+    chosen: Option<ModelChoice>,
 }
 
 async fn prepare(
@@ -366,33 +398,67 @@ async fn prepare(
                 manifest,
                 vocab,
                 range,
+                chosen: None,
             })
         }
-        ModelSource::Id(id) => {
-            let peers = model_sources(swarm, id).await?;
-            let (manifest, vocab) =
-                fetch::manifest_and_vocab(swarm, &peers, id, &opts.data_dir).await?;
-            let range = match &opts.layers {
-                LayerChoice::Range(r) => {
-                    check_range(r, manifest.n_layers)?;
-                    r.clone()
-                }
-                LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
-            };
-            let slice = fetch_slice(opts, swarm, &peers, &manifest, &vocab, &range).await?;
-            let mut serve_files = vec![slice.clone()];
-            if range.start == 0 && range.end < manifest.n_layers {
-                serve_files.push(nakshatra_slicer::embd_sidecar_path(&slice));
-            }
-            Ok(Prepared {
-                slice,
-                serve_files,
-                manifest,
-                vocab,
-                range,
-            })
+        ModelSource::Id(id) => prepare_fetched(opts, swarm, id, budget).await,
+        ModelSource::Swarm => {
+            let choice = choose_from_swarm(swarm).await?;
+            tracing::info!("model: {choice}");
+            let mut p = prepare_fetched(opts, swarm, &choice.model_id, budget).await?;
+            p.chosen = Some(choice);
+            Ok(p)
         }
     }
+}
+
+/// The model the swarm needs most ([`choose::choose_model`]): waits up to
+/// [`PEER_WAIT`] for a first peer, then reads the swarm's view every
+/// [`CHOOSE_POLL`] until it names a model or [`CHOOSE_WAIT`] passed.
+async fn choose_from_swarm(swarm: &nakshatra_swarm::Client) -> Result<ModelChoice, JoinError> {
+    swarm.wait_connected(PEER_WAIT).await?;
+    let deadline = Instant::now() + CHOOSE_WAIT;
+    loop {
+        let view = swarm.swarm_view().await?;
+        match choose::choose_model(&view.models) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(CHOOSE_POLL).await,
+        }
+    }
+}
+
+/// [`ModelSource::Id`]: the manifest and vocabulary from peers serving
+/// `id` (verified), the range (`--layers auto` on the verified shape), and
+/// the slice fetched piece by piece.
+async fn prepare_fetched(
+    opts: &JoinOptions,
+    swarm: &nakshatra_swarm::Client,
+    id: &str,
+    budget: u64,
+) -> Result<Prepared, JoinError> {
+    let peers = model_sources(swarm, id).await?;
+    let (manifest, vocab) = fetch::manifest_and_vocab(swarm, &peers, id, &opts.data_dir).await?;
+    let range = match &opts.layers {
+        LayerChoice::Range(r) => {
+            check_range(r, manifest.n_layers)?;
+            r.clone()
+        }
+        LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
+    };
+    let slice = fetch_slice(opts, swarm, &peers, &manifest, &vocab, &range).await?;
+    let mut serve_files = vec![slice.clone()];
+    if range.start == 0 && range.end < manifest.n_layers {
+        serve_files.push(nakshatra_slicer::embd_sidecar_path(&slice));
+    }
+    Ok(Prepared {
+        slice,
+        serve_files,
+        manifest,
+        vocab,
+        range,
+        chosen: None,
+    })
 }
 
 /// Peers that serve `model_id` (not this node), waiting up to
@@ -532,19 +598,20 @@ async fn block_sources(
     sources
 }
 
+/// What [`prepare_and_announce`] brings up.
+struct Up {
+    engine: EngineService,
+    info: ServerInfo,
+    chosen: Option<ModelChoice>,
+    addrs: Vec<Multiaddr>,
+    sessions: Arc<hop::SessionTable>,
+}
+
 async fn prepare_and_announce(
     opts: &JoinOptions,
     swarm: &nakshatra_swarm::Client,
     signing: &ed25519_dalek::SigningKey,
-) -> Result<
-    (
-        EngineService,
-        ServerInfo,
-        Vec<Multiaddr>,
-        Arc<hop::SessionTable>,
-    ),
-    JoinError,
-> {
+) -> Result<Up, JoinError> {
     let p = prepare(opts, swarm).await?;
     tracing::info!("llama.cpp: {}", engine::system_info());
     let (engine, throughput) = load_and_measure(&p.slice, &opts.engine).await?;
@@ -557,12 +624,15 @@ async fn prepare_and_announce(
     let sessions = serve_protocols(opts, swarm, signing, &p, &engine).await?;
 
     let me = swarm.peer_id();
-    let addrs: Vec<Multiaddr> = swarm
+    let mut addrs: Vec<Multiaddr> = swarm
         .listen_addrs()
         .await?
         .into_iter()
         .map(|a| a.with(Protocol::P2p(me)))
         .collect();
+    // TCP first: the first address printed is the one scripts and tests
+    // bootstrap from, which every build can dial.
+    addrs.sort_by_key(nakshatra_swarm::is_quic);
     let m = &p.manifest;
     let mut si = ServerInfo::new(
         m.model_id.clone(),
@@ -578,7 +648,13 @@ async fn prepare_and_announce(
     si.context_per_session = engine.ctx_per_session();
     opts.faults.lie_about_shape(&mut si);
     swarm.announce(si.clone()).await?;
-    Ok((engine, si, addrs, sessions))
+    Ok(Up {
+        engine,
+        info: si,
+        chosen: p.chosen,
+        addrs,
+        sessions,
+    })
 }
 
 /// Loads the slice and times [`MEASURE_STEPS`] decode steps (the
@@ -635,6 +711,8 @@ async fn serve_protocols(
         signer: signing.clone(),
         sessions: sessions.clone(),
         evict_idle_after: opts.evict_idle_after,
+        resumable: Arc::new(hop::Resumable::default()),
+        park_grace: hop::PARK_GRACE,
     }))?;
     Ok(sessions)
 }

@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Activation stream protocol id.
-pub const ACT_PROTOCOL: &str = "/nakshatra/act/2";
+pub const ACT_PROTOCOL: &str = "/nakshatra/act/3";
 /// Token return stream protocol id.
 pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/2";
 /// Vocabulary fetch protocol id.
@@ -95,7 +95,11 @@ pub struct HopSpec {
 /// Sets up a session on a hop and, through it, on the rest of the chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpenSession {
-    /// Random session id chosen by the asker.
+    /// Random session id chosen by the asker. A chain that replaces a
+    /// broken one keeps the session id: a hop that still holds the
+    /// session from the broken chain (same asker, same range, same
+    /// sampling) resumes it with its KV cache and history instead of
+    /// opening a fresh one.
     pub session: u64,
     /// Model id (64 hex).
     pub model_id: String,
@@ -153,7 +157,14 @@ pub enum ActFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActReply {
     /// Every hop from this one to the last has its session open.
-    Ready,
+    Ready {
+        /// For each hop from this one to the last, in order: how many
+        /// positions of the session it kept from an earlier chain of the
+        /// same session (0: a fresh session). A hop that kept positions
+        /// answers steps inside them from its history, without computing
+        /// (see [`OpenSession::session`]). At most [`MAX_HOPS`] entries.
+        kept: Vec<u32>,
+    },
     /// A hop failed (at open or later), in a report signed by the hop that
     /// saw it; hops upstream relay it unchanged.
     Failed(FailureReport),

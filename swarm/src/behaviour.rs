@@ -1,6 +1,7 @@
 //! The composed libp2p behaviour and how it is configured.
 
 use libp2p::{
+    allow_block_list::{self, BlockedPeers},
     connection_limits::{self, ConnectionLimits},
     identify,
     identity::Keypair,
@@ -51,6 +52,9 @@ pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 1024;
 pub(crate) struct Behaviour {
     /// Refuses connections over the caps above, before any protocol runs.
     pub(crate) limits: connection_limits::Behaviour,
+    /// Peers found dead (see `Client::forget_peer`): no connection to or
+    /// from them, so that no lookup waits on a dial to them.
+    pub(crate) blocked: allow_block_list::Behaviour<BlockedPeers>,
     pub(crate) kad: kad::Behaviour<Store>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
@@ -140,6 +144,7 @@ impl Behaviour {
 
         Behaviour {
             limits,
+            blocked: allow_block_list::Behaviour::default(),
             kad,
             identify,
             ping,

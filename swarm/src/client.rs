@@ -456,6 +456,18 @@ impl Client {
         plan_chain(&view, &rtts, &opts)
     }
 
+    /// Treats `peer` as dead for `period`: its connections are closed, it
+    /// leaves the routing table, and no connection to or from it is made
+    /// until then, so that no lookup waits on a dial to it (a QUIC dial to
+    /// a killed process waits out the whole handshake timeout). For a peer
+    /// this node saw die (a hop lost mid-answer); it may come back after.
+    pub async fn forget_peer(&self, peer: PeerId, period: Duration) -> Result<(), Stopped> {
+        self.tx
+            .send(Command::Forget { peer, period })
+            .await
+            .map_err(|_| Stopped)
+    }
+
     /// Peers with an open connection.
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, Stopped> {
         self.call(|reply| Command::ConnectedPeers { reply }).await

@@ -32,6 +32,7 @@ use nakshatra_protocol::{
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::addrs::prefer_quic;
 use crate::scope::Scope;
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
@@ -94,6 +95,11 @@ pub(crate) struct NextHopTarget {
 }
 
 pub(crate) enum Command {
+    /// Treat `peer` as dead for `period` (see `Client::forget_peer`).
+    Forget {
+        peer: PeerId,
+        period: Duration,
+    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -221,6 +227,8 @@ pub(crate) struct EventLoop {
     mdns_retries: HashMap<PeerId, (u32, Option<Instant>)>,
     bootstrap: Bootstrap,
     stats: SwarmStats,
+    /// Peers blocked as dead (`Command::Forget`), until when.
+    forgotten: HashMap<PeerId, Instant>,
 }
 
 impl EventLoop {
@@ -267,6 +275,7 @@ impl EventLoop {
                 attempts: 0,
             },
             stats: SwarmStats::default(),
+            forgotten: HashMap::new(),
         }
     }
 
@@ -339,7 +348,7 @@ impl EventLoop {
                     let _ = reply.send(Ok(self.info_response()));
                     return;
                 }
-                let addrs = self.addr_book.get(&peer).cloned().unwrap_or_default();
+                let addrs = self.addrs_of(&peer);
                 let id = self.swarm.behaviour_mut().info.send_request_with_addresses(
                     &peer,
                     InfoRequest::default(),
@@ -398,6 +407,14 @@ impl EventLoop {
                         tracing::warn!(error = %e, "cannot re-sign the info");
                     }
                 }
+            }
+            Command::Forget { peer, period } => {
+                let b = self.swarm.behaviour_mut();
+                b.blocked.block_peer(peer);
+                b.kad.remove_peer(&peer);
+                self.addr_book.remove(&peer);
+                self.forgotten.insert(peer, Instant::now() + period);
+                tracing::debug!(%peer, ?period, "peer forgotten");
             }
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -649,13 +666,16 @@ impl EventLoop {
         }
     }
 
+    /// The addresses this node's info announces: external ones, then
+    /// listen addresses, QUIC first within each (peers that dial them in
+    /// order try QUIC first), at most [`MAX_ADVERTISED_ADDRS`].
     fn advertised_addrs(&self) -> Vec<String> {
+        let mut external: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        prefer_quic(&mut external);
+        let mut listen = self.listen_addrs.clone();
+        prefer_quic(&mut listen);
         let mut out: Vec<String> = Vec::new();
-        for a in self
-            .swarm
-            .external_addresses()
-            .chain(self.listen_addrs.iter())
-        {
+        for a in external.iter().chain(listen.iter()) {
             let s = a.to_string();
             if !out.contains(&s) && s.len() <= 256 {
                 out.push(s);
@@ -780,6 +800,16 @@ impl EventLoop {
             }
         }
         self.swarm.behaviour_mut().kad.store_mut().sweep(now);
+        let back: Vec<PeerId> = self
+            .forgotten
+            .iter()
+            .filter(|(_, until)| now >= **until)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in back {
+            self.forgotten.remove(&peer);
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+        }
         self.rtt_waiters.retain(|_, ws| {
             ws.retain(|w| !w.is_closed());
             !ws.is_empty()
@@ -801,7 +831,7 @@ impl EventLoop {
     /// whose noise handshake fails on both sides.
     /// Returns `false` when no address of `peer` is known at all.
     fn dial_peer(&mut self, peer: PeerId) -> bool {
-        let addrs = self.addr_book.get(&peer).cloned().unwrap_or_default();
+        let addrs = self.addrs_of(&peer);
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
             .extend_addresses_through_behaviour()
@@ -818,6 +848,15 @@ impl EventLoop {
                 true
             }
         }
+    }
+
+    /// The addresses of `peer` in this node's address book, QUIC first
+    /// (see [`crate::prefer_quic`]). The book itself keeps them in the
+    /// order learnt, so that the oldest is the one forgotten.
+    fn addrs_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        let mut addrs = self.addr_book.get(peer).cloned().unwrap_or_default();
+        prefer_quic(&mut addrs);
+        addrs
     }
 
     /// The networks this node may dial into (see [`Scope`]); mDNS on
@@ -882,8 +921,10 @@ impl EventLoop {
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
                 let scope = self.scope();
                 // A peer's claims about where it listens: only addresses on
-                // networks this node is on (see `scope`).
-                for addr in info.listen_addrs.into_iter().filter(|a| scope.allows(a)) {
+                // networks this node is on (see `scope`), QUIC first.
+                let mut addrs = info.listen_addrs;
+                prefer_quic(&mut addrs);
+                for addr in addrs.into_iter().filter(|a| scope.allows(a)) {
                     self.remember_addr(peer_id, addr.clone());
                     if speaks_kad {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);

@@ -6,8 +6,9 @@
 //! # Shape
 //!
 //! [`spawn`] builds a libp2p [`libp2p::Swarm`] (TCP + noise + yamux, QUIC
-//! with the `quic` feature, DNS), starts listening and moves the swarm into
-//! an event-loop task; it hands back a [`Client`] (cloneable handle; every
+//! with the `quic` feature (on by default; see [`with_quic_listeners`] and
+//! [`prefer_quic`]), DNS), starts listening and moves the swarm into an
+//! event-loop task; it hands back a [`Client`] (cloneable handle; every
 //! method is a command sent to the loop, answered over a oneshot channel)
 //! and the task's `JoinHandle`.
 //!
@@ -62,6 +63,7 @@
 
 #![forbid(unsafe_code)]
 
+mod addrs;
 mod behaviour;
 mod client;
 mod codec;
@@ -75,6 +77,7 @@ pub mod plan;
 mod probe;
 mod scope;
 mod store;
+mod transport;
 mod view;
 
 use std::sync::Arc;
@@ -85,6 +88,7 @@ use tokio::{
     task::JoinHandle,
 };
 
+pub use addrs::{is_quic, prefer_quic, quic_twin, with_quic_listeners};
 pub use behaviour::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 pub use client::Client;
 pub use codec::InfoCodec;
@@ -161,16 +165,38 @@ fn build_swarm(
     config: &SwarmConfig,
 ) -> Result<Swarm<behaviour::Behaviour>, SwarmError> {
     let transport_err = |e: &dyn std::fmt::Display| SwarmError::Transport(e.to_string());
+    // TCP + noise + yamux as `SwarmBuilder::with_tcp` builds it, with the
+    // raw TCP dials watched for refusals that end QUIC dials early
+    // (`transport.rs`).
+    use libp2p::core::Transport as _;
+    let refusals = transport::TcpRefusals::default();
+    let tcp_refusals = refusals.clone();
     let builder = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| {
+            let tcp = transport::RecordRefusals::new(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)),
+                tcp_refusals,
+            );
+            let noise = noise::Config::new(key)
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
+            Ok(tcp
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default()))
+        })
         .map_err(|e| transport_err(&e))?;
     #[cfg(feature = "quic")]
-    let builder = builder.with_quic();
+    let builder = builder
+        .with_other_transport(|key| {
+            transport::AbortOnRefusal::new(
+                libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key)),
+                refusals,
+            )
+        })
+        .map_err(|e| transport_err(&e))?;
+    #[cfg(not(feature = "quic"))]
+    drop(refusals);
     let idle = config.idle_connection_timeout;
     let swarm = builder
         .with_dns()

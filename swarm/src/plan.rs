@@ -84,6 +84,14 @@ pub struct PlanOptions {
     /// planner goes round it when another chain exists and still uses it
     /// when it is the only way through. Default empty.
     pub penalty: HashMap<PeerId, f64>,
+    /// Hops to keep, each with its range (repairing a chain that lost a
+    /// hop: the hops still up keep their sessions). The chain is first
+    /// planned keeping them all, only the blocks none of them covers being
+    /// planned (a peer whose range overlaps a kept hop's is not used);
+    /// when no peer fits those blocks, the whole chain is planned as if
+    /// `keep` were empty (a replacement may cover a wider range). Default
+    /// empty.
+    pub keep: Vec<(PeerId, [u32; 2])>,
 }
 
 impl Default for PlanOptions {
@@ -95,6 +103,7 @@ impl Default for PlanOptions {
             shape: None,
             measured: HashMap::new(),
             penalty: HashMap::new(),
+            keep: Vec::new(),
         }
     }
 }
@@ -243,6 +252,17 @@ fn usable(p: &PeerView, n_layers: u32, opts: &PlanOptions) -> bool {
         && !opts.exclude.contains(&p.peer_id)
 }
 
+/// Whether `p` may join a chain that keeps `keep`: a kept peer with its
+/// kept range, or any other peer whose range overlaps no kept range.
+fn fits_kept(p: &PeerView, keep: &[(PeerId, [u32; 2])]) -> bool {
+    match keep.iter().find(|(id, _)| *id == p.peer_id) {
+        Some((_, range)) => *range == p.range,
+        None => keep
+            .iter()
+            .all(|(_, [a, b])| p.range[1] <= *a || p.range[0] >= *b),
+    }
+}
+
 /// Plans the chain with the lowest estimated seconds per decode token
 /// through `view`'s model (cost model and search: see the module doc).
 ///
@@ -259,13 +279,32 @@ pub fn plan_chain(
     first_rtts: &HashMap<PeerId, Duration>,
     opts: &PlanOptions,
 ) -> Result<Chain, PlanError> {
+    if !opts.keep.is_empty() {
+        if let Ok(c) = plan_among(view, first_rtts, opts, &opts.keep) {
+            return Ok(c);
+        }
+    }
+    plan_among(view, first_rtts, opts, &[])
+}
+
+/// [`plan_chain`] among the peers that fit `keep` (see [`fits_kept`]).
+fn plan_among(
+    view: &ModelView,
+    first_rtts: &HashMap<PeerId, Duration>,
+    opts: &PlanOptions,
+    keep: &[(PeerId, [u32; 2])],
+) -> Result<Chain, PlanError> {
     let n = view.n_layers;
     if n == 0 || view.peers.is_empty() {
         return Err(PlanError::NoModel {
             model_id: view.id.clone(),
         });
     }
-    let mut peers: Vec<&PeerView> = view.peers.iter().filter(|p| usable(p, n, opts)).collect();
+    let mut peers: Vec<&PeerView> = view
+        .peers
+        .iter()
+        .filter(|p| usable(p, n, opts) && fits_kept(p, keep))
+        .collect();
     peers.sort_by_cached_key(|p| p.peer_id.to_base58());
     peers.dedup_by_key(|p| p.peer_id);
 
@@ -516,6 +555,44 @@ mod tests {
         opts.measured.insert(liar, f64::NAN);
         opts.penalty.insert(a, f64::INFINITY);
         assert_eq!(ids(&plan_chain(&v, &rtts, &opts).unwrap()), vec![liar]);
+    }
+
+    /// A repair keeps the hops still up and plans only the lost blocks:
+    /// however fast a peer covering more is, it is not used.
+    #[test]
+    fn a_repair_plans_only_the_lost_blocks() {
+        let (a, lost, c, s1, s2, wide) = (peer(1), peer(2), peer(3), peer(4), peer(5), peer(6));
+        let v = view(
+            30,
+            vec![
+                pv(a, 0, 10, 10.0),
+                pv(lost, 10, 20, 10.0),
+                pv(c, 20, 30, 10.0),
+                pv(s1, 10, 15, 10.0),
+                pv(s2, 15, 20, 10.0),
+                pv(wide, 0, 30, 1000.0),
+            ],
+        );
+        let mut opts = PlanOptions::default();
+        assert_eq!(ids(&plan_chain(&v, &no_rtts(), &opts).unwrap()), vec![wide]);
+        opts.keep = vec![(a, [0, 10]), (c, [20, 30])];
+        opts.exclude.insert(lost);
+        let chain = plan_chain(&v, &no_rtts(), &opts).unwrap();
+        assert_eq!(ids(&chain), vec![a, s1, s2, c]);
+        // Nobody fits the lost blocks between the kept hops: the whole
+        // chain is planned again (here the wide peer).
+        opts.exclude.insert(s2);
+        assert_eq!(ids(&plan_chain(&v, &no_rtts(), &opts).unwrap()), vec![wide]);
+        // A kept peer must still announce its kept range.
+        opts.exclude.remove(&s2);
+        opts.keep = vec![(a, [0, 5]), (c, [20, 30])];
+        assert_eq!(ids(&plan_chain(&v, &no_rtts(), &opts).unwrap()), vec![wide]);
+        // Nobody at all for the lost blocks: they are named.
+        opts.exclude.extend([s2, wide]);
+        match plan_chain(&v, &no_rtts(), &opts) {
+            Err(PlanError::Uncovered { missing, .. }) => assert_eq!(missing, vec![[15, 20]]),
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]

@@ -159,6 +159,15 @@ mod tests {
         );
         assert!(lan.allows(&a("/ip4/192.168.1.3/tcp/4000")));
         assert!(!lan.allows(&a("/ip4/127.0.0.1/tcp/4001")));
+        // QUIC addresses are judged by their IP, as TCP ones are.
+        assert!(local.allows(&a("/ip4/127.0.0.1/udp/4001/quic-v1")));
+        assert!(!local.allows(&a("/ip4/192.168.1.2/udp/4001/quic-v1")));
+        let quic_local = Scope::of(&[a("/ip4/127.0.0.1/udp/4000/quic-v1")], &[]);
+        assert!(quic_local.allows(&a("/ip4/127.0.0.1/tcp/4001")));
+        assert!(quic_local.allows(&a("/ip4/127.0.0.1/udp/4001/quic-v1")));
+        let quic_asker = Scope::of(&[], &[a("/ip4/127.0.0.1/udp/4000/quic-v1")]);
+        assert!(quic_asker.allows(&a("/ip4/127.0.0.1/udp/4001/quic-v1")));
+        assert!(!quic_asker.allows(&a("/ip4/10.0.0.1/udp/4001/quic-v1")));
         // A client (no listen address) bootstrapping from loopback.
         let asker = Scope::of(&[], &[a("/ip4/127.0.0.1/tcp/4000")]);
         assert!(asker.allows(&a("/ip4/127.0.0.1/tcp/4001")));

@@ -3,13 +3,19 @@
 //!
 //! 1. Six nodes on loopback, two for each of 0..10, 10..20, 20..30 (one
 //!    thread each, a simulated link delay so that an answer takes
-//!    seconds). `BENCH_KILLS` asks of 64 greedy tokens; during each, a hop
-//!    of its chain (first, middle, last in turn) is SIGKILLed after a
-//!    different amount of text has streamed, then restarted for the next
-//!    round. Per kill: detection (the kill to the asker's "the chain broke"
-//!    log line), re-plan (from there to the new `chain:` line: planning,
-//!    opening the new chain), replay (the new chain catching up, from the
-//!    `recovered:` line), tokens replayed; medians and maxima.
+//!    seconds). `BENCH_KILLS` asks of 64 greedy tokens for each of two
+//!    modes, interleaved: `kept` (the product: the hops still up resume
+//!    their part of the session and answer the replay from their history)
+//!    and `fresh` (the baseline: the repaired chain gets a new session id,
+//!    so every hop computes the replay; hidden test flag
+//!    `--test-fresh-recovery`). During each ask, a hop of its chain (first,
+//!    middle, last in turn) is SIGKILLed after a different amount of text
+//!    has streamed, then restarted for the next round. Per kill: detection
+//!    (the kill to the asker's "the chain broke" log line), re-plan (from
+//!    there to the new `chain:` line: planning, opening the new chain),
+//!    replay (the new chain catching up, from the `recovered:` line),
+//!    tokens replayed; medians and maxima per mode, and the ratio of the
+//!    median replay times.
 //! 2. Three nodes (0..10, 10..20, 20..30, `--max-sessions 8`, no delay):
 //!    decode tokens/s with 1, 8 and 32 asks at once (32 tokens each):
 //!    per ask (median) and in all (tokens over wall time).
@@ -25,6 +31,16 @@ use std::time::{Duration, Instant};
 use nakshatra_e2e::*;
 
 const PROMPT: &str = "The capital of France is";
+
+/// One mode's measurements, milliseconds (tokens for `replayed`).
+#[derive(Default)]
+struct Stats {
+    detect: Vec<f64>,
+    replan: Vec<f64>,
+    replay: Vec<f64>,
+    replayed: Vec<f64>,
+    same: usize,
+}
 
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
@@ -52,12 +68,14 @@ struct Ask {
 }
 
 impl Ask {
-    fn start(boot: &str, dir: &std::path::Path) -> Ask {
+    fn start(boot: &str, dir: &std::path::Path, extra: &[&str]) -> Ask {
         let mut child = Command::new(nakshatra_bin())
             .arg("--data-dir")
             .arg(dir)
             .args(["node", "ask", "--no-mdns", "--bootstrap", boot, "--raw"])
-            .args(["--temperature", "0", "--max-tokens", "64", PROMPT])
+            .args(["--temperature", "0", "--max-tokens", "64"])
+            .args(extra)
+            .arg(PROMPT)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -126,12 +144,19 @@ fn main() {
         nodes.push(p);
     }
     let mut boot = boot.unwrap_or_default();
-    let (mut detect, mut replan, mut replay, mut replayed) = (vec![], vec![], vec![], vec![]);
+    const MODES: [&str; 2] = ["kept", "fresh"];
+    let mut stats: [Stats; 2] = Default::default();
     println!("recovery bench: SmolLM2-135M Q4_1 | 6 nodes, 1 thread each, {delay} ms simulated link delay | 64 greedy tokens per ask");
-    println!("kill  hop  streamed B  detect ms  re-plan ms  replay ms  tokens replayed  same text");
-    for k in 0..kills {
+    println!("kill  mode   hop  streamed B  detect ms  re-plan ms  replay ms  tokens replayed  same text");
+    for k in 0..kills * 2 {
+        let (m, round) = (k % 2, k / 2);
+        let ask_extra: &[&str] = if m == 1 {
+            &["--test-fresh-recovery"]
+        } else {
+            &[]
+        };
         let asker = tempfile::tempdir().unwrap();
-        let mut ask = Ask::start(&boot, asker.path());
+        let mut ask = Ask::start(&boot, asker.path(), ask_extra);
         // An ask right after a restart may find the swarm still settling:
         // it fails at once, and is asked again.
         let t = Instant::now();
@@ -156,12 +181,12 @@ fn main() {
             if matches!(ask.child.try_wait(), Ok(Some(_))) {
                 eprintln!("ask {k} ended early, asking again: {}", ask.err());
                 std::thread::sleep(Duration::from_secs(1));
-                ask = Ask::start(&boot, asker.path());
+                ask = Ask::start(&boot, asker.path(), ask_extra);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let hop = k % chain.len();
-        let at_bytes = 4 + 12 * (k / chain.len());
+        let hop = round % chain.len();
+        let at_bytes = 4 + 12 * (round / chain.len());
         wait_for(Duration::from_secs(60), || {
             (ask.stdout.lock().unwrap().len() >= at_bytes).then_some(())
         })
@@ -212,15 +237,18 @@ fn main() {
         let p = rechained.unwrap_or(f64::NAN) - d;
         let same = out.trim_end() == want.trim_end() && recovered.is_some();
         println!(
-            "{k:>4}  {hop:>3}  {at_bytes:>10}  {:>9.0}  {:>10.0}  {:>9.0}  {n:>15}  {same}",
+            "{k:>4}  {:<5}  {hop:>3}  {at_bytes:>10}  {:>9.0}  {:>10.0}  {:>9.0}  {n:>15}  {same}",
+            MODES[m],
             d * 1e3,
             p * 1e3,
             rs * 1e3
         );
-        detect.push(d * 1e3);
-        replan.push(p * 1e3);
-        replay.push(rs * 1e3);
-        replayed.push(n);
+        let st = &mut stats[m];
+        st.detect.push(d * 1e3);
+        st.replan.push(p * 1e3);
+        st.replay.push(rs * 1e3);
+        st.replayed.push(n);
+        st.same += usize::from(same);
         // Restarted through a node that is up (the killed one may have
         // been the bootstrap node), which askers bootstrap from next.
         boot = nodes[(i + 1) % nodes.len()].addr().to_string();
@@ -229,15 +257,23 @@ fn main() {
             status_json(&boot).filter(|v| [0, 15, 25].iter().all(|b| holders(v, *b).len() == 2))
         });
     }
+    for (mode, st) in MODES.iter().zip(&stats) {
+        println!(
+            "{mode:<5}: detection ms: median {:.0}, max {:.0} | re-plan ms: median {:.0}, max {:.0} | replay ms: median {:.0}, max {:.0} | tokens replayed: median {:.0} | same text {}/{}",
+            median(st.detect.clone()),
+            max(&st.detect),
+            median(st.replan.clone()),
+            max(&st.replan),
+            median(st.replay.clone()),
+            max(&st.replay),
+            median(st.replayed.clone()),
+            st.same,
+            st.replay.len()
+        );
+    }
     println!(
-        "detection ms: median {:.0}, max {:.0} | re-plan ms: median {:.0}, max {:.0} | replay ms: median {:.0}, max {:.0} | tokens replayed: median {:.0}",
-        median(detect.clone()),
-        max(&detect),
-        median(replan.clone()),
-        max(&replan),
-        median(replay.clone()),
-        max(&replay),
-        median(replayed.clone())
+        "replay, kept / fresh (medians): {:.2}x",
+        median(stats[0].replay.clone()) / median(stats[1].replay.clone())
     );
     drop(nodes);
 

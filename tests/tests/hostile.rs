@@ -261,7 +261,7 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
     for i in 0..3 {
         let (s, reply) = send_open(&greedy, victim, open(vec![hop(0, 30)], me.clone())).await;
         match (i, reply) {
-            (0 | 1, ActReply::Ready) => held.push(s),
+            (0 | 1, ActReply::Ready { .. }) => held.push(s),
             (2, ActReply::Failed(f)) => {
                 assert!(f.message.contains("share"), "{}", f.message)
             }
@@ -353,7 +353,7 @@ async fn idle_sessions_give_their_slots_up_to_an_honest_ask() {
         let (sybil, task) = greedy_peer(&boot).await;
         let open = whole_model_open(&model_id, victim, sybil.peer_id());
         let (s, reply) = send_open(&sybil, victim, open).await;
-        assert_eq!(reply, ActReply::Ready);
+        assert!(matches!(reply, ActReply::Ready { .. }), "{reply:?}");
         held.push(s);
         tasks.push((sybil, task));
     }
@@ -408,7 +408,10 @@ async fn serve_garbage_tokens(fake: Client, s: Stream) {
     let Ok(ActFrame::Open(open)) = read_message::<_, ActFrame>(&mut r).await else {
         return;
     };
-    if write_frame(&mut w, &ActReply::Ready, &[]).await.is_err() {
+    if write_frame(&mut w, &ActReply::Ready { kept: vec![0] }, &[])
+        .await
+        .is_err()
+    {
         return;
     }
     let Ok(asker) = open.asker.parse::<PeerId>() else {

@@ -203,6 +203,9 @@ fn hit_a_hop_with(hop: usize, how: &str, gen: &[&str]) {
     }
     assert!(ok, "{err}");
     assert_eq!(out.trim_end(), want.trim_end(), "{err}");
+    if std::env::var_os("SHOW_ASKER_LOG").is_some() {
+        eprintln!("{err}");
+    }
     let recovered: Vec<&str> = err
         .lines()
         .filter(|l| l.starts_with("recovered:"))
@@ -216,6 +219,15 @@ fn hit_a_hop_with(hop: usize, how: &str, gen: &[&str]) {
         !recovered[0].contains(&format!("replaced by {victim}")),
         "{err}"
     );
+    // The hops that were not hit kept their KV: they resumed the session
+    // and answered the replay from their history.
+    for survivor in chain.iter().filter(|p| **p != victim) {
+        let log = swarm.node(survivor).stderr();
+        assert!(
+            log.contains("session resumed: positions kept"),
+            "hop {survivor} did not resume: {log}"
+        );
+    }
 }
 
 #[test]
@@ -314,6 +326,10 @@ fn a_replacement_may_split_the_lost_range() {
             && line.contains(" [15..20), replayed"),
         "{err}"
     );
+    for survivor in [&chain[0], &chain[2]] {
+        let log = swarm.node(survivor).stderr();
+        assert!(log.contains("session resumed: positions kept"), "{log}");
+    }
 }
 
 /// More asks than sessions: 32 at once through a 3-hop chain whose nodes

@@ -51,6 +51,10 @@ pub(super) enum ChainOutcome<T> {
 /// chain that broke to the one that replaces it.
 #[derive(Default)]
 pub(super) struct Progress {
+    /// The session id, the same on every chain of this generation: a hop
+    /// that survived the chain that broke resumes it (see
+    /// [`OpenSession::session`]).
+    pub(super) session: u64,
     /// The prompt's tokens.
     pub(super) prompt: Vec<i32>,
     /// The text so far.
@@ -76,6 +80,7 @@ impl Progress {
                 ..AskTimings::default()
             },
             prompt,
+            session: rand::random(),
             ..Progress::default()
         }
     }
@@ -160,9 +165,23 @@ pub(super) struct StepResult {
     pub(super) digest: [u8; 32],
 }
 
+/// What a resumed run's catch-up did.
+pub(super) struct Replay {
+    /// Tokens replayed (the prompt and every generated token but the last).
+    pub(super) tokens: usize,
+    /// How long it took.
+    pub(super) took: Duration,
+    /// Per hop, the positions it kept from the chain that broke (see
+    /// [`ActReply::Ready`]): those hops answered the replay from their
+    /// history and computed nothing.
+    pub(super) kept: Vec<u32>,
+}
+
 /// A chain whose session is open at every hop.
 pub(super) struct OpenChain<'a> {
     hops: &'a [HopSpec],
+    /// What each hop kept of the session from an earlier chain.
+    kept: Vec<u32>,
     /// Steps go to hop 1 here.
     to_first: WriteHalf<Stream>,
     /// Tokens come back here, from the last hop.
@@ -202,7 +221,7 @@ impl<'a> OpenChain<'a> {
             .map_err(|_| hop_err(0, HopFault::BadPeerId))?;
         connect_last_hop(swarm, hops).await;
         let open = &open;
-        let (r, to_first) = swarm
+        let (r, to_first, kept) = swarm
             .open_stream_with(
                 first_peer,
                 StreamProtocol::new(ACT_PROTOCOL),
@@ -218,7 +237,7 @@ impl<'a> OpenChain<'a> {
                     )
                     .await;
                     match ready {
-                        Ok(Ok(ActReply::Ready)) => Ok((r, w)),
+                        Ok(Ok(ActReply::Ready { kept })) => Ok((r, w, kept)),
                         Ok(Ok(ActReply::Failed(report))) => {
                             Err(Handshake::Failed(ChainSetup::Failed(report)))
                         }
@@ -255,6 +274,7 @@ impl<'a> OpenChain<'a> {
         .ok_or_else(|| hop_err(last, HopFault::NoTokenStream))?;
         Ok(OpenChain {
             hops,
+            kept,
             to_first,
             tokens,
             failures: watch_failures(r, hops.to_vec(), open.session),
@@ -278,7 +298,7 @@ impl<'a> OpenChain<'a> {
         limit: u32,
         opts: &AskOptions,
         on_text: &mut dyn FnMut(&str),
-        on_replay: &mut dyn FnMut(usize, Duration),
+        on_replay: &mut dyn FnMut(Replay),
         tap: Option<Tap>,
     ) -> ChainOutcome<()> {
         let n_hops = self.hops.len().max(1) as f64;
@@ -365,7 +385,7 @@ impl<'a> OpenChain<'a> {
         p: &Progress,
         tok: &Tokenizer,
         opts: &AskOptions,
-        on_replay: &mut dyn FnMut(usize, Duration),
+        on_replay: &mut dyn FnMut(Replay),
         tap: &Option<Tap>,
     ) -> Result<(Vec<i32>, u32), AskError> {
         let Some((&last, done)) = p.tokens.split_last().filter(|_| p.next_step > 0) else {
@@ -398,7 +418,11 @@ impl<'a> OpenChain<'a> {
                 ));
             }
         }
-        on_replay(replayed, t0.elapsed());
+        on_replay(Replay {
+            tokens: replayed,
+            took: t0.elapsed(),
+            kept: self.kept.clone(),
+        });
         Ok((vec![last], replayed as u32))
     }
 
@@ -586,7 +610,7 @@ fn watch_failures(
                 Ok(ActReply::Failed(report)) => {
                     let _ = tx.send(judge(&hops, session, report)).await;
                 }
-                Ok(ActReply::Ready) => {}
+                Ok(ActReply::Ready { .. }) => {}
                 Err(e) => {
                     let _ = tx.send((0, HopFault::Stream(e))).await;
                     return;

@@ -21,7 +21,7 @@ use crate::engine::EngineError;
 use crate::net::FrameError;
 use crate::vocab::VocabError;
 
-use chain::{ChainOutcome, OpenChain, Progress};
+use chain::{ChainOutcome, OpenChain, Progress, Replay};
 use memory::PeerMemory;
 
 pub use chain::{CHAIN_READY_TIMEOUT, REPLAY_CHUNK, TOKEN_STREAM_TIMEOUT};
@@ -38,6 +38,10 @@ const RECOVER_POLL: Duration = Duration::from_secs(1);
 const BUSY_PAUSE: Duration = Duration::from_millis(250);
 /// Longest pause between two asks of a busy hop.
 const BUSY_PAUSE_MAX: Duration = Duration::from_secs(4);
+/// How long a hop lost mid-answer is treated as dead by this asker's
+/// swarm (no dial to it: see `Client::forget_peer`), so that the
+/// lookups of the repair do not wait on it.
+const FORGET_LOST: Duration = Duration::from_secs(60);
 
 /// Waiting on busy hops: pauses that double, for up to a deadline.
 struct Backoff {
@@ -300,6 +304,10 @@ pub struct AskOptions {
     pub recover_wait: Duration,
     /// How long to keep asking hops that say they are busy (`--busy-wait`).
     pub busy_wait: Duration,
+    /// A repaired chain gets a new session id, so that no hop resumes its
+    /// part of the broken chain's (test-only: the recovery benchmark's
+    /// baseline; `false` in every real ask).
+    pub fresh_recovery: bool,
 }
 
 /// One hop as reported.
@@ -444,6 +452,10 @@ pub struct Recovery {
     pub replaced_by: Vec<String>,
     /// Tokens replayed into the new chain (prompt and generated so far).
     pub replayed_tokens: usize,
+    /// The hops that kept their part of the session from the chain that
+    /// broke (`peer [a..b)`): they answered the replay from their history
+    /// without computing it again. The other new hops computed it.
+    pub kept: Vec<String>,
     /// How long the replay took, seconds.
     pub replay_s: f64,
     /// From the failure to the answer going on again (detection not
@@ -488,7 +500,7 @@ struct VerifyPlan {
 struct Planned {
     hops: Vec<HopSpec>,
     report: Vec<HopReport>,
-    tokenizer: Tokenizer,
+    tokenizer: std::sync::Arc<Tokenizer>,
     prompt: Vec<i32>,
     /// Tokens one session may hold on every hop.
     limit: u32,
@@ -520,19 +532,23 @@ impl Asker<'_> {
         while failures < self.opts.attempts.max(1) {
             let avoid: Vec<PeerId> = lost.iter().map(|l| l.peer).collect();
             let planned = match &lost {
+                Some(l) => {
+                    let p = progress.as_ref();
+                    let at = p.map_or(0, |p| p.prompt.len() + p.tokens.len());
+                    self.plan_recovery(&model_id, &avoid, l, at).await?
+                }
                 None => self.plan(&model_id, &avoid).await?,
-                Some(l) => self.plan_recovery(&model_id, &avoid, l).await?,
             };
             let p = progress.get_or_insert_with(|| Progress::new(planned.prompt.clone()));
             let mut replay = None;
             let outcome = self
-                .try_chain(&model_id, &planned, p, &mut incoming, ev, &mut |n, t| {
-                    replay = Some((n, t))
+                .try_chain(&model_id, &planned, p, &mut incoming, ev, &mut |r| {
+                    replay = Some(r)
                 })
                 .await;
-            if let Some((n, t)) = replay {
+            if let Some(replay) = replay {
                 if let Some(l) = lost.take() {
-                    let r = l.recovered(&planned.hops, n, t);
+                    let r = l.recovered(&planned.hops, replay);
                     (ev.recovery)(&r);
                     recoveries.push(r);
                 }
@@ -550,9 +566,14 @@ impl Asker<'_> {
                 ChainOutcome::Broken(e) => {
                     let e = self.stalled(e, &planned.hops).await;
                     self.charge(&e);
-                    match Lost::from(&e, &planned.hops) {
+                    match Lost::from(&e, planned) {
                         Some(l) if e.recoverable() => {
                             tracing::warn!("the chain broke mid-answer ({e}); repairing it");
+                            let _ = self.swarm.forget_peer(l.peer, FORGET_LOST).await;
+                            if let Some(p) = progress.as_mut().filter(|_| self.opts.fresh_recovery)
+                            {
+                                p.session = rand::random();
+                            }
                             lost = Some(l);
                             failures += 1;
                             continue;
@@ -659,10 +680,10 @@ impl Asker<'_> {
         p: &mut Progress,
         incoming: &mut nakshatra_swarm::stream::IncomingStreams,
         ev: &mut Events<'_>,
-        on_replay: &mut dyn FnMut(usize, Duration),
+        on_replay: &mut dyn FnMut(Replay),
     ) -> ChainOutcome<Option<verify::VerifyReport>> {
         let open = OpenSession {
-            session: rand::random(),
+            session: p.session,
             model_id: model_id.to_string(),
             hops: planned.hops.clone(),
             index: 0,
@@ -867,31 +888,7 @@ impl Asker<'_> {
                 }
             }
         }
-        let hops = hop_specs(&chain);
-        let report = hops
-            .iter()
-            .map(|h| HopReport {
-                peer_id: h.peer_id.clone(),
-                range: [h.start, h.end],
-            })
-            .collect();
-        let figures = chain
-            .hops
-            .iter()
-            .map(|h| memory::PlannedHop {
-                peer: h.peer_id,
-                announced_secs: 1.0 / h.throughput,
-            })
-            .collect();
-        Ok(Planned {
-            hops,
-            report,
-            tokenizer,
-            prompt,
-            limit: context_limit(&chain),
-            figures,
-            estimated: chain.est_secs_per_token,
-        })
+        Ok(planned_from(chain, std::sync::Arc::new(tokenizer), prompt))
     }
 
     /// The fastest chain whose hops each hold `min_context` tokens, by the
@@ -902,6 +899,18 @@ impl Asker<'_> {
         model_id: &str,
         min_context: u32,
         avoid: &[PeerId],
+    ) -> Result<Chain, AskError> {
+        self.plan_keeping(model_id, min_context, avoid, Vec::new())
+            .await
+    }
+
+    /// [`Asker::plan_around`] for a chain that keeps the hops `keep`.
+    async fn plan_keeping(
+        &self,
+        model_id: &str,
+        min_context: u32,
+        avoid: &[PeerId],
+        keep: Vec<(PeerId, [u32; 2])>,
     ) -> Result<Chain, AskError> {
         // The layer count and architecture come from the verified manifest
         // (cached after the first time), never from a vote of announcers.
@@ -918,6 +927,7 @@ impl Asker<'_> {
                     .into_iter()
                     .chain(avoid.iter().copied())
                     .collect(),
+                keep,
                 ..PlanOptions::default()
             }
         };
@@ -927,18 +937,19 @@ impl Asker<'_> {
 
 impl Asker<'_> {
     /// A chain without the peer that was `lost` (and the other `avoid`ed
-    /// ones): at once if the swarm has one, else as soon as one appears,
-    /// for up to `--recover-wait`; then the planner's error, naming the
-    /// blocks nobody else serves.
+    /// ones), holding `at` tokens so far: at once if the swarm has one,
+    /// else as soon as one appears, for up to `--recover-wait`; then the
+    /// planner's error, naming the blocks nobody else serves.
     async fn plan_recovery(
         &self,
         model_id: &str,
         avoid: &[PeerId],
         lost: &Lost,
+        at: usize,
     ) -> Result<Planned, AskError> {
         let deadline = Instant::now() + self.opts.recover_wait;
         loop {
-            match self.plan(model_id, avoid).await {
+            match self.repair(model_id, avoid, lost, at).await {
                 Err(AskError::Plan(e)) if Instant::now() < deadline => {
                     tracing::warn!(
                         "no replacement for {} [{}..{}) yet ({e}); waiting",
@@ -954,6 +965,38 @@ impl Asker<'_> {
     }
 }
 
+impl Asker<'_> {
+    /// One try at a chain that replaces the `lost` hop: the other hops of
+    /// the broken chain are kept (their sessions are resumed, with their
+    /// KV) and only the lost blocks are planned; where no peer fits those
+    /// blocks exactly, the whole chain is planned again (see
+    /// [`PlanOptions::keep`]). The vocabulary and prompt of the broken
+    /// chain are reused.
+    async fn repair(
+        &self,
+        model_id: &str,
+        avoid: &[PeerId],
+        lost: &Lost,
+        at: usize,
+    ) -> Result<Planned, AskError> {
+        let need = u32::try_from(at + 1).unwrap_or(u32::MAX);
+        let keep: Vec<(PeerId, [u32; 2])> = lost
+            .before
+            .hops
+            .iter()
+            .filter_map(|h| Some((h.peer_id.parse::<PeerId>().ok()?, [h.start, h.end])))
+            .filter(|(p, _)| !avoid.contains(p))
+            .collect();
+        let chain = self.plan_keeping(model_id, need, avoid, keep).await?;
+        let before = &lost.before;
+        Ok(planned_from(
+            chain,
+            before.tokenizer.clone(),
+            before.prompt.clone(),
+        ))
+    }
+}
+
 /// The peer a broken chain lost.
 struct Lost {
     peer: PeerId,
@@ -961,40 +1004,78 @@ struct Lost {
     range: [u32; 2],
     /// When the loss was seen.
     at: Instant,
+    /// The chain that broke (its vocabulary and prompt are the new one's).
+    before: Planned,
 }
 
 impl Lost {
     /// The peer `e` names (the hop blamed, or the first that went silent),
-    /// and its range in `hops`.
-    fn from(e: &AskError, hops: &[HopSpec]) -> Option<Lost> {
+    /// and its range in the chain `before`.
+    fn from(e: &AskError, before: Planned) -> Option<Lost> {
         let name = match e {
             AskError::Hop { peer, .. } => peer.clone(),
             AskError::Stalled { silent, .. } => silent.first()?.clone(),
             _ => return None,
         };
-        let hop = hops.iter().find(|h| h.peer_id == name)?;
+        let hop = before.hops.iter().find(|h| h.peer_id == name)?;
         Some(Lost {
             peer: name.parse().ok()?,
             range: [hop.start, hop.end],
             at: Instant::now(),
+            before,
         })
     }
 
-    /// The recovery, now that the chain `hops` replayed `n` tokens in
-    /// `replay`.
-    fn recovered(&self, hops: &[HopSpec], n: usize, replay: Duration) -> Recovery {
+    /// The recovery, now that the chain `hops` caught up (`replay`).
+    fn recovered(&self, hops: &[HopSpec], replay: Replay) -> Recovery {
+        let span = |h: &HopSpec| format!("{} [{}..{})", h.peer_id, h.start, h.end);
         Recovery {
             lost: self.peer.to_string(),
             range: self.range,
             replaced_by: hops
                 .iter()
                 .filter(|h| h.start < self.range[1] && h.end > self.range[0])
-                .map(|h| format!("{} [{}..{})", h.peer_id, h.start, h.end))
+                .map(span)
                 .collect(),
-            replayed_tokens: n,
-            replay_s: replay.as_secs_f64(),
+            replayed_tokens: replay.tokens,
+            kept: hops
+                .iter()
+                .zip(&replay.kept)
+                .filter(|(_, &k)| k > 0)
+                .map(|(h, _)| span(h))
+                .collect(),
+            replay_s: replay.took.as_secs_f64(),
             total_s: self.at.elapsed().as_secs_f64(),
         }
+    }
+}
+
+/// A planned chain, with the vocabulary and prompt it runs.
+fn planned_from(chain: Chain, tokenizer: std::sync::Arc<Tokenizer>, prompt: Vec<i32>) -> Planned {
+    let hops = hop_specs(&chain);
+    let report = hops
+        .iter()
+        .map(|h| HopReport {
+            peer_id: h.peer_id.clone(),
+            range: [h.start, h.end],
+        })
+        .collect();
+    let figures = chain
+        .hops
+        .iter()
+        .map(|h| memory::PlannedHop {
+            peer: h.peer_id,
+            announced_secs: 1.0 / h.throughput,
+        })
+        .collect();
+    Planned {
+        hops,
+        report,
+        tokenizer,
+        prompt,
+        limit: context_limit(&chain),
+        figures,
+        estimated: chain.est_secs_per_token,
     }
 }
 

@@ -79,7 +79,9 @@ impl EngineService {
             while let Ok(job) = rx.recv() {
                 match job {
                     Job::Open(r) => {
-                        let _ = r.send(engine.open_session());
+                        let opened = engine.open_session();
+                        free.store(engine.free_sessions(), Ordering::Relaxed);
+                        let _ = r.send(opened);
                     }
                     Job::Forward(id, input, r) => {
                         let step = match &input {
@@ -92,7 +94,11 @@ impl EngineService {
                         let _ = r.send(engine.truncate(id, pos));
                     }
                     Job::Close(id, r) => {
-                        let _ = r.send(engine.close_session(id));
+                        // The count first: whoever hears the close may
+                        // look for the slot at once.
+                        let closed = engine.close_session(id);
+                        free.store(engine.free_sessions(), Ordering::Relaxed);
+                        let _ = r.send(closed);
                     }
                 }
                 free.store(engine.free_sessions(), Ordering::Relaxed);

@@ -1,8 +1,9 @@
-//! The serving side of a chain (`/nakshatra/act/2`): a hop takes a
+//! The serving side of a chain (`/nakshatra/act/3`): a hop takes a
 //! session's steps from upstream (the asker or the previous hop), runs its
 //! range, and pushes the hidden states to the next hop — or, at the last
 //! hop, samples and streams the token to the asker
-//! (`/nakshatra/tokens/2`).
+//! (`/nakshatra/tokens/2`). A session whose chain broke is parked for a
+//! replacement chain to resume ([`resume`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,15 +14,19 @@ use nakshatra_swarm::protocol::act::{
     tokens_from_bytes, ActFrame, ActReply, FailureReport, OpenSession, ReportError, StepHeader,
     StepKind, TokenFrame, ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
 };
-use nakshatra_swarm::{Handshake, PeerId, PeerQuota, QuotaPermit, Reopen, Stream, StreamProtocol};
+use nakshatra_swarm::{Handshake, PeerId, PeerQuota, Reopen, Stream, StreamProtocol};
 use tokio::sync::Mutex;
 
+pub mod resume;
 mod sessions;
 
-pub use sessions::{SessionTable, SlotGuard, EVICT_WAIT};
+pub use resume::{Resumable, PARK_GRACE};
+pub use sessions::{SessionTable, SlotGuard, EVICT_WAIT, OPEN_QUEUE_WAIT, QUEUE_PER_SLOT};
+
+use resume::{Held, History};
 
 use crate::engine::service::{EngineService, OwnedInput, ServiceError};
-use crate::engine::{EngineError, Sampler, SamplerSpec, SessionId, StepOutput};
+use crate::engine::{EngineError, Sampler, SamplerSpec, StepOutput};
 use crate::faults::Faults;
 use crate::net::{
     decode_hidden, encode_hidden, handshake, read_frame_into, read_message, write_frame, FrameError,
@@ -55,6 +60,10 @@ pub struct HopContext {
     /// A session with no step for this long gives its slot up to a new
     /// `Open` that finds none free (see [`SessionTable`]).
     pub evict_idle_after: Duration,
+    /// Sessions a replacement chain may resume (see [`resume`]).
+    pub resumable: Arc<Resumable>,
+    /// How long a session whose chain broke is kept for one.
+    pub park_grace: Duration,
 }
 
 /// Sessions one asker may hold on a node with `max_sessions`: half of them
@@ -141,6 +150,26 @@ pub enum SessionError {
     /// No token stream to the asker could be opened.
     #[error("token stream to the asker: {0}")]
     NoTokenStream(#[source] nakshatra_swarm::stream::OpenStreamError),
+    /// A replacement chain took the session over.
+    #[error("taken over by a replacement chain")]
+    Preempted,
+}
+
+impl SessionError {
+    /// Whether the session is worth keeping for a replacement chain: its
+    /// chain broke elsewhere (upstream, downstream or the asker's link),
+    /// not through anything this hop refused or failed at.
+    fn keeps_session(&self) -> bool {
+        matches!(
+            self,
+            SessionError::UpstreamGone(_)
+                | SessionError::NextHop(_)
+                | SessionError::AskerGone(_)
+                | SessionError::NoTokenStream(_)
+                | SessionError::Downstream { .. }
+                | SessionError::Preempted
+        )
+    }
 }
 
 /// Serves activation streams until the swarm stops; one task per
@@ -340,16 +369,20 @@ async fn reply(up: &Upstream, r: &ActReply) {
     }
 }
 
-/// Sets up the rest of the chain from this hop: returns where results go.
-/// `Err` is the reply to send upstream.
+/// Sets up the rest of the chain from this hop: returns where results go
+/// and what the hops after this one kept of the session (see
+/// [`ActReply::Ready`]). `Err` is the reply to send upstream.
 async fn connect_downstream(
     ctx: &HopContext,
     open: &OpenSession,
     up: &Upstream,
-) -> Result<Downstream, ActReply> {
+) -> Result<(Downstream, Vec<u32>), ActReply> {
     let index = open.index;
     if (index as usize) + 1 == open.hops.len() {
-        return to_asker(ctx, open).await.map_err(|e| failed(ctx, open, &e));
+        return match to_asker(ctx, open).await {
+            Ok(d) => Ok((d, Vec::new())),
+            Err(e) => Err(failed(ctx, open, &e)),
+        };
     }
     let next = &open.hops[index as usize + 1];
     let fail_next = |message: String| report(&ctx.signer, open, index + 1, message);
@@ -390,9 +423,13 @@ async fn connect_downstream(
         })
         .await;
     let (mut down_r, down_w, first) = opened.map_err(|e| fail_next(e.to_string()))?;
-    if first != ActReply::Ready {
-        return Err(checked_from_next(&ctx.signer, open, first));
-    }
+    let mut kept = match first {
+        ActReply::Ready { kept } => kept,
+        other => return Err(checked_from_next(&ctx.signer, open, other)),
+    };
+    // One entry per later hop (informational: a wrong list misleads
+    // nobody but the asker's report).
+    kept.resize(open.hops.len() - index as usize - 1, 0);
     // Later replies from downstream (failures) are checked and relayed
     // upstream, for as long as the session lasts. The next hop's stream
     // ending while the session lives means the next hop is gone: said at
@@ -409,7 +446,7 @@ async fn connect_downstream(
         let gone = format!("the next hop's stream ended: {e}");
         reply(&up, &report(&signer, &open, open.index + 1, gone)).await;
     });
-    Ok(Downstream::Hop(down_w, AbortOnDrop(relay)))
+    Ok((Downstream::Hop(down_w, AbortOnDrop(relay)), kept))
 }
 
 /// The last hop's token stream back to the asker, over the connection the
@@ -467,19 +504,22 @@ async fn serve_session(
         return Err(SessionError::NotOpen);
     };
     let index = open.index;
-    let (session, _share) = match admit(&ctx, &peer, &open).await {
+    let (key, mut held) = match admit(&ctx, &peer, &open).await {
         Ok(s) => s,
         Err(e) => {
             reply(&up, &failed(&ctx, &open, &e)).await;
             return Err(e);
         }
     };
-    tracing::debug!(%peer, session = open.session, index, "session open");
+    let (live, preempt) = ctx.resumable.live(key);
+    tracing::debug!(%peer, session = open.session, index, kept = held.pos, "session open");
     let r = match connect_downstream(&ctx, &open, &up).await {
-        Ok(mut down) => {
-            reply(&up, &ActReply::Ready).await;
-            let r = run_steps(&ctx, &open, session, &mut up_r, &up, &mut down).await;
-            close_downstream(down, r.as_ref().err()).await;
+        Ok((mut down, mut kept)) => {
+            kept.insert(0, held.pos);
+            reply(&up, &ActReply::Ready { kept }).await;
+            let r = run_steps(&ctx, &open, &mut held, preempt, &mut up_r, &up, &mut down).await;
+            let keep = r.as_ref().err().is_some_and(SessionError::keeps_session);
+            close_downstream(down, r.as_ref().err(), keep).await;
             r
         }
         Err(f) => {
@@ -489,27 +529,53 @@ async fn serve_session(
                     index: r.blamed,
                     message: r.message,
                 },
-                ActReply::Ready => SessionError::Refused("the next hop answered out of turn"),
+                ActReply::Ready { .. } => {
+                    SessionError::Refused("the next hop answered out of turn")
+                }
             })
         }
     };
-    let _ = ctx.engine.close(session).await;
-    tracing::debug!(session = open.session, "session closed");
+    drop(live);
+    let keep = r.as_ref().err().is_some_and(SessionError::keeps_session);
+    if keep && held.pos > 0 {
+        let grace = ctx.park_grace.min(ctx.idle_timeout);
+        let (engine, sessions) = (ctx.engine.clone(), &ctx.sessions);
+        ctx.resumable.park(key, held, grace, engine, sessions);
+    } else {
+        let _ = ctx.engine.close(held.id).await;
+        ctx.sessions.slot_freed();
+        tracing::debug!(session = open.session, "session closed");
+    }
     r
 }
 
-/// Checks the `Open`, takes one of the asker's share of sessions, and
-/// opens the engine session; the permit is held for the session's life.
+/// Checks the `Open`, then resumes the session if this hop holds it from
+/// a chain that broke (same asker, same sampling), else takes one of the
+/// asker's share of sessions and opens a fresh engine session; the permit
+/// is held for the session's life.
 async fn admit(
     ctx: &HopContext,
     upstream: &PeerId,
     open: &OpenSession,
-) -> Result<(SessionId, QuotaPermit), SessionError> {
+) -> Result<(resume::Key, Held), SessionError> {
     check_open(ctx, upstream, open)?;
     let asker: PeerId = open
         .asker
         .parse()
         .map_err(|_| SessionError::Refused("the asker's peer id does not parse"))?;
+    let key = (asker, open.session);
+    if let Some(held) = ctx.resumable.take(key).await {
+        if held.sampling == open.sampling {
+            tracing::info!(
+                session = open.session,
+                kept = held.pos,
+                "session resumed: positions kept from the chain that broke"
+            );
+            return Ok((key, held));
+        }
+        let _ = ctx.engine.close(held.id).await;
+        ctx.sessions.slot_freed();
+    }
     let permit = ctx
         .asker_quota
         .try_acquire(asker)
@@ -517,26 +583,44 @@ async fn admit(
             asker,
             share: sessions_per_asker(ctx.engine.max_sessions()),
         })?;
-    if ctx.engine.free_sessions() == 0 && ctx.sessions.evict_idlest(ctx.evict_idle_after) {
-        // The evicted session's task closes it: wait for its slot.
-        let t0 = std::time::Instant::now();
-        while ctx.engine.free_sessions() == 0 && t0.elapsed() < EVICT_WAIT {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let engine = &ctx.engine;
+    let free = || engine.free_sessions() > 0;
+    if !free() {
+        // An evicted session's task closes it: its slot comes within
+        // EVICT_WAIT. Else the `Open` queues for a slot (bounded), and
+        // says "busy" when none frees in time.
+        let (wait, queue) = if ctx.sessions.evict_idlest(ctx.evict_idle_after) {
+            (EVICT_WAIT, usize::MAX)
+        } else {
+            (OPEN_QUEUE_WAIT, QUEUE_PER_SLOT * engine.max_sessions())
+        };
+        ctx.sessions.wait_for_slot(free, wait, queue).await;
     }
-    let session = ctx.engine.open().await?;
-    Ok((session, permit))
+    let id = ctx.engine.open().await?;
+    let l = ctx.engine.layout();
+    let history = History::new((!l.is_last()).then_some(l.n_embd as usize));
+    let held = Held {
+        id,
+        permit,
+        pos: 0,
+        history,
+        sampling: open.sampling,
+    };
+    Ok((key, held))
 }
 
-/// Ends the session downstream: `Close` to the next hop, or the failure
-/// (if any) to the asker.
-async fn close_downstream(down: Downstream, error: Option<&SessionError>) {
+/// Ends the session downstream: `Close` to the next hop (just the end of
+/// the stream when the session is `kept` for a replacement chain: the
+/// next hop keeps its part too), or the failure (if any) to the asker.
+async fn close_downstream(down: Downstream, error: Option<&SessionError>, kept: bool) {
     match down {
         Downstream::Hop(mut w, relay) => {
             // The session ends here: its relay first, so that the next
             // hop closing its stream is not taken for a failure.
             drop(relay);
-            let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
+            if !kept {
+                let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
+            }
             let _ = w.close().await;
         }
         Downstream::Asker(mut s, _) => {
@@ -558,12 +642,12 @@ async fn close_downstream(down: Downstream, error: Option<&SessionError>) {
 async fn run_steps(
     ctx: &HopContext,
     open: &OpenSession,
-    session: SessionId,
+    held: &mut Held,
+    mut preempt: tokio::sync::oneshot::Receiver<()>,
     up_r: &mut ReadHalf<Stream>,
     up: &Upstream,
     down: &mut Downstream,
 ) -> Result<(), SessionError> {
-    let mut pos: u32 = 0;
     let mut payload = Vec::new();
     let (slot, mut evicted) = ctx.sessions.register();
     loop {
@@ -576,6 +660,9 @@ async fn run_steps(
                 reply(up, &failed(ctx, open, &e)).await;
                 return Err(e);
             }
+            // A replacement chain resumes the session: this stream's
+            // chain is over (its asker gave up on it).
+            Ok(()) = &mut preempt => return Err(SessionError::Preempted),
         };
         let (frame, n) = match frame {
             Err(_) => {
@@ -600,7 +687,7 @@ async fn run_steps(
                 "fault injection: forged a failure report",
             ));
         }
-        match step(ctx, open, session, &mut pos, h, payload, down).await {
+        match step(ctx, open, held, h, payload, down).await {
             Ok(()) => {}
             // The asker is gone: nobody upstream to tell.
             Err(e @ SessionError::AskerGone(_)) => return Err(e),
@@ -627,14 +714,14 @@ fn step_bytes(ctx: &HopContext, open: &OpenSession, frame: &ActFrame) -> usize {
     n_tokens.saturating_mul(per_token)
 }
 
-/// One step: checks the input against the header and this hop's place,
-/// rolls the session back when the step restarts earlier, runs the range,
-/// and sends the result on.
+/// One step: checks the input against the header and this hop's place;
+/// a step inside what the session holds is answered from its history
+/// ([`replayed`]); otherwise rolls the session back when the step
+/// restarts earlier, runs the range, and sends the result on.
 async fn step(
     ctx: &HopContext,
     open: &OpenSession,
-    session: SessionId,
-    pos: &mut u32,
+    held: &mut Held,
     h: StepHeader,
     payload: &[u8],
     down: &mut Downstream,
@@ -652,25 +739,31 @@ async fn step(
         },
         _ => return Err(bad("wrong payload kind for this hop")),
     };
+    let end = h.pos.saturating_add(h.n_tokens);
+    if end <= held.pos && replayed(open, held, &h, down).await? {
+        return Ok(());
+    }
     // A step may restart from an earlier position (a retry or replay):
     // drop what is past it first, so nothing is applied twice.
-    if h.pos < *pos {
-        ctx.engine.truncate(session, h.pos).await?;
-        *pos = h.pos;
-    } else if h.pos > *pos {
+    if h.pos < held.pos {
+        ctx.engine.truncate(held.id, h.pos).await?;
+        held.history.truncate(h.pos);
+        held.pos = h.pos;
+    } else if h.pos > held.pos {
         return Err(SessionError::BadStep(format!(
-            "step {} starts at {} but the session holds {pos}",
-            h.step, h.pos
+            "step {} starts at {} but the session holds {}",
+            h.step, h.pos, held.pos
         )));
     }
     let t0 = Instant::now();
     ctx.faults.step_delay().await;
-    let out = ctx.engine.forward(session, input).await?;
+    let out = ctx.engine.forward(held.id, input).await?;
     let compute_us = h.compute_us + t0.elapsed().as_micros() as u64;
-    *pos += h.n_tokens;
+    held.pos += h.n_tokens;
     match (out, down) {
         (StepOutput::Hidden(mut hidden), Downstream::Hop(w, _)) => {
             ctx.faults.corrupt_output(&mut hidden);
+            held.history.record_hidden(h.pos, &hidden);
             let next = StepHeader {
                 kind: StepKind::Hidden,
                 compute_us,
@@ -685,6 +778,7 @@ async fn step(
             ctx.faults.corrupt_output(&mut logits);
             let digest = crate::engine::logits_digest(&logits);
             let token = sampler.sample(&logits, h.step)?;
+            held.history.record_token(end, token, digest);
             let t = TokenFrame::Token {
                 step: h.step,
                 token,
@@ -697,4 +791,47 @@ async fn step(
         }
         _ => Err(bad("engine output does not match this hop's place")),
     }
+}
+
+/// Answers a step inside what the session holds (the replay of a
+/// replacement chain) from the history, without computing: the rows this
+/// hop sent for those positions, or the token the last hop sampled at the
+/// step's end. Returns `false` when the history does not hold them (the
+/// step is then computed).
+async fn replayed(
+    open: &OpenSession,
+    held: &Held,
+    h: &StepHeader,
+    down: &mut Downstream,
+) -> Result<bool, SessionError> {
+    match down {
+        Downstream::Hop(w, _) => {
+            let Some(rows) = held.history.hidden(h.pos, h.n_tokens) else {
+                return Ok(false);
+            };
+            let next = StepHeader {
+                kind: StepKind::Hidden,
+                ..*h
+            };
+            let bytes = encode_hidden(rows, open.wire);
+            write_frame(w, &ActFrame::Step(next), &bytes)
+                .await
+                .map_err(SessionError::NextHop)?;
+        }
+        Downstream::Asker(s, _) => {
+            let Some(sampled) = held.history.token(h.pos + h.n_tokens) else {
+                return Ok(false);
+            };
+            let t = TokenFrame::Token {
+                step: h.step,
+                token: sampled.token,
+                compute_us: h.compute_us,
+                digest: sampled.digest,
+            };
+            write_frame(s, &t, &[])
+                .await
+                .map_err(SessionError::AskerGone)?;
+        }
+    }
+    Ok(true)
 }
