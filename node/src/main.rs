@@ -230,6 +230,19 @@ struct JoinArgs {
     /// address is given: then exactly the addresses given.
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
     listen: Vec<Multiaddr>,
+    /// An address at which this node is reachable from the internet (a
+    /// public IP, or a port forwarded by the router), e.g.
+    /// `/ip4/203.0.113.7/udp/4001/quic-v1`: announced at once, without
+    /// waiting for AutoNAT, and it makes this node a relay for nodes
+    /// behind NAT. Repeatable.
+    #[arg(long)]
+    external_addr: Vec<Multiaddr>,
+    /// A relay (`.../p2p/<id>`) to reserve a slot on while this node has no
+    /// confirmed public address; it is announced as
+    /// `<relay>/p2p-circuit`. Without it, bootstrap peers that offer the
+    /// relay protocol are used once AutoNAT finds this node unreachable.
+    #[arg(long)]
+    relay: Vec<Multiaddr>,
     /// Do not look for peers on the LAN with mDNS.
     #[arg(long)]
     no_mdns: bool,
@@ -535,6 +548,8 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         faults: faults.clone(),
         bootstrap: a.bootstrap,
         listen: a.listen,
+        external_addrs: a.external_addr,
+        relays: a.relay,
         data_dir: data_dir.clone(),
         mdns: !a.no_mdns,
         engine: EngineConfig {

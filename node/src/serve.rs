@@ -177,6 +177,12 @@ pub struct JoinOptions {
     /// port number unless one of them is QUIC
     /// ([`nakshatra_swarm::with_quic_listeners`]).
     pub listen: Vec<Multiaddr>,
+    /// Addresses this node is reachable at from the internet
+    /// (`--external-addr`; see [`SwarmConfig::external_addrs`]).
+    pub external_addrs: Vec<Multiaddr>,
+    /// Relays to reserve a slot on (`--relay`; see
+    /// [`SwarmConfig::relays`]).
+    pub relays: Vec<Multiaddr>,
     /// Identity, slice cache, fetched pieces, vocabularies.
     pub data_dir: DataDir,
     /// mDNS discovery on the LAN.
@@ -278,6 +284,8 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     let mut cfg = SwarmConfig::server();
     cfg.listen = nakshatra_swarm::with_quic_listeners(&opts.listen);
     cfg.bootstrap = opts.bootstrap.clone();
+    cfg.external_addrs = opts.external_addrs.clone();
+    cfg.relays = opts.relays.clone();
     cfg.mdns = opts.mdns;
     cfg.record_ttl = opts.record_ttl;
     cfg.refresh = opts.refresh;

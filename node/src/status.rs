@@ -62,14 +62,16 @@ pub fn render(view: &SwarmView) -> String {
                 .rtt_ms
                 .map(|r| format!("{r:.2} ms"))
                 .unwrap_or_else(|| "?".into());
+            let via = p.via.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
-                "  {:>3}..{:<3} {}  {}  {:.1} tok/s  rtt {}  sessions {}/{}",
+                "  {:>3}..{:<3} {}  {}  {:.1} tok/s  {:<6} rtt {}  sessions {}/{}",
                 p.range[0],
                 p.range[1],
                 p.peer_id,
                 p.backend,
                 p.throughput,
+                via,
                 rtt,
                 p.free_sessions,
                 p.max_sessions

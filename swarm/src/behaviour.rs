@@ -1,12 +1,15 @@
 //! The composed libp2p behaviour and how it is configured.
 
+use std::time::Duration;
+
 use libp2p::{
     allow_block_list::{self, BlockedPeers},
+    autonat,
     connection_limits::{self, ConnectionLimits},
-    identify,
+    dcutr, identify,
     identity::Keypair,
     kad::{self, Mode, StoreInserts},
-    mdns, ping, request_response,
+    mdns, ping, relay, request_response,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
     StreamProtocol,
 };
@@ -45,6 +48,30 @@ pub(crate) const MAX_PENDING_INCOMING: u32 = 128;
 /// to a few hundred peers).
 pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 1024;
 
+/// Reservations a relay holds at once (libp2p's default). A reservation
+/// is a few hundred bytes of state; circuits are what cost.
+pub(crate) const RELAY_MAX_RESERVATIONS: usize = 128;
+/// Reservations one peer may hold on this relay (libp2p's default).
+pub(crate) const RELAY_MAX_RESERVATIONS_PER_PEER: usize = 4;
+/// Circuits a relay carries at once. Each may carry a chain's activations
+/// for a whole answer (see [`RELAY_MAX_CIRCUIT_BYTES`]), so this bounds
+/// the relay's bandwidth, not only its memory (a circuit buffers at most
+/// one yamux window each way).
+pub(crate) const RELAY_MAX_CIRCUITS: usize = 32;
+/// Circuits one source peer may open through this relay at once.
+pub(crate) const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
+/// Bytes one circuit may carry, both directions summed, before the relay
+/// cuts it. libp2p's default (128 KiB) is less than one step's hidden
+/// states (a 4096-wide f16 row is 8 KiB per token: a 2048-token prefill
+/// is 16 MiB), so a relayed hop would die on its first prompt. 1 GiB
+/// carries about 130,000 decode steps of such a row, or a piece of a
+/// slice; a longer use opens a new circuit.
+pub const RELAY_MAX_CIRCUIT_BYTES: u64 = 1 << 30;
+/// How long one circuit may live. libp2p's default (2 min) ends a relayed
+/// chain in the middle of a long answer; an hour outlasts any session a
+/// hop keeps (their idle eviction is minutes).
+pub const RELAY_MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(60 * 60);
+
 /// Every protocol a node speaks, composed into one libp2p behaviour: the
 /// private Kademlia DHT, identify, ping, optional mDNS, the info
 /// request-response protocol and raw streams.
@@ -55,6 +82,9 @@ pub(crate) struct Behaviour {
     /// Peers found dead (see `Client::forget_peer`): no connection to or
     /// from them, so that no lookup waits on a dial to them.
     pub(crate) blocked: allow_block_list::Behaviour<BlockedPeers>,
+    /// Peers none of whose addresses answered a dial are not dialled
+    /// again for a while (see [`crate::backoff`]).
+    pub(crate) backoff: crate::backoff::Behaviour,
     pub(crate) kad: kad::Behaviour<Store>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
@@ -63,10 +93,29 @@ pub(crate) struct Behaviour {
     /// Raw streams (`/nakshatra/probe/1`, and the node's own protocols
     /// through [`crate::Client::stream_control`]).
     pub(crate) stream: libp2p_stream::Behaviour,
+    /// Circuit-relay v2 client: reservations on relays (a node behind
+    /// NAT listens on `<relay>/p2p-circuit`) and dials through them.
+    pub(crate) relay_client: relay::client::Behaviour,
+    /// Circuit-relay v2 server, on serving nodes. Offered (HOP advertised
+    /// and accepted) only while this node has a confirmed external address
+    /// that is not itself relayed: the event loop sets its status.
+    pub(crate) relay: Toggle<relay::Behaviour>,
+    /// Hole punching: upgrades a relayed connection to a direct one.
+    pub(crate) dcutr: dcutr::Behaviour,
+    /// AutoNAT v2 client: asks peers to dial back each candidate external
+    /// address; a success confirms it.
+    pub(crate) autonat: autonat::v2::client::Behaviour,
+    /// AutoNAT v2 server, on serving nodes: dials back other peers'
+    /// candidate addresses.
+    pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour>,
 }
 
 impl Behaviour {
-    pub(crate) fn new(key: &Keypair, config: &SwarmConfig) -> Self {
+    pub(crate) fn new(
+        key: &Keypair,
+        config: &SwarmConfig,
+        relay_client: relay::client::Behaviour,
+    ) -> Self {
         let peer_id = key.public().to_peer_id();
 
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
@@ -142,15 +191,45 @@ impl Behaviour {
                 .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
         );
 
+        let server = config.role == Role::Server;
+        let relay = server.then(|| {
+            let mut relay = relay::Behaviour::new(peer_id, relay_config());
+            // Off until the event loop sees a confirmed, non-relayed
+            // external address (a relayed one must not make a relay).
+            relay.set_status(Some(relay::Status::Disable));
+            relay
+        });
+
         Behaviour {
             limits,
             blocked: allow_block_list::Behaviour::default(),
+            backoff: crate::backoff::Behaviour::default(),
             kad,
             identify,
             ping,
             mdns: Toggle::from(mdns),
             info,
             stream: libp2p_stream::Behaviour::new(),
+            relay_client,
+            relay: Toggle::from(relay),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: autonat::v2::client::Behaviour::default(),
+            autonat_server: Toggle::from(server.then(autonat::v2::server::Behaviour::default)),
         }
+    }
+}
+
+/// The relay server's limits: libp2p's defaults (reservation counts and
+/// duration, its per-peer and per-IP rate limiters) except circuits, which
+/// must carry a chain's activations (see [`RELAY_MAX_CIRCUIT_BYTES`]).
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: RELAY_MAX_RESERVATIONS,
+        max_reservations_per_peer: RELAY_MAX_RESERVATIONS_PER_PEER,
+        max_circuits: RELAY_MAX_CIRCUITS,
+        max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
+        max_circuit_duration: RELAY_MAX_CIRCUIT_DURATION,
+        max_circuit_bytes: RELAY_MAX_CIRCUIT_BYTES,
+        ..relay::Config::default()
     }
 }

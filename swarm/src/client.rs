@@ -481,6 +481,12 @@ impl Client {
             .is_ok_and(|peers| peers.contains(&peer))
     }
 
+    /// How this node reaches each connected peer now: directly, or only
+    /// through a relay.
+    pub async fn via(&self) -> Result<HashMap<PeerId, crate::view::Via>, Stopped> {
+        self.call(|reply| Command::Via { reply }).await
+    }
+
     /// Counters: records accepted/refused, connections, routing table size.
     pub async fn stats(&self) -> Result<SwarmStats, Stopped> {
         self.call(|reply| Command::Stats { reply }).await
@@ -562,6 +568,10 @@ impl Client {
                     .await?
                     .0,
             );
+        }
+        let via = self.via().await?;
+        for p in models.iter_mut().flat_map(|m| m.peers.iter_mut()) {
+            p.via = via.get(&p.peer_id).copied();
         }
         Ok(SwarmView { models })
     }

@@ -61,6 +61,15 @@ pub struct SwarmConfig {
     pub bootstrap_backoff_initial: Duration,
     /// Longest delay between bootstrap retries. Default 30 s.
     pub bootstrap_backoff_max: Duration,
+    /// Addresses at which this node is reachable from the internet, as
+    /// the operator knows them (`--external-addr`): confirmed at start
+    /// (no AutoNAT test), announced, and they make a serving node a relay.
+    pub external_addrs: Vec<Multiaddr>,
+    /// Relays to reserve a slot on while this node has no confirmed
+    /// public address (`--relay`, `.../p2p/<relay id>`). They are dialled
+    /// like bootstrap peers. Without any, a node found unreachable by
+    /// AutoNAT reserves on bootstrap peers that offer the relay protocol.
+    pub relays: Vec<Multiaddr>,
     /// The `agent_version` identify reports.
     pub agent_version: String,
     /// **Test-only fault: simulates a slow link.** When set, this node
@@ -100,6 +109,8 @@ impl SwarmConfig {
             idle_connection_timeout: Duration::from_secs(60),
             bootstrap_backoff_initial: Duration::from_secs(1),
             bootstrap_backoff_max: Duration::from_secs(30),
+            external_addrs: Vec::new(),
+            relays: Vec::new(),
             agent_version: format!("nakshatra/{}", env!("CARGO_PKG_VERSION")),
             #[cfg(feature = "fault-injection")]
             test_link_delay: None,
@@ -144,6 +155,15 @@ impl SwarmConfig {
                 self.record_ttl, MAX_RECORD_LIFETIME_MS
             ));
         }
+        if let Some(r) = self
+            .relays
+            .iter()
+            .find(|r| !matches!(r.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))))
+        {
+            return Err(format!(
+                "relay address {r} must end with /p2p/<relay peer id>"
+            ));
+        }
         if self.bootstrap_backoff_max < self.bootstrap_backoff_initial {
             return Err("bootstrap_backoff_max must be >= bootstrap_backoff_initial".into());
         }
@@ -155,5 +175,23 @@ impl Default for SwarmConfig {
     /// [`SwarmConfig::server`].
     fn default() -> Self {
         SwarmConfig::server()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_must_name_its_peer_id() {
+        let mut c = SwarmConfig::server();
+        c.relays = vec!["/ip4/10.0.0.1/tcp/4001".parse().expect("multiaddr")];
+        assert!(c.validate().is_err_and(|e| e.contains("/p2p/")));
+        c.relays = vec![
+            "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWD6xLenh5WuSzemD8kUgTbfNLNWKXCHgAeyz34M7DSHPj"
+                .parse()
+                .expect("multiaddr"),
+        ];
+        assert!(c.validate().is_ok());
     }
 }

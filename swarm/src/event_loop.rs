@@ -11,14 +11,16 @@ use std::{
 use ed25519_dalek::SigningKey;
 use futures::StreamExt;
 use libp2p::{
-    identify,
+    autonat,
+    core::transport::ListenerId,
+    dcutr, identify,
     kad::{
         self, store::RecordStore, GetProvidersOk, GetRecordOk, InboundRequest, ProviderRecord,
         QueryId, QueryResult, Quorum, Record, RecordKey,
     },
     mdns,
     multiaddr::Protocol,
-    ping,
+    ping, relay,
     request_response::{self, OutboundRequestId},
     swarm::{dial_opts::DialOpts, ConnectionId, DialError, SwarmEvent},
     Multiaddr, PeerId, Swarm,
@@ -39,6 +41,7 @@ use crate::{
     config::Role,
     error::AnnounceError,
     probe::peer_set,
+    view::Via,
     SwarmConfig,
 };
 
@@ -61,6 +64,52 @@ const MAX_ADVERTISED_ADDRS: usize = 16;
 /// late those run, so it is short next to the 1 s mDNS retry delay and
 /// the bootstrap backoff, yet cheap: each tick only scans small maps.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_millis(250);
+
+/// Relays a node behind NAT keeps a reservation on at once (two: one
+/// relay lost leaves the node reachable while it reserves on another).
+const MAX_RELAY_RESERVATIONS: usize = 2;
+/// Wait before reserving again on a relay whose reservation failed or
+/// was lost.
+const RELAY_RETRY_DELAY: Duration = Duration::from_secs(10);
+
+/// How long after joining a serving node waits for AutoNAT to confirm a
+/// public address before it takes itself to be behind NAT and reserves on
+/// bootstrap relays. AutoNAT v2 probes a candidate every 5 s and a
+/// dial-back ends within the dial timeouts (10 s), so a reachable node is
+/// confirmed well before; one failed candidate is no verdict (another may
+/// pass), and a dial-back into a router that drops it may never be
+/// answered at all.
+const RELAY_FALLBACK_AFTER: Duration = Duration::from_secs(20);
+
+/// Whether `addr` goes through a relay (has a `/p2p-circuit` component).
+pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// A node's reachability: relays it knows of, its reservations, and what
+/// AutoNAT said.
+#[derive(Default)]
+struct Nat {
+    /// Peers whose identify lists the circuit-relay v2 HOP protocol.
+    offering: HashSet<PeerId>,
+    /// The direct address this node dialled each peer at (where a
+    /// reservation on it would be made).
+    dialled_at: HashMap<PeerId, Multiaddr>,
+    /// Relays named by `--relay` (reserved on whenever no public address
+    /// is confirmed).
+    configured: HashSet<PeerId>,
+    /// Peers reached by a bootstrap dial.
+    bootstrap_peers: HashSet<PeerId>,
+    /// No public address was confirmed [`RELAY_FALLBACK_AFTER`] after
+    /// joining: this node is taken to be behind NAT.
+    unreachable: bool,
+    /// When this node first joined through a bootstrap peer.
+    joined_at: Option<Instant>,
+    /// `<relay>/p2p-circuit` listeners, per relay.
+    listeners: HashMap<PeerId, ListenerId>,
+    /// Relays not to reserve on before the given time.
+    retry_at: HashMap<PeerId, Instant>,
+}
 
 /// Counters of what this node did with what it received.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -156,6 +205,10 @@ pub(crate) enum Command {
     Stats {
         reply: oneshot::Sender<SwarmStats>,
     },
+    /// How each connected peer is reached now.
+    Via {
+        reply: oneshot::Sender<HashMap<PeerId, Via>>,
+    },
     LocalRecord {
         key: RecordKey,
         reply: oneshot::Sender<Option<Vec<u8>>>,
@@ -229,6 +282,9 @@ pub(crate) struct EventLoop {
     stats: SwarmStats,
     /// Peers blocked as dead (`Command::Forget`), until when.
     forgotten: HashMap<PeerId, Instant>,
+    /// Open connections per peer, and whether each is relayed.
+    conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    nat: Nat,
 }
 
 impl EventLoop {
@@ -242,6 +298,14 @@ impl EventLoop {
     ) -> Self {
         let local_peer = *swarm.local_peer_id();
         let backoff = config.bootstrap_backoff_initial;
+        let config_relays: HashSet<PeerId> = config
+            .relays
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
         EventLoop {
             swarm,
             commands,
@@ -276,6 +340,11 @@ impl EventLoop {
             },
             stats: SwarmStats::default(),
             forgotten: HashMap::new(),
+            conns: HashMap::new(),
+            nat: Nat {
+                configured: config_relays,
+                ..Nat::default()
+            },
         }
     }
 
@@ -290,6 +359,11 @@ impl EventLoop {
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         tracing::info!(peer_id = %self.local_peer, role = ?self.config.role, "swarm node started");
+        // `--external-addr` ones were confirmed before the loop ran, and
+        // `Swarm::add_external_address` emits no event for them.
+        if self.swarm.external_addresses().next().is_some() {
+            self.on_external_addrs_changed();
+        }
         self.dial_bootstraps();
 
         loop {
@@ -418,6 +492,22 @@ impl EventLoop {
             }
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Via { reply } => {
+                let via = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| !c.is_empty())
+                    .map(|(p, c)| {
+                        let kind = if c.values().any(|relayed| !relayed) {
+                            Via::Direct
+                        } else {
+                            Via::Relay
+                        };
+                        (*p, kind)
+                    })
+                    .collect();
+                let _ = reply.send(via);
             }
             Command::Stats { reply } => {
                 let mut stats = self.stats.clone();
@@ -799,6 +889,24 @@ impl EventLoop {
                 self.dial_peer(peer);
             }
         }
+        if !self.nat.retry_at.is_empty() && self.nat.retry_at.values().any(|t| now >= *t) {
+            self.reserve_relays();
+        }
+        if !self.nat.unreachable
+            && self.config.role == Role::Server
+            && self
+                .nat
+                .joined_at
+                .is_some_and(|t| now >= t + RELAY_FALLBACK_AFTER)
+            && !self.publicly_reachable()
+        {
+            tracing::info!(
+                after = ?RELAY_FALLBACK_AFTER,
+                "no public address confirmed; taking this node to be behind NAT"
+            );
+            self.nat.unreachable = true;
+            self.reserve_relays();
+        }
         self.swarm.behaviour_mut().kad.store_mut().sweep(now);
         let back: Vec<PeerId> = self
             .forgotten
@@ -899,6 +1007,106 @@ impl EventLoop {
         }
     }
 
+    // ---- reachability ---------------------------------------------------
+
+    /// Whether this node has a confirmed external address that does not
+    /// go through a relay.
+    fn publicly_reachable(&self) -> bool {
+        self.swarm.external_addresses().any(|a| !is_relayed(a))
+    }
+
+    /// A confirmed external address came or went: offer the relay service
+    /// only while a non-relayed one is confirmed, and drop reservations
+    /// once this node is reachable itself.
+    fn on_external_addrs_changed(&mut self) {
+        let public = self.publicly_reachable();
+        if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+            relay.set_status(Some(if public {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+            tracing::info!(offered = public, "relay service");
+        }
+        if public {
+            for (relay, listener) in self.nat.listeners.drain() {
+                tracing::info!(%relay, "publicly reachable: dropping the relay reservation");
+                self.swarm.remove_listener(listener);
+            }
+        } else {
+            self.reserve_relays();
+        }
+    }
+
+    /// A serving node without a confirmed public address reserves a slot
+    /// on up to [`MAX_RELAY_RESERVATIONS`] relays and listens on
+    /// `<relay>/p2p/<relay id>/p2p-circuit`: first the `--relay` ones,
+    /// then, once it takes itself to be behind NAT (`Nat::unreachable`),
+    /// bootstrap peers that offer the relay protocol. Only relays this node dialled
+    /// directly and whose identify has been received qualify.
+    fn reserve_relays(&mut self) {
+        if self.config.role != Role::Server || self.publicly_reachable() {
+            return;
+        }
+        let now = Instant::now();
+        self.nat.retry_at.retain(|_, t| *t > now);
+        let mut candidates: Vec<PeerId> = self
+            .nat
+            .offering
+            .iter()
+            .filter(|p| {
+                self.nat.configured.contains(p)
+                    || (self.nat.unreachable && self.nat.bootstrap_peers.contains(p))
+            })
+            .filter(|p| !self.nat.listeners.contains_key(p) && !self.nat.retry_at.contains_key(p))
+            .copied()
+            .collect();
+        // `--relay` ones first, then a stable order.
+        candidates.sort_by_key(|p| (!self.nat.configured.contains(p), *p));
+        for relay in candidates {
+            if self.nat.listeners.len() >= MAX_RELAY_RESERVATIONS {
+                break;
+            }
+            let Some(addr) = self.nat.dialled_at.get(&relay).cloned() else {
+                continue;
+            };
+            let mut circuit = addr;
+            if !matches!(circuit.iter().last(), Some(Protocol::P2p(_))) {
+                circuit.push(Protocol::P2p(relay));
+            }
+            circuit.push(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    tracing::info!(%circuit, "reserving a slot on a relay");
+                    self.nat.listeners.insert(relay, id);
+                }
+                Err(e) => {
+                    tracing::warn!(%circuit, error = %e, "cannot listen through relay");
+                    self.nat.retry_at.insert(relay, now + RELAY_RETRY_DELAY);
+                }
+            }
+        }
+    }
+
+    /// Records a new connection. A direct connection to a peer closes the
+    /// relayed ones to it: libp2p-stream opens each stream on a random
+    /// connection of the peer, and a relayed one is slower and capped by
+    /// the relay's limits.
+    fn on_connection(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
+        let conns = self.conns.entry(peer).or_default();
+        conns.insert(id, relayed);
+        let has_direct = conns.values().any(|r| !r);
+        if !has_direct {
+            return;
+        }
+        let doomed: Vec<ConnectionId> =
+            conns.iter().filter(|(_, r)| **r).map(|(c, _)| *c).collect();
+        for c in doomed {
+            tracing::debug!(%peer, "direct connection up: closing the relayed one");
+            self.swarm.close_connection(c);
+        }
+    }
+
     fn routing_table_size(&mut self) -> usize {
         self.swarm
             .behaviour_mut()
@@ -919,6 +1127,11 @@ impl EventLoop {
                 ..
             })) => {
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    self.nat.offering.insert(peer_id);
+                } else {
+                    self.nat.offering.remove(&peer_id);
+                }
                 let scope = self.scope();
                 // A peer's claims about where it listens: only addresses on
                 // networks this node is on (see `scope`), QUIC first.
@@ -928,6 +1141,87 @@ impl EventLoop {
                     self.remember_addr(peer_id, addr.clone());
                     if speaks_kad {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+                // Identify has run on the relay's connection: a reservation
+                // may now be made on it (rust-libp2p's dcutr example waits
+                // for the same).
+                self.reserve_relays();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result,
+                ..
+            })) => match result {
+                Ok(()) => tracing::info!(addr = %tested_addr, %server, "AutoNAT: reachable"),
+                // One failed candidate is no verdict: another may be
+                // confirmed in the next probes. The node takes itself to be
+                // behind NAT only when nothing was confirmed
+                // `RELAY_FALLBACK_AFTER` after joining (`housekeeping`).
+                Err(e) => {
+                    tracing::info!(addr = %tested_addr, %server, error = %e, "AutoNAT: not reachable")
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => match e {
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } => {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+                other => tracing::debug!(event = ?other, "relay client"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => {
+                tracing::debug!(event = ?e, "relay server");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punch: direct connection"),
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
+                }
+            },
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                self.on_external_addrs_changed();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address expired");
+                self.on_external_addrs_changed();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                let lost: Vec<PeerId> = self
+                    .nat
+                    .listeners
+                    .iter()
+                    .filter(|(_, l)| **l == listener_id)
+                    .map(|(p, _)| *p)
+                    .collect();
+                for relay in lost {
+                    tracing::info!(%relay, ?reason, "relay reservation lost; will reserve again");
+                    self.nat.listeners.remove(&relay);
+                    self.nat
+                        .retry_at
+                        .insert(relay, Instant::now() + RELAY_RETRY_DELAY);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some(c) = self.conns.get_mut(&peer_id) {
+                    c.remove(&connection_id);
+                    if c.is_empty() {
+                        // Gone: what identify and the dial said of it is
+                        // learnt again on the next connection.
+                        self.conns.remove(&peer_id);
+                        self.nat.offering.remove(&peer_id);
+                        self.nat.dialled_at.remove(&peer_id);
                     }
                 }
             }
@@ -984,10 +1278,17 @@ impl EventLoop {
                 endpoint,
                 ..
             } => {
-                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                let relayed = endpoint.is_relayed();
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed, "connected");
                 if endpoint.is_dialer() {
                     self.remember_addr(peer_id, endpoint.get_remote_address().clone());
+                    if !relayed {
+                        self.nat
+                            .dialled_at
+                            .insert(peer_id, endpoint.get_remote_address().clone());
+                    }
                 }
+                self.on_connection(peer_id, connection_id, relayed);
                 self.mdns_retries.remove(&peer_id);
                 if let Some(waiters) = self.connect_waiters.remove(&peer_id) {
                     for w in waiters {
@@ -995,6 +1296,8 @@ impl EventLoop {
                     }
                 }
                 if self.bootstrap.round.remove(&connection_id) {
+                    self.nat.bootstrap_peers.insert(peer_id);
+                    self.nat.joined_at.get_or_insert_with(Instant::now);
                     self.on_bootstrap_joined();
                 }
             }
@@ -1293,4 +1596,22 @@ fn announcement_keys(info: &ServerInfo) -> Vec<RecordKey> {
 fn printable_key(raw: &[u8]) -> String {
     let s = String::from_utf8_lossy(&raw[..raw.len().min(120)]);
     s.escape_debug().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circuit_addresses_are_relayed() {
+        let relayed: Multiaddr =
+            "/ip4/10.99.0.1/tcp/41000/p2p/12D3KooWD6xLenh5WuSzemD8kUgTbfNLNWKXCHgAeyz34M7DSHPj/p2p-circuit"
+                .parse()
+                .expect("multiaddr");
+        let direct: Multiaddr = "/ip4/10.99.0.1/udp/41000/quic-v1"
+            .parse()
+            .expect("multiaddr");
+        assert!(is_relayed(&relayed));
+        assert!(!is_relayed(&direct));
+    }
 }

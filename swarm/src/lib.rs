@@ -64,6 +64,7 @@
 #![forbid(unsafe_code)]
 
 mod addrs;
+mod backoff;
 mod behaviour;
 mod client;
 mod codec;
@@ -89,7 +90,10 @@ use tokio::{
 };
 
 pub use addrs::{is_quic, prefer_quic, quic_twin, with_quic_listeners};
-pub use behaviour::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
+pub use backoff::DIAL_BACKOFF;
+pub use behaviour::{
+    IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, RELAY_MAX_CIRCUIT_BYTES, RELAY_MAX_CIRCUIT_DURATION,
+};
 pub use client::Client;
 pub use codec::InfoCodec;
 pub use config::{Role, SwarmConfig};
@@ -100,7 +104,7 @@ pub use identity::{load_or_create_identity, signing_key, IdentityError};
 pub use inbound::{PeerQuota, QuotaPermit};
 pub use plan::{plan_chain, Chain, Hop, PlanError, PlanOptions};
 pub use view::{
-    build_model_view, build_model_view_with, ModelShape, ModelView, PeerView, SwarmView,
+    build_model_view, build_model_view_with, ModelShape, ModelView, PeerView, SwarmView, Via,
 };
 
 /// A raw libp2p stream (futures `AsyncRead + AsyncWrite`), and the name of
@@ -135,7 +139,17 @@ pub async fn spawn(
 ) -> Result<(Client, JoinHandle<()>), SwarmError> {
     config.validate().map_err(SwarmError::Config)?;
     let signing_key = signing_key(&keypair).map_err(|_| SwarmError::NotEd25519)?;
+    let mut config = config;
+    for relay in &config.relays {
+        if !config.bootstrap.contains(relay) {
+            config.bootstrap.push(relay.clone());
+        }
+    }
     let mut swarm = build_swarm(keypair, &config)?;
+    for addr in &config.external_addrs {
+        // Confirmed at once: the operator vouches for it.
+        swarm.add_external_address(addr.clone());
+    }
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -183,7 +197,8 @@ fn build_swarm(
             Ok(tcp
                 .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                 .authenticate(noise)
-                .multiplex(yamux::Config::default()))
+                .multiplex(yamux::Config::default())
+                .timeout(transport::TCP_DIAL_TIMEOUT))
         })
         .map_err(|e| transport_err(&e))?;
     #[cfg(feature = "quic")]
@@ -201,7 +216,10 @@ fn build_swarm(
     let swarm = builder
         .with_dns()
         .map_err(|e| transport_err(&e))?
-        .with_behaviour(|key| behaviour::Behaviour::new(key, config))
+        // Dials and listeners on `<relay>/p2p-circuit` addresses.
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|key, relay_client| behaviour::Behaviour::new(key, config, relay_client))
         .map_err(|e| transport_err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();

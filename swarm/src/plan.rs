@@ -486,6 +486,7 @@ mod tests {
             backend: "CPU".into(),
             throughput: tp,
             rtt_ms: None,
+            via: None,
             state: ServerState::Online,
             free_sessions: 1,
             max_sessions: 1,

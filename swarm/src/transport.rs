@@ -29,6 +29,14 @@ use libp2p::core::Transport;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
+/// Longest a TCP connection may take from dial to a ready noise + yamux
+/// session. A host that drops SYNs (a NAT router with nothing forwarded,
+/// a firewall) would otherwise hold the dial for the kernel's SYN retries
+/// (minutes): an AutoNAT dial-back to such an address would never report
+/// it unreachable, and a node behind that router would never reserve a
+/// relay slot. QUIC has its own handshake timeout (5 s).
+pub(crate) const TCP_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often a pending QUIC dial checks for a refusal of its TCP twin.
 #[cfg(feature = "quic")]
 const REFUSAL_POLL: Duration = Duration::from_millis(50);
@@ -55,11 +63,23 @@ impl TcpRefusals {
         t.insert(key, now);
     }
 
-    /// Whether `key` refused a TCP dial at or after `since`.
+    /// `key` accepted a TCP connection: its earlier refusal no longer
+    /// counts.
+    fn accepted(&self, key: &(PeerId, IpAddr)) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.remove(key);
+    }
+
+    /// Whether `key` refused a TCP dial at or after `since`, or in the
+    /// last [`REFUSAL_MEMORY`] without accepting one since. The second
+    /// case covers dials that do not run side by side: a peer's TCP
+    /// address alone first (a provider record carries only its confirmed
+    /// external addresses, which may be TCP only), its QUIC address later.
     #[cfg_attr(not(feature = "quic"), allow(dead_code))]
     fn refused_since(&self, key: &(PeerId, IpAddr), since: Instant) -> bool {
         let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        t.get(key).is_some_and(|at| *at >= since)
+        t.get(key)
+            .is_some_and(|at| *at >= since || at.elapsed() < REFUSAL_MEMORY)
     }
 }
 
@@ -121,10 +141,12 @@ where
         let refusals = self.refusals.clone();
         Ok(async move {
             let r = dial.await;
-            if let (Err(e), Some(key)) = (&r, key) {
-                if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                    refusals.record(key);
+            match (&r, key) {
+                (Err(e), Some(key)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    refusals.record(key)
                 }
+                (Ok(_), Some(key)) => refusals.accepted(&key),
+                _ => {}
             }
             r
         }
@@ -238,9 +260,12 @@ mod tests {
         assert!(!r.refused_since(&key, before));
         r.record(key);
         assert!(r.refused_since(&key, before));
-        // A refusal older than the dial does not abort it.
+        // A recent refusal older than the dial still counts, until the
+        // peer accepts a TCP connection.
         std::thread::sleep(Duration::from_millis(5));
-        assert!(!r.refused_since(&key, Instant::now()));
+        assert!(r.refused_since(&key, Instant::now()));
+        r.accepted(&key);
+        assert!(!r.refused_since(&key, before));
         let other = (PeerId::random(), key.1);
         assert!(!r.refused_since(&other, before));
     }

@@ -5,7 +5,7 @@
 //! ```json
 //! {"models":[{"id":"<64 hex>","arch":"llama","n_layers":30,
 //!   "coverage":[["<peer id>", ...], ...],
-//!   "peers":[{"peer_id":"<peer id>","range":[0,6],"backend":"CPU","throughput":12.5,"rtt_ms":0.3, ...,
+//!   "peers":[{"peer_id":"<peer id>","range":[0,6],"backend":"CPU","throughput":12.5,"rtt_ms":0.3,"via":"direct", ...,
 //!             "next_rtts":[{"peer_id":"<peer id>","rtt_ms":0.4}]}],
 //!   "gaps":[[12,18]]}]}
 //! ```
@@ -50,6 +50,25 @@ pub struct ModelView {
     pub gaps: Vec<[u32; 2]>,
 }
 
+/// How this node reaches a peer now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Over at least one direct (not relayed) connection.
+    Direct,
+    /// Only through a circuit relay (`/p2p-circuit`).
+    Relay,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Via::Direct => "direct",
+            Via::Relay => "relay",
+        })
+    }
+}
+
 /// One serving peer as the view shows it (from its verified, signed info
 /// plus the locally measured RTT).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +84,10 @@ pub struct PeerView {
     /// Round-trip time measured from this node, milliseconds (`null` when
     /// no ping came back in time).
     pub rtt_ms: Option<f64>,
+    /// How this node reaches the peer (`"direct"` or `"relay"`; `null`
+    /// when not connected to it). Filled in by [`crate::Client::swarm_view`].
+    #[serde(default)]
+    pub via: Option<Via>,
     /// Announced state (`online` or `joining`).
     pub state: ServerState,
     /// Sessions it can open now.
@@ -191,6 +214,7 @@ pub fn build_model_view_with(
             backend: i.backend_summary(),
             throughput: i.throughput,
             rtt_ms: rtts.get(peer).map(|d| d.as_secs_f64() * 1000.0),
+            via: None,
             state: i.state,
             free_sessions: i.free_sessions,
             max_sessions: i.max_sessions,

@@ -363,6 +363,224 @@ impl Drop for NetNs {
     }
 }
 
+/// Runs `nakshatra ARGS` inside a namespace (`prefix`: [`NetNs::prefix`])
+/// to completion.
+pub fn nakshatra_in(prefix: &[&str], args: &[&str]) -> Output {
+    let Some((first, rest)) = prefix.split_first() else {
+        return nakshatra(args);
+    };
+    Command::new(first)
+        .args(rest)
+        .arg(nakshatra_bin())
+        .args(args)
+        .env("RUST_LOG", "warn,libp2p_kad=error,llama-cpp-2=error")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nakshatra")
+}
+
+/// Runs `nft -f -` with `rules` inside namespace `ns`.
+fn nft(ns: &NetNs, rules: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `nft`: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(rules.as_bytes())
+            .map_err(|e| format!("nft stdin: {e}"))?;
+    }
+    let o = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// A small internet with homes behind NAT, all in namespaces made for the
+/// test (no packet leaves them):
+///
+/// ```text
+///               ┌─ veth ── (10.99.0.2) router 0 (192.168.50.1) ── veth ── (192.168.50.2) home 0
+///  public (br0, 10.99.0.1)
+///               └─ veth ── (10.99.0.3) router 1 (192.168.51.1) ── veth ── (192.168.51.2) home 1
+/// ```
+///
+/// Each router forwards and masquerades its home's traffic (nftables
+/// `masquerade` on its WAN side, which keeps the source port when it is
+/// free: endpoint-independent mapping) and forwards nothing unsolicited
+/// from the WAN to the home (a reply or a simultaneous open gets through:
+/// address- and port-dependent filtering, the home router of nat.md).
+/// Unsolicited packets to the router itself are dropped, not answered: a
+/// reset would end the other side's half of a TCP hole punch. The
+/// public side has no route to the LANs. Each router counts the packets
+/// its home sends to WAN hosts other than the public one
+/// ([`NatLab::packets_to_other_homes`]): direct traffic between homes.
+pub struct NatLab {
+    /// The "internet" side: a public host at [`NatLab::PUBLIC_IP`].
+    pub public: NetNs,
+    /// The NAT routers, one per home.
+    pub routers: Vec<NetNs>,
+    /// The home hosts, at [`NatLab::home_ip`].
+    pub homes: Vec<NetNs>,
+}
+
+impl NatLab {
+    /// The public host's address.
+    pub const PUBLIC_IP: &'static str = "10.99.0.1";
+
+    /// Home `i`'s address on its LAN.
+    pub fn home_ip(i: usize) -> String {
+        format!("192.168.{}.2", 50 + i)
+    }
+
+    /// Router `i`'s WAN address (what the public side sees of home `i`).
+    pub fn router_wan_ip(i: usize) -> String {
+        format!("10.99.0.{}", 2 + i)
+    }
+
+    /// Builds it with `homes` homes (at most 100). `Err` says why it cannot
+    /// be made here (not root, no `ip` or `nft`, no netns, veth, bridge or
+    /// nftables NAT support).
+    pub fn new(tag: &str, homes: usize) -> Result<NatLab, String> {
+        let public = NetNs::new(&format!("{tag}p"))?;
+        ip(&["-n", &public.name, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &public.name,
+            "addr",
+            "add",
+            "10.99.0.1/24",
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", &public.name, "link", "set", "br0", "up"])?;
+        let mut lab = NatLab {
+            public,
+            routers: Vec::new(),
+            homes: Vec::new(),
+        };
+        for i in 0..homes.min(100) {
+            let router = NetNs::new(&format!("{tag}r{i}"))?;
+            let home = NetNs::new(&format!("{tag}h{i}"))?;
+            let wan_dev = format!("wan{i}");
+            ip(&[
+                "-n",
+                &lab.public.name,
+                "link",
+                "add",
+                &wan_dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "wan",
+                "netns",
+                &router.name,
+            ])?;
+            ip(&[
+                "-n",
+                &lab.public.name,
+                "link",
+                "set",
+                &wan_dev,
+                "master",
+                "br0",
+            ])?;
+            ip(&["-n", &lab.public.name, "link", "set", &wan_dev, "up"])?;
+            ip(&[
+                "-n",
+                &router.name,
+                "link",
+                "add",
+                "lan",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &home.name,
+            ])?;
+            let wan = format!("{}/24", NatLab::router_wan_ip(i));
+            let lan_gw = format!("192.168.{}.1", 50 + i);
+            let lan = format!("{lan_gw}/24");
+            let host = format!("{}/24", NatLab::home_ip(i));
+            for (ns, dev, addr) in [
+                (&router, "wan", &wan),
+                (&router, "lan", &lan),
+                (&home, "eth0", &host),
+            ] {
+                ip(&["-n", &ns.name, "addr", "add", addr, "dev", dev])?;
+                ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+            }
+            ip(&["-n", &home.name, "route", "add", "default", "via", &lan_gw])?;
+            let o = Command::new("ip")
+                .args(["netns", "exec", &router.name, "sysctl", "-qw"])
+                .arg("net.ipv4.ip_forward=1")
+                .output()
+                .map_err(|e| format!("sysctl: {e}"))?;
+            if !o.status.success() {
+                return Err(format!(
+                    "sysctl ip_forward: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+            }
+            // The empty prerouting chain makes the kernel reverse-NAT
+            // replies; unsolicited WAN traffic is neither forwarded home
+            // nor answered.
+            nft(
+                &router,
+                &format!(
+                    "table ip nat {{\n\
+                       chain prerouting {{ type nat hook prerouting priority dstnat; }}\n\
+                       chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }}\n\
+                     }}\n\
+                     table inet filter {{\n\
+                       counter to_other_homes {{ }}\n\
+                       chain input {{ type filter hook input priority 0; policy accept;\n\
+                         iifname \"wan\" ct state != {{ established, related }} drop; }}\n\
+                       chain forward {{ type filter hook forward priority 0; policy accept;\n\
+                         iifname \"wan\" ct state != {{ established, related }} drop;\n\
+                         oifname \"wan\" ip daddr != {} counter name \"to_other_homes\"; }}\n\
+                     }}\n",
+                    NatLab::PUBLIC_IP
+                ),
+            )?;
+            lab.routers.push(router);
+            lab.homes.push(home);
+        }
+        Ok(lab)
+    }
+
+    /// Packets home `i` sent through its router to WAN hosts other than
+    /// the public one: traffic that went directly to another home.
+    pub fn packets_to_other_homes(&self, i: usize) -> u64 {
+        let Some(router) = self.routers.get(i) else {
+            return 0;
+        };
+        let o = Command::new("ip")
+            .args(["netns", "exec", &router.name, "nft", "list", "counter"])
+            .args(["inet", "filter", "to_other_homes"])
+            .output();
+        let Ok(o) = o else { return 0 };
+        let out = String::from_utf8_lossy(&o.stdout);
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
 /// The whole model in one process (`nakshatra run`, 1 thread): the
 /// reference text the network path must reproduce.
 pub fn run_reference(model: &str, extra: &[&str], prompt: &str) -> String {

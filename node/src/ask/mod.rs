@@ -317,6 +317,11 @@ pub struct HopReport {
     pub peer_id: String,
     /// Layers `[start, end)`.
     pub range: [u32; 2],
+    /// This asker reached the hop only through a relay when the chain
+    /// opened (the `chain:` line says `(relayed)`). Links between hops are
+    /// the hops' own business and not shown.
+    #[serde(skip)]
+    pub relayed: bool,
 }
 
 /// Timings of one ask.
@@ -394,7 +399,10 @@ pub struct AskOutcome {
 pub fn chain_line(chain: &[HopReport]) -> String {
     let hops: Vec<String> = chain
         .iter()
-        .map(|h| format!("{} [{}..{})", h.peer_id, h.range[0], h.range[1]))
+        .map(|h| {
+            let relayed = if h.relayed { " (relayed)" } else { "" };
+            format!("{} [{}..{}){relayed}", h.peer_id, h.range[0], h.range[1])
+        })
         .collect();
     format!("chain: {}", hops.join(" -> "))
 }
@@ -701,7 +709,16 @@ impl Asker<'_> {
             Err(e) => return ChainOutcome::Broken(e),
         };
         let _ = self.setup_s.set(self.t_setup.elapsed().as_secs_f64());
-        (ev.chain)(&planned.report);
+        let mut shown = planned.report.clone();
+        if let Ok(via) = self.swarm.via().await {
+            for h in &mut shown {
+                h.relayed = h
+                    .peer_id
+                    .parse::<PeerId>()
+                    .is_ok_and(|p| via.get(&p) == Some(&nakshatra_swarm::Via::Relay));
+            }
+        }
+        (ev.chain)(&shown);
         let (limit, tok) = (planned.limit, &planned.tokenizer);
         let Some(c) = &check else {
             let r = chain
@@ -1058,6 +1075,7 @@ fn planned_from(chain: Chain, tokenizer: std::sync::Arc<Tokenizer>, prompt: Vec<
         .map(|h| HopReport {
             peer_id: h.peer_id.clone(),
             range: [h.start, h.end],
+            relayed: false,
         })
         .collect();
     let figures = chain

@@ -519,7 +519,7 @@ async fn serve_session(
             reply(&up, &ActReply::Ready { kept }).await;
             let r = run_steps(&ctx, &open, &mut held, preempt, &mut up_r, &up, &mut down).await;
             let keep = r.as_ref().err().is_some_and(SessionError::keeps_session);
-            close_downstream(down, r.as_ref().err(), keep).await;
+            held.linger = close_downstream(down, r.as_ref().err(), keep).await;
             r
         }
         Err(f) => {
@@ -566,6 +566,9 @@ async fn admit(
     let key = (asker, open.session);
     if let Some(held) = ctx.resumable.take(key).await {
         if held.sampling == open.sampling {
+            // The old token stream goes: this chain opens its own.
+            let mut held = held;
+            held.linger = None;
             tracing::info!(
                 session = open.session,
                 kept = held.pos,
@@ -605,6 +608,7 @@ async fn admit(
         pos: 0,
         history,
         sampling: open.sampling,
+        linger: None,
     };
     Ok((key, held))
 }
@@ -612,7 +616,13 @@ async fn admit(
 /// Ends the session downstream: `Close` to the next hop (just the end of
 /// the stream when the session is `kept` for a replacement chain: the
 /// next hop keeps its part too), or the failure (if any) to the asker.
-async fn close_downstream(down: Downstream, error: Option<&SessionError>, kept: bool) {
+/// The token stream of a `kept` session is returned, open (see
+/// [`Held::linger`]).
+async fn close_downstream(
+    down: Downstream,
+    error: Option<&SessionError>,
+    kept: bool,
+) -> Option<Stream> {
     match down {
         Downstream::Hop(mut w, relay) => {
             // The session ends here: its relay first, so that the next
@@ -622,7 +632,9 @@ async fn close_downstream(down: Downstream, error: Option<&SessionError>, kept: 
                 let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
             }
             let _ = w.close().await;
+            None
         }
+        Downstream::Asker(s, _) if kept => Some(s),
         Downstream::Asker(mut s, _) => {
             // Upstream gone is not this hop's failure, and the hop before
             // reports its next hop itself: the stream just ends.
@@ -633,6 +645,7 @@ async fn close_downstream(down: Downstream, error: Option<&SessionError>, kept: 
                 let _ = write_frame(&mut s, &f, &[]).await;
             }
             let _ = s.close().await;
+            None
         }
     }
 }
@@ -740,7 +753,7 @@ async fn step(
         _ => return Err(bad("wrong payload kind for this hop")),
     };
     let end = h.pos.saturating_add(h.n_tokens);
-    if end <= held.pos && replayed(open, held, &h, down).await? {
+    if end <= held.pos && replayed(open, &held.history, &h, down).await? {
         return Ok(());
     }
     // A step may restart from an earlier position (a retry or replay):
@@ -800,13 +813,13 @@ async fn step(
 /// step is then computed).
 async fn replayed(
     open: &OpenSession,
-    held: &Held,
+    history: &History,
     h: &StepHeader,
     down: &mut Downstream,
 ) -> Result<bool, SessionError> {
     match down {
         Downstream::Hop(w, _) => {
-            let Some(rows) = held.history.hidden(h.pos, h.n_tokens) else {
+            let Some(rows) = history.hidden(h.pos, h.n_tokens) else {
                 return Ok(false);
             };
             let next = StepHeader {
@@ -819,7 +832,7 @@ async fn replayed(
                 .map_err(SessionError::NextHop)?;
         }
         Downstream::Asker(s, _) => {
-            let Some(sampled) = held.history.token(h.pos + h.n_tokens) else {
+            let Some(sampled) = history.token(h.pos + h.n_tokens) else {
                 return Ok(false);
             };
             let t = TokenFrame::Token {

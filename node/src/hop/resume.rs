@@ -153,6 +153,10 @@ pub struct Held {
     /// The sampling the session was opened with (the last hop's history
     /// holds tokens sampled with it).
     pub sampling: Sampling,
+    /// While parked, the last hop's token stream to the asker, held open:
+    /// its end would tell the asker that this hop failed, when the chain
+    /// broke upstream of it (the hop that saw that reports it).
+    pub linger: Option<nakshatra_swarm::Stream>,
 }
 
 /// (asker, session id).
@@ -169,7 +173,7 @@ enum Entry {
     /// task that would close it.
     Parked {
         token: u64,
-        held: Held,
+        held: Box<Held>,
         _cancel: oneshot::Sender<()>,
     },
 }
@@ -251,7 +255,7 @@ impl Resumable {
             key,
             Entry::Parked {
                 token,
-                held,
+                held: Box::new(held),
                 _cancel: cancel,
             },
         );
@@ -293,7 +297,7 @@ impl Resumable {
                     None => return None,
                     Some(Entry::Parked { .. }) => {
                         return match m.remove(&key) {
-                            Some(Entry::Parked { held, .. }) => Some(held),
+                            Some(Entry::Parked { held, .. }) => Some(*held),
                             _ => None,
                         };
                     }
