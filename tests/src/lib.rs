@@ -242,16 +242,25 @@ pub fn nakshatra(args: &[&str]) -> Output {
 
 /// `nakshatra swarm status --json` through `bootstrap` (mDNS off).
 pub fn status_json(bootstrap: &str) -> Option<serde_json::Value> {
-    let o = nakshatra(&[
-        "swarm",
-        "status",
-        "--no-mdns",
-        "--json",
-        "--wait",
-        "5",
-        "--bootstrap",
-        bootstrap,
-    ]);
+    status_json_in(&[], bootstrap)
+}
+
+/// [`status_json`] run under `prefix` (e.g. a network namespace's
+/// `ip netns exec NAME`; empty: here).
+pub fn status_json_in(prefix: &[&str], bootstrap: &str) -> Option<serde_json::Value> {
+    let o = nakshatra_in(
+        prefix,
+        &[
+            "swarm",
+            "status",
+            "--no-mdns",
+            "--json",
+            "--wait",
+            "5",
+            "--bootstrap",
+            bootstrap,
+        ],
+    );
     if !o.status.success() {
         return None;
     }

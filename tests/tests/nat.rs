@@ -59,23 +59,7 @@ fn node_args<'a>(model: &'a str, layers: &'a str, listen: &'a str) -> Vec<&'a st
 
 /// `swarm status --json` run on the public side.
 fn status_in(lab: &NatLab, bootstrap: &str) -> Option<serde_json::Value> {
-    let o = nakshatra_in(
-        &lab.public.prefix(),
-        &[
-            "swarm",
-            "status",
-            "--no-mdns",
-            "--json",
-            "--wait",
-            "5",
-            "--bootstrap",
-            bootstrap,
-        ],
-    );
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
+    status_json_in(&lab.public.prefix(), bootstrap)
 }
 
 /// The entry of `peer` in the first model's `peers` of a status view.

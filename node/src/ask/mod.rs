@@ -980,9 +980,7 @@ impl Asker<'_> {
             }
         }
     }
-}
 
-impl Asker<'_> {
     /// One try at a chain that replaces the `lost` hop: the other hops of
     /// the broken chain are kept (their sessions are resumed, with their
     /// KV) and only the lost blocks are planned; where no peer fits those
