@@ -97,6 +97,13 @@ struct AskArgs {
     /// Do not look for peers on the LAN with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Addresses to listen on while asking (as for `node join`: each TCP
+    /// address gets its QUIC twin). Serving peers behind NAT reach the
+    /// asker through a relay; a listening socket lets DCUtR punch a direct
+    /// connection from it (dials reuse its port), so nothing needs to be
+    /// opened on the asker's router. An ephemeral port by default.
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    listen: Vec<Multiaddr>,
     /// Model id (default: the only model the swarm serves).
     #[arg(long)]
     model: Option<String>,
@@ -422,6 +429,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
     use nakshatra_swarm::protocol::act::{Sampling, WireDtype};
     let opts = AskOptions {
         bootstrap: a.bootstrap,
+        listen: a.listen,
         mdns: !a.no_mdns,
         model: a.model,
         prompt: a.prompt,

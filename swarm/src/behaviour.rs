@@ -50,16 +50,16 @@ pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 1024;
 
 /// Reservations a relay holds at once (libp2p's default). A reservation
 /// is a few hundred bytes of state; circuits are what cost.
-pub(crate) const RELAY_MAX_RESERVATIONS: usize = 128;
+pub const RELAY_MAX_RESERVATIONS: usize = 128;
 /// Reservations one peer may hold on this relay (libp2p's default).
-pub(crate) const RELAY_MAX_RESERVATIONS_PER_PEER: usize = 4;
+pub const RELAY_MAX_RESERVATIONS_PER_PEER: usize = 4;
 /// Circuits a relay carries at once. Each may carry a chain's activations
 /// for a whole answer (see [`RELAY_MAX_CIRCUIT_BYTES`]), so this bounds
 /// the relay's bandwidth, not only its memory (a circuit buffers at most
 /// one yamux window each way).
-pub(crate) const RELAY_MAX_CIRCUITS: usize = 32;
+pub const RELAY_MAX_CIRCUITS: usize = 32;
 /// Circuits one source peer may open through this relay at once.
-pub(crate) const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
+pub const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
 /// Bytes one circuit may carry, both directions summed, before the relay
 /// cuts it. libp2p's default (128 KiB) is less than one step's hidden
 /// states (a 4096-wide f16 row is 8 KiB per token: a 2048-token prefill

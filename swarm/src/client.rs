@@ -36,6 +36,10 @@ const CONCURRENCY: usize = 32;
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most probe streams kept open for reuse.
 const MAX_KEPT_PROBE_STREAMS: usize = 256;
+/// Longest [`Client::shutdown`] waits for the withdrawal to be stored.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(4);
+/// How often [`Client::wait_for_hole_punches`] looks again.
+const PUNCH_POLL: Duration = Duration::from_millis(20);
 
 /// How a view measures each peer's RTT.
 #[derive(Clone, Copy)]
@@ -487,6 +491,29 @@ impl Client {
         self.call(|reply| Command::Via { reply }).await
     }
 
+    /// Waits, at most `within`, until none of `peers` has a hole punch
+    /// under way: each is then reached directly, or stays relayed because
+    /// the punch failed or never started. A caller about to open
+    /// long-lived streams waits for this: a successful punch closes the
+    /// relayed connection, and with it every stream on it.
+    pub async fn wait_for_hole_punches(&self, peers: &[PeerId], within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let Ok(pending) = self.call(|reply| Command::Punching { reply }).await else {
+                return;
+            };
+            let waiting: Vec<&PeerId> = peers.iter().filter(|p| pending.contains(p)).collect();
+            if waiting.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::debug!(peers = ?waiting, "hole punch still under way; going on relayed");
+                return;
+            }
+            tokio::time::sleep(PUNCH_POLL).await;
+        }
+    }
+
     /// Counters: records accepted/refused, connections, routing table size.
     pub async fn stats(&self) -> Result<SwarmStats, Stopped> {
         self.call(|reply| Command::Stats { reply }).await
@@ -672,7 +699,15 @@ impl Client {
     /// (its `JoinHandle` completes). Other clones fail with [`Stopped`]
     /// afterwards. To simulate a crash instead, abort the `JoinHandle`.
     pub async fn shutdown(&self) -> Result<(), Stopped> {
-        self.withdraw().await?;
+        // The tombstone put waits for the DHT's answers; a peer that is
+        // slow to answer must not hold the process up (the records expire
+        // within a TTL anyway).
+        if tokio::time::timeout(WITHDRAW_WAIT, self.withdraw())
+            .await
+            .is_err()
+        {
+            tracing::info!(wait = ?WITHDRAW_WAIT, "withdrawal still under way; leaving anyway");
+        }
         self.call(|reply| Command::Shutdown { reply }).await
     }
 }

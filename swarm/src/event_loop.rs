@@ -68,6 +68,13 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_millis(250);
 /// Relays a node behind NAT keeps a reservation on at once (two: one
 /// relay lost leaves the node reachable while it reserves on another).
 const MAX_RELAY_RESERVATIONS: usize = 2;
+/// How long a relayed connection stays open once a direct connection to
+/// the same peer is up (DCUtR's spec: close the relay after a grace
+/// period). Requests and fetches already under way on it finish; a
+/// long-lived stream is not opened meanwhile, since the peer counts as
+/// still punching until the relayed connection is gone
+/// ([`crate::Client::wait_for_hole_punches`]).
+const RELAY_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Wait before reserving again on a relay whose reservation failed or
 /// was lost.
 const RELAY_RETRY_DELAY: Duration = Duration::from_secs(10);
@@ -109,6 +116,14 @@ struct Nat {
     listeners: HashMap<PeerId, ListenerId>,
     /// Relays not to reserve on before the given time.
     retry_at: HashMap<PeerId, Instant>,
+    /// Peers reached only through a relay while DCUtR may still give a
+    /// direct connection: from the relayed connection's start until the
+    /// hole punch's outcome, a direct connection, or the peer's last
+    /// connection closing (see [`crate::Client::wait_for_hole_punches`]).
+    punching: HashSet<PeerId>,
+    /// Relayed connections to close once their [`RELAY_CLOSE_GRACE`] is
+    /// over: a direct connection to the same peer is up.
+    closing: HashMap<ConnectionId, (PeerId, Instant)>,
 }
 
 /// Counters of what this node did with what it received.
@@ -208,6 +223,10 @@ pub(crate) enum Command {
     /// How each connected peer is reached now.
     Via {
         reply: oneshot::Sender<HashMap<PeerId, Via>>,
+    },
+    /// Peers whose hole punch is under way.
+    Punching {
+        reply: oneshot::Sender<HashSet<PeerId>>,
     },
     LocalRecord {
         key: RecordKey,
@@ -492,6 +511,9 @@ impl EventLoop {
             }
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Punching { reply } => {
+                let _ = reply.send(self.nat.punching.clone());
             }
             Command::Via { reply } => {
                 let via = self
@@ -859,6 +881,17 @@ impl EventLoop {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        let due: Vec<ConnectionId> = self
+            .nat
+            .closing
+            .iter()
+            .filter(|(_, (_, at))| now >= *at)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in due {
+            self.nat.closing.remove(&c);
+            self.swarm.close_connection(c);
+        }
         match self.bootstrap.next_retry {
             Some(t) if now >= t => self.dial_bootstraps(),
             None if self.bootstrap.joined
@@ -1097,13 +1130,46 @@ impl EventLoop {
         conns.insert(id, relayed);
         let has_direct = conns.values().any(|r| !r);
         if !has_direct {
+            // DCUtR starts on every relayed connection.
+            self.nat.punching.insert(peer);
             return;
         }
         let doomed: Vec<ConnectionId> =
             conns.iter().filter(|(_, r)| **r).map(|(c, _)| *c).collect();
+        if doomed.is_empty() {
+            self.nat.punching.remove(&peer);
+            return;
+        }
+        let at = Instant::now() + RELAY_CLOSE_GRACE;
         for c in doomed {
-            tracing::debug!(%peer, "direct connection up: closing the relayed one");
-            self.swarm.close_connection(c);
+            tracing::debug!(%peer, grace = ?RELAY_CLOSE_GRACE, "direct connection up: closing the relayed one");
+            self.nat.closing.entry(c).or_insert((peer, at));
+        }
+    }
+
+    /// A peer reached only through a relay may listen where this node can
+    /// dial it directly (the same LAN, a public address the relayed dial
+    /// did not win the race with): dial those of `addrs` (its listen
+    /// addresses in scope) that are not circuits. DCUtR tries only the
+    /// addresses observed from outside, which a LAN neighbour behind the
+    /// same router cannot reach. A direct connection closes the relayed
+    /// one ([`Self::on_connection`]).
+    fn try_direct(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let relayed_only = self
+            .conns
+            .get(&peer)
+            .is_some_and(|c| !c.is_empty() && c.values().all(|relayed| *relayed));
+        let direct: Vec<Multiaddr> = addrs.into_iter().filter(|a| !is_relayed(a)).collect();
+        if !relayed_only || direct.is_empty() {
+            return;
+        }
+        tracing::debug!(%peer, addrs = ?direct, "reached through a relay: dialling it directly");
+        let opts = DialOpts::peer_id(peer)
+            .addresses(direct)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "no direct dial");
         }
     }
 
@@ -1127,6 +1193,14 @@ impl EventLoop {
                 ..
             })) => {
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                if !speaks_kad {
+                    // A client (an asker) is no DHT server. Kademlia adds
+                    // any peer that opened a DHT stream on a connection
+                    // this node dialled, which a hole punch is from both
+                    // sides: such an entry would send other nodes' lookups
+                    // to an asker gone behind its NAT (a dial timeout each).
+                    self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
+                }
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
                     self.nat.offering.insert(peer_id);
                 } else {
@@ -1137,12 +1211,17 @@ impl EventLoop {
                 // networks this node is on (see `scope`), QUIC first.
                 let mut addrs = info.listen_addrs;
                 prefer_quic(&mut addrs);
-                for addr in addrs.into_iter().filter(|a| scope.allows(a)) {
+                addrs.retain(|a| scope.allows(a));
+                for addr in &addrs {
                     self.remember_addr(peer_id, addr.clone());
                     if speaks_kad {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
                     }
                 }
+                self.try_direct(peer_id, addrs);
                 // Identify has run on the relay's connection: a reservation
                 // may now be made on it (rust-libp2p's dcutr example waits
                 // for the same).
@@ -1175,12 +1254,21 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
                 result,
-            })) => match result {
-                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punch: direct connection"),
-                Err(e) => {
-                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
+            })) => {
+                // A success leaves the peer punching until the relayed
+                // connection's grace is over (`on_connection`).
+                if result.is_err() {
+                    self.nat.punching.remove(&remote_peer_id);
                 }
-            },
+                match result {
+                    Ok(_) => {
+                        tracing::info!(peer = %remote_peer_id, "hole punch: direct connection")
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
+                    }
+                }
+            }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
                 self.on_external_addrs_changed();
@@ -1214,14 +1302,25 @@ impl EventLoop {
                 connection_id,
                 ..
             } => {
+                self.nat.closing.remove(&connection_id);
                 if let Some(c) = self.conns.get_mut(&peer_id) {
                     c.remove(&connection_id);
+                    if c.values().any(|relayed| !relayed) && !c.values().any(|relayed| *relayed) {
+                        // The last relayed connection is gone: reached
+                        // directly, done punching.
+                        self.nat.punching.remove(&peer_id);
+                    }
                     if c.is_empty() {
                         // Gone: what identify and the dial said of it is
                         // learnt again on the next connection.
                         self.conns.remove(&peer_id);
                         self.nat.offering.remove(&peer_id);
+                        self.nat.punching.remove(&peer_id);
                         self.nat.dialled_at.remove(&peer_id);
+                        // Pinged again on the next connection; kept, one
+                        // entry per peer ever met would grow without bound
+                        // (a flood of fresh identities).
+                        self.rtt.remove(&peer_id);
                     }
                 }
             }

@@ -92,7 +92,9 @@ use tokio::{
 pub use addrs::{is_quic, prefer_quic, quic_twin, with_quic_listeners};
 pub use backoff::DIAL_BACKOFF;
 pub use behaviour::{
-    IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, RELAY_MAX_CIRCUIT_BYTES, RELAY_MAX_CIRCUIT_DURATION,
+    IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, RELAY_MAX_CIRCUITS, RELAY_MAX_CIRCUITS_PER_PEER,
+    RELAY_MAX_CIRCUIT_BYTES, RELAY_MAX_CIRCUIT_DURATION, RELAY_MAX_RESERVATIONS,
+    RELAY_MAX_RESERVATIONS_PER_PEER,
 };
 pub use client::Client;
 pub use codec::InfoCodec;

@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod attack;
+pub mod relay_attack;
 
 /// The `nakshatra` binary under test.
 pub fn nakshatra_bin() -> PathBuf {
@@ -234,7 +235,7 @@ impl Drop for Proc {
 pub fn nakshatra(args: &[&str]) -> Output {
     Command::new(nakshatra_bin())
         .args(args)
-        .env("RUST_LOG", "warn,libp2p_kad=error,llama-cpp-2=error")
+        .env("RUST_LOG", one_shot_log())
         .stdin(Stdio::null())
         .output()
         .expect("run nakshatra")
@@ -382,10 +383,17 @@ pub fn nakshatra_in(prefix: &[&str], args: &[&str]) -> Output {
         .args(rest)
         .arg(nakshatra_bin())
         .args(args)
-        .env("RUST_LOG", "warn,libp2p_kad=error,llama-cpp-2=error")
+        .env("RUST_LOG", one_shot_log())
         .stdin(Stdio::null())
         .output()
         .expect("run nakshatra")
+}
+
+/// `RUST_LOG` for one-shot commands (`node ask`, `swarm status`): warnings
+/// only, unless `NAKSHATRA_TEST_ASK_LOG` says otherwise (to debug a test).
+fn one_shot_log() -> String {
+    std::env::var("NAKSHATRA_TEST_ASK_LOG")
+        .unwrap_or_else(|_| "warn,libp2p_kad=error,llama-cpp-2=error".into())
 }
 
 /// Runs `nft -f -` with `rules` inside namespace `ns`.
@@ -414,6 +422,25 @@ fn nft(ns: &NetNs, rules: &str) -> Result<(), String> {
     }
 }
 
+/// How a home's router maps and filters (nat.md's lab recipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// The common home router, cone-like: nftables `masquerade` keeps
+    /// the source port when it is free, so one local port maps to one
+    /// public port whatever the destination (endpoint-independent
+    /// mapping); from the WAN only replies get in (address- and
+    /// port-dependent filtering), and a simultaneous open counts as a
+    /// reply. Two such homes can punch a hole. (A *full* cone, letting
+    /// any WAN host in through a mapping, is publicly reachable over UDP:
+    /// AutoNAT confirms it, and the node simply serves as a public one.)
+    Cone,
+    /// Symmetric: `masquerade random` gives every destination its own
+    /// random public port (endpoint-dependent mapping), so the port a
+    /// peer observes is not the one used to reach anyone else: no hole
+    /// can be punched to or from it, only the relay carries its links.
+    Symmetric,
+}
+
 /// A small internet with homes behind NAT, all in namespaces made for the
 /// test (no packet leaves them):
 ///
@@ -423,16 +450,16 @@ fn nft(ns: &NetNs, rules: &str) -> Result<(), String> {
 ///               └─ veth ── (10.99.0.3) router 1 (192.168.51.1) ── veth ── (192.168.51.2) home 1
 /// ```
 ///
-/// Each router forwards and masquerades its home's traffic (nftables
-/// `masquerade` on its WAN side, which keeps the source port when it is
-/// free: endpoint-independent mapping) and forwards nothing unsolicited
-/// from the WAN to the home (a reply or a simultaneous open gets through:
+/// Each router forwards and masquerades its home's traffic on its WAN
+/// side, as its [`Nat`] kind says, and forwards nothing unsolicited from
+/// the WAN to the home (a reply or a simultaneous open gets through:
 /// address- and port-dependent filtering, the home router of nat.md).
 /// Unsolicited packets to the router itself are dropped, not answered: a
 /// reset would end the other side's half of a TCP hole punch. The
 /// public side has no route to the LANs. Each router counts the packets
 /// its home sends to WAN hosts other than the public one
-/// ([`NatLab::packets_to_other_homes`]): direct traffic between homes.
+/// ([`NatLab::packets_to_other_homes`]), and those it lets in from them
+/// ([`NatLab::packets_from_other_homes`]): direct traffic between homes.
 pub struct NatLab {
     /// The "internet" side: a public host at [`NatLab::PUBLIC_IP`].
     pub public: NetNs,
@@ -456,10 +483,16 @@ impl NatLab {
         format!("10.99.0.{}", 2 + i)
     }
 
-    /// Builds it with `homes` homes (at most 100). `Err` says why it cannot
-    /// be made here (not root, no `ip` or `nft`, no netns, veth, bridge or
-    /// nftables NAT support).
+    /// Builds it with `homes` cone-NAT homes (at most 100). `Err` says why
+    /// it cannot be made here (not root, no `ip` or `nft`, no netns, veth,
+    /// bridge or nftables NAT support).
     pub fn new(tag: &str, homes: usize) -> Result<NatLab, String> {
+        NatLab::with_nats(tag, &vec![Nat::Cone; homes])
+    }
+
+    /// Builds it with one home per entry of `nats` (at most 100), behind a
+    /// router of that kind.
+    pub fn with_nats(tag: &str, nats: &[Nat]) -> Result<NatLab, String> {
         let public = NetNs::new(&format!("{tag}p"))?;
         ip(&["-n", &public.name, "link", "add", "br0", "type", "bridge"])?;
         ip(&[
@@ -477,7 +510,7 @@ impl NatLab {
             routers: Vec::new(),
             homes: Vec::new(),
         };
-        for i in 0..homes.min(100) {
+        for (i, nat) in nats.iter().take(100).enumerate() {
             let router = NetNs::new(&format!("{tag}r{i}"))?;
             let home = NetNs::new(&format!("{tag}h{i}"))?;
             let wan_dev = format!("wan{i}");
@@ -546,22 +579,28 @@ impl NatLab {
             // The empty prerouting chain makes the kernel reverse-NAT
             // replies; unsolicited WAN traffic is neither forwarded home
             // nor answered.
+            let masquerade = match nat {
+                Nat::Cone => "masquerade",
+                Nat::Symmetric => "masquerade random",
+            };
             nft(
                 &router,
                 &format!(
                     "table ip nat {{\n\
                        chain prerouting {{ type nat hook prerouting priority dstnat; }}\n\
-                       chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }}\n\
+                       chain postrouting {{ type nat hook postrouting priority srcnat; oifname \"wan\" {masquerade}; }}\n\
                      }}\n\
                      table inet filter {{\n\
                        counter to_other_homes {{ }}\n\
+                       counter from_other_homes {{ }}\n\
                        chain input {{ type filter hook input priority 0; policy accept;\n\
                          iifname \"wan\" ct state != {{ established, related }} drop; }}\n\
                        chain forward {{ type filter hook forward priority 0; policy accept;\n\
                          iifname \"wan\" ct state != {{ established, related }} drop;\n\
-                         oifname \"wan\" ip daddr != {} counter name \"to_other_homes\"; }}\n\
+                         oifname \"wan\" ip daddr != {public} counter name \"to_other_homes\";\n\
+                         iifname \"wan\" ip saddr != {public} counter name \"from_other_homes\"; }}\n\
                      }}\n",
-                    NatLab::PUBLIC_IP
+                    public = NatLab::PUBLIC_IP
                 ),
             )?;
             lab.routers.push(router);
@@ -573,12 +612,23 @@ impl NatLab {
     /// Packets home `i` sent through its router to WAN hosts other than
     /// the public one: traffic that went directly to another home.
     pub fn packets_to_other_homes(&self, i: usize) -> u64 {
+        self.counter(i, "to_other_homes")
+    }
+
+    /// Packets from WAN hosts other than the public one that router `i`
+    /// let into its home (replies to a punched hole; unsolicited ones are
+    /// dropped before they are counted).
+    pub fn packets_from_other_homes(&self, i: usize) -> u64 {
+        self.counter(i, "from_other_homes")
+    }
+
+    fn counter(&self, i: usize, name: &str) -> u64 {
         let Some(router) = self.routers.get(i) else {
             return 0;
         };
         let o = Command::new("ip")
             .args(["netns", "exec", &router.name, "nft", "list", "counter"])
-            .args(["inet", "filter", "to_other_homes"])
+            .args(["inet", "filter", name])
             .output();
         let Ok(o) = o else { return 0 };
         let out = String::from_utf8_lossy(&o.stdout);

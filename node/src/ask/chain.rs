@@ -35,6 +35,13 @@ pub const STALL_FACTOR: f64 = 20.0;
 pub const STALL_FLOOR: Duration = Duration::from_secs(3);
 /// How long a new token stream may take to say which session it is for.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the asker waits, before opening a chain, for hole punches
+/// still under way to its first and last hops. A punch takes a few round
+/// trips (tens of ms on a LAN, under a second across continents) and the
+/// relayed connection is closed a second later; a punch that cannot
+/// succeed (a symmetric NAT) takes seconds to fail, and the chain then
+/// opens on the relay after this wait.
+pub const PUNCH_WAIT: Duration = Duration::from_millis(2500);
 
 /// How a run of one chain ended.
 pub(super) enum ChainOutcome<T> {
@@ -220,6 +227,15 @@ impl<'a> OpenChain<'a> {
             .parse()
             .map_err(|_| hop_err(0, HopFault::BadPeerId))?;
         connect_last_hop(swarm, hops).await;
+        // The asker's own links (to the first hop, from the last) carry
+        // every step: a hole punch still under way would close the
+        // relayed connection, and the chain's streams with it.
+        let ends: Vec<PeerId> = [hops.first(), hops.last()]
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.peer_id.parse().ok())
+            .collect();
+        swarm.wait_for_hole_punches(&ends, PUNCH_WAIT).await;
         let open = &open;
         let (r, to_first, kept) = swarm
             .open_stream_with(

@@ -275,6 +275,11 @@ pub enum HopFault {
 pub struct AskOptions {
     /// Peers to bootstrap from.
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses to listen on while asking (each TCP address gets its QUIC
+    /// twin, [`nakshatra_swarm::with_quic_listeners`]): with a listening
+    /// socket, hole punching can give a direct connection to hops behind
+    /// NAT. Empty: no listener (every hop behind NAT stays relayed).
+    pub listen: Vec<Multiaddr>,
     /// mDNS on the LAN.
     pub mdns: bool,
     /// Model id; `None`: the only model in the swarm.
@@ -418,6 +423,7 @@ pub async fn ask(
     let t_setup = Instant::now();
     let mut cfg = SwarmConfig::client();
     cfg.bootstrap = opts.bootstrap.clone();
+    cfg.listen = nakshatra_swarm::with_quic_listeners(&opts.listen);
     cfg.mdns = opts.mdns;
     let key = nakshatra_swarm::IdentityKeypair::generate_ed25519();
     let (swarm, task) = nakshatra_swarm::spawn(key, cfg).await?;

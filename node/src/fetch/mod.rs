@@ -11,6 +11,12 @@
 //! piece is published; the others are cancelled and their files removed
 //! (see `scheduler` for the thresholds).
 //!
+//! Pieces prefer direct connections: a peer reached only through a
+//! circuit relay first gets [`DIRECT_WAIT`] for a hole punch to make it
+//! direct, and is then ranked last (it fetches only what no direct source
+//! can; see `scheduler`). When pieces must come through a relay, the user
+//! is told once per peer (a line on stderr, [`FetchStats::relayed_peers`]).
+//!
 //! One file per job:
 //! * [`server`]: `/nakshatra/manifest/1` and `/nakshatra/piece/1`, served
 //!   from the mapped GGUF files ([`PieceStore`]).
@@ -51,7 +57,7 @@ pub use manifest::{manifest_and_vocab, model_shape, shape_of, ManifestError};
 pub use scheduler::{MAX_HEALTHY_ATTEMPTS, RATE_WINDOW, SLOW_FACTOR, STALL_TIMEOUT, WATCH_TICK};
 pub use server::{spawn_piece_servers, PieceStore};
 
-use scheduler::{Meter, Scheduler};
+use scheduler::{Link, Meter, Scheduler};
 
 /// Bytes asked for per piece request.
 pub const CHUNK: u64 = 2 * 1024 * 1024;
@@ -67,6 +73,16 @@ pub const NET_RETRIES: u32 = 3;
 const PROGRESS_TICK: Duration = Duration::from_millis(200);
 /// Least time between two progress log lines (no terminal).
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(2);
+/// How long a source reached only through a relay is given, once
+/// connected, to become direct (DCUtR punches a hole a few round trips
+/// after the relayed connection opens; one that cannot succeed, behind a
+/// symmetric NAT, takes seconds to fail) before its streams start on the
+/// relay. Only that peer's streams wait: sources reached directly start
+/// at once, and a relayed peer gets nothing they can take anyway.
+pub const DIRECT_WAIT: Duration = Duration::from_secs(3);
+/// How often the watchdog refreshes how each source is reached (a punch
+/// may succeed later; a direct connection may be lost).
+const LINK_REFRESH: Duration = Duration::from_secs(1);
 
 /// Why a fetch of a range failed.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +185,14 @@ pub struct FetchStats {
     pub endgame_pieces: u32,
     /// Peers whose streams were found stalled or crawling (base58).
     pub slow_peers: Vec<String>,
+    /// Bytes of verified pieces that came through a relay (a peer with no
+    /// direct connection when the piece was claimed).
+    pub relayed_bytes: u64,
+    /// Verified pieces that came through a relay.
+    pub relayed_pieces: u32,
+    /// Peers that were given pieces while reached only through a relay
+    /// (base58).
+    pub relayed_peers: Vec<String>,
 }
 
 impl FetchStats {
@@ -211,7 +235,7 @@ pub async fn fetch_pieces(
     }
     let sched = Scheduler::new(queue, stats);
     let ticker = tokio::spawn(show_progress(sched.clone(), total, n_jobs));
-    let watchdog = tokio::spawn(watch(sched.clone()));
+    let watchdog = tokio::spawn(watch(sched.clone(), swarm.clone(), peers.to_vec()));
     let pool = writer::BufPool::default();
     let mut workers = tokio::task::JoinSet::new();
     for &peer in peers {
@@ -231,11 +255,13 @@ pub async fn fetch_pieces(
             })
             .collect();
         let swarm = swarm.clone();
+        let sched_peer = sched.clone();
         workers.spawn(async move {
             // Connect once before opening streams in parallel (simultaneous
             // first dials to one peer can race each other); peers do not
             // wait for each other.
             let _ = swarm.probe_rtt(peer).await;
+            settle_link(&swarm, &sched_peer, peer).await;
             futures::future::join_all(ws.into_iter().map(worker::Worker::run)).await;
         });
     }
@@ -259,6 +285,7 @@ pub async fn fetch_pieces(
     sched.writers_done().await;
     ticker.abort();
     watchdog.abort();
+    show_notices(&sched, None);
     writer::remove_race_files(dir);
     let stats = sched.finish(t0.elapsed())?;
     if !stats.slow_peers.is_empty() {
@@ -273,14 +300,68 @@ pub async fn fetch_pieces(
             stats.endgame_pieces
         );
     }
+    if stats.relayed_pieces > 0 {
+        tracing::info!(
+            "{} piece(s), {:.1} MB, came through a relay from {}",
+            stats.relayed_pieces,
+            stats.relayed_bytes as f64 / 1e6,
+            stats.relayed_peers.join(", ")
+        );
+    }
     Ok(stats)
 }
 
-/// The watchdog: [`Scheduler::watch`] every [`WATCH_TICK`] until aborted.
-async fn watch(sched: Arc<Scheduler>) {
+/// How `via` says this node reaches `peer` now.
+fn link_of(via: Option<nakshatra_swarm::Via>) -> Link {
+    match via {
+        Some(nakshatra_swarm::Via::Direct) => Link::Direct,
+        Some(nakshatra_swarm::Via::Relay) => Link::Relayed,
+        None => Link::Unreachable,
+    }
+}
+
+/// Once `peer` was dialled: records how it is reached, after a hole
+/// punch still under way to it has had up to [`DIRECT_WAIT`] to make it
+/// direct ([`nakshatra_swarm::Client::wait_for_hole_punches`]; its streams
+/// start after this, and a stream on a relayed connection would be closed
+/// with it when a punch succeeds).
+async fn settle_link(swarm: &nakshatra_swarm::Client, sched: &Scheduler, peer: PeerId) {
+    swarm.wait_for_hole_punches(&[peer], DIRECT_WAIT).await;
+    let via = swarm.via().await.ok().and_then(|v| v.get(&peer).copied());
+    sched.set_link(peer, link_of(via));
+}
+
+/// The watchdog: [`Scheduler::watch`] every [`WATCH_TICK`], and every
+/// [`LINK_REFRESH`] how each of `peers` that was dialled is reached now,
+/// until aborted.
+async fn watch(sched: Arc<Scheduler>, swarm: nakshatra_swarm::Client, peers: Vec<PeerId>) {
+    let mut last_refresh = Instant::now();
     loop {
         tokio::time::sleep(WATCH_TICK).await;
         sched.watch();
+        if last_refresh.elapsed() >= LINK_REFRESH {
+            last_refresh = Instant::now();
+            let Ok(via) = swarm.via().await else { continue };
+            for p in &peers {
+                // Not yet dialled ones are settled by their own task; a
+                // peer with no connection now keeps its last state (its
+                // streams redial it).
+                if let (Some(v), true) = (via.get(p), sched.link(p) != Link::Unknown) {
+                    sched.set_link(*p, link_of(Some(*v)));
+                }
+            }
+        }
+    }
+}
+
+/// Shows the scheduler's notices for the user (pieces through a relay):
+/// a line each on stderr, above the progress bar if there is one.
+fn show_notices(sched: &Scheduler, bar: Option<&indicatif::ProgressBar>) {
+    for line in sched.take_notices() {
+        match bar {
+            Some(b) => b.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
     }
 }
 
@@ -371,6 +452,7 @@ async fn show_progress(sched: Arc<Scheduler>, total: u64, n_jobs: usize) {
     let _clear = ClearOnDrop(bar.clone());
     loop {
         tokio::time::sleep(PROGRESS_TICK).await;
+        show_notices(&sched, bar.as_ref());
         let (bytes, done) = sched.progress();
         match &bar {
             Some(b) => b.set_position(bytes.min(total)),

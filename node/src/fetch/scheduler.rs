@@ -28,6 +28,18 @@
 //! whichever copy verifies first is published, and the others are
 //! cancelled and their files removed.
 //!
+//! # Relays
+//!
+//! A peer reached only through a circuit relay ([`Link::Relayed`]) is
+//! ranked last, in one place ([`State::direct_source`]): it takes a piece
+//! only when no peer reached directly (or not yet connected, which will be
+//! dialled directly where its addresses allow) can: none holds it, or
+//! those that do have failed it, stalled or crawled, may not race it, or
+//! published nothing for [`RELAY_PATIENCE`] while busy.
+//! Relayed bytes cost the relay's bandwidth and come slower; when they
+//! must be used, the scheduler says so once per peer (an `info` log line
+//! and a notice for the user, [`Scheduler::take_notices`]).
+//!
 //! # Files
 //!
 //! One attempt at a time owns the piece's `.part` (it resumes the bytes an
@@ -68,6 +80,42 @@ pub const SLOW_FACTOR: f64 = 8.0;
 pub const MAX_HEALTHY_ATTEMPTS: usize = 2;
 /// How often [`Scheduler::watch`] looks at every stream.
 pub const WATCH_TICK: Duration = Duration::from_millis(250);
+/// A direct source that has had pieces under way this long without
+/// publishing one (in that time) no longer holds relayed peers back: a
+/// direct peer that trickles just fast enough not to count as slow (with
+/// no faster stream to compare it with, as when the only other holders are
+/// relayed) cannot keep them idle. Long enough for an honest stream to
+/// finish a large piece.
+pub const RELAY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How this node reaches a source peer, as far as the fetch knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Link {
+    /// Not connected yet (its first dial is under way): counted as direct,
+    /// since it is dialled at its announced addresses.
+    #[default]
+    Unknown,
+    /// Over at least one direct connection.
+    Direct,
+    /// Only through a circuit relay: ranked last (see the module doc).
+    Relayed,
+    /// Its first dial found no connection: its streams go on trying, but
+    /// relayed peers do not wait for it.
+    Unreachable,
+}
+
+impl Link {
+    /// Whether a relayed peer leaves a piece to this one.
+    fn counts_as_direct(self) -> bool {
+        matches!(self, Link::Unknown | Link::Direct)
+    }
+}
+
+/// The line the user is shown when pieces must come from `peer` through a
+/// relay.
+pub(super) fn relay_notice(peer: &PeerId) -> String {
+    format!("fetching from {peer} through a relay: no direct connection")
+}
 
 /// One worker (one stream at a time to one peer), by index.
 pub(super) type WorkerId = usize;
@@ -201,6 +249,8 @@ struct WorkerState {
     samples: VecDeque<(Instant, u64)>,
     /// Stalled or slow now (its pieces are raced; it races nobody's).
     slowness: Option<Slowness>,
+    /// Its run has ended: it takes nothing more.
+    gone: bool,
 }
 
 impl WorkerState {
@@ -258,6 +308,8 @@ struct State {
     bad_peers: HashSet<PeerId>,
     /// Peers that served at least one verified piece.
     served_by: HashSet<PeerId>,
+    /// When each peer last published a verified piece.
+    published_at: HashMap<PeerId, Instant>,
     /// Peers whose streams were found stalled or slow.
     slow_peers: HashSet<PeerId>,
     /// Peers found stalled or slow that have not published a piece since.
@@ -273,6 +325,12 @@ struct State {
     /// The first local failure (disk full, cache unwritable): the fetch
     /// stops.
     local_error: Option<FetchError>,
+    /// How each source is reached (absent: [`Link::Unknown`]).
+    links: HashMap<PeerId, Link>,
+    /// Relayed peers that were given a piece (the user was told).
+    relayed_used: HashSet<PeerId>,
+    /// Lines for the user not yet shown ([`Scheduler::take_notices`]).
+    notices: Vec<String>,
 }
 
 /// Which piece [`State::pick`] found for a worker.
@@ -314,6 +372,55 @@ impl State {
         self.lacks.get(id).is_some_and(|l| l.contains(peer))
     }
 
+    fn link(&self, peer: &PeerId) -> Link {
+        self.links.get(peer).copied().unwrap_or_default()
+    }
+
+    /// Whether `peer` has had pieces under way for [`RELAY_PATIENCE`]
+    /// without publishing one in that time.
+    fn stuck(&self, peer: &PeerId, now: Instant) -> bool {
+        let published = self.published_at.get(peer);
+        self.workers.iter().any(|w| {
+            w.peer == *peer
+                && w.busy_since.is_some_and(|t| {
+                    let since = published.map_or(t, |p| t.max(*p));
+                    now.saturating_duration_since(since) >= RELAY_PATIENCE
+                })
+        })
+    }
+
+    /// Relayed peers are ranked last: this is the one place that says so.
+    /// Whether piece `id` (in flight as `flight`, or queued) still has a
+    /// source that does not go through a relay, so that a relayed peer
+    /// must leave it alone: an attempt on a stream that is neither stalled
+    /// nor slow, or a peer that could take it now or soon (reached
+    /// directly or not connected yet, with a stream still running, not
+    /// bad, not lacking it, not stalled or slow since it last published,
+    /// not already on it, and, for a piece in flight, allowed to race);
+    /// a peer [`State::stuck`] counts for neither. A relayed peer takes a
+    /// piece only when this is false, so the racing, stall and Sybil rules
+    /// decide for relays too: a direct source that fails or stalls on a
+    /// piece hands it on.
+    fn direct_source(&self, id: &PieceId, flight: Option<&Flight>) -> bool {
+        let now = Instant::now();
+        let attempts = || flight.into_iter().flat_map(|f| f.attempts.values());
+        let direct = |p: &PeerId| self.link(p).counts_as_direct() && !self.stuck(p, now);
+        if attempts().any(|a| !self.is_slow(a.worker) && direct(&a.peer)) {
+            return true;
+        }
+        self.workers.iter().any(|w| {
+            let p = &w.peer;
+            !w.gone
+                && direct(p)
+                && !self.bad_peers.contains(p)
+                && !self.lacks(id, p)
+                && !self.suspects.contains(p)
+                && !self.peer_is_slow(p)
+                && !attempts().any(|a| a.peer == *p)
+                && (flight.is_none() || self.may_race(p))
+        })
+    }
+
     /// Attempts on `f` whose streams are neither stalled nor slow.
     fn healthy(&self, f: &Flight) -> usize {
         f.attempts
@@ -346,18 +453,26 @@ impl State {
                 && !f.attempts.values().any(|a| a.peer == peer)
         };
         let racer = self.may_race(&peer);
+        // A relayed peer only gets what no direct source can take.
+        let relayed = self.link(&peer) == Link::Relayed;
+        let left_to_me = |id: &PieceId, f: Option<&Flight>| !relayed || !self.direct_source(id, f);
         // 1. A piece whose sources all stalled or crawl.
         if racer {
             let rescue = self
                 .flights
                 .iter()
-                .find(|(id, f)| open(id, f) && self.healthy(f) == 0);
+                .find(|(id, f)| open(id, f) && self.healthy(f) == 0 && left_to_me(id, Some(f)));
             if let Some((id, _)) = rescue {
                 return Pick::Rescue(*id);
             }
         }
         // 2. The queue.
-        if let Some(i) = self.queue.iter().position(|id| !self.lacks(id, &peer)) {
+        let mine = |id: &PieceId| !self.lacks(id, &peer);
+        if let Some(i) = self
+            .queue
+            .iter()
+            .position(|id| mine(id) && left_to_me(id, None))
+        {
             return Pick::Queued(i);
         }
         // 3. Endgame: the piece in flight with the fewest bytes received.
@@ -365,13 +480,17 @@ impl State {
             let dup = self
                 .flights
                 .iter()
-                .filter(|(id, f)| open(id, f) && self.healthy(f) < MAX_HEALTHY_ATTEMPTS)
+                .filter(|(id, f)| {
+                    open(id, f) && self.healthy(f) < MAX_HEALTHY_ATTEMPTS && left_to_me(id, Some(f))
+                })
                 .min_by_key(|(_, f)| f.attempts.values().map(|a| a.received).max());
             if let Some((id, _)) = dup {
                 return Pick::Endgame(*id);
             }
         }
-        if self.in_flight() > 0 {
+        // A relayed peer waits on queued pieces left to direct sources:
+        // they may fail them.
+        if self.in_flight() > 0 || (relayed && self.queue.iter().any(mine)) {
             Pick::Wait
         } else {
             Pick::Done
@@ -465,11 +584,15 @@ impl Scheduler {
                 served_by: HashSet::new(),
                 slow_peers: HashSet::new(),
                 suspects: HashSet::new(),
+                published_at: HashMap::new(),
                 net_failures: HashMap::new(),
                 last_error: HashMap::new(),
                 stats,
                 progress: 0,
                 local_error: None,
+                links: HashMap::new(),
+                relayed_used: HashSet::new(),
+                notices: Vec::new(),
             }),
             wake: Notify::new(),
         })
@@ -508,8 +631,40 @@ impl Scheduler {
             busy_before: Duration::ZERO,
             samples: VecDeque::new(),
             slowness: None,
+            gone: false,
         });
         (s.workers.len() - 1, meter)
+    }
+
+    /// Worker `w`'s run ended: it is no source any more (relayed peers
+    /// may take what it would have).
+    pub(super) fn worker_gone(&self, w: WorkerId) {
+        self.change(|s| {
+            if let Some(ws) = s.workers.get_mut(w) {
+                ws.gone = true;
+            }
+        });
+    }
+
+    /// How this node reaches `peer` now (see [`Link`]).
+    pub(super) fn set_link(&self, peer: PeerId, link: Link) {
+        let mut s = self.state();
+        if s.links.insert(peer, link).unwrap_or_default() != link {
+            tracing::debug!(%peer, ?link, "piece source link");
+            drop(s);
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// How this node reaches `peer`, as last set.
+    pub(super) fn link(&self, peer: &PeerId) -> Link {
+        self.state().link(peer)
+    }
+
+    /// Lines for the user that were not shown yet (each relayed peer used,
+    /// once: [`relay_notice`]).
+    pub(super) fn take_notices(&self) -> Vec<String> {
+        std::mem::take(&mut self.state().notices)
     }
 
     /// Takes the next piece worker `w` may fetch: a piece whose sources
@@ -534,10 +689,18 @@ impl Scheduler {
             Pick::Wait => return Next::Wait,
             Pick::Done => return Next::Done,
         };
-        match s.start(id, w, now) {
-            Some(job) => Next::Job(job),
-            None => Next::Done,
+        let job = match s.start(id, w, now) {
+            Some(job) => job,
+            None => return Next::Done,
+        };
+        if let Some(peer) = s.workers.get(w).map(|w| w.peer) {
+            if s.link(&peer) == Link::Relayed && s.relayed_used.insert(peer) {
+                tracing::info!(%peer, "no direct connection: fetching pieces through a relay");
+                s.notices.push(relay_notice(&peer));
+                s.stats.relayed_peers.push(peer.to_string());
+            }
         }
+        Next::Job(job)
     }
 
     /// What [`Scheduler::next_job`] would give worker `w`, taking nothing.
@@ -608,7 +771,12 @@ impl Scheduler {
                 return None;
             }
             s.stats.bytes_fetched += fetched;
+            if s.link(peer) == Link::Relayed {
+                s.stats.relayed_bytes += fetched;
+                s.stats.relayed_pieces += 1;
+            }
             s.served_by.insert(*peer);
+            s.published_at.insert(*peer, Instant::now());
             s.suspects.remove(peer);
             s.stats.sources = s.served_by.len();
             // Nobody owns the `.part` (this attempt wrote a race file): what
@@ -904,5 +1072,134 @@ mod tests {
         let st = s.state();
         assert_eq!(st.workers[wc].slowness, Some(Slowness::Slow));
         assert_eq!(st.workers[wf].slowness, None);
+    }
+
+    /// With a direct and a relayed holder of the same pieces, the direct
+    /// one gets them, the relayed one not even at the end; the relayed
+    /// one takes a piece only once the direct one has failed it (lacks
+    /// it, or stalled on it).
+    #[test]
+    fn a_direct_holder_is_chosen_over_a_relayed_one() {
+        let (direct, relayed) = (peer(1), peer(2));
+        let ids = [PieceId::Block(0), PieceId::Block(1)];
+        let s = Scheduler::new(ids.to_vec(), FetchStats::default());
+        // The relayed peer's worker is added first and asks first.
+        let (wr, _) = s.add_worker(relayed);
+        let (wd, _) = s.add_worker(direct);
+        s.set_link(relayed, Link::Relayed);
+        s.set_link(direct, Link::Direct);
+        assert!(matches!(s.next_job(wr), Next::Wait));
+        assert_eq!(s.peek(wr), Peek::Wait);
+        let j0 = job(s.next_job(wd));
+        assert_eq!(j0.id, PieceId::Block(0));
+        let j1 = job(s.next_job(wd));
+        assert_eq!(j1.id, PieceId::Block(1));
+        // Endgame: no duplicate through the relay of a healthy direct
+        // attempt.
+        assert!(matches!(s.next_job(wr), Next::Wait));
+        // The direct peer lacks block 1: the relayed one takes it.
+        let why = PieceFailure::NotHere(direct);
+        s.end(j1.attempt, Verdict::NotHere(why));
+        let r1 = job(s.next_job(wr));
+        assert_eq!(r1.id, PieceId::Block(1));
+        // The direct stream stalls on block 0: the relayed peer races it.
+        {
+            let mut st = s.state();
+            let past = Instant::now() - STALL_TIMEOUT - Duration::from_millis(10);
+            st.workers[wd].busy_since = Some(past);
+        }
+        s.watch();
+        let r0 = job(s.next_job(wr));
+        assert_eq!(r0.id, PieceId::Block(0));
+        assert_eq!(s.claim(PieceId::Block(0), &direct, 10), Some(false));
+        s.end(j0.attempt, Verdict::Published);
+        assert_eq!(s.claim(PieceId::Block(0), &relayed, 10), None);
+        s.end(r0.attempt, Verdict::Lost);
+        assert_eq!(s.claim(PieceId::Block(1), &relayed, 5), Some(false));
+        s.end(r1.attempt, Verdict::Published);
+        assert!(s.is_complete());
+        let stats = s.finish(Duration::from_secs(1)).unwrap();
+        assert_eq!(stats.bytes_fetched, 15);
+        assert_eq!(stats.relayed_bytes, 5);
+        assert_eq!(stats.relayed_pieces, 1);
+        assert_eq!(stats.relayed_peers, vec![relayed.to_string()]);
+        assert_eq!(s.take_notices(), vec![relay_notice(&relayed)]);
+    }
+
+    /// With only a relayed holder, the relayed one fetches every piece (the
+    /// fetch completes), and the user is told once.
+    #[test]
+    fn only_a_relayed_holder_is_used() {
+        let relayed = peer(1);
+        let ids = [PieceId::Block(0), PieceId::Block(1)];
+        let s = Scheduler::new(ids.to_vec(), FetchStats::default());
+        let (w1, _) = s.add_worker(relayed);
+        let (w2, _) = s.add_worker(relayed);
+        s.set_link(relayed, Link::Relayed);
+        let a = job(s.next_job(w1));
+        let b = job(s.next_job(w2));
+        for (j, n) in [(a, 3), (b, 4)] {
+            assert_eq!(s.claim(j.id, &relayed, n), Some(false));
+            s.end(j.attempt, Verdict::Published);
+        }
+        assert!(s.is_complete());
+        assert!(matches!(s.next_job(w1), Next::Done));
+        let stats = s.finish(Duration::from_secs(1)).unwrap();
+        assert_eq!(stats.relayed_pieces, 2);
+        assert_eq!(stats.relayed_bytes, 7);
+        assert_eq!(s.take_notices(), vec![relay_notice(&relayed)]);
+        assert!(s.take_notices().is_empty());
+        assert_eq!(
+            relay_notice(&relayed),
+            format!("fetching from {relayed} through a relay: no direct connection")
+        );
+    }
+
+    /// A peer not connected yet counts as direct; once its dial found no
+    /// connection, or its streams gave up, the relayed peer takes its
+    /// pieces. A direct holder that is suspect (stalled) does not hold a
+    /// relayed one back either.
+    #[test]
+    fn a_relayed_holder_waits_only_for_live_direct_sources() {
+        let (pending, relayed, gone) = (peer(1), peer(2), peer(3));
+        let ids = [PieceId::Block(0)];
+        let s = Scheduler::new(ids.to_vec(), FetchStats::default());
+        let (_wp, _) = s.add_worker(pending);
+        let (wr, _) = s.add_worker(relayed);
+        let (wg, _) = s.add_worker(gone);
+        s.set_link(relayed, Link::Relayed);
+        s.set_link(gone, Link::Direct);
+        assert!(matches!(s.next_job(wr), Next::Wait));
+        s.set_link(pending, Link::Unreachable);
+        assert!(matches!(s.next_job(wr), Next::Wait), "gone is still up");
+        s.worker_gone(wg);
+        assert_eq!(job(s.next_job(wr)).id, PieceId::Block(0));
+        // Without a relay in the way, nothing changes for direct peers.
+        assert_eq!(s.link(&relayed), Link::Relayed);
+        assert_eq!(s.link(&peer(4)), Link::Unknown);
+    }
+
+    /// A direct source that has had a piece under way for RELAY_PATIENCE
+    /// without publishing anything (a trickler too steady to count as
+    /// slow) no longer keeps a relayed holder idle.
+    #[test]
+    fn a_stuck_direct_source_lets_the_relay_in() {
+        let (direct, relayed) = (peer(1), peer(2));
+        let ids = [PieceId::Block(0), PieceId::Block(1)];
+        let s = Scheduler::new(ids.to_vec(), FetchStats::default());
+        let (wd, _) = s.add_worker(direct);
+        let (wr, _) = s.add_worker(relayed);
+        s.set_link(direct, Link::Direct);
+        s.set_link(relayed, Link::Relayed);
+        let j0 = job(s.next_job(wd));
+        assert!(matches!(s.next_job(wr), Next::Wait));
+        {
+            let mut st = s.state();
+            let past = Instant::now() - RELAY_PATIENCE - Duration::from_secs(1);
+            st.workers[wd].busy_since = Some(past);
+        }
+        // The queued piece first, then (endgame) the stuck one's piece.
+        assert_eq!(job(s.next_job(wr)).id, PieceId::Block(1));
+        assert_eq!(job(s.next_job(wr)).id, j0.id);
     }
 }

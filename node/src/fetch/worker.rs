@@ -184,6 +184,7 @@ impl Worker {
                 let _ = d.tx.send(SinkMsg::Abort { why, discard }).await;
             }
         }
+        self.sched.worker_gone(self.id);
     }
 
     /// Stops the downloads of pieces another attempt published: no more
