@@ -596,6 +596,44 @@ mod tests {
         }
     }
 
+    /// A relayed link is priced by what was measured over it, the relay's
+    /// detour included (the asker's probes and a hop's next-hop probes go
+    /// over whatever connection there is): a replica reached through a
+    /// relay loses to a direct one of the same speed, and wins when it is
+    /// the nearer one all the same; it is never excluded for being
+    /// relayed.
+    #[test]
+    fn relayed_links_are_priced_by_their_measured_rtt() {
+        let (a, direct, relayed) = (peer(1), peer(2), peer(3));
+        let next = |to: PeerId, rtt_ms: f32| NextRtt {
+            peer_id: to.to_base58(),
+            rtt_ms,
+        };
+        let build = |direct_ms: f32, relayed_ms: f32| {
+            let mut first = pv(a, 0, 10, 10.0);
+            first.next_rtts = vec![next(direct, direct_ms), next(relayed, relayed_ms)];
+            let mut r = pv(relayed, 10, 30, 10.0);
+            r.via = Some(crate::view::Via::Relay);
+            view(30, vec![first, pv(direct, 10, 30, 10.0), r])
+        };
+        let rtts = |direct_ms: u64, relayed_ms: u64| {
+            HashMap::from([
+                (a, ms(5)),
+                (direct, ms(direct_ms)),
+                (relayed, ms(relayed_ms)),
+            ])
+        };
+        // Same hops, the relay doubles the legs: the direct replica.
+        let chain = plan_chain(&build(5.0, 25.0), &rtts(5, 25), &PlanOptions::default()).unwrap();
+        assert_eq!(ids(&chain), vec![a, direct]);
+        // A far direct replica (across an ocean) against a relayed one
+        // nearby: the relayed one.
+        let chain =
+            plan_chain(&build(180.0, 30.0), &rtts(180, 30), &PlanOptions::default()).unwrap();
+        assert_eq!(ids(&chain), vec![a, relayed]);
+        assert_eq!(chain.hops[1].rtt, Some(ms(30)));
+    }
+
     #[test]
     fn simple_cover() {
         let (a, b, c) = (peer(1), peer(2), peer(3));
