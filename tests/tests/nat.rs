@@ -66,6 +66,17 @@ fn status_in(lab: &NatLab, bootstrap: &str) -> Option<serde_json::Value> {
     status_json_in(&lab.public.prefix(), bootstrap)
 }
 
+/// Whether `peer` announces an address through the relay (`relay_part`:
+/// `/p2p/<relay id>/p2p-circuit`) in a status view.
+fn announces_circuit(view: &serde_json::Value, peer: &str, relay_part: &str) -> bool {
+    peer_entry(view, peer).is_some_and(|p| {
+        p["listen_addrs"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|s| s.as_str().is_some_and(|s| s.contains(relay_part)))
+        })
+    })
+}
+
 /// The entry of `peer` in the first model's `peers` of a status view.
 fn peer_entry<'v>(view: &'v serde_json::Value, peer: &str) -> Option<&'v serde_json::Value> {
     view["models"][0]["peers"]
@@ -116,13 +127,7 @@ fn node_behind_nat_serves_through_the_relay() {
     let relay_part = format!("/p2p/{}/p2p-circuit", public.peer_id());
     let view = wait_for(ANNOUNCE_WITHIN, || {
         status_in(&lab, &boot).filter(|v| {
-            covered_blocks(v).len() == 30
-                && peer_entry(v, &home_id).is_some_and(|p| {
-                    p["listen_addrs"].as_array().is_some_and(|a| {
-                        a.iter()
-                            .any(|s| s.as_str().is_some_and(|s| s.contains(&relay_part)))
-                    })
-                })
+            covered_blocks(v).len() == 30 && announces_circuit(v, &home_id, &relay_part)
         })
     });
     let Some(view) = view else {
@@ -245,14 +250,7 @@ fn two_homes_punch_a_direct_connection() {
     let view = wait_for(ANNOUNCE_WITHIN, || {
         status_in(&lab, &boot).filter(|v| {
             covered_blocks(v).len() == 30
-                && ids.iter().all(|id| {
-                    peer_entry(v, id).is_some_and(|p| {
-                        p["listen_addrs"].as_array().is_some_and(|a| {
-                            a.iter()
-                                .any(|s| s.as_str().is_some_and(|s| s.contains(&relay_part)))
-                        })
-                    })
-                })
+                && ids.iter().all(|id| announces_circuit(v, id, &relay_part))
         })
     });
     assert!(
@@ -401,13 +399,7 @@ fn cone_home_serves_and_a_symmetric_home_asks_through_the_relay() {
     let relay_part = format!("/p2p/{}/p2p-circuit", relay.peer_id());
     let view = wait_for(ANNOUNCE_WITHIN, || {
         status_in(&lab, &boot).filter(|v| {
-            covered_blocks(v).len() == 30
-                && peer_entry(v, &home_id).is_some_and(|p| {
-                    p["listen_addrs"].as_array().is_some_and(|a| {
-                        a.iter()
-                            .any(|s| s.as_str().is_some_and(|s| s.contains(&relay_part)))
-                    })
-                })
+            covered_blocks(v).len() == 30 && announces_circuit(v, &home_id, &relay_part)
         })
     });
     assert!(
@@ -560,13 +552,7 @@ fn pieces_come_through_the_relay_from_a_home_behind_nat() {
     let relay_part = format!("/p2p/{}/p2p-circuit", public.peer_id());
     let announced = wait_for(ANNOUNCE_WITHIN, || {
         status_in(&lab, &boot).filter(|v| {
-            covered_blocks(v).len() == 30
-                && peer_entry(v, &home_id).is_some_and(|p| {
-                    p["listen_addrs"].as_array().is_some_and(|a| {
-                        a.iter()
-                            .any(|s| s.as_str().is_some_and(|s| s.contains(&relay_part)))
-                    })
-                })
+            covered_blocks(v).len() == 30 && announces_circuit(v, &home_id, &relay_part)
         })
     });
     assert!(
