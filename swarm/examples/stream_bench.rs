@@ -99,9 +99,8 @@ fn main() {
                     .map(|_| {
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            // A busy receiver drops a new stream (libp2p-stream
-                            // hands streams over unbuffered): open until one
-                            // says it is ready.
+                            // A receiver whose backlog is full drops a new
+                            // stream: open until one says it is ready.
                             let mut tries = 0;
                             let mut s = loop {
                                 let mut s = tx

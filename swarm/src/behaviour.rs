@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use libp2p::{
     allow_block_list::{self, BlockedPeers},
-    autonat,
-    connection_limits::{self, ConnectionLimits},
-    dcutr, identify,
+    autonat, dcutr, identify,
     identity::Keypair,
     kad::{self, Mode, StoreInserts},
     mdns, ping, relay, request_response,
@@ -41,12 +39,12 @@ pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 256;
 /// Connections one peer may hold to this node at once (two nodes dialling
 /// each other at the same moment make two; more is a peer hoarding
 /// connections to get more streams).
-pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+pub(crate) const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// Inbound connections still in their handshake at once.
-pub(crate) const MAX_PENDING_INCOMING: u32 = 128;
+pub(crate) const MAX_PENDING_INCOMING: usize = 128;
 /// Established inbound connections at once (a node of a big swarm talks
 /// to a few hundred peers).
-pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 1024;
+pub(crate) const MAX_ESTABLISHED_INCOMING: usize = 1024;
 
 /// Reservations a relay holds at once (libp2p's default). A reservation
 /// is a few hundred bytes of state; circuits are what cost.
@@ -78,7 +76,7 @@ pub const RELAY_MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(60 * 60);
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     /// Refuses connections over the caps above, before any protocol runs.
-    pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) limits: crate::limits::Behaviour,
     /// Peers found dead (see `Client::forget_peer`): no connection to or
     /// from them, so that no lookup waits on a dial to them.
     pub(crate) blocked: allow_block_list::Behaviour<BlockedPeers>,
@@ -92,7 +90,7 @@ pub(crate) struct Behaviour {
     pub(crate) info: request_response::Behaviour<InfoCodec>,
     /// Raw streams (`/nakshatra/probe/1`, and the node's own protocols
     /// through [`crate::Client::stream_control`]).
-    pub(crate) stream: libp2p_stream::Behaviour,
+    pub(crate) stream: crate::stream::Behaviour,
     /// Circuit-relay v2 client: reservations on relays (a node behind
     /// NAT listens on `<relay>/p2p-circuit`) and dials through them.
     pub(crate) relay_client: relay::client::Behaviour,
@@ -184,12 +182,11 @@ impl Behaviour {
                 .with_max_concurrent_streams(64),
         );
 
-        let limits = connection_limits::Behaviour::new(
-            ConnectionLimits::default()
-                .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
-                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
-                .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
-        );
+        let limits = crate::limits::Behaviour::new(crate::limits::Caps {
+            per_peer: MAX_CONNECTIONS_PER_PEER,
+            pending_incoming: MAX_PENDING_INCOMING,
+            established_incoming: MAX_ESTABLISHED_INCOMING,
+        });
 
         let server = config.role == Role::Server;
         let relay = server.then(|| {
@@ -209,7 +206,7 @@ impl Behaviour {
             ping,
             mdns: Toggle::from(mdns),
             info,
-            stream: libp2p_stream::Behaviour::new(),
+            stream: crate::stream::Behaviour::new(),
             relay_client,
             relay: Toggle::from(relay),
             dcutr: dcutr::Behaviour::new(peer_id),

@@ -7,9 +7,9 @@ use std::{
     time::Duration,
 };
 
+use crate::stream::{Control, OpenStreamError};
 use futures::{stream, StreamExt};
 use libp2p::{kad::RecordKey, Multiaddr, PeerId, Stream, StreamProtocol};
-use libp2p_stream::{Control, OpenStreamError};
 use nakshatra_protocol::{
     keys, now_ms, rpc::InfoResponse, validate_model_id, verify, RecordError, ServerInfo,
     ServerState, MAX_LAYERS,
@@ -311,17 +311,16 @@ impl Client {
         tokio::time::timeout(wait, rx).await.ok()?.ok()?
     }
 
-    /// A handle on this node's raw libp2p streams (libp2p-stream): open
+    /// A handle on this node's raw libp2p streams ([`crate::stream`]): open
     /// outbound streams with [`Control::open_stream`], serve a protocol
     /// with [`Control::accept`]. Every call returns a clone of the same
     /// control.
     ///
     /// **Accept loops must keep up.** A protocol nobody has `accept`ed is
-    /// refused (the opener gets `UnsupportedProtocol`). libp2p-stream hands
-    /// inbound streams over a channel of capacity 0: a stream negotiated
-    /// while the previous one has not been taken off the
-    /// [`libp2p_stream::IncomingStreams`] yet is dropped (the opener's
-    /// `open_stream` succeeds, then its reads hit end-of-stream). Call
+    /// refused (the opener gets `UnsupportedProtocol`). At most
+    /// [`crate::stream::INBOUND_BACKLOG`] negotiated streams wait for the
+    /// accept loop; one more is dropped (the opener's `open_stream`
+    /// succeeds, then its reads hit end-of-stream). Call
     /// `accept` before announcing, poll the `IncomingStreams` in a
     /// dedicated task that awaits nothing else, and spawn a task per
     /// stream. `accept` works once per protocol (`AlreadyRegistered` after
@@ -330,10 +329,9 @@ impl Client {
     /// **Dialling.** `open_stream` dials a peer it is not connected to by
     /// its PeerId alone, with the addresses the swarm knows (identify,
     /// Kademlia, and every address of a verified info or given to
-    /// [`Client::add_peer_addresses`]). libp2p-stream queues at most one
-    /// such dial at a time, so several concurrent `open_stream`s to
-    /// unconnected peers can lose a dial and wait forever: wrap them in a
-    /// timeout, or use [`Client::open_stream`], which connects first.
+    /// [`Client::add_peer_addresses`]); the request waits for that dial
+    /// and fails with it. It has no timeout of its own: wrap it in one, or
+    /// use [`Client::open_stream`], which connects first and is bounded.
     pub fn stream_control(&self) -> Control {
         self.streams.control.clone()
     }

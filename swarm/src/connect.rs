@@ -2,19 +2,19 @@
 //! opening a stream whose first exchange is retried on a fresh stream when
 //! the receiver dropped it at open.
 //!
-//! Why the retry exists: libp2p-stream hands inbound streams to the accept
-//! loop over a channel of capacity 0 and drops a stream that arrives while
-//! the loop is busy. The opener's `open_stream` succeeds anyway; the drop
-//! shows only as an end of stream on the first read (or a reset on a
-//! write). Every protocol of this project that opens streams goes through
+//! Why the retry exists: the receiver may drop a stream at open (its accept
+//! loop is [`crate::stream::INBOUND_BACKLOG`] streams behind, or its
+//! per-peer quota is spent, or the connection closed under it). The
+//! opener's `open_stream` succeeds anyway; the drop shows only as an end of
+//! stream on the first read (or a reset on a write). Every protocol of this project that opens streams goes through
 //! [`Client::open_stream_with`], so the rule "a stream dropped before it
 //! answered is retried on a new one" lives here once.
 
 use std::future::Future;
 use std::time::Duration;
 
+use crate::stream::OpenStreamError;
 use libp2p::{PeerId, Stream, StreamProtocol};
-use libp2p_stream::OpenStreamError;
 use tokio::time::Instant;
 
 use crate::{Client, Stopped};

@@ -1035,7 +1035,7 @@ impl EventLoop {
             }
             entry.push(addr.clone());
             // Into the swarm's address book too, so that dials by peer id
-            // alone (libp2p-stream's `Control::open_stream`) find it.
+            // alone (`stream::Control::open_stream`) find it.
             self.swarm.add_peer_address(peer, addr);
         }
     }
@@ -1122,9 +1122,9 @@ impl EventLoop {
     }
 
     /// Records a new connection. A direct connection to a peer closes the
-    /// relayed ones to it: libp2p-stream opens each stream on a random
-    /// connection of the peer, and a relayed one is slower and capped by
-    /// the relay's limits.
+    /// relayed ones to it (after `RELAY_CLOSE_GRACE`): a relayed one is
+    /// slower and capped by the relay's limits, and new streams already
+    /// prefer the direct one (see [`crate::stream`]).
     fn on_connection(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
         let conns = self.conns.entry(peer).or_default();
         conns.insert(id, relayed);

@@ -1,6 +1,6 @@
 //! Serving the node's own stream protocols: one accept loop per protocol
-//! that hands each stream to its own task at once (libp2p-stream drops
-//! streams that arrive while the loop is busy), and per-peer caps: a peer
+//! that hands each stream to its own task at once (streams that find the
+//! loop's backlog full are dropped), and per-peer caps: a peer
 //! that opens more streams of one protocol than its share gets the extra
 //! ones dropped at once, before anything is read from them.
 
@@ -23,7 +23,7 @@ impl Client {
         protocol: StreamProtocol,
         per_peer: usize,
         handler: F,
-    ) -> Result<(), libp2p_stream::AlreadyRegistered>
+    ) -> Result<(), crate::stream::AlreadyRegistered>
     where
         F: Fn(PeerId, Stream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,

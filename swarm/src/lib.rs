@@ -1,6 +1,6 @@
 //! nakshatra's libp2p layer: identity, transports, the Kademlia DHT that is
 //! the swarm's only registry, mDNS, identify, ping, the direct info
-//! protocol, raw streams (libp2p-stream) with the RTT probe protocol, and
+//! protocol, raw streams ([`stream`]) with the RTT probe protocol, and
 //! chain planning ([`plan`]). Knows bytes and peers, never llama.cpp.
 //!
 //! # Shape
@@ -32,10 +32,11 @@
 //!
 //! # Raw streams
 //!
-//! [`Client::stream_control`] hands out the libp2p-stream [`stream::Control`]
+//! [`Client::stream_control`] hands out the [`stream::Control`]
 //! for the node's own protocols. Every node answers `/nakshatra/probe/1`
-//! ([`Client::probe_rtt`]). Inbound streams of a protocol nobody `accept`ed,
-//! or arriving while its accept loop lags, are dropped: see
+//! ([`Client::probe_rtt`]). Inbound streams of a protocol nobody `accept`ed
+//! are refused, and those arriving while its accept loop lags far behind
+//! are dropped: see
 //! [`Client::stream_control`].
 //!
 //! # Example
@@ -74,10 +75,12 @@ mod error;
 mod event_loop;
 mod identity;
 mod inbound;
+mod limits;
 pub mod plan;
 mod probe;
 mod scope;
 mod store;
+pub mod stream;
 mod transport;
 mod view;
 
@@ -112,9 +115,6 @@ pub use view::{
 /// A raw libp2p stream (futures `AsyncRead + AsyncWrite`), and the name of
 /// a stream protocol (`StreamProtocol::new("/nakshatra/act/2")`).
 pub use libp2p::{Stream, StreamProtocol};
-/// libp2p-stream, for raw streams ([`Client::stream_control`]): `Control`,
-/// `IncomingStreams`, `OpenStreamError`, `AlreadyRegistered`.
-pub use libp2p_stream as stream;
 
 /// Multiaddr components (e.g. `Protocol::P2p(peer)` to append `/p2p/<peer id>`).
 pub use libp2p::multiaddr::Protocol;

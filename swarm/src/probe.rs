@@ -1,5 +1,5 @@
 //! `/nakshatra/probe/1`: application-level RTT probes over raw
-//! libp2p-stream streams, and the background task that measures a serving
+//! streams ([`crate::stream`]), and the background task that measures a serving
 //! node's next hops for its `next_rtts`.
 //!
 //! Wire: the prober writes an 8-byte nonce, the other side reads it, waits
@@ -54,11 +54,11 @@ const TRIGGER_DEBOUNCE: Duration = Duration::from_millis(300);
 /// changes or its sender is dropped (the event loop ended). Every node runs
 /// it, servers and askers alike.
 ///
-/// Each inbound stream gets its own task at once: libp2p-stream hands
-/// inbound streams over a channel of capacity 0 and drops those that find
-/// it full, so the accept loop must never wait on a stream.
+/// Each inbound stream gets its own task at once: streams that find the
+/// accept loop's backlog full are dropped, so the loop never waits on a
+/// stream.
 pub(crate) fn spawn_probe_server(
-    mut control: libp2p_stream::Control,
+    mut control: crate::stream::Control,
     delay: Option<Duration>,
     mut stop: watch::Receiver<()>,
 ) {

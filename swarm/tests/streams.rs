@@ -1,4 +1,4 @@
-//! Raw streams (libp2p-stream), the `/nakshatra/probe/1` RTT probe with the
+//! Raw streams (`nakshatra_swarm::stream`), the `/nakshatra/probe/1` RTT probe with the
 //! test-only link delay, next-hop RTTs in the signed infos, and chain
 //! planning over a real swarm on 127.0.0.1.
 
@@ -41,7 +41,7 @@ fn serve_echo(node: &Node) {
 
 /// A client that knows a server only through the DHT (bootstrapped to
 /// another node; the server's address comes from its signed info and the
-/// DHT) opens a raw stream to it with the plain libp2p-stream control,
+/// DHT) opens a raw stream to it with the plain stream control,
 /// after every connection to it has closed: the dial by PeerId finds the
 /// announced addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

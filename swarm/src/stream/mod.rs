@@ -1,0 +1,186 @@
+//! Raw libp2p streams: the node's own protocols (activations, tokens,
+//! pieces, vocabulary, probes) run on plain negotiated substreams.
+//!
+//! [`Behaviour`] is one `NetworkBehaviour` for all of them; a cloneable
+//! [`Control`] opens outbound streams ([`Control::open_stream`]) and
+//! registers inbound protocols ([`Control::accept`]). It replaces the
+//! `libp2p-stream` crate (0.5.0-alpha), whose per-connection state was
+//! never freed when a connection closed (about 0.9 KiB per connection a
+//! relay ever saw: a flood of short connections grew it without bound),
+//! which handed inbound streams over a channel of capacity 0 (a stream
+//! arriving while the previous one was still queued was dropped), and
+//! which picked a random connection when a peer had several (a relayed
+//! one as often as the direct one that replaced it).
+//!
+//! What this one keeps, and its bounds:
+//! - per connection, one entry (peer, relayed or not), removed when the
+//!   connection closes or fails to establish;
+//! - per accepted protocol, a queue of at most [`INBOUND_BACKLOG`]
+//!   negotiated streams not yet taken by the accept loop (more are
+//!   dropped, and logged);
+//! - requests to open a stream to a peer without a connection wait for
+//!   the dial the behaviour starts; at most [`MAX_PENDING_OPENS`] per
+//!   peer, failed when the dial fails.
+//!
+//! Streams open on the peer's newest direct connection, or on its newest
+//! relayed one when it has no direct connection.
+
+mod behaviour;
+mod handler;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use futures::channel::{mpsc, oneshot};
+use futures::{SinkExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+
+pub(crate) use behaviour::Behaviour;
+
+/// Negotiated inbound streams queued per protocol for its accept loop.
+/// Beyond it a stream is dropped (its opener reads end-of-stream): an
+/// accept loop that does not keep up sheds load instead of buffering it.
+pub const INBOUND_BACKLOG: usize = 32;
+
+/// `open_stream` requests that may wait for a dial to one peer. Local
+/// callers only; beyond it a request fails at once.
+pub const MAX_PENDING_OPENS: usize = 64;
+
+/// Requests from every [`Control`] to the behaviour, queued.
+const COMMAND_QUEUE: usize = 64;
+
+/// Why [`Control::open_stream`] gave no stream.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStreamError {
+    /// The peer does not accept the protocol.
+    #[error("the peer does not support {0}")]
+    UnsupportedProtocol(StreamProtocol),
+    /// No connection, the connection closed, or negotiation failed.
+    #[error("failed to open a stream: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// [`Control::accept`] was called for a protocol whose [`IncomingStreams`]
+/// is still alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the protocol already has an accept loop")]
+pub struct AlreadyRegistered;
+
+/// One request to open a stream, from a [`Control`] to the behaviour and
+/// on to a connection's handler.
+#[derive(Debug)]
+pub(crate) struct OpenRequest {
+    pub(crate) peer: PeerId,
+    pub(crate) protocol: StreamProtocol,
+    pub(crate) reply: oneshot::Sender<Result<Stream, OpenStreamError>>,
+}
+
+/// The protocols with an accept loop, shared by the behaviour's handlers
+/// (which read it for every inbound stream) and [`Control::accept`].
+#[derive(Default)]
+pub(crate) struct Accepting {
+    queues: Mutex<HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>>,
+}
+
+impl Accepting {
+    fn lock(&self) -> MutexGuard<'_, HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>> {
+        // A panic while holding the lock leaves a map that is still whole.
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The protocols an inbound stream may negotiate now.
+    pub(crate) fn protocols(&self) -> Vec<StreamProtocol> {
+        let mut queues = self.lock();
+        queues.retain(|_, tx| !tx.is_closed());
+        queues.keys().cloned().collect()
+    }
+
+    /// Hands a negotiated inbound stream to its accept loop, or drops it
+    /// when the loop is gone or [`INBOUND_BACKLOG`] streams wait already.
+    pub(crate) fn deliver(&self, peer: PeerId, protocol: StreamProtocol, stream: Stream) {
+        let mut queues = self.lock();
+        let Some(tx) = queues.get_mut(&protocol) else {
+            tracing::debug!(%peer, %protocol, "inbound stream for a protocol no longer accepted; dropped");
+            return;
+        };
+        match tx.try_send((peer, stream)) {
+            Ok(()) => {}
+            Err(e) if e.is_full() => {
+                tracing::debug!(%peer, %protocol, backlog = INBOUND_BACKLOG, "accept loop behind; inbound stream dropped");
+            }
+            Err(_) => {
+                queues.remove(&protocol);
+            }
+        }
+    }
+}
+
+/// The handle to raw streams: cheap to clone, usable from any task.
+#[derive(Clone)]
+pub struct Control {
+    commands: mpsc::Sender<OpenRequest>,
+    accepting: Arc<Accepting>,
+}
+
+impl Control {
+    /// Opens a stream for `protocol` to `peer` on its best connection
+    /// (see the module doc), dialling it if it has none. No timeout of its
+    /// own beyond the negotiation's: callers that dial should bound it
+    /// (`Client::open_stream` does).
+    pub async fn open_stream(
+        &mut self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, OpenStreamError> {
+        let gone = || {
+            OpenStreamError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the swarm stopped, or the connection closed before the stream opened",
+            ))
+        };
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(OpenRequest {
+                peer,
+                protocol,
+                reply,
+            })
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Accepts inbound streams for `protocol` until the returned
+    /// [`IncomingStreams`] is dropped. Peers that open `protocol` while
+    /// nothing accepts it get [`OpenStreamError::UnsupportedProtocol`].
+    pub fn accept(
+        &mut self,
+        protocol: StreamProtocol,
+    ) -> Result<IncomingStreams, AlreadyRegistered> {
+        let mut queues = self.accepting.lock();
+        queues.retain(|_, tx| !tx.is_closed());
+        if queues.contains_key(&protocol) {
+            return Err(AlreadyRegistered);
+        }
+        // `channel(n)` holds n + 1 (one slot per sender, and there is one).
+        let (tx, rx) = mpsc::channel(INBOUND_BACKLOG - 1);
+        queues.insert(protocol, tx);
+        Ok(IncomingStreams { rx })
+    }
+}
+
+/// Inbound streams of one protocol, with the peer that opened each.
+#[must_use = "streams wait (and then are dropped) unless this is polled"]
+pub struct IncomingStreams {
+    rx: mpsc::Receiver<(PeerId, Stream)>,
+}
+
+impl futures::Stream for IncomingStreams {
+    type Item = (PeerId, Stream);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_next_unpin(cx)
+    }
+}
