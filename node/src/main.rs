@@ -57,7 +57,8 @@ enum Cmd {
     },
     /// Write the slice of a model holding layers A..B as a standalone GGUF.
     Slice {
-        /// The whole model (GGUF).
+        /// The whole model (GGUF; a split model by its first shard,
+        /// `NAME-00001-of-0000N.gguf`).
         path: PathBuf,
         /// Layers to keep, half-open: `0..10` keeps layers 0 to 9.
         #[arg(long, value_parser = layers::parse_range)]
@@ -213,7 +214,8 @@ enum SwarmCmd {
 
 #[derive(Args, Debug)]
 struct JoinArgs {
-    /// The whole model (GGUF). Without it, `--model-id` fetches the layers
+    /// The whole model (GGUF; a split model by its first shard,
+    /// `NAME-00001-of-0000N.gguf`). Without it, `--model-id` fetches the layers
     /// from peers; with neither, the node serves the model the swarm needs
     /// most (the least covered), fetched from peers.
     #[arg(long, conflicts_with = "model_id")]
@@ -307,7 +309,8 @@ impl JoinArgs {
 enum ModelCmd {
     /// Architecture, layers, sizes, per-block bytes and the content id.
     Inspect {
-        /// The GGUF file.
+        /// The GGUF file (a split model by its first shard,
+        /// `NAME-00001-of-0000N.gguf`).
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -317,7 +320,8 @@ enum ModelCmd {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// The whole model (GGUF).
+    /// The whole model (GGUF; a split model by its first shard,
+    /// `NAME-00001-of-0000N.gguf`).
     #[arg(long)]
     model: PathBuf,
     /// Split points: `10,20` runs layers 0..10, 10..20 and 20..n as three ranges.

@@ -149,6 +149,56 @@ pub enum GgufError {
         /// What is wrong with its shape, size, offset or name.
         reason: String,
     },
+
+    /// The file is a shard of a split model (as llama.cpp's `gguf-split`
+    /// writes them) other than the first; a split model is opened from its
+    /// first shard, as llama.cpp requires.
+    #[error(
+        "{} is shard {shard} of {count} of a split model: give the first shard: {first}",
+        path.display()
+    )]
+    NotFirstShard {
+        /// The shard that was given.
+        path: PathBuf,
+        /// Its number, from 1 (`split.no + 1`).
+        shard: u32,
+        /// How many shards the model has (`split.count`).
+        count: u32,
+        /// The first shard's path, or a description of its name when the
+        /// given file's name does not follow llama.cpp's pattern.
+        first: String,
+    },
+
+    /// A shard of a split model cannot be found next to the first one.
+    #[error(
+        "{} is missing: {} is the first of {count} shards of a split model and all of them \
+         must lie next to it, named as llama.cpp's gguf-split names them ({source})",
+        path.display(),
+        first.display()
+    )]
+    MissingShard {
+        /// The shard that is missing.
+        path: PathBuf,
+        /// The first shard, which was opened.
+        first: PathBuf,
+        /// How many shards the model has (`split.count`).
+        count: u32,
+        /// What the OS reported when opening the missing shard.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The shards of a split model do not fit together (bad `split.*` keys,
+    /// a shard numbered or counted differently, a tensor in two shards, a
+    /// tensor count that does not add up, a file name llama.cpp cannot
+    /// derive the other shards from, ...).
+    #[error("{}: invalid split model: {reason}", path.display())]
+    BadSplit {
+        /// The shard at fault (the first shard when the set as a whole is).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// An error while writing a GGUF file with [`crate::write_gguf`].
@@ -200,11 +250,25 @@ pub enum SliceError {
     /// The model architecture cannot be sliced (yet).
     #[error(
         "model architecture '{arch}' is not supported for slicing (supported: {})",
-        crate::SUPPORTED_ARCHS.join(", ")
+        crate::arch::FAMILIES.iter().map(|f| f.arch).collect::<Vec<_>>().join(", ")
     )]
     UnsupportedArch {
         /// The architecture found in `general.architecture`.
         arch: String,
+    },
+
+    /// The family's rules (see [`crate::arch`]) say this range of the model
+    /// cannot compute exactly what it computes in the whole model.
+    #[error("layers {start}..{end} of this {arch} model cannot be served as a slice: {reason}")]
+    RangeRefused {
+        /// `general.architecture`.
+        arch: String,
+        /// First layer asked for (inclusive).
+        start: u32,
+        /// One past the last layer asked for.
+        end: u32,
+        /// Why, in words.
+        reason: String,
     },
 
     /// A required metadata key is absent.

@@ -1,8 +1,9 @@
 //! Content hashes: per-tensor-group BLAKE3 hashes and the model id.
 //!
 //! Everything here is a pure function of tensor names, types, shapes, data
-//! and metadata values, never of file names, file layout or tensor order in
-//! the file, so equal content gives equal hashes.
+//! and metadata values, never of file names, file layout, tensor order in
+//! the file or (for a split model) which shard holds a tensor, so equal
+//! content gives equal hashes.
 //!
 //! **Tensor group hash** (a block, the embedding, the head, the globals):
 //! BLAKE3 over the group's tensors sorted by (canonical) name, each encoded
@@ -23,8 +24,9 @@
 //! the metadata entries that take part, and each of them sorted by key as
 //! `str(key)` + `u32` GGUF type tag + the GGUF-encoded value (an array is its
 //! element tag, `u64` count and elements) — every key except `general.*`
-//! (names, licences, alignment: not content) and `nakshatra.*` (our own
-//! bookkeeping); then the 32 raw bytes of the embedding hash, a byte `0` (no
+//! (names, licences, alignment: not content), `nakshatra.*` (our own
+//! bookkeeping) and `split.*` (how llama.cpp's gguf-split cut the model
+//! into files: layout, not content); then the 32 raw bytes of the embedding hash, a byte `0` (no
 //! head) or `1` followed by the 32 bytes of the head hash, the 32 bytes of the
 //! globals hash, a `u64` block count and each block hash's 32 bytes in layer
 //! order. `str(x)` is a `u64` LE length followed by the bytes. The id is the
@@ -84,9 +86,14 @@ pub(crate) struct IdParts<'a> {
     pub blocks: &'a [Hash],
 }
 
-/// Whether a metadata key takes part in the model id.
+/// Whether a metadata key takes part in the model id: not `general.*`,
+/// `nakshatra.*` or `split.*` (how a model is split into files, see
+/// [`crate::Gguf`]; never shown by a `Gguf`, excluded here as well so that a
+/// sharded model, its merged file and any metadata list built by hand agree).
 pub(crate) fn key_in_id(key: &str) -> bool {
-    !key.starts_with("general.") && !key.starts_with("nakshatra.")
+    !key.starts_with("general.")
+        && !key.starts_with("nakshatra.")
+        && !key.starts_with(crate::gguf::read::SPLIT_PREFIX)
 }
 
 /// Computes the model id (64 lowercase hex characters).

@@ -45,6 +45,7 @@
 //! non-`general.*` metadata and those hashes. The exact encoding is specified
 //! in [`hash`]. File names never matter.
 
+pub mod arch;
 mod error;
 mod gguf;
 pub mod hash;
@@ -53,6 +54,7 @@ pub mod pieces;
 mod slice;
 mod vocab;
 
+pub use arch::{family, Family, FAMILIES};
 pub use error::{GgufError, SliceError, WriteError};
 pub use gguf::read::{Gguf, TensorInfo};
 pub use gguf::types::{ggml_type_info, GgmlTypeInfo, GGML_TYPE_F32};
@@ -64,9 +66,7 @@ pub use pieces::{
     manifest, manifest_and_vocab, piece_segments, pieces_held, write_slice_from_pieces, Manifest,
     Piece, PieceHasher, PieceId, PieceTensor, MAX_PIECES_ALIGNMENT,
 };
-pub use slice::{
-    embd_sidecar_path, supported_arch, write_slice, SliceOutput, FORMAT_VERSION, SUPPORTED_ARCHS,
-};
+pub use slice::{embd_sidecar_path, supported_arch, write_slice, SliceOutput, FORMAT_VERSION};
 pub use vocab::{verify_vocab, vocab_gguf, ModelHashes, VocabInfo, VOCAB_ROLE};
 
 /// Metadata keys read or written by this crate.

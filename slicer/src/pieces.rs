@@ -559,7 +559,9 @@ fn file_kind(g: &Gguf) -> Result<FileKind, String> {
 /// head — a non-last slice's zero placeholder `token_embd.weight` is not the
 /// embedding — and a non-last slice of a model with `output.bias` lacks part
 /// of the globals) or a first slice's embedding sidecar (the embedding
-/// only).
+/// only). A split model opened from its first shard (see [`Gguf::open`])
+/// serves like the merged file: each segment lies in the shard holding its
+/// tensor.
 ///
 /// The file's tensors of that group must be exactly those of the piece,
 /// with the same types and shapes, else [`SliceError::PieceNotHeld`]. The

@@ -14,27 +14,22 @@ use crate::info::EMBD;
 use crate::info::{arch_of, classify, inspect, model_info, n_layers_of, ModelInfo, TensorKind};
 use crate::keys;
 
-/// Architectures [`write_slice`] can cut. They share one recipe: blocks do
-/// not depend on their layer index, and the only special tensors are the
-/// token embedding, `output_norm`, and the optional `output.weight` /
-/// `output.bias` head.
-pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3"];
-
 /// The version written to `nakshatra.format_version`.
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Per-layer-looking arrays (length may equal `block_count` by chance) that
-/// must never be cut. Keys are relative to `{arch}.`.
-const NOT_PER_LAYER: &[&str] = &["rope.dimension_sections"];
+/// must never be cut. Keys are relative to `{arch}.`. (The sliding-window
+/// pattern is per layer, but [`crate::arch::rewrite_metadata`] writes it.)
+const NOT_PER_LAYER: &[&str] = &[
+    "rope.dimension_sections",
+    "attention.sliding_window_pattern",
+];
 
-/// `Ok` if `arch` can be sliced, else [`SliceError::UnsupportedArch`] (whose
-/// message lists the supported ones).
+/// `Ok` if `arch` can be sliced (it has a row in [`crate::arch::FAMILIES`]),
+/// else [`SliceError::UnsupportedArch`] (whose message lists the supported
+/// ones).
 pub fn supported_arch(arch: &str) -> Result<(), SliceError> {
-    if SUPPORTED_ARCHS.contains(&arch) {
-        Ok(())
-    } else {
-        Err(SliceError::UnsupportedArch { arch: arch.into() })
-    }
+    crate::arch::family(arch).map(|_| ())
 }
 
 /// The path of the embedding sidecar written next to a first (non-last)
@@ -104,7 +99,7 @@ pub fn write_slice(
     supported_arch(&arch)?;
     let n = n_layers_of(&g, &arch)?;
     check_range(start, end, n)?;
-    if is_same_file(src, out) {
+    if g.shard_paths().any(|p| is_same_file(p, out)) {
         return Err(SliceError::OutputIsInput {
             path: out.to_path_buf(),
         });
@@ -203,7 +198,14 @@ pub(crate) fn write_slice_files(
     out: &Path,
 ) -> Result<SliceOutput, SliceError> {
     let last = end == src.n_layers;
-    let metadata = slice_metadata(
+    let family = crate::arch::family(src.arch)?;
+    let meta = crate::arch::Meta {
+        metadata: src.metadata,
+        arch: src.arch,
+        n_layers: src.n_layers,
+    };
+    crate::arch::check_slice_range(&meta, start, end)?;
+    let mut metadata = slice_metadata(
         src.metadata,
         src.arch,
         src.n_layers,
@@ -211,7 +213,8 @@ pub(crate) fn write_slice_files(
         end,
         src.source_id,
     )?;
-    let tensors = slice_tensors(src, start, end, last)?;
+    crate::arch::rewrite_metadata(&meta, start, end, &mut metadata)?;
+    let tensors = slice_tensors(src, start, end, last, family.head_required)?;
 
     let sidecar = if start == 0 && !last {
         let embd = src
@@ -321,8 +324,11 @@ fn slice_metadata(
     let mut out: Vec<(String, MetaValue)> = Vec::with_capacity(metadata.len() + 6);
     let mut put_tokenizer_model = !last;
 
+    let family = crate::arch::family(arch)?;
     for (k, v) in metadata {
-        if k.starts_with("nakshatra.") {
+        // A slice is one file: no shard keys (llama.cpp would look for
+        // the other shards of it).
+        if k.starts_with("nakshatra.") || k.starts_with("split.") {
             continue;
         }
         if !last && k.starts_with("tokenizer.") {
@@ -346,11 +352,18 @@ fn slice_metadata(
             out.push((k.clone(), MetaValue::U32(1)));
             continue;
         }
-        let per_layer = k
-            .strip_prefix(&prefix)
+        let rel = k.strip_prefix(&prefix);
+        let listed = rel.is_some_and(|r| crate::arch::is_per_layer_key(family, r));
+        let per_layer = rel
             .filter(|rest| !NOT_PER_LAYER.contains(rest))
             .and_then(|_| v.as_array())
             .filter(|a| a.len() == n as usize);
+        if listed && per_layer.is_none() && v.as_array().is_some() {
+            return Err(SliceError::BadKey {
+                key: k.clone(),
+                reason: format!("a per-layer array must have {n} entries"),
+            });
+        }
         match per_layer {
             Some(a) => {
                 let cut = a
@@ -404,6 +417,7 @@ fn slice_tensors<'a>(
     start: u32,
     end: u32,
     last: bool,
+    head_required: bool,
 ) -> Result<Vec<NewTensor<'a>>, SliceError> {
     let mut out = Vec::new();
     for t in &src.tensors {
@@ -423,6 +437,14 @@ fn slice_tensors<'a>(
             }
             TensorKind::Embd if !last => out.push(NewTensor {
                 name: EMBD.into(),
+                ggml_type: GGML_TYPE_F32,
+                dims: vec![src.n_embd.into(), 1],
+                data: TensorData::Zeros,
+            }),
+            // A non-last slice computes no logits; families that refuse to
+            // load without a head get a placeholder for its 1-token vocab.
+            TensorKind::Head if !last && head_required => out.push(NewTensor {
+                name: t.name.clone(),
                 ggml_type: GGML_TYPE_F32,
                 dims: vec![src.n_embd.into(), 1],
                 data: TensorData::Zeros,
@@ -551,7 +573,9 @@ mod tests {
     fn unsupported_arch_lists_supported() {
         let e = supported_arch("gpt2").unwrap_err().to_string();
         assert!(
-            e.contains("'gpt2'") && e.contains("llama, qwen2, qwen3"),
+            e.contains("'gpt2'")
+                && e.contains("llama, mistral3, qwen2, qwen3")
+                && e.contains("olmo2"),
             "{e}"
         );
         assert!(supported_arch("llama").is_ok());

@@ -201,7 +201,14 @@ fn unsupported_arch() {
         );
         assert_eq!(
             e.to_string(),
-            format!("model architecture '{arch}' is not supported for slicing (supported: llama, qwen2, qwen3)")
+            format!(
+                "model architecture '{arch}' is not supported for slicing (supported: {})",
+                nakshatra_slicer::FAMILIES
+                    .iter()
+                    .map(|f| f.arch)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         );
     }
 }

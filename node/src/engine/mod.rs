@@ -248,10 +248,14 @@ struct Embedder {
     n_embd: usize,
     n_rows: usize,
     row_bytes: usize,
+    /// The family's factor for token rows (Gemma: `sqrt(n_embd)`), which
+    /// llama.cpp applies only to rows it looked up itself
+    /// ([`nakshatra_slicer::Family::token_scale_for`]).
+    scale: Option<f32>,
 }
 
 impl Embedder {
-    fn open(path: &Path, n_embd: u32) -> Result<Self, EmbeddingsError> {
+    fn open(path: &Path, n_embd: u32, scale: Option<f32>) -> Result<Self, EmbeddingsError> {
         let gguf = Gguf::open(path)?;
         let tensor = gguf
             .tensor("token_embd.weight")
@@ -276,6 +280,7 @@ impl Embedder {
             n_embd,
             n_rows,
             row_bytes,
+            scale,
         })
     }
 
@@ -292,7 +297,13 @@ impl Embedder {
             let row = data
                 .get(i * self.row_bytes..(i + 1) * self.row_bytes)
                 .ok_or_else(|| EngineError::BadInput("embedding row out of file".into()))?;
-            out.extend(ffi::ggml_to_f32(self.tensor.ggml_type, row, self.n_embd)?);
+            let row = ffi::ggml_to_f32(self.tensor.ggml_type, row, self.n_embd)?;
+            match self.scale {
+                // The same f32 multiply as the graph's `ggml_mul` by the
+                // row scale: bit-identical to the whole model.
+                Some(k) => out.extend(row.into_iter().map(|x| x * k)),
+                None => out.extend(row),
+            }
         }
         Ok(out)
     }
@@ -374,9 +385,9 @@ impl SliceEngine {
             path: path.to_path_buf(),
             source,
         })?;
-        let n_file_layers = nakshatra_slicer::header_layers(&gguf)
-            .map_err(|e| bad(e.to_string()))?
-            .n_layers;
+        let header = nakshatra_slicer::header_layers(&gguf).map_err(|e| bad(e.to_string()))?;
+        let n_file_layers = header.n_layers;
+        let family = nakshatra_slicer::family(&header.arch).map_err(|e| bad(e.to_string()))?;
         let (start, end, total) = match (
             gguf.get(keys::LAYER_START).and_then(MetaValue::as_u32),
             gguf.get(keys::LAYER_END).and_then(MetaValue::as_u32),
@@ -386,6 +397,9 @@ impl SliceEngine {
             (None, None, None) => (0, n_file_layers, n_file_layers),
             _ => return Err(bad("inconsistent nakshatra.layer_* metadata".into())),
         };
+        if let (Some(why), true) = (family.hidden_input_refused, start > 0) {
+            return Err(bad(format!("a slice that starts at layer {start}: {why}")));
+        }
         drop(gguf);
         if cfg.max_sessions == 0 || cfg.ctx_per_session == 0 || cfg.n_ubatch == 0 {
             return Err(bad(
@@ -411,13 +425,16 @@ impl SliceEngine {
             let side = embeddings
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| nakshatra_slicer::embd_sidecar_path(path));
-            Some(Embedder::open(&side, layout.n_embd).map_err(|reason| {
-                EngineError::MissingEmbeddings {
-                    slice: path.to_path_buf(),
-                    sidecar: side.clone(),
-                    reason: Box::new(reason),
-                }
-            })?)
+            let scale = family.token_scale_for(layout.n_embd);
+            Some(
+                Embedder::open(&side, layout.n_embd, scale).map_err(|reason| {
+                    EngineError::MissingEmbeddings {
+                        slice: path.to_path_buf(),
+                        sidecar: side.clone(),
+                        reason: Box::new(reason),
+                    }
+                })?,
+            )
         } else {
             None
         };

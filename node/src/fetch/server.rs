@@ -49,7 +49,7 @@ pub enum StoreError {
 pub struct ServeError {
     /// The protocol already served.
     protocol: &'static str,
-    /// libp2p-stream's refusal.
+    /// The stream layer's refusal.
     #[source]
     source: nakshatra_swarm::stream::AlreadyRegistered,
 }

@@ -44,16 +44,22 @@ pub fn cfg(max_sessions: u32, n_ubatch: u32) -> EngineConfig {
 
 /// Slices of the test model for the given split points, written into `dir`.
 pub fn slices(dir: &Path, cuts: &[u32]) -> Vec<PathBuf> {
-    let m = model();
-    let ranges: Vec<Range<u32>> = nakshatra_node::layers::split_ranges(cuts, 30).unwrap();
+    slices_of(&model(), dir, cuts)
+}
+
+/// Slices of `m` for the given split points, written into `dir`.
+pub fn slices_of(m: &Path, dir: &Path, cuts: &[u32]) -> Vec<PathBuf> {
+    let n = nakshatra_slicer::model_layers(m).unwrap().n_layers;
+    let ranges: Vec<Range<u32>> = nakshatra_node::layers::split_ranges(cuts, n).unwrap();
+    let stem = m.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     ranges
         .iter()
         .map(|r| {
-            if r.start == 0 && r.end == 30 {
-                return m.clone();
+            if r.start == 0 && r.end == n {
+                return m.to_path_buf();
             }
-            let out = dir.join(format!("{}-{}.gguf", r.start, r.end));
-            nakshatra_slicer::write_slice(&m, r.start, r.end, &out).unwrap();
+            let out = dir.join(format!("{stem}-{}-{}.gguf", r.start, r.end));
+            nakshatra_slicer::write_slice(m, r.start, r.end, &out).unwrap();
             out
         })
         .collect()
@@ -61,11 +67,49 @@ pub fn slices(dir: &Path, cuts: &[u32]) -> Vec<PathBuf> {
 
 /// A chain over the given split points (empty: the whole model).
 pub fn chain(dir: &Path, cuts: &[u32], cfg: &EngineConfig) -> LocalChain {
-    let stages = slices(dir, cuts)
+    chain_of(&model(), dir, cuts, cfg)
+}
+
+/// A chain of `m` over the given split points (empty: the whole model).
+pub fn chain_of(m: &Path, dir: &Path, cuts: &[u32], cfg: &EngineConfig) -> LocalChain {
+    let stages = slices_of(m, dir, cuts)
         .iter()
         .map(|p| SliceEngine::load(p, None, cfg).unwrap())
         .collect();
     LocalChain::new(stages).unwrap()
+}
+
+/// Tiny random-weight models of every family, written once by
+/// `scripts/gen-test-models.sh` into `.cache/test-models/<hash of the
+/// generator>/` (a changed generator writes a new set).
+pub fn family_models() -> PathBuf {
+    static DONE: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = done.as_ref() {
+        return dir.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("scripts/gen-test-models.py");
+    let source = std::fs::read(&script).unwrap();
+    let tag = blake3::hash(&source).to_hex()[..12].to_string();
+    let dir = root.join(".cache/test-models").join(tag);
+    if !dir.join("complete").exists() {
+        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+        let status = std::process::Command::new("bash")
+            .arg(root.join("scripts/gen-test-models.sh"))
+            .arg(&tmp)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "scripts/gen-test-models.sh failed");
+        std::fs::write(tmp.join("complete"), b"").unwrap();
+        // Another process may have won the race: theirs is as good.
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    *done = Some(dir.clone());
+    dir
 }
 
 /// Greedy decoding parameters.

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Writes tiny random-weight test models, one GGUF per llama.cpp architecture,
+# with scripts/gen-test-models.py (see its docstring for what each holds).
+#
+#   scripts/gen-test-models.sh OUTDIR [ARCH...]
+#
+# Writes OUTDIR/<arch>.gguf for each ARCH (all 12 when none is given) and
+# prints the paths written, one a line. Same arguments, byte-identical files.
+# The first run creates a Python venv with the pinned gguf and numpy under
+# ${NAKSHATRA_VENV:-<repo>/.cache/venv-gguf} (needs python3 >= 3.10 with
+# venv, e.g. Debian/Ubuntu's python3-venv, and PyPI); later runs reuse it.
+# The tokenizer comes from the SmolLM2 test model (scripts/fetch-test-model.sh).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${NAKSHATRA_VENV:-$root/.cache/venv-gguf}"
+
+if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  echo "usage: $0 OUTDIR [ARCH...]" >&2
+  exit 2
+fi
+outdir="$1"
+shift
+archs=("$@")
+if [ ${#archs[@]} -eq 0 ]; then
+  archs=(llama qwen2 qwen3 qwen2moe qwen3moe gemma3 gemma2 phi3 deepseek2 gpt-oss olmo2 mistral3)
+fi
+
+# numpy pinned so the random weights (and so the files) never change; 2.2.6
+# has wheels for Python 3.10-3.13, 2.3.5 for 3.11-3.14.
+reqs='gguf==0.19.0
+numpy==2.2.6; python_version < "3.14"
+numpy==2.3.5; python_version >= "3.14"'
+
+ensure_venv() {
+  local stamp="$venv/.nakshatra-requirements"
+  if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$reqs" ]; then
+    return 0
+  fi
+  echo "creating the gguf venv in $venv ..." >&2
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  python3 -m venv "$venv" >&2
+  printf '%s\n' "$reqs" > "$venv/requirements.txt"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$venv/requirements.txt" >&2
+  printf '%s' "$reqs" > "$stamp"
+}
+
+# several runs at once (parallel tests) must not build the venv together
+mkdir -p "$(dirname "$venv")"
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$venv.lock"
+  flock 9
+  ensure_venv
+  flock -u 9
+  exec 9>&-
+else
+  ensure_venv
+fi
+
+mkdir -p "$outdir"
+# one process for all archs: reading the tokenizer costs seconds, once
+exec "$venv/bin/python" "$root/scripts/gen-test-models.py" \
+  --arch "${archs[@]}" --out-dir "$outdir"
