@@ -392,6 +392,7 @@ def default_layers(arch: str) -> int:
 
 
 def main() -> int:
+    global N_EMBD, HEAD_DIM, N_FF, N_EXPERT, N_FF_EXP
     ap = argparse.ArgumentParser(
         description="Writes tiny random-weight GGUF models (see the module docstring).")
     ap.add_argument("--arch", required=True, nargs="+", choices=ARCHS, metavar="ARCH",
@@ -407,7 +408,31 @@ def main() -> int:
                          "from scripts/fetch-test-model.sh)")
     ap.add_argument("--split-max-tensors", type=int, default=0, metavar="K",
                     help="write llama.cpp shards of at most K tensors each (0: one file)")
+    ap.add_argument("--n-embd", type=int, default=None, metavar="N",
+                    help=f"hidden size (default {N_EMBD}; head dim = N / {N_HEAD}); "
+                         "for benchmarks")
+    ap.add_argument("--n-ff", type=int, default=None, metavar="N",
+                    help=f"dense feed-forward size (default {N_FF})")
+    ap.add_argument("--n-expert", type=int, default=None, metavar="N",
+                    help=f"experts per MoE block (default {N_EXPERT})")
+    ap.add_argument("--n-ff-exp", type=int, default=None, metavar="N",
+                    help=f"feed-forward size of one expert (default {N_FF_EXP})")
     args = ap.parse_args()
+    # Shape overrides (benchmarks want bigger models than the tests'): the
+    # module constants are what every builder reads.
+    if args.n_embd is not None:
+        if args.n_embd < N_HEAD or args.n_embd % (2 * N_HEAD) != 0:
+            ap.error(f"--n-embd must be a multiple of {2 * N_HEAD}")
+        N_EMBD = args.n_embd
+        HEAD_DIM = N_EMBD // N_HEAD
+    if args.n_ff is not None:
+        N_FF = args.n_ff
+    if args.n_expert is not None:
+        if args.n_expert < N_EXPERT_USED:
+            ap.error(f"--n-expert must be at least {N_EXPERT_USED}")
+        N_EXPERT = args.n_expert
+    if args.n_ff_exp is not None:
+        N_FF_EXP = args.n_ff_exp
 
     archs = list(dict.fromkeys(args.arch))
     if args.out is not None and len(archs) != 1:

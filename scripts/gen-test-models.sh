@@ -3,9 +3,16 @@
 # with scripts/gen-test-models.py (see its docstring for what each holds).
 #
 #   scripts/gen-test-models.sh OUTDIR [ARCH...]
+#   scripts/gen-test-models.sh --cached
+#   scripts/gen-test-models.sh --py [gen-test-models.py ARGS...]
 #
-# Writes OUTDIR/<arch>.gguf for each ARCH (all 12 when none is given) and
-# prints the paths written, one a line. Same arguments, byte-identical files.
+# The first form writes OUTDIR/<arch>.gguf for each ARCH (all 12 when none is
+# given) and prints the paths written, one a line. Same arguments,
+# byte-identical files. --cached writes all 12 once into
+# <repo>/.cache/test-models/<sha256 of gen-test-models.py, 12 hex>/ (a
+# changed generator gets a new set; a `complete` marker says the set is
+# whole) and prints that directory: the tests' entry point. --py runs the
+# generator itself in the venv (other shapes, shards: see its --help).
 # The first run creates a Python venv with the pinned gguf and numpy under
 # ${NAKSHATRA_VENV:-<repo>/.cache/venv-gguf} (needs python3 >= 3.10 with
 # venv, e.g. Debian/Ubuntu's python3-venv, and PyPI); later runs reuse it.
@@ -19,8 +26,12 @@ if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
   echo "usage: $0 OUTDIR [ARCH...]" >&2
   exit 2
 fi
-outdir="$1"
-shift
+mode=write
+case "$1" in
+  --cached) mode=cached; set -- ;;
+  --py) mode=py; shift ;;
+  *) outdir="$1"; shift ;;
+esac
 archs=("$@")
 if [ ${#archs[@]} -eq 0 ]; then
   archs=(llama qwen2 qwen3 qwen2moe qwen3moe gemma3 gemma2 phi3 deepseek2 gpt-oss olmo2 mistral3)
@@ -59,7 +70,28 @@ else
   ensure_venv
 fi
 
-mkdir -p "$outdir"
-# one process for all archs: reading the tokenizer costs seconds, once
-exec "$venv/bin/python" "$root/scripts/gen-test-models.py" \
-  --arch "${archs[@]}" --out-dir "$outdir"
+gen="$root/scripts/gen-test-models.py"
+case "$mode" in
+  py)
+    exec "$venv/bin/python" "$gen" "$@"
+    ;;
+  cached)
+    tag="$(sha256sum "$gen" | cut -c1-12)"
+    outdir="$root/.cache/test-models/$tag"
+    if [ ! -f "$outdir/complete" ]; then
+      tmp="$outdir.tmp-$$"
+      rm -rf "$tmp"
+      mkdir -p "$tmp"
+      "$venv/bin/python" "$gen" --arch "${archs[@]}" --out-dir "$tmp" >/dev/null
+      touch "$tmp/complete"
+      # another run may have won the race: its set is as good
+      mv -T "$tmp" "$outdir" 2>/dev/null || rm -rf "$tmp"
+    fi
+    echo "$outdir"
+    ;;
+  write)
+    mkdir -p "$outdir"
+    # one process for all archs: reading the tokenizer costs seconds, once
+    exec "$venv/bin/python" "$gen" --arch "${archs[@]}" --out-dir "$outdir"
+    ;;
+esac

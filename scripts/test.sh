@@ -12,6 +12,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 NAKSHATRA_TEST_MODEL="$(bash scripts/fetch-test-model.sh)"
 export NAKSHATRA_TEST_MODEL
+# Small real models of other families (Gemma 3 270M), and tiny generated
+# ones of every family (scripts/gen-test-models.sh, cached): with
+# NAKSHATRA_REAL_MODELS set, a missing real model fails its tests.
+bash scripts/fetch-family-models.sh >/dev/null
+export NAKSHATRA_REAL_MODELS=1
+bash scripts/gen-test-models.sh --cached >/dev/null
 features=(--features nakshatra/fault-injection)
 
 cargo fmt --all -- --check

@@ -616,12 +616,45 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
 
 fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
     let info = nakshatra_slicer::inspect(path)?;
+    // What the family table says: supported or not, split exactly or
+    // served whole only, and why.
+    let family = nakshatra_slicer::family(&info.arch);
+    let (family_json, family_line, splits_line) = match family {
+        Ok(f) => (
+            serde_json::json!({
+                "name": f.name,
+                "moe": f.moe,
+                "splits": if f.hidden_input_refused.is_some() { "refused" } else { "exact" },
+                "reason": f.hidden_input_refused,
+            }),
+            format!(
+                "{} ({})",
+                f.name,
+                if f.moe { "mixture of experts" } else { "dense" }
+            ),
+            match f.hidden_input_refused {
+                Some(why) => format!("refused: {why}"),
+                None => "exact (split == whole, bit for bit)".to_string(),
+            },
+        ),
+        Err(e) => (
+            serde_json::json!({ "name": null, "splits": "refused", "reason": e.to_string() }),
+            "not supported".to_string(),
+            format!("refused: {e}"),
+        ),
+    };
     if json {
-        out!("{}", serde_json::to_string_pretty(&info)?);
+        let mut v = serde_json::to_value(&info)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("family".into(), family_json);
+        }
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     out!("id:         {}", info.id);
     out!("arch:       {}", info.arch);
+    out!("family:     {family_line}");
+    out!("splits:     {splits_line}");
     out!("layers:     {}", info.n_layers);
     out!("hidden:     {}", info.n_embd);
     out!("vocab:      {}", info.n_vocab);

@@ -63,6 +63,16 @@ pub enum JoinError {
         #[source]
         source: SliceError,
     },
+    /// The model's family cannot serve this range exactly (checked before
+    /// any network use).
+    #[error("{source} ({path})")]
+    Refused {
+        /// The model file given with `--model`.
+        path: PathBuf,
+        /// Why ([`SliceError::RangeRefused`] says which rule).
+        #[source]
+        source: SliceError,
+    },
     /// The range does not fit the model (checked before any network use
     /// when the model is local).
     #[error(
@@ -331,6 +341,14 @@ fn check_input(opts: &JoinOptions) -> Result<(), JoinError> {
                 .n_layers;
             if let LayerChoice::Range(r) = &opts.layers {
                 check_range(r, n_layers)?;
+                // The family's rules (a Gemma 2 split, say): before the
+                // node joins anything.
+                nakshatra_slicer::check_model_range(path, r.start, r.end).map_err(|source| {
+                    JoinError::Refused {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
             }
         }
         ModelSource::Id(id) => {

@@ -158,10 +158,94 @@ fn gemma2_is_served_whole_and_never_split() {
             "{e}"
         );
     }
+    // `model inspect` names the family and says why it is not split.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_nakshatra"))
+        .args(["model", "inspect"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("family:     Gemma 2 (dense)"), "{text}");
+    assert!(
+        text.contains("splits:     refused: Gemma 2 multiplies every layer-0 input"),
+        "{text}"
+    );
     let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let mut whole = chain_of(&m, dir.path(), &[], &cfg(1, 512));
     let toks = Tokenizer::load(&m).unwrap().tokenize(PROMPTS[0]);
     let g = run_once(&mut whole, &toks, &greedy(8, false));
     assert!(!g.tokens.is_empty());
+}
+
+/// A node serving a range of an MoE model holds only its blocks' experts,
+/// and `--layers auto` sizes MoE blocks by what they hold: the qwen3moe
+/// and qwen3 test models share width, heads and layer count, but an MoE
+/// block carries 4 experts and a router, so fewer of them fit a budget.
+#[test]
+fn moe_blocks_are_sized_by_their_experts() {
+    use nakshatra_swarm::build_model_view;
+    let moe = nakshatra_slicer::manifest(&model_of("qwen3moe")).unwrap();
+    let dense = nakshatra_slicer::manifest(&model_of("qwen3")).unwrap();
+    assert_eq!((moe.n_layers, moe.n_embd), (dense.n_layers, dense.n_embd));
+    let block = |m: &nakshatra_slicer::Manifest| m.range_bytes(2, 3);
+    eprintln!(
+        "block bytes: qwen3moe {} vs qwen3 {}",
+        block(&moe),
+        block(&dense)
+    );
+    assert!(block(&moe) > block(&dense), "an MoE block must weigh more");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_nakshatra"))
+        .args(["model", "inspect"])
+        .arg(model_of("qwen3moe"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("family:     Qwen 3 MoE (mixture of experts)")
+            && text.contains("splits:     exact"),
+        "{text}"
+    );
+
+    // A middle slice of the MoE model: its file holds exactly the experts
+    // of its own blocks (renumbered), none of the others'.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("moe-2-4.gguf");
+    nakshatra_slicer::write_slice(&model_of("qwen3moe"), 2, 4, &out).unwrap();
+    let g = nakshatra_slicer::Gguf::open(&out).unwrap();
+    let experts: Vec<&str> = g
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| n.contains("_exps"))
+        .collect();
+    assert_eq!(
+        experts.len(),
+        2 * 3,
+        "gate/up/down experts of 2 blocks: {experts:?}"
+    );
+    assert!(experts
+        .iter()
+        .all(|n| n.starts_with("blk.0.") || n.starts_with("blk.1.")));
+    let slice_bytes: u64 = g.tensors().iter().map(|t| t.n_bytes).sum();
+    let range = moe.range_bytes(2, 4);
+    eprintln!("slice 2..4 tensor bytes {slice_bytes}, manifest range bytes {range}");
+    assert!(
+        slice_bytes <= range + 64 * 1024 && range <= slice_bytes + 64 * 1024,
+        "the slice holds {slice_bytes} bytes of tensors, the manifest says {range}"
+    );
+
+    // Nothing served: the budget of four dense middle blocks (plus the
+    // embedding and globals) fits fewer MoE blocks.
+    let view = |m: &nakshatra_slicer::Manifest| {
+        let none: Vec<(nakshatra_swarm::PeerId, nakshatra_swarm::ServerInfo)> = Vec::new();
+        build_model_view(&m.model_id, &none, &Default::default())
+    };
+    let budget = dense.range_bytes(0, 4);
+    let (d, _) = nakshatra_node::placement::choose_range(&dense, &view(&dense), budget).unwrap();
+    let (m, why) = nakshatra_node::placement::choose_range(&moe, &view(&moe), budget).unwrap();
+    eprintln!("budget {budget}: dense {d:?}, moe {m:?} ({why})");
+    assert_eq!(d, 0..4);
+    assert!(m.len() < d.len(), "MoE blocks are bigger: {m:?} vs {d:?}");
 }

@@ -277,6 +277,28 @@ impl Meta<'_> {
     }
 }
 
+/// `Ok` if layers `start..end` of the model at `path` (a GGUF, or the
+/// first shard of a split one) can be served as a slice that computes
+/// exactly what they compute in the whole model; else why not
+/// ([`SliceError::RangeRefused`], or the range or the architecture being
+/// wrong). Reads the header only.
+pub fn check_model_range(path: &std::path::Path, start: u32, end: u32) -> Result<(), SliceError> {
+    let g = crate::gguf::read::Gguf::open(path)?;
+    let arch = crate::info::arch_of(&g)?;
+    family(&arch)?;
+    let n_layers = crate::info::n_layers_of(&g, &arch)?;
+    crate::slice::check_range(start, end, n_layers)?;
+    check_slice_range(
+        &Meta {
+            metadata: g.metadata(),
+            arch: &arch,
+            n_layers,
+        },
+        start,
+        end,
+    )
+}
+
 /// Why a range of a model cannot be sliced exactly, if it cannot.
 pub(crate) fn check_slice_range(m: &Meta<'_>, start: u32, end: u32) -> Result<(), SliceError> {
     let f = family(m.arch)?;

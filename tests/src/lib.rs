@@ -742,3 +742,130 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
+
+/// Tiny random-weight models of every family (`<arch>.gguf`), written once
+/// by `scripts/gen-test-models.sh --cached` into
+/// `.cache/test-models/<hash of the generator>/` (the node's tests use the
+/// same set).
+pub fn family_models() -> PathBuf {
+    static DONE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = done.as_ref() {
+        return dir.clone();
+    }
+    let o = gen_models(&["--cached"]);
+    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert!(
+        dir.join("complete").exists(),
+        "no model set in {}",
+        dir.display()
+    );
+    *done = Some(dir.clone());
+    dir
+}
+
+/// Runs `scripts/gen-test-models.sh ARGS` (which makes the generator's
+/// venv first) and checks it succeeded.
+pub fn gen_models(args: &[&str]) -> Output {
+    let o = Command::new("bash")
+        .arg(repo_root().join("scripts/gen-test-models.sh"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/gen-test-models.sh");
+    assert!(
+        o.status.success(),
+        "scripts/gen-test-models.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// A generated model split into llama.cpp shards of at most
+/// `max_tensors` tensors (`gen-test-models.py --arch ARCH --out PATH
+/// --split-max-tensors K`, default seed and layers: the same weights as
+/// [`family_models`]'s `<arch>.gguf`), cached next to them in
+/// `<family_models()>/sharded-<arch>-k<K>/`. Returns the shards in order
+/// (`<arch>-00001-of-0000N.gguf` first).
+pub fn sharded_family_model(arch: &str, max_tensors: u32) -> Vec<PathBuf> {
+    let base = family_models();
+    let dir = base.join(format!("sharded-{arch}-k{max_tensors}"));
+    if !dir.join("complete").exists() {
+        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("create the shard dir");
+        let out = tmp.join(format!("{arch}.gguf"));
+        gen_models(&[
+            "--py",
+            "--arch",
+            arch,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+            "--split-max-tensors",
+            &max_tensors.to_string(),
+        ]);
+        std::fs::write(tmp.join("complete"), b"").expect("write the complete marker");
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("read the shard dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    shards.sort();
+    shards
+}
+
+/// The repository root.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The model `id` in a `swarm status --json` view (`None`: not announced).
+pub fn model_in_view<'a>(view: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    view["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["id"].as_str() == Some(id))
+}
+
+/// Blocks of model `id` that have at least one holder.
+pub fn covered_blocks_of(view: &serde_json::Value, id: &str) -> Vec<usize> {
+    model_in_view(view, id)
+        .and_then(|m| m["coverage"].as_array())
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .filter(|(_, h)| h.as_array().is_some_and(|h| !h.is_empty()))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Holders of block `b` of model `id`.
+pub fn holders_of(view: &serde_json::Value, id: &str, b: usize) -> Vec<String> {
+    model_in_view(view, id)
+        .and_then(|m| m["coverage"][b].as_array())
+        .map(|h| {
+            h.iter()
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The model id of `model` (`model inspect --json`).
+pub fn inspect_model_id(model: &str) -> String {
+    let o = nakshatra(&["model", "inspect", "--json", model]);
+    assert!(
+        o.status.success(),
+        "model inspect {model}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect json");
+    v["id"].as_str().expect("an id").to_string()
+}

@@ -79,9 +79,9 @@ pub fn chain_of(m: &Path, dir: &Path, cuts: &[u32], cfg: &EngineConfig) -> Local
     LocalChain::new(stages).unwrap()
 }
 
-/// Tiny random-weight models of every family, written once by
-/// `scripts/gen-test-models.sh` into `.cache/test-models/<hash of the
-/// generator>/` (a changed generator writes a new set).
+/// Tiny random-weight models of every family (`<arch>.gguf`), written once
+/// by `scripts/gen-test-models.sh --cached` into
+/// `.cache/test-models/<hash of the generator>/` and shared by every test.
 pub fn family_models() -> PathBuf {
     static DONE: Mutex<Option<PathBuf>> = Mutex::new(None);
     let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
@@ -89,25 +89,22 @@ pub fn family_models() -> PathBuf {
         return dir.clone();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let script = root.join("scripts/gen-test-models.py");
-    let source = std::fs::read(&script).unwrap();
-    let tag = blake3::hash(&source).to_hex()[..12].to_string();
-    let dir = root.join(".cache/test-models").join(tag);
-    if !dir.join("complete").exists() {
-        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-        let status = std::process::Command::new("bash")
-            .arg(root.join("scripts/gen-test-models.sh"))
-            .arg(&tmp)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "scripts/gen-test-models.sh failed");
-        std::fs::write(tmp.join("complete"), b"").unwrap();
-        // Another process may have won the race: theirs is as good.
-        if std::fs::rename(&tmp, &dir).is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-    }
+    let o = std::process::Command::new("bash")
+        .arg(root.join("scripts/gen-test-models.sh"))
+        .arg("--cached")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "scripts/gen-test-models.sh --cached failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert!(
+        dir.join("complete").exists(),
+        "no model set in {}",
+        dir.display()
+    );
     *done = Some(dir.clone());
     dir
 }
@@ -141,4 +138,45 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max)
+}
+
+/// Where `scripts/fetch-family-models.sh` caches the real models:
+/// `NAKSHATRA_MODEL_CACHE`, else `.cache/models` at the repository root.
+pub fn real_model_dir() -> PathBuf {
+    match std::env::var_os("NAKSHATRA_MODEL_CACHE") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"),
+    }
+}
+
+/// The real model `file` fetched by `scripts/fetch-family-models.sh NAME`,
+/// or `None` (after saying why the test is skipped) when it is absent and
+/// `NAKSHATRA_REAL_MODELS` is unset. With that variable set (CI sets it
+/// after running the script), an absent model fails the test.
+pub fn real_model(name: &str, file: &str) -> Option<PathBuf> {
+    let p = real_model_dir().join(file);
+    if p.is_file() {
+        return Some(p);
+    }
+    let required = std::env::var_os("NAKSHATRA_REAL_MODELS").is_some_and(|v| !v.is_empty());
+    assert!(
+        !required,
+        "NAKSHATRA_REAL_MODELS is set but the real model {name} is missing at {}: \
+         run scripts/fetch-family-models.sh {name}",
+        p.display()
+    );
+    eprintln!(
+        "SKIPPED: real model {name} not found at {} (run scripts/fetch-family-models.sh {name}; \
+         set NAKSHATRA_REAL_MODELS=1 to make its absence a failure)",
+        p.display()
+    );
+    None
+}
+
+/// The text of generated tokens, as a person would read it.
+pub fn text_of(tok: &nakshatra_node::engine::tokenizer::Tokenizer, tokens: &[i32]) -> String {
+    let mut s = nakshatra_node::engine::tokenizer::Utf8Stream::default();
+    let mut out: String = tokens.iter().map(|&t| s.push(&tok.piece(t))).collect();
+    out.push_str(&s.finish());
+    out
 }

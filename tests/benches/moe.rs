@@ -1,0 +1,169 @@
+//! An MoE model and a dense one of the same active size, each run whole in
+//! one process and as a 3-process chain on loopback: decode tokens/s side
+//! by side (interleaved rounds, medians) and the chain/whole ratio.
+//!
+//! The two models are written by `scripts/gen-test-models.py` with random
+//! weights (F32): qwen3 (dense, n_embd 512, n_ff 1536) and qwen3moe
+//! (n_embd 512, 8 experts of 768, 2 used: 1536 active), 12 blocks each,
+//! split 0..4, 4..8, 8..12. The MoE model's blocks hold 4x the dense
+//! model's feed-forward weights, of which each token uses a quarter.
+//!
+//! `cargo bench -p nakshatra-e2e --bench moe` (after `cargo build
+//! --release`). Env: `BENCH_ROUNDS` (5), `BENCH_THREADS` (threads for the
+//! whole model and for each node; default 1), `BENCH_TOKENS` (64).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nakshatra_e2e::*;
+
+/// Blocks of both models.
+const LAYERS: u32 = 12;
+
+/// Pulls the number after `key` out of a stats line.
+fn after(stats: &str, key: &str) -> Option<f64> {
+    let rest = &stats[stats.find(key)? + key.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+fn stats_line(o: &std::process::Output) -> Option<String> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .find(|l| l.starts_with("stats:"))
+        .map(String::from)
+}
+
+/// Writes the benchmark's two models into `dir`.
+fn write_models(dir: &Path) -> (PathBuf, PathBuf) {
+    let gen = |arch: &str, out: &Path, shape: &[&str]| {
+        let layers = LAYERS.to_string();
+        let mut args = vec![
+            "--py",
+            "--arch",
+            arch,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+            "--layers",
+            &layers,
+            "--n-embd",
+            "512",
+        ];
+        args.extend_from_slice(shape);
+        gen_models(&args);
+    };
+    let dense = dir.join("dense-qwen3.gguf");
+    let moe = dir.join("moe-qwen3moe.gguf");
+    gen("qwen3", &dense, &["--n-ff", "1536"]);
+    gen("qwen3moe", &moe, &["--n-expert", "8", "--n-ff-exp", "768"]);
+    (dense, moe)
+}
+
+/// Whole vs chain decode tokens/s (medians) for one model.
+fn measure(model: &Path, rounds: usize, threads: &str, tokens: &str) -> (f64, f64) {
+    let model = model.to_str().expect("utf-8 path");
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let join = |i: usize, layers: &str, boot: Option<&str>| {
+        let mut a = vec![
+            "--model",
+            model,
+            "--layers",
+            layers,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--threads",
+            threads,
+        ];
+        if let Some(b) = boot {
+            a.extend_from_slice(&["--bootstrap", b]);
+        }
+        Proc::join(dirs[i].path(), &a)
+    };
+    let a = join(0, "0..4", None);
+    let boot = a.addr().to_string();
+    let _b = join(1, "4..8", Some(&boot));
+    let _c = join(2, "8..12", Some(&boot));
+    wait_for(Duration::from_secs(60), || {
+        status_json(&boot).filter(|v| covered_blocks(v).len() == LAYERS as usize)
+    })
+    .expect("coverage");
+    let prompt = "In the beginning the universe was created. ".repeat(4);
+    let asker = dirs[3].path().to_str().unwrap().to_string();
+    let common = ["--raw", "--temperature", "0", "--max-tokens", tokens];
+    let run_whole = || {
+        let mut args = vec![
+            "--data-dir",
+            &asker,
+            "run",
+            "--model",
+            model,
+            "--threads",
+            threads,
+        ];
+        args.extend_from_slice(&common);
+        args.push(&prompt);
+        stats_line(&nakshatra(&args))
+    };
+    let run_chain = || {
+        let mut args = vec![
+            "--data-dir",
+            &asker,
+            "node",
+            "ask",
+            "--no-mdns",
+            "--bootstrap",
+            &boot,
+        ];
+        args.extend_from_slice(&common);
+        args.push(&prompt);
+        stats_line(&nakshatra(&args))
+    };
+    // Warm-up (vocabulary fetch, page cache).
+    run_whole();
+    run_chain();
+    let (mut whole, mut chain) = (vec![], vec![]);
+    for r in 0..rounds {
+        let order = if r % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for w in order {
+            if w {
+                let s = run_whole().expect("run stats");
+                whole.push(after(&s, "decode").expect("decode"));
+            } else {
+                let s = run_chain().expect("ask stats");
+                chain.push(after(&s, "decode").expect("decode"));
+            }
+        }
+    }
+    (median(whole), median(chain))
+}
+
+fn main() {
+    let rounds: usize = env_num("BENCH_ROUNDS", 5);
+    let threads: String = env_num("BENCH_THREADS", "1".to_string());
+    let tokens: String = env_num("BENCH_TOKENS", "64".to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let (dense, moe) = write_models(dir.path());
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) / 1_000_000;
+    let (dw, dc) = measure(&dense, rounds, &threads, &tokens);
+    let (mw, mc) = measure(&moe, rounds, &threads, &tokens);
+    println!(
+        "moe bench: {LAYERS} blocks split 0..4 | 4..8 | 8..12 | {threads} thread(s) per process | {tokens} tokens | {rounds} interleaved rounds, medians"
+    );
+    println!(
+        "model                         file MB   whole decode   3-hop chain decode   chain/whole"
+    );
+    println!(
+        "qwen3 dense (ff 1536)         {:>7}   {dw:>8.1} tok/s   {dc:>12.1} tok/s   {:>9.3}x",
+        size(&dense),
+        dc / dw
+    );
+    println!(
+        "qwen3moe (8 x 768, 2 used)    {:>7}   {mw:>8.1} tok/s   {mc:>12.1} tok/s   {:>9.3}x",
+        size(&moe),
+        mc / mw
+    );
+}
