@@ -219,7 +219,9 @@ def attn_qkv(g: Gen, p: str, biases: bool = False, n_kv: int = N_HEAD_KV) -> Non
     g.mat(f"{p}.attn_output.weight", N_HEAD * HEAD_DIM, N_EMBD)
 
 
-def dense_ffn(g: Gen, p: str, n_ff: int = N_FF) -> None:
+def dense_ffn(g: Gen, p: str, n_ff: int | None = None) -> None:
+    # N_FF read at call time: --n-ff changes it after this is defined
+    n_ff = N_FF if n_ff is None else n_ff
     g.mat(f"{p}.ffn_gate.weight", N_EMBD, n_ff)
     g.mat(f"{p}.ffn_up.weight", N_EMBD, n_ff)
     g.mat(f"{p}.ffn_down.weight", n_ff, N_EMBD)
