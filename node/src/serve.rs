@@ -63,6 +63,16 @@ pub enum JoinError {
         #[source]
         source: SliceError,
     },
+    /// The fetched model's family cannot serve this range exactly
+    /// (checked before any piece is fetched).
+    #[error("{source} (model {model_id})")]
+    RefusedRange {
+        /// The model.
+        model_id: String,
+        /// Why ([`SliceError::RangeRefused`] says which rule).
+        #[source]
+        source: SliceError,
+    },
     /// The model's family cannot serve this range exactly (checked before
     /// any network use).
     #[error("{source} ({path})")]
@@ -410,7 +420,7 @@ async fn prepare(
                     })?;
             let range = match &opts.layers {
                 LayerChoice::Range(r) => r.clone(),
-                LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
+                LayerChoice::Auto => auto_range(swarm, &manifest, &vocab, budget).await?,
             };
             let (dir, p, r) = (opts.data_dir.clone(), path.clone(), range.clone());
             let (id, hashes) = (manifest.model_id.clone(), manifest.hashes());
@@ -468,9 +478,18 @@ async fn prepare_fetched(
     let range = match &opts.layers {
         LayerChoice::Range(r) => {
             check_range(r, manifest.n_layers)?;
+            // The family's rules, before fetching anything.
+            if let Some(rules) = range_rules(&manifest, &vocab) {
+                rules
+                    .check(r.start, r.end)
+                    .map_err(|source| JoinError::RefusedRange {
+                        model_id: manifest.model_id.clone(),
+                        source,
+                    })?;
+            }
             r.clone()
         }
-        LayerChoice::Auto => auto_range(swarm, &manifest, budget).await?,
+        LayerChoice::Auto => auto_range(swarm, &manifest, &vocab, budget).await?,
     };
     let slice = fetch_slice(opts, swarm, &peers, &manifest, &vocab, &range).await?;
     let mut serve_files = vec![slice.clone()];
@@ -513,16 +532,30 @@ async fn model_sources(
     }
 }
 
+/// The family's range rules of a model, from its (verified) vocabulary
+/// file, which carries all of the model's metadata. `None` (no rules: any
+/// range) only if that file does not parse, which verification rules out.
+fn range_rules(manifest: &Manifest, vocab: &[u8]) -> Option<nakshatra_slicer::RangeRules> {
+    let g = nakshatra_slicer::Gguf::from_bytes(vocab.to_vec(), "vocabulary")
+        .inspect_err(|e| tracing::warn!("vocabulary unreadable for range rules: {e}"))
+        .ok()?;
+    nakshatra_slicer::RangeRules::new(g.metadata(), manifest.n_layers)
+        .inspect_err(|e| tracing::warn!("no range rules for this model: {e}"))
+        .ok()
+}
+
 async fn auto_range(
     swarm: &nakshatra_swarm::Client,
     manifest: &Manifest,
+    vocab: &[u8],
     budget: u64,
 ) -> Result<Range<u32>, JoinError> {
     // The layer count is the verified manifest's: announcements that
     // disagree are left out, however many.
     let shape = fetch::shape_of(manifest);
     let view = swarm.model_view_with(&manifest.model_id, &shape).await?;
-    let (range, why) = placement::choose_range(manifest, &view, budget)?;
+    let rules = range_rules(manifest, vocab);
+    let (range, why) = placement::choose_range(manifest, &view, budget, rules.as_ref())?;
     tracing::info!(
         "--layers auto chose {}..{} ({} MB of weights, budget {} MB): {why}",
         range.start,

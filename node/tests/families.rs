@@ -243,8 +243,10 @@ fn moe_blocks_are_sized_by_their_experts() {
         build_model_view(&m.model_id, &none, &Default::default())
     };
     let budget = dense.range_bytes(0, 4);
-    let (d, _) = nakshatra_node::placement::choose_range(&dense, &view(&dense), budget).unwrap();
-    let (m, why) = nakshatra_node::placement::choose_range(&moe, &view(&moe), budget).unwrap();
+    let (d, _) =
+        nakshatra_node::placement::choose_range(&dense, &view(&dense), budget, None).unwrap();
+    let (m, why) =
+        nakshatra_node::placement::choose_range(&moe, &view(&moe), budget, None).unwrap();
     eprintln!("budget {budget}: dense {d:?}, moe {m:?} ({why})");
     assert_eq!(d, 0..4);
     assert!(m.len() < d.len(), "MoE blocks are bigger: {m:?} vs {d:?}");

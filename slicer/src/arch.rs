@@ -277,6 +277,67 @@ impl Meta<'_> {
     }
 }
 
+/// A model's family rules for ranges, kept to check many candidate ranges
+/// (`--layers auto`) without the model file: built from its metadata (the
+/// model's, or its vocabulary file's, which has all of it) and its layer
+/// count.
+#[derive(Debug, Clone)]
+pub struct RangeRules {
+    arch: String,
+    n_layers: u32,
+    /// `{arch}.*` keys (plus a `vocab_size` when the model has none).
+    metadata: Vec<(String, MetaValue)>,
+}
+
+impl RangeRules {
+    /// The rules of a model with this metadata and `n_layers` layers;
+    /// [`SliceError::UnsupportedArch`] for a family the table lacks.
+    pub fn new(metadata: &[(String, MetaValue)], n_layers: u32) -> Result<Self, SliceError> {
+        let arch = metadata
+            .iter()
+            .find(|(k, _)| k == crate::keys::ARCH)
+            .and_then(|(_, v)| v.as_str())
+            .ok_or_else(|| SliceError::MissingKey(crate::keys::ARCH.into()))?
+            .to_string();
+        family(&arch)?;
+        let prefix = format!("{arch}.");
+        let mut kept: Vec<(String, MetaValue)> = metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        let full = Meta {
+            metadata,
+            arch: &arch,
+            n_layers,
+        };
+        if full.u64("vocab_size").is_none() {
+            if let Some(n) = full.n_vocab() {
+                kept.push((format!("{arch}.vocab_size"), MetaValue::U64(n)));
+            }
+        }
+        Ok(RangeRules {
+            arch,
+            n_layers,
+            metadata: kept,
+        })
+    }
+
+    /// `Ok` if `start..end` can be served exactly, else why not.
+    pub fn check(&self, start: u32, end: u32) -> Result<(), SliceError> {
+        crate::slice::check_range(start, end, self.n_layers)?;
+        check_slice_range(
+            &Meta {
+                metadata: &self.metadata,
+                arch: &self.arch,
+                n_layers: self.n_layers,
+            },
+            start,
+            end,
+        )
+    }
+}
+
 /// `Ok` if layers `start..end` of the model at `path` (a GGUF, or the
 /// first shard of a split one) can be served as a slice that computes
 /// exactly what they compute in the whole model; else why not
@@ -285,18 +346,8 @@ impl Meta<'_> {
 pub fn check_model_range(path: &std::path::Path, start: u32, end: u32) -> Result<(), SliceError> {
     let g = crate::gguf::read::Gguf::open(path)?;
     let arch = crate::info::arch_of(&g)?;
-    family(&arch)?;
     let n_layers = crate::info::n_layers_of(&g, &arch)?;
-    crate::slice::check_range(start, end, n_layers)?;
-    check_slice_range(
-        &Meta {
-            metadata: g.metadata(),
-            arch: &arch,
-            n_layers,
-        },
-        start,
-        end,
-    )
+    RangeRules::new(g.metadata(), n_layers)?.check(start, end)
 }
 
 /// Why a range of a model cannot be sliced exactly, if it cannot.
@@ -625,6 +676,30 @@ mod tests {
         };
         assert!(check_slice_range(&m, 0, 26).is_err());
         assert!(check_slice_range(&m, 0, 25).is_ok());
+    }
+
+    /// The kept rules answer as the full metadata does, the vocabulary
+    /// size coming from the token list when there is no key.
+    #[test]
+    fn range_rules_keep_what_the_checks_read() {
+        let mut md = meta(
+            "deepseek2",
+            30,
+            vec![("attention.q_lora_rank", MetaValue::U32(32))],
+        );
+        md.push((
+            "tokenizer.ggml.tokens".into(),
+            MetaValue::Array(MetaArray::String(vec!["a".into(); 5])),
+        ));
+        let rules = RangeRules::new(&md, 30).expect("rules");
+        assert!(rules.check(0, 26).is_err());
+        assert!(rules.check(0, 25).is_ok());
+        assert!(rules.check(0, 31).is_err(), "out of range");
+        assert!(rules
+            .metadata
+            .iter()
+            .any(|(k, v)| k == "deepseek2.vocab_size" && v.as_u64() == Some(5)));
+        assert!(RangeRules::new(&meta("gpt2", 4, vec![]), 4).is_err());
     }
 
     #[test]

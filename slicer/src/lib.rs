@@ -54,7 +54,7 @@ pub mod pieces;
 mod slice;
 mod vocab;
 
-pub use arch::{check_model_range, family, Family, FAMILIES};
+pub use arch::{check_model_range, family, Family, RangeRules, FAMILIES};
 pub use error::{GgufError, SliceError, WriteError};
 pub use gguf::read::{Gguf, TensorInfo};
 pub use gguf::types::{ggml_type_info, GgmlTypeInfo, GGML_TYPE_F32};
