@@ -340,9 +340,12 @@ fn a_replacement_may_split_the_lost_range() {
 /// touched, and the allocator keeps what it got: what must not happen is
 /// growth per ask).
 /// What a second round of 32 asks may add to a node's resident memory:
-/// half a MiB per ask, far less than any session's buffers (allocator
-/// noise is a few MiB).
-const SECOND_ROUND_SLACK_KIB: u64 = 16 * 1024;
+/// one MiB per ask, far less than any session's buffers. Allocator noise
+/// is more than a few MiB: rounds of 32 asks on an idle host moved the last
+/// hop's RSS by +2 to +17 MiB (159, 165, 168, 168, 169, 176, 178, 195 MiB
+/// over eight rounds, the others flat within 13 MiB), and a loaded CI host
+/// saw +19 MiB between the first two.
+const SECOND_ROUND_SLACK_KIB: u64 = 32 * 1024;
 
 #[test]
 fn thirty_two_asks_share_eight_sessions_by_waiting() {
@@ -407,6 +410,7 @@ fn thirty_two_asks_share_eight_sessions_by_waiting() {
     std::thread::sleep(Duration::from_secs(2));
     for ((range, p), before) in swarm.nodes.iter().zip(before) {
         let after = p.memory_kib().unwrap().0;
+        eprintln!("node {range}: {before} KiB after the first round, {after} KiB after the second");
         assert!(
             after <= before + SECOND_ROUND_SLACK_KIB,
             "node {range}: {before} KiB after the first round, {after} KiB after the second"
