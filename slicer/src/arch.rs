@@ -541,6 +541,14 @@ mod tests {
         v
     }
 
+    fn at<'a>(md: &'a [(String, MetaValue)], arch: &'a str, n_layers: u32) -> Meta<'a> {
+        Meta {
+            metadata: md,
+            arch,
+            n_layers,
+        }
+    }
+
     fn pattern_of(out: &[(String, MetaValue)], arch: &str) -> Option<Vec<bool>> {
         out.iter()
             .find(|(k, _)| *k == format!("{arch}.{SWA_PATTERN}"))
@@ -564,11 +572,7 @@ mod tests {
     #[test]
     fn the_window_pattern_is_cut_from_the_whole_model() {
         let md = meta("gemma3", 8, vec![(SWA_WINDOW, MetaValue::U32(8))]);
-        let m = Meta {
-            metadata: &md,
-            arch: "gemma3",
-            n_layers: 8,
-        };
+        let m = at(&md, "gemma3", 8);
         let mut out = Vec::new();
         rewrite_metadata(&m, 3, 8, &mut out).expect("rewrites");
         // Whole model: layers 0-4 slide, 5 is global, 6-7 slide.
@@ -578,11 +582,7 @@ mod tests {
         );
         // Without a window Gemma 3 is all global: nothing written.
         let md = meta("gemma3", 8, vec![]);
-        let m = Meta {
-            metadata: &md,
-            arch: "gemma3",
-            n_layers: 8,
-        };
+        let m = at(&md, "gemma3", 8);
         let mut out = Vec::new();
         rewrite_metadata(&m, 3, 8, &mut out).expect("rewrites");
         assert_eq!(pattern_of(&out, "gemma3"), None);
@@ -595,11 +595,7 @@ mod tests {
                 MetaValue::Array(MetaArray::I32(vec![0, 0, 1, 0])),
             )],
         );
-        let m = Meta {
-            metadata: &md,
-            arch: "gpt-oss",
-            n_layers: 4,
-        };
+        let m = at(&md, "gpt-oss", 4);
         let mut out = Vec::new();
         rewrite_metadata(&m, 1, 4, &mut out).expect("rewrites");
         assert_eq!(pattern_of(&out, "gpt-oss"), Some(vec![false, true, false]));
@@ -610,11 +606,7 @@ mod tests {
     #[test]
     fn a_slice_without_a_sliding_layer() {
         let md = meta("olmo2", 8, vec![(SWA_WINDOW, MetaValue::U32(8))]);
-        let m = Meta {
-            metadata: &md,
-            arch: "olmo2",
-            n_layers: 8,
-        };
+        let m = at(&md, "olmo2", 8);
         assert!(check_slice_range(&m, 3, 4).is_ok());
         let mut out = Vec::new();
         rewrite_metadata(&m, 3, 4, &mut out).expect("rewrites");
@@ -623,11 +615,7 @@ mod tests {
             .iter()
             .any(|(k, v)| k == "olmo2.attention.sliding_window" && v.as_u32() == Some(0)));
         let md = meta("gpt-oss", 8, vec![]);
-        let m = Meta {
-            metadata: &md,
-            arch: "gpt-oss",
-            n_layers: 8,
-        };
+        let m = at(&md, "gpt-oss", 8);
         assert!(
             check_slice_range(&m, 3, 4).is_err(),
             "layer 3 alone is global"
@@ -645,11 +633,7 @@ mod tests {
                 ("attention.q_lora_rank", MetaValue::U32(32)),
             ],
         );
-        let m = Meta {
-            metadata: &md,
-            arch: "deepseek2",
-            n_layers: 6,
-        };
+        let m = at(&md, "deepseek2", 6);
         let lead = |out: &[(String, MetaValue)]| {
             out.iter()
                 .find(|(k, _)| k == "deepseek2.leading_dense_block_count")
@@ -669,11 +653,7 @@ mod tests {
             30,
             vec![("attention.q_lora_rank", MetaValue::U32(32))],
         );
-        let m = Meta {
-            metadata: &md,
-            arch: "deepseek2",
-            n_layers: 30,
-        };
+        let m = at(&md, "deepseek2", 30);
         assert!(check_slice_range(&m, 0, 26).is_err());
         assert!(check_slice_range(&m, 0, 25).is_ok());
     }
@@ -705,11 +685,7 @@ mod tests {
     #[test]
     fn gemma2_splits_are_refused_with_the_reason() {
         let md = meta("gemma2", 8, vec![]);
-        let m = Meta {
-            metadata: &md,
-            arch: "gemma2",
-            n_layers: 8,
-        };
+        let m = at(&md, "gemma2", 8);
         let e = check_slice_range(&m, 0, 4).expect_err("refused");
         assert!(e.to_string().contains("sqrt(n_embd)"), "{e}");
         assert!(

@@ -207,7 +207,7 @@ pub(crate) fn write_slice_files(
     crate::arch::check_slice_range(&meta, start, end)?;
     let mut metadata = slice_metadata(
         src.metadata,
-        src.arch,
+        family,
         src.n_layers,
         start,
         end,
@@ -310,13 +310,14 @@ fn data_of<'a>(t: &SrcTensor<'a>) -> Result<&'a [u8], SliceError> {
 /// The slice's metadata (see [`write_slice`]).
 fn slice_metadata(
     metadata: &[(String, MetaValue)],
-    arch: &str,
+    family: &crate::arch::Family,
     n: u32,
     start: u32,
     end: u32,
     source_id: &str,
 ) -> Result<Vec<(String, MetaValue)>, SliceError> {
     let last = end == n;
+    let arch = family.arch;
     let prefix = format!("{arch}.");
     let block_count_key = format!("{arch}.block_count");
     let vocab_key = format!("{arch}.vocab_size");
@@ -324,7 +325,6 @@ fn slice_metadata(
     let mut out: Vec<(String, MetaValue)> = Vec::with_capacity(metadata.len() + 6);
     let mut put_tokenizer_model = !last;
 
-    let family = crate::arch::family(arch)?;
     for (k, v) in metadata {
         // A slice is one file: no shard keys (llama.cpp would look for
         // the other shards of it).

@@ -20,17 +20,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Pulls `<number> tok/s` after `key` out of a stats line.
-fn rate(stats: &str, key: &str) -> Option<f64> {
-    let rest = &stats[stats.find(key)? + key.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-fn after(stats: &str, key: &str) -> Option<f64> {
-    let rest = &stats[stats.find(key)? + key.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 fn main() {
     let rounds: usize = env_or("BENCH_ROUNDS", "5").parse().unwrap_or(5);
     let threads = env_or("BENCH_THREADS", "1");
@@ -78,11 +67,7 @@ fn main() {
         ];
         args.extend_from_slice(&common);
         args.push(&prompt);
-        let o = nakshatra(&args);
-        String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .find(|l| l.starts_with("stats:"))
-            .map(String::from)
+        stderr_line(&nakshatra(&args), "stats:")
     };
     let run_chain = || {
         let mut args = vec![
@@ -96,11 +81,7 @@ fn main() {
         ];
         args.extend_from_slice(&common);
         args.push(&prompt);
-        let o = nakshatra(&args);
-        String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .find(|l| l.starts_with("stats:"))
-            .map(String::from)
+        stderr_line(&nakshatra(&args), "stats:")
     };
     // Warm-up (vocabulary fetch, page cache).
     run_whole();
@@ -116,14 +97,14 @@ fn main() {
         for whole in order {
             if whole {
                 let s = run_whole().expect("run stats");
-                wp.push(rate(&s, "prefill").expect("prefill"));
-                wd.push(rate(&s, "decode").expect("decode"));
+                wp.push(number_after(&s, "prefill").expect("prefill"));
+                wd.push(number_after(&s, "decode").expect("decode"));
             } else {
                 let s = run_chain().expect("ask stats");
-                cp.push(rate(&s, "prefill").expect("prefill"));
-                cd.push(rate(&s, "decode").expect("decode"));
-                om.push(after(&s, "overhead median").expect("median"));
-                op.push(after(&s, "p99").expect("p99"));
+                cp.push(number_after(&s, "prefill").expect("prefill"));
+                cd.push(number_after(&s, "decode").expect("decode"));
+                om.push(number_after(&s, "overhead median").expect("median"));
+                op.push(number_after(&s, "p99").expect("p99"));
             }
         }
     }

@@ -54,20 +54,6 @@ fn env_or(k: &str, d: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| d.to_string())
 }
 
-/// The number after `key` in `line`.
-fn after(line: &str, key: &str) -> Option<f64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-/// The stderr line of `o` that starts with `prefix`.
-fn line(o: &Output, prefix: &str) -> Option<String> {
-    String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .map(String::from)
-}
-
 fn check(o: &Output, what: &str) {
     assert!(
         o.status.success(),
@@ -303,9 +289,9 @@ fn main() {
                 want,
                 "the answer changed"
             );
-            let stats = line(&o, "stats:").expect("a stats line");
-            let setup = after(&stats, "setup").expect("setup");
-            let decode = after(&stats, "decode").expect("decode");
+            let stats = stderr_line(&o, "stats:").expect("a stats line");
+            let setup = number_after(&stats, "setup").expect("setup");
+            let decode = number_after(&stats, "decode").expect("decode");
             let m = [secs, setup, decode, victim_cpu, self_cpu];
             match flooder {
                 Some((f, started)) => {
@@ -356,15 +342,19 @@ fn main() {
             extra.extend(["--verify".to_string(), rate.to_string()]);
         }
         let (o, secs) = ask(&sboot, vasker.path(), &extra, &vprompt);
-        if !o.status.success() && line(&o, "error: verification failed").is_some() {
+        if !o.status.success() && stderr_line(&o, "error: verification failed").is_some() {
             // The swarm is honest: a mismatch is a false alarm.
-            return Err(line(&o, "error:").unwrap_or_default());
+            return Err(stderr_line(&o, "error:").unwrap_or_default());
         }
         check(&o, "a --verify ask");
-        let stats = line(&o, "stats:").expect("a stats line");
-        let checked = line(&o, "verify:").and_then(|l| after(&l, "verify:"));
-        prompt_tokens.set(after(&stats, "prompt").unwrap_or(f64::NAN));
-        Ok((after(&stats, "decode").expect("decode"), secs, checked))
+        let stats = stderr_line(&o, "stats:").expect("a stats line");
+        let checked = stderr_line(&o, "verify:").and_then(|l| number_after(&l, "verify:"));
+        prompt_tokens.set(number_after(&stats, "prompt").unwrap_or(f64::NAN));
+        Ok((
+            number_after(&stats, "decode").expect("decode"),
+            secs,
+            checked,
+        ))
     };
     // Warm-up: vocabulary, manifest, the replica.
     let _ = run_mode(Some("1"));

@@ -23,19 +23,6 @@ use nakshatra_e2e::*;
 /// Blocks of both models.
 const LAYERS: u32 = 12;
 
-/// Pulls the number after `key` out of a stats line.
-fn after(stats: &str, key: &str) -> Option<f64> {
-    let rest = &stats[stats.find(key)? + key.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-fn stats_line(o: &std::process::Output) -> Option<String> {
-    String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .find(|l| l.starts_with("stats:"))
-        .map(String::from)
-}
-
 /// Writes the benchmark's two models into `dir`.
 fn write_models(dir: &Path) -> (PathBuf, PathBuf) {
     let gen = |arch: &str, out: &Path, shape: &[&str]| {
@@ -105,7 +92,7 @@ fn measure(model: &Path, rounds: usize, threads: &str, tokens: &str) -> (f64, f6
         ];
         args.extend_from_slice(&common);
         args.push(&prompt);
-        stats_line(&nakshatra(&args))
+        stderr_line(&nakshatra(&args), "stats:")
     };
     let run_chain = || {
         let mut args = vec![
@@ -119,7 +106,7 @@ fn measure(model: &Path, rounds: usize, threads: &str, tokens: &str) -> (f64, f6
         ];
         args.extend_from_slice(&common);
         args.push(&prompt);
-        stats_line(&nakshatra(&args))
+        stderr_line(&nakshatra(&args), "stats:")
     };
     // Warm-up (vocabulary fetch, page cache).
     run_whole();
@@ -134,10 +121,10 @@ fn measure(model: &Path, rounds: usize, threads: &str, tokens: &str) -> (f64, f6
         for w in order {
             if w {
                 let s = run_whole().expect("run stats");
-                whole.push(after(&s, "decode").expect("decode"));
+                whole.push(number_after(&s, "decode").expect("decode"));
             } else {
                 let s = run_chain().expect("ask stats");
-                chain.push(after(&s, "decode").expect("decode"));
+                chain.push(number_after(&s, "decode").expect("decode"));
             }
         }
     }

@@ -270,7 +270,17 @@ pub fn status_json_in(prefix: &[&str], bootstrap: &str) -> Option<serde_json::Va
 
 /// Blocks of the first model that have at least one holder.
 pub fn covered_blocks(view: &serde_json::Value) -> Vec<usize> {
-    view["models"][0]["coverage"]
+    covered_in(&view["models"][0])
+}
+
+/// Holders of block `b` of the first model.
+pub fn holders(view: &serde_json::Value, b: usize) -> Vec<String> {
+    holders_in(&view["models"][0], b)
+}
+
+/// Blocks of one model of a `swarm status --json` view that have a holder.
+fn covered_in(model: &serde_json::Value) -> Vec<usize> {
+    model["coverage"]
         .as_array()
         .map(|c| {
             c.iter()
@@ -282,9 +292,9 @@ pub fn covered_blocks(view: &serde_json::Value) -> Vec<usize> {
         .unwrap_or_default()
 }
 
-/// Holders of block `b` of the first model.
-pub fn holders(view: &serde_json::Value, b: usize) -> Vec<String> {
-    view["models"][0]["coverage"][b]
+/// Holders of block `b` of one model of a `swarm status --json` view.
+fn holders_in(model: &serde_json::Value, b: usize) -> Vec<String> {
+    model["coverage"][b]
         .as_array()
         .map(|h| {
             h.iter()
@@ -292,6 +302,21 @@ pub fn holders(view: &serde_json::Value, b: usize) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The number after `key` in a line such as the `stats:` line
+/// (`decode 47.5 tok/s` → 47.5 for `decode`).
+pub fn number_after(line: &str, key: &str) -> Option<f64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The stderr line of `o` that starts with `prefix` (e.g. `stats:`).
+pub fn stderr_line(o: &Output, prefix: &str) -> Option<String> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .map(String::from)
 }
 
 /// Polls `f` until it returns `Some` or `within` passes.
@@ -834,27 +859,13 @@ pub fn model_in_view<'a>(view: &'a serde_json::Value, id: &str) -> Option<&'a se
 
 /// Blocks of model `id` that have at least one holder.
 pub fn covered_blocks_of(view: &serde_json::Value, id: &str) -> Vec<usize> {
-    model_in_view(view, id)
-        .and_then(|m| m["coverage"].as_array())
-        .map(|c| {
-            c.iter()
-                .enumerate()
-                .filter(|(_, h)| h.as_array().is_some_and(|h| !h.is_empty()))
-                .map(|(i, _)| i)
-                .collect()
-        })
-        .unwrap_or_default()
+    model_in_view(view, id).map(covered_in).unwrap_or_default()
 }
 
 /// Holders of block `b` of model `id`.
 pub fn holders_of(view: &serde_json::Value, id: &str, b: usize) -> Vec<String> {
     model_in_view(view, id)
-        .and_then(|m| m["coverage"][b].as_array())
-        .map(|h| {
-            h.iter()
-                .filter_map(|p| p.as_str().map(String::from))
-                .collect()
-        })
+        .map(|m| holders_in(m, b))
         .unwrap_or_default()
 }
 
