@@ -2,6 +2,7 @@
 //! directory. The binary in `main.rs` is a thin CLI over this library;
 //! `docs/ARCHITECTURE.md` maps the modules.
 
+pub mod api;
 pub mod ask;
 pub mod choose;
 pub mod datadir;

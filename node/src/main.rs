@@ -80,6 +80,41 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SwarmCmd,
     },
+    /// Serve the HTTP API (OpenAI and Ollama protocols, `/metrics`, a page
+    /// at `/`) from a client-only node that serves no layers.
+    Api(ApiArgs),
+}
+
+/// Where the HTTP API listens and who may use it (`api`, `node join --api`).
+#[derive(Args, Debug)]
+struct ApiKeyArgs {
+    /// Bearer key every API route but `/health` and the page asks for
+    /// (`Authorization: Bearer KEY`); needed to listen on anything but
+    /// loopback.
+    #[arg(long, env = "NAKSHATRA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct ApiArgs {
+    /// Address of the HTTP server (OpenAI and Ollama APIs, `/metrics`, the
+    /// page at `/`). `127.0.0.1:0` picks a free port.
+    #[arg(long, default_value = "127.0.0.1:11435")]
+    listen: std::net::SocketAddr,
+    /// Peers to bootstrap from (multiaddr, `/p2p/<id>` optional).
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// Do not look for peers on the LAN with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// libp2p addresses to listen on (as `node ask --listen`).
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    p2p_listen: Vec<Multiaddr>,
+    /// Seconds an ask waits for a first peer.
+    #[arg(long, default_value_t = 10)]
+    wait: u64,
+    #[command(flatten)]
+    key: ApiKeyArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,6 +313,13 @@ struct JoinArgs {
     /// a new one when no slot is free.
     #[arg(long, default_value_t = 30)]
     evict_idle_after: u64,
+    /// Also serve the HTTP API here (OpenAI and Ollama protocols,
+    /// `/metrics`, the page at `/`), e.g. `127.0.0.1:11435`. Its asks go
+    /// out under an identity of their own, through this node's swarm.
+    #[arg(long)]
+    api: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    api_key: ApiKeyArgs,
     /// Test-only fault injection (builds with the `fault-injection`
     /// feature only).
     #[cfg(feature = "fault-injection")]
@@ -403,6 +445,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Node {
             cmd: NodeCmd::Ask(args),
         } => runtime()?.block_on(ask(data_dir, args)),
+        Cmd::Api(args) => runtime()?.block_on(api(data_dir, args)),
         Cmd::Swarm {
             cmd:
                 SwarmCmd::Status {
@@ -428,16 +471,67 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
+/// Waits for Ctrl-C or SIGTERM.
+async fn until_stopped() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Starts the HTTP API for `svc` and prints `api on http://ADDR`.
+async fn start_api(
+    listen: std::net::SocketAddr,
+    key: ApiKeyArgs,
+    svc: nakshatra_node::ask::AskerService,
+    hop: Option<nakshatra_node::engine::service::EngineService>,
+) -> Result<nakshatra_node::api::ApiServer> {
+    let cfg = nakshatra_node::api::ApiConfig {
+        listen,
+        api_key: key.api_key,
+    };
+    let server = nakshatra_node::api::serve(cfg, svc, hop).await?;
+    out!("api on http://{}", server.addr);
+    Ok(server)
+}
+
+async fn api(data_dir: DataDir, a: ApiArgs) -> Result<()> {
+    use nakshatra_node::ask::{AskerConfig, AskerService};
+    let svc = AskerService::start(AskerConfig {
+        bootstrap: a.bootstrap,
+        listen: a.p2p_listen,
+        mdns: !a.no_mdns,
+        data_dir,
+        connect_wait: std::time::Duration::from_secs(a.wait),
+    })
+    .await?;
+    let server = start_api(a.listen, a.key, svc.clone(), None).await?;
+    until_stopped().await?;
+    server.stop();
+    svc.shutdown().await;
+    Ok(())
+}
+
 async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
-    use nakshatra_node::ask::{chain_line, recovery_line, AskOptions};
+    use nakshatra_node::ask::{chain_line, recovery_line, AskOptions, AskerConfig, Prompt};
+    use nakshatra_node::engine::tokenizer::ChatMessage;
     use nakshatra_swarm::protocol::act::{Sampling, WireDtype};
-    let opts = AskOptions {
+    let cfg = AskerConfig {
         bootstrap: a.bootstrap,
         listen: a.listen,
         mdns: !a.no_mdns,
+        data_dir,
+        connect_wait: std::time::Duration::from_secs(a.wait),
+    };
+    let opts = AskOptions {
         model: a.model,
-        prompt: a.prompt,
-        raw: a.gen.raw,
+        prompt: if a.gen.raw {
+            Prompt::Raw(a.prompt)
+        } else {
+            Prompt::Chat(vec![ChatMessage::new("user", &a.prompt)])
+        },
         max_tokens: a.gen.max_tokens,
         sampling: {
             let s = a.gen.sampler();
@@ -452,8 +546,6 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
             Wire::F32 => WireDtype::F32,
             Wire::F16 => WireDtype::F16,
         },
-        data_dir,
-        connect_wait: std::time::Duration::from_secs(a.wait),
         step_timeout: std::time::Duration::from_secs(a.step_timeout),
         attempts: 4,
         verify: a.verify,
@@ -467,6 +559,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
     let json = a.json;
     let stdout = std::io::stdout();
     let out = nakshatra_node::ask::ask(
+        cfg,
         opts,
         |chain| eprintln!("{}", chain_line(chain)),
         |text| {
@@ -558,7 +651,7 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         layers: a.layers,
         max_memory: a.max_memory,
         faults: faults.clone(),
-        bootstrap: a.bootstrap,
+        bootstrap: a.bootstrap.clone(),
         listen: a.listen,
         external_addrs: a.external_addr,
         relays: a.relay,
@@ -595,6 +688,27 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         node.info.model_id,
         node.swarm.peer_id()
     );
+    // The API asks under an identity of its own (a node cannot be a hop
+    // of its own chain otherwise: no stream to itself), through this node.
+    let api = match a.api {
+        Some(listen) => {
+            use nakshatra_node::ask::{AskerConfig, AskerService};
+            let mut bootstrap = node.addrs.clone();
+            bootstrap.extend(a.bootstrap.iter().cloned());
+            let svc = AskerService::start(AskerConfig {
+                bootstrap,
+                listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
+                mdns: !a.no_mdns,
+                data_dir: data_dir.clone(),
+                connect_wait: std::time::Duration::from_secs(10),
+            })
+            .await?;
+            let server =
+                start_api(listen, a.api_key, svc.clone(), Some(node.engine.clone())).await?;
+            Some((server, svc))
+        }
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(CAPACITY_TICK);
     loop {
@@ -610,6 +724,10 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         }
     }
     eprintln!("leaving the swarm");
+    if let Some((server, svc)) = api {
+        server.stop();
+        svc.shutdown().await;
+    }
     node.leave().await?;
     Ok(())
 }

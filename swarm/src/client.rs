@@ -634,7 +634,11 @@ impl Client {
         let known = infos_of(infos, model_id);
         let rtts: HashMap<PeerId, Duration> = match mode {
             RttMode::Ping => {
-                stream::iter(known.iter().map(|(p, _)| *p))
+                // Peer ids collected first: a stream over borrowing
+                // closures would make this future `!Send` (rustc cannot
+                // prove the closures general over lifetimes).
+                let peers: Vec<PeerId> = known.iter().map(|(p, _)| *p).collect();
+                stream::iter(peers)
                     .map(|p| async move { (p, self.rtt_within(p, VIEW_RTT_WAIT).await) })
                     .buffer_unordered(CONCURRENCY)
                     .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
@@ -644,10 +648,14 @@ impl Client {
             RttMode::Probe { exclude } => {
                 // Only peers a chain could use (a full one too: its record
                 // may be seconds old, and the planner only penalises it).
-                let candidates = known.iter().filter(|(p, i)| {
-                    i.state == ServerState::Online && i.throughput > 0.0 && !exclude.contains(p)
-                });
-                stream::iter(candidates.map(|(p, _)| *p))
+                let candidates: Vec<PeerId> = known
+                    .iter()
+                    .filter(|(p, i)| {
+                        i.state == ServerState::Online && i.throughput > 0.0 && !exclude.contains(p)
+                    })
+                    .map(|(p, _)| *p)
+                    .collect();
+                stream::iter(candidates)
                     .map(|p| async move { (p, self.probe_rtt(p).await) })
                     .buffer_unordered(CONCURRENCY)
                     .filter_map(|(p, r)| async move {

@@ -3,10 +3,11 @@
 //! prompt as one prefill step, then one step per token, each token coming
 //! back on the last hop's token stream.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use futures::io::WriteHalf;
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt};
 use nakshatra_swarm::protocol::act::{
     tokens_to_bytes, ActFrame, ActReply, FailureReport, HopSpec, OpenSession, StepHeader, StepKind,
     TokenFrame, ACT_PROTOCOL,
@@ -14,8 +15,10 @@ use nakshatra_swarm::protocol::act::{
 use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 
+use super::inbox::TokenInbox;
+use super::meters::{AskMeters, Metered, SessionGuard};
 use super::verify::Tap;
-use super::{AskError, AskOptions, AskTimings, HopFault};
+use super::{AskError, AskOptions, AskTimings, Finish, HopFault};
 use crate::engine::tokenizer::{Tokenizer, Utf8Stream};
 use crate::net::{handshake, read_message, write_frame, FrameError};
 
@@ -72,6 +75,8 @@ pub(super) struct Progress {
     pub(super) next_step: u64,
     /// Timings (setup excluded).
     pub(super) timings: AskTimings,
+    /// Why the generation ended, once it has.
+    pub(super) finish: Finish,
     utf8: Utf8Stream,
     overheads_ms: Vec<f64>,
     steps_ms: Vec<f64>,
@@ -184,18 +189,59 @@ pub(super) struct Replay {
     pub(super) kept: Vec<u32>,
 }
 
-/// A chain whose session is open at every hop.
+/// A chain whose session is open at every hop. Dropped without
+/// [`OpenChain::close`] (an ask cancelled, a client gone), it still sends
+/// `Close` to hop 1, so that every hop frees the session at once instead
+/// of parking it for a resume; unless a step failed: then the chain broke
+/// and its hops keep their part of the session for the chain that
+/// replaces it.
 pub(super) struct OpenChain<'a> {
     hops: &'a [HopSpec],
     /// What each hop kept of the session from an earlier chain.
     kept: Vec<u32>,
-    /// Steps go to hop 1 here.
-    to_first: WriteHalf<Stream>,
-    /// Tokens come back here, from the last hop.
-    tokens: Stream,
+    /// Steps go to hop 1 here (`None` once closed).
+    to_first: Option<WriteHalf<Metered<Stream>>>,
+    /// Tokens come back here, from the last hop (`None` once dropped).
+    tokens: Option<Metered<Stream>>,
     /// Failures reported upstream by any hop, as the hop to blame and
     /// its fault.
     failures: mpsc::Receiver<(u32, HopFault)>,
+    /// The process's meters (step times).
+    meters: AskMeters,
+    /// Counts the session as open while the chain lives.
+    _open: SessionGuard,
+    /// A step failed: the chain broke (no `Close` on drop).
+    broken: bool,
+}
+
+/// How long a chain dropped mid-answer keeps its token stream open after
+/// sending `Close`, until the last hop ends it: a token the last hop
+/// writes meanwhile must not find the stream gone, or it would park the
+/// session for a resume nobody will ask for.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+impl Drop for OpenChain<'_> {
+    fn drop(&mut self) {
+        let Some(mut w) = self.to_first.take() else {
+            return;
+        };
+        let tokens = self.tokens.take();
+        if self.broken {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
+                let _ = w.close().await;
+                if let Some(mut t) = tokens {
+                    let mut sink = [0u8; 4096];
+                    let drain =
+                        async { while matches!(t.read(&mut sink).await, Ok(n) if n > 0) {} };
+                    let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+                }
+            });
+        }
+    }
 }
 
 impl<T> ChainOutcome<T> {
@@ -215,7 +261,8 @@ impl<'a> OpenChain<'a> {
     /// one opens its token stream to us (taken from `incoming`).
     pub(super) async fn open(
         swarm: &nakshatra_swarm::Client,
-        incoming: &mut nakshatra_swarm::stream::IncomingStreams,
+        inbox: &TokenInbox,
+        meters: &AskMeters,
         open: OpenSession,
         hops: &'a [HopSpec],
     ) -> Result<OpenChain<'a>, AskError> {
@@ -226,6 +273,13 @@ impl<'a> OpenChain<'a> {
             .peer_id
             .parse()
             .map_err(|_| hop_err(0, HopFault::BadPeerId))?;
+        let last_peer: PeerId = hops
+            .last()
+            .and_then(|h| h.peer_id.parse().ok())
+            .ok_or_else(|| hop_err(last, HopFault::BadPeerId))?;
+        // Claimed before `Open` goes out: the last hop may open its token
+        // stream as soon as it is ready.
+        let mut expected = inbox.expect(open.session, last_peer);
         connect_last_hop(swarm, hops).await;
         // The asker's own links (to the first hop, from the last) carry
         // every step: a hole punch still under way would close the
@@ -243,7 +297,7 @@ impl<'a> OpenChain<'a> {
                 StreamProtocol::new(ACT_PROTOCOL),
                 Reopen::DEFAULT,
                 |s| async move {
-                    let (mut r, mut w) = s.split();
+                    let (mut r, mut w) = Metered::new(s, meters).split();
                     if let Err(e) = write_frame(&mut w, &ActFrame::Open(open.clone()), &[]).await {
                         return Err(setup_handshake(e));
                     }
@@ -276,24 +330,24 @@ impl<'a> OpenChain<'a> {
                     hop_err(0, HopFault::Timeout(CHAIN_READY_TIMEOUT))
                 }
             })?;
-        let last_peer: PeerId = hops
-            .last()
-            .and_then(|h| h.peer_id.parse().ok())
-            .ok_or_else(|| hop_err(last, HopFault::BadPeerId))?;
-        let tokens = tokio::time::timeout(
-            TOKEN_STREAM_TIMEOUT,
-            token_stream(incoming, last_peer, open.session),
-        )
-        .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| hop_err(last, HopFault::NoTokenStream))?;
+        let guard = SessionGuard::new(meters);
+        let tokens = tokio::time::timeout(TOKEN_STREAM_TIMEOUT, expected.stream()).await;
+        let Some(tokens) = tokens.ok().flatten() else {
+            // The hops hold the session: end it.
+            let mut w = to_first;
+            let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
+            let _ = w.close().await;
+            return Err(hop_err(last, HopFault::NoTokenStream));
+        };
         Ok(OpenChain {
             hops,
             kept,
-            to_first,
-            tokens,
+            to_first: Some(to_first),
+            tokens: Some(Metered::new(tokens, meters)),
             failures: watch_failures(r, hops.to_vec(), open.session),
+            meters: meters.clone(),
+            _open: guard,
+            broken: false,
         })
     }
 
@@ -304,8 +358,9 @@ impl<'a> OpenChain<'a> {
     /// first step replays the history into this chain's hops (same bits as
     /// the steps that built it: see `verify`'s module doc), and
     /// `on_replay` hears how long it took. `on_text` sees the text as it
-    /// comes; `tap`, when given, sees every step (for `--verify`) and can
-    /// stop the run.
+    /// comes and may end the generation (`Break`: a stop string);
+    /// `tap`, when given, sees every step (for `--verify`) and can stop
+    /// the run.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn run(
         mut self,
@@ -313,8 +368,8 @@ impl<'a> OpenChain<'a> {
         tok: &Tokenizer,
         limit: u32,
         opts: &AskOptions,
-        on_text: &mut dyn FnMut(&str),
-        on_replay: &mut dyn FnMut(Replay),
+        on_text: &mut (dyn FnMut(&str) -> ControlFlow<()> + Send),
+        on_replay: &mut (dyn FnMut(Replay) + Send),
         tap: Option<Tap>,
     ) -> ChainOutcome<()> {
         let n_hops = self.hops.len().max(1) as f64;
@@ -323,6 +378,7 @@ impl<'a> OpenChain<'a> {
             Ok(at) => at,
             Err(e) => return ChainOutcome::Broken(e),
         };
+        p.finish = Finish::Length;
         while p.next_step < u64::from(opts.max_tokens) {
             let step = p.next_step;
             if tap.as_ref().is_some_and(Tap::stopped) {
@@ -349,6 +405,7 @@ impl<'a> OpenChain<'a> {
                 p.t_decode_start = Some(Instant::now());
             } else {
                 p.steps_ms.push(elapsed.as_secs_f64() * 1e3);
+                self.meters.step_seconds.observe(elapsed.as_secs_f64());
                 let overhead = elapsed.as_secs_f64() * 1e3 - compute_us as f64 / 1e3;
                 p.overheads_ms.push(overhead / n_hops);
             }
@@ -357,6 +414,7 @@ impl<'a> OpenChain<'a> {
             // A token id from the network is checked before llama.cpp
             // renders it (an id out of range would abort the process).
             if usize::try_from(token).map_or(true, |t| t >= tok.n_vocab()) {
+                self.broken = true;
                 let e = self.hop_err(
                     self.hops.len() as u32 - 1,
                     HopFault::BadToken {
@@ -371,19 +429,26 @@ impl<'a> OpenChain<'a> {
                 };
             }
             if tok.is_eog(token) {
+                p.finish = Finish::Stop;
                 break;
             }
             p.tokens.push(token);
             let piece = p.utf8.push(&tok.piece(token));
-            on_text(&piece);
             p.text.push_str(&piece);
+            if on_text(&piece).is_break() {
+                p.finish = Finish::StopString;
+                break;
+            }
             if pos >= limit {
+                p.finish = Finish::Context;
                 break;
             }
             input = vec![token];
         }
         let rest = p.utf8.finish();
-        on_text(&rest);
+        if p.finish != Finish::StopString {
+            let _ = on_text(&rest);
+        }
         p.text.push_str(&rest);
         drop(tap);
         self.close().await;
@@ -401,7 +466,7 @@ impl<'a> OpenChain<'a> {
         p: &Progress,
         tok: &Tokenizer,
         opts: &AskOptions,
-        on_replay: &mut dyn FnMut(Replay),
+        on_replay: &mut (dyn FnMut(Replay) + Send),
         tap: &Option<Tap>,
     ) -> Result<(Vec<i32>, u32), AskError> {
         let Some((&last, done)) = p.tokens.split_last().filter(|_| p.next_step > 0) else {
@@ -444,13 +509,28 @@ impl<'a> OpenChain<'a> {
 
     /// Ends the session at every hop.
     pub(super) async fn close(mut self) {
-        let _ = write_frame(&mut self.to_first, &ActFrame::Close, &[]).await;
-        let _ = self.to_first.close().await;
+        if let Some(mut w) = self.to_first.take() {
+            let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
+            let _ = w.close().await;
+        }
     }
 
     /// One step: sends `input` at `pos` into hop 1 and waits for the token
-    /// (or a failure any hop reports).
+    /// (or a failure any hop reports). A failed step marks the chain
+    /// broken.
     pub(super) async fn step(
+        &mut self,
+        step: u64,
+        pos: u32,
+        input: &[i32],
+        timeout: Duration,
+    ) -> Result<StepResult, AskError> {
+        let r = self.step_once(step, pos, input, timeout).await;
+        self.broken |= r.is_err();
+        r
+    }
+
+    async fn step_once(
         &mut self,
         step: u64,
         pos: u32,
@@ -465,15 +545,17 @@ impl<'a> OpenChain<'a> {
             kind: StepKind::Tokens,
             compute_us: 0,
         };
-        write_frame(
-            &mut self.to_first,
-            &ActFrame::Step(header),
-            &tokens_to_bytes(input),
-        )
-        .await
-        .map_err(|e| self.hop_err(0, HopFault::Stream(e)))?;
+        let sent = match self.to_first.as_mut() {
+            Some(w) => write_frame(w, &ActFrame::Step(header), &tokens_to_bytes(input)).await,
+            None => Err(FrameError::Io(std::io::ErrorKind::NotConnected.into())),
+        };
+        sent.map_err(|e| self.hop_err(0, HopFault::Stream(e)))?;
+        let Some(tokens) = self.tokens.as_mut() else {
+            let e = FrameError::Io(std::io::ErrorKind::NotConnected.into());
+            return Err(self.hop_err(last, HopFault::TokenStream(e)));
+        };
         let frame = tokio::select! {
-            f = tokio::time::timeout(timeout, read_message::<_, TokenFrame>(&mut self.tokens)) => f,
+            f = tokio::time::timeout(timeout, read_message::<_, TokenFrame>(tokens)) => f,
             Some((index, fault)) = self.failures.recv() => {
                 return Err(self.hop_err(index, fault));
             }
@@ -588,34 +670,10 @@ async fn connect_last_hop(swarm: &nakshatra_swarm::Client, hops: &[HopSpec]) {
     let _ = swarm.probe_rtt(peer).await;
 }
 
-/// The first inbound token stream from the chain's last hop, `last`,
-/// that says hello for `session`. Streams from any other peer are dropped
-/// unread (every hop learns the session id; only the last hop may speak
-/// for it), and a stream gets [`HELLO_TIMEOUT`] to say hello.
-async fn token_stream(
-    incoming: &mut nakshatra_swarm::stream::IncomingStreams,
-    last: PeerId,
-    session: u64,
-) -> Option<Stream> {
-    while let Some((peer, mut s)) = incoming.next().await {
-        if peer != last {
-            tracing::debug!(%peer, "token stream from a peer that is not the last hop; dropped");
-            continue;
-        }
-        let hello = tokio::time::timeout(HELLO_TIMEOUT, read_message::<_, TokenFrame>(&mut s));
-        if let Ok(Ok(TokenFrame::Hello { session: id })) = hello.await {
-            if id == session {
-                return Some(s);
-            }
-        }
-    }
-    None
-}
-
 /// Reads failures reported upstream on hop 1's stream, each judged
 /// (see [`judge`]), until it closes (reported as a failure of hop 0).
 fn watch_failures(
-    mut r: futures::io::ReadHalf<Stream>,
+    mut r: futures::io::ReadHalf<Metered<Stream>>,
     hops: Vec<HopSpec>,
     session: u64,
 ) -> mpsc::Receiver<(u32, HopFault)> {

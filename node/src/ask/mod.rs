@@ -5,24 +5,28 @@
 //! is planned around and another is tried.
 
 mod chain;
+pub mod inbox;
 pub mod memory;
+pub mod meters;
+mod service;
 pub mod verify;
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use nakshatra_swarm::plan::{Chain, PlanError, PlanOptions};
-use nakshatra_swarm::protocol::act::{HopSpec, OpenSession, Sampling, WireDtype, TOKENS_PROTOCOL};
-use nakshatra_swarm::{Multiaddr, PeerId, StreamProtocol, SwarmConfig};
+use nakshatra_swarm::protocol::act::{HopSpec, OpenSession, Sampling, WireDtype};
+use nakshatra_swarm::PeerId;
 use serde::Serialize;
 
-use crate::datadir::DataDir;
-use crate::engine::tokenizer::Tokenizer;
+use crate::engine::tokenizer::{ChatMessage, Tokenizer};
 use crate::engine::EngineError;
 use crate::net::FrameError;
 use crate::vocab::VocabError;
 
 use chain::{ChainOutcome, OpenChain, Progress, Replay};
 use memory::PeerMemory;
+pub use service::{AskerConfig, AskerService};
 
 pub use chain::{CHAIN_READY_TIMEOUT, REPLAY_CHUNK, TOKEN_STREAM_TIMEOUT};
 
@@ -270,34 +274,20 @@ pub enum HopFault {
     },
 }
 
-/// What to ask.
+/// What to ask, one ask at a time (the swarm it goes through is an
+/// [`AskerService`]'s).
 #[derive(Debug, Clone)]
 pub struct AskOptions {
-    /// Peers to bootstrap from.
-    pub bootstrap: Vec<Multiaddr>,
-    /// Addresses to listen on while asking (each TCP address gets its QUIC
-    /// twin, [`nakshatra_swarm::with_quic_listeners`]): with a listening
-    /// socket, hole punching can give a direct connection to hops behind
-    /// NAT. Empty: no listener (every hop behind NAT stays relayed).
-    pub listen: Vec<Multiaddr>,
-    /// mDNS on the LAN.
-    pub mdns: bool,
     /// Model id; `None`: the only model in the swarm.
     pub model: Option<String>,
     /// The prompt.
-    pub prompt: String,
-    /// Tokenize the prompt as is, without the chat template.
-    pub raw: bool,
+    pub prompt: Prompt,
     /// Tokens to generate at most.
     pub max_tokens: u32,
     /// Sampling at the last hop.
     pub sampling: Sampling,
     /// Hidden-state encoding between hops.
     pub wire: WireDtype,
-    /// The vocabulary cache lives here.
-    pub data_dir: DataDir,
-    /// How long to wait for a first peer.
-    pub connect_wait: Duration,
     /// How long one step may take before the ask fails.
     pub step_timeout: Duration,
     /// Chains tried before giving up.
@@ -313,6 +303,31 @@ pub struct AskOptions {
     /// part of the broken chain's (test-only: the recovery benchmark's
     /// baseline; `false` in every real ask).
     pub fresh_recovery: bool,
+}
+
+/// The text to continue.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Messages, wrapped in the model's chat template for the assistant's
+    /// reply (one user message: what `node ask` sends).
+    Chat(Vec<ChatMessage>),
+    /// Text tokenized as is (`--raw`, `/v1/completions`).
+    Raw(String),
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    /// The model ended it (an end-of-generation token).
+    Stop,
+    /// The caller's `on_text` ended it (a stop string).
+    StopString,
+    /// The token budget (`max_tokens`) ran out.
+    #[default]
+    Length,
+    /// The chain's context is full.
+    Context,
 }
 
 /// One hop as reported.
@@ -398,6 +413,8 @@ pub struct AskOutcome {
     pub verify: Option<verify::VerifyReport>,
     /// Chains repaired mid-answer.
     pub recoveries: Vec<Recovery>,
+    /// Why the generation ended.
+    pub finish: Finish,
 }
 
 /// The `chain:` line printed before the first token.
@@ -412,47 +429,46 @@ pub fn chain_line(chain: &[HopReport]) -> String {
     format!("chain: {}", hops.join(" -> "))
 }
 
-/// Runs one ask. `on_chain` sees the chain before the first token;
-/// `on_text` sees the text as it is generated.
+/// Runs one ask on a swarm of its own (started for it, stopped after):
+/// what `node ask` does. `on_chain` sees the chain before the first
+/// token; `on_text` sees the text as it is generated.
 pub async fn ask(
+    cfg: AskerConfig,
     opts: AskOptions,
-    mut on_chain: impl FnMut(&[HopReport]),
-    mut on_text: impl FnMut(&str),
-    mut on_recovery: impl FnMut(&Recovery),
+    mut on_chain: impl FnMut(&[HopReport]) + Send,
+    mut on_text: impl FnMut(&str) + Send,
+    mut on_recovery: impl FnMut(&Recovery) + Send,
 ) -> Result<AskOutcome, AskError> {
     let t_setup = Instant::now();
-    let mut cfg = SwarmConfig::client();
-    cfg.bootstrap = opts.bootstrap.clone();
-    cfg.listen = nakshatra_swarm::with_quic_listeners(&opts.listen);
-    cfg.mdns = opts.mdns;
-    let key = nakshatra_swarm::IdentityKeypair::generate_ed25519();
-    let (swarm, task) = nakshatra_swarm::spawn(key, cfg).await?;
-    let r = Asker {
-        swarm: &swarm,
-        opts: &opts,
-        t_setup,
-        memory: std::sync::Mutex::new(PeerMemory::load(&opts.data_dir.peer_memory())),
-        setup_s: std::sync::OnceLock::new(),
-    }
-    .run(&mut Events {
-        chain: &mut on_chain,
-        text: &mut on_text,
-        recovery: &mut on_recovery,
-    })
-    .await;
-    let _ = swarm.shutdown().await;
-    let _ = task.await;
+    let svc = AskerService::start(cfg).await?;
+    let mut text = |s: &str| {
+        on_text(s);
+        ControlFlow::Continue(())
+    };
+    let r = svc
+        .ask_from(
+            &opts,
+            t_setup,
+            AskEvents {
+                chain: &mut on_chain,
+                text: &mut text,
+                recovery: &mut on_recovery,
+            },
+        )
+        .await;
+    svc.shutdown().await;
     r
 }
 
 /// What an ask reports as it goes.
-struct Events<'e> {
-    /// The chain, before its first step.
-    chain: &'e mut dyn FnMut(&[HopReport]),
-    /// Generated text, as it comes.
-    text: &'e mut dyn FnMut(&str),
+pub struct AskEvents<'e> {
+    /// The chain, before its first step (again after a repair).
+    pub chain: &'e mut (dyn FnMut(&[HopReport]) + Send),
+    /// Generated text, as it comes; `Break` ends the generation there
+    /// (the chain is closed at once).
+    pub text: &'e mut (dyn FnMut(&str) -> ControlFlow<()> + Send),
     /// A chain repaired mid-answer.
-    recovery: &'e mut dyn FnMut(&Recovery),
+    pub recovery: &'e mut (dyn FnMut(&Recovery) + Send),
 }
 
 /// A chain that broke mid-answer and the one that took over.
@@ -492,11 +508,10 @@ pub fn recovery_line(r: &Recovery) -> String {
 
 /// One ask in progress.
 struct Asker<'a> {
+    svc: &'a service::Inner,
     swarm: &'a nakshatra_swarm::Client,
     opts: &'a AskOptions,
     t_setup: Instant,
-    /// Measured speeds and failures, from earlier asks and this one.
-    memory: std::sync::Mutex<PeerMemory>,
     /// Seconds from the start to the first chain open.
     setup_s: std::sync::OnceLock<f64>,
 }
@@ -530,12 +545,8 @@ impl Asker<'_> {
     /// after tokens were streamed is repaired: a new chain without the
     /// lost peer is given the history so far and the answer goes on from
     /// the step that broke.
-    async fn run(&self, ev: &mut Events<'_>) -> Result<AskOutcome, AskError> {
-        let mut incoming = self
-            .swarm
-            .stream_control()
-            .accept(StreamProtocol::new(TOKENS_PROTOCOL))?;
-        self.swarm.wait_connected(self.opts.connect_wait).await?;
+    async fn run(&self, ev: &mut AskEvents<'_>) -> Result<AskOutcome, AskError> {
+        self.swarm.wait_connected(self.svc.connect_wait).await?;
         let model_id = self.model_id().await?;
         let mut last_err = None;
         let mut progress: Option<Progress> = None;
@@ -556,9 +567,7 @@ impl Asker<'_> {
             let p = progress.get_or_insert_with(|| Progress::new(planned.prompt.clone()));
             let mut replay = None;
             let outcome = self
-                .try_chain(&model_id, &planned, p, &mut incoming, ev, &mut |r| {
-                    replay = Some(r)
-                })
+                .try_chain(&model_id, &planned, p, ev, &mut |r| replay = Some(r))
                 .await;
             if let Some(replay) = replay {
                 if let Some(l) = lost.take() {
@@ -660,6 +669,7 @@ impl Asker<'_> {
             timings,
             verify,
             recoveries,
+            finish: p.finish,
         }
     }
 
@@ -679,7 +689,8 @@ impl Asker<'_> {
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, PeerMemory> {
-        self.memory
+        self.svc
+            .memory
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -692,9 +703,8 @@ impl Asker<'_> {
         model_id: &str,
         planned: &Planned,
         p: &mut Progress,
-        incoming: &mut nakshatra_swarm::stream::IncomingStreams,
-        ev: &mut Events<'_>,
-        on_replay: &mut dyn FnMut(Replay),
+        ev: &mut AskEvents<'_>,
+        on_replay: &mut (dyn FnMut(Replay) + Send),
     ) -> ChainOutcome<Option<verify::VerifyReport>> {
         let open = OpenSession {
             session: p.session,
@@ -709,7 +719,15 @@ impl Asker<'_> {
             Ok(c) => c,
             Err(e) => return ChainOutcome::Broken(e),
         };
-        let chain = match OpenChain::open(self.swarm, incoming, open.clone(), &planned.hops).await {
+        let chain = match OpenChain::open(
+            self.swarm,
+            &self.svc.inbox,
+            &self.svc.meters,
+            open.clone(),
+            &planned.hops,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) if p.tokens.is_empty() => return ChainOutcome::NotStarted(e),
             Err(e) => return ChainOutcome::Broken(e),
@@ -735,7 +753,15 @@ impl Asker<'_> {
         let mut ro = open.clone();
         ro.session = rand::random();
         ro.hops = c.replica.clone();
-        let replica = match OpenChain::open(self.swarm, incoming, ro, &c.replica).await {
+        let replica = match OpenChain::open(
+            self.swarm,
+            &self.svc.inbox,
+            &self.svc.meters,
+            ro,
+            &c.replica,
+        )
+        .await
+        {
             Ok(r) => r,
             Err(e) => {
                 let e = AskError::CannotVerify(format!("the replica chain: {e}"));
@@ -754,7 +780,7 @@ impl Asker<'_> {
                 "the replica chain failed: {e}"
             ))),
             verify::Checked::Differs(m) => {
-                ChainOutcome::Broken(self.mismatch(incoming, &open, planned, c, &m).await)
+                ChainOutcome::Broken(self.mismatch(&open, planned, c, &m).await)
             }
         }
     }
@@ -763,14 +789,13 @@ impl Asker<'_> {
     /// replays show one.
     async fn mismatch(
         &self,
-        incoming: &mut nakshatra_swarm::stream::IncomingStreams,
         open: &OpenSession,
         planned: &Planned,
         c: &VerifyPlan,
         m: &verify::Mismatch,
     ) -> AskError {
         let culprit = self
-            .blame(incoming, open, &planned.hops, &c.replica, &c.thirds, m)
+            .blame(open, &planned.hops, &c.replica, &c.thirds, m)
             .await;
         let (liar, finding) = verify::finding(culprit, &planned.hops, &c.replica);
         if let Some(peer) = liar {
@@ -882,12 +907,10 @@ impl Asker<'_> {
                 peers.push(p);
             }
         }
-        let vocab = crate::vocab::fetch(self.swarm, &peers, model_id, &self.opts.data_dir).await?;
-        let tokenizer = Tokenizer::load(&vocab)?;
-        let text = if self.opts.raw {
-            self.opts.prompt.clone()
-        } else {
-            tokenizer.chat_prompt(&self.opts.prompt)?
+        let tokenizer = self.svc.tokenizer(model_id, &peers).await?;
+        let text = match &self.opts.prompt {
+            Prompt::Raw(t) => t.clone(),
+            Prompt::Chat(messages) => tokenizer.chat_messages(messages)?,
         };
         let prompt = tokenizer.tokenize(&text);
         if prompt.is_empty() {
@@ -911,7 +934,7 @@ impl Asker<'_> {
                 }
             }
         }
-        Ok(planned_from(chain, std::sync::Arc::new(tokenizer), prompt))
+        Ok(planned_from(chain, tokenizer, prompt))
     }
 
     /// The fastest chain whose hops each hold `min_context` tokens, by the
@@ -937,7 +960,7 @@ impl Asker<'_> {
     ) -> Result<Chain, AskError> {
         // The layer count and architecture come from the verified manifest
         // (cached after the first time), never from a vote of announcers.
-        let shape = crate::fetch::model_shape(self.swarm, model_id, &self.opts.data_dir).await?;
+        let shape = crate::fetch::model_shape(self.swarm, model_id, &self.svc.data_dir).await?;
         let plan_opts = {
             let m = self.memory();
             PlanOptions {

@@ -333,7 +333,6 @@ impl Asker<'_> {
     /// when that chain cannot be run.
     pub(super) async fn replay(
         &self,
-        incoming: &mut nakshatra_swarm::stream::IncomingStreams,
         open: &OpenSession,
         hops: &[HopSpec],
         steps: &[(u64, Vec<i32>)],
@@ -341,7 +340,9 @@ impl Asker<'_> {
         let mut o = open.clone();
         o.session = rand::random();
         o.hops = hops.to_vec();
-        let mut chain = OpenChain::open(self.swarm, incoming, o, hops).await.ok()?;
+        let mut chain = OpenChain::open(self.swarm, &self.svc.inbox, &self.svc.meters, o, hops)
+            .await
+            .ok()?;
         let mut last = None;
         for r in super::chain::replay_schedule(steps) {
             match chain
@@ -364,7 +365,6 @@ impl Asker<'_> {
     /// spare for each position), and names the liar if they show one.
     pub(super) async fn blame(
         &self,
-        incoming: &mut nakshatra_swarm::stream::IncomingStreams,
         open: &OpenSession,
         main: &[HopSpec],
         replica: &[HopSpec],
@@ -377,7 +377,7 @@ impl Asker<'_> {
             if let Some(r) = replica.get(i) {
                 hops[i] = r.clone();
             }
-            hybrids.push(self.replay(incoming, open, &hops, &m.steps).await);
+            hybrids.push(self.replay(open, &hops, &m.steps).await);
         }
         let Some(i) = position(&m.main, &m.replica, &hybrids) else {
             return Culprit::Unknown;
@@ -387,7 +387,7 @@ impl Asker<'_> {
         };
         let mut hops = main.to_vec();
         hops[i] = third.clone();
-        let d = self.replay(incoming, open, &hops, &m.steps).await;
+        let d = self.replay(open, &hops, &m.steps).await;
         side(i, &m.main, &m.replica, d)
     }
 }

@@ -9,6 +9,25 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::{backend, EngineError};
 
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What it says.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from `role`.
+    pub fn new(role: &str, content: &str) -> Self {
+        ChatMessage {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
+    }
+}
+
 /// A model's vocabulary, special tokens and chat template.
 pub struct Tokenizer {
     model: LlamaModel,
@@ -59,14 +78,23 @@ impl Tokenizer {
     /// Wraps one user message in the model's chat template, ready for the
     /// assistant's reply.
     pub fn chat_prompt(&self, user: &str) -> Result<String, EngineError> {
+        self.chat_messages(&[ChatMessage::new("user", user)])
+    }
+
+    /// Wraps a conversation in the model's chat template (llama.cpp's
+    /// built-in copy of it), ready for the assistant's reply.
+    pub fn chat_messages(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
         let tmpl = self
             .model
             .chat_template(None)
             .map_err(|e| EngineError::Tokenizer(format!("no chat template: {e} (use --raw)")))?;
-        let msg = LlamaChatMessage::new("user".into(), user.into())
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let msgs = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Tokenizer(format!("a chat message: {e}")))?;
         self.model
-            .apply_chat_template(&tmpl, &[msg], true)
+            .apply_chat_template(&tmpl, &msgs, true)
             .map_err(|e| EngineError::Tokenizer(format!("chat template: {e}")))
     }
 
