@@ -30,6 +30,9 @@ pub struct ApiMetrics {
     pub asks: Family<Labels, Counter>,
     /// Asks running now.
     pub in_flight: Gauge,
+    /// Tokens generated so far, counted as they stream (for the page's
+    /// tokens per second).
+    pub streamed: Counter,
     /// Tokens, by `kind`: `prompt`, `completion`.
     pub tokens: Family<Labels, Counter>,
     /// From the request to the first token, seconds.
@@ -51,6 +54,7 @@ impl ApiMetrics {
             requests: Family::default(),
             asks: Family::default(),
             in_flight: Gauge::default(),
+            streamed: Counter::default(),
             tokens: Family::default(),
             ttft: Histogram::new(TTFT_BUCKETS),
             peers: Gauge::default(),

@@ -99,7 +99,13 @@ pub struct Snapshot {
     pub at: Instant,
     /// Peers connected then.
     pub peers: usize,
+    /// Tokens this API generated per second over the last
+    /// [`RATE_WINDOW`].
+    pub tokens_per_s: f64,
 }
+
+/// The window the API's tokens per second are measured over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -137,8 +143,8 @@ pub async fn serve(
         source,
     })?;
     let (view_tx, view) = watch::channel(None);
-    let refresher = tokio::spawn(refresh_view(svc.clone(), view_tx));
     let metrics = Arc::new(ApiMetrics::new(svc.meters(), hop.is_some()));
+    let refresher = tokio::spawn(refresh_view(svc.clone(), metrics.clone(), view_tx));
     let st = AppState(Arc::new(Shared {
         svc,
         view,
@@ -245,8 +251,28 @@ fn resolve(view: &SwarmView, name: Option<&str>) -> Result<String, ApiError> {
 }
 
 /// Refreshes the shared view every [`VIEW_REFRESH`].
-async fn refresh_view(svc: AskerService, tx: watch::Sender<Option<Arc<Snapshot>>>) {
+async fn refresh_view(
+    svc: AskerService,
+    metrics: Arc<ApiMetrics>,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+) {
+    // (when, tokens streamed so far), over the last RATE_WINDOW.
+    let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
     loop {
+        let now = Instant::now();
+        samples.push_back((now, metrics.streamed.get()));
+        while samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+        let tokens_per_s = match (samples.front(), samples.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
+                (n1 - n0) as f64 / t1.duration_since(*t0).as_secs_f64()
+            }
+            _ => 0.0,
+        };
         let client = svc.client();
         match tokio::time::timeout(VIEW_TIMEOUT, client.swarm_view()).await {
             Ok(Ok(view)) => {
@@ -255,6 +281,7 @@ async fn refresh_view(svc: AskerService, tx: watch::Sender<Option<Arc<Snapshot>>
                     view,
                     at: Instant::now(),
                     peers,
+                    tokens_per_s,
                 };
                 if tx.send(Some(Arc::new(snap))).is_err() {
                     return;
@@ -305,6 +332,7 @@ async fn swarm(State(st): State<AppState>) -> Response {
             "peers": snap.peers,
             "asks_in_flight": m.in_flight.get(),
             "sessions_open": st.0.svc.meters().sessions_open.get(),
+            "tokens_per_s": snap.tokens_per_s,
             "view_age_s": snap.at.elapsed().as_secs_f64(),
             "refresh_s": VIEW_REFRESH.as_secs_f64(),
             "peer_id": st.0.svc.client().peer_id().to_string(),

@@ -128,6 +128,7 @@ async fn run(
             let _ = tx.send(Event::Chain(c.to_vec()));
         };
         let mut on_text = |s: &str| {
+            metrics.streamed.inc();
             if first {
                 first = false;
                 metrics.ttft.observe(t0.elapsed().as_secs_f64());

@@ -272,7 +272,7 @@
       const holders = Array.isArray(coverage[b]) ? coverage[b] : [];
       const count = holders.length;
       if (count > 0) covered++;
-      const c = "1";
+      const c = count > 0 ? "1" : "0";
       if (cell.dataset.covered !== c) cell.dataset.covered = c;
       const h = String(Math.min(count, 3));
       if (cell.dataset.holders !== h) cell.dataset.holders = h;
