@@ -54,6 +54,8 @@ enum RttMode<'a> {
 pub(crate) struct StreamShared {
     control: Control,
     probe_streams: Mutex<HashMap<PeerId, Stream>>,
+    /// Per peer, the last probe's result (see [`crate::probe::PROBE_REUSE`]).
+    probe_slots: Mutex<HashMap<PeerId, crate::probe::ProbeSlot>>,
     test_link_delay: Option<Duration>,
 }
 
@@ -108,6 +110,7 @@ impl Client {
             streams: Arc::new(StreamShared {
                 control,
                 probe_streams: Mutex::new(HashMap::new()),
+                probe_slots: Mutex::new(HashMap::new()),
                 test_link_delay,
             }),
         }
@@ -396,6 +399,21 @@ impl Client {
     #[cfg(feature = "fault-injection")]
     pub fn test_link_delay(&self) -> Option<Duration> {
         self.streams.test_link_delay
+    }
+
+    /// The probe slot of `peer`: probes of one peer go one at a time.
+    /// Slots nobody holds are dropped once there are more than
+    /// [`MAX_KEPT_PROBE_STREAMS`] of them.
+    pub(crate) fn probe_slot(&self, peer: PeerId) -> crate::probe::ProbeSlot {
+        let mut slots = self
+            .streams
+            .probe_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slots.len() > MAX_KEPT_PROBE_STREAMS && !slots.contains_key(&peer) {
+            slots.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        slots.entry(peer).or_default().clone()
     }
 
     pub(crate) fn take_probe_stream(&self, peer: PeerId) -> Option<Stream> {

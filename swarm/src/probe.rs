@@ -35,6 +35,13 @@ use crate::{
 pub(crate) const PROBE: StreamProtocol = StreamProtocol::new(PROBE_PROTOCOL);
 /// Longest [`Client::probe_rtt`] takes, dial and stream set-up included.
 pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a probe's result answers other probes of the same peer by
+/// this node. Probes of one peer go one at a time: many asks planning at
+/// once would otherwise open more probe streams than the peer accepts
+/// from one node ([`PROBE_STREAMS_PER_PEER`]) and see it as unreachable.
+pub(crate) const PROBE_REUSE: Duration = Duration::from_millis(500);
+/// One peer's last probe: when, and what it measured (`None`: no answer).
+pub(crate) type ProbeSlot = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Option<Duration>)>>>;
 /// Round trips per probe; the best one counts.
 const PROBE_ROUNDS: usize = 3;
 /// An echo stream with no probe for this long is closed (the prober opens
@@ -118,9 +125,19 @@ pub(crate) async fn probe_rtt(client: &Client, peer: PeerId) -> Option<Duration>
     if peer == client.peer_id() {
         return Some(Duration::ZERO);
     }
-    let mut best: Option<Duration> = None;
     let deadline = Instant::now() + PROBE_TIMEOUT;
+    let slot = client.probe_slot(peer);
+    let Ok(mut last) = tokio::time::timeout_at(deadline, slot.lock()).await else {
+        return None;
+    };
+    if let Some((at, rtt)) = *last {
+        if at.elapsed() < PROBE_REUSE {
+            return rtt;
+        }
+    }
+    let mut best: Option<Duration> = None;
     let _ = tokio::time::timeout_at(deadline, probe_rounds(client, peer, &mut best)).await;
+    *last = Some((Instant::now(), best));
     best
 }
 

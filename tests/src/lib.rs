@@ -13,7 +13,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod attack;
+pub mod http;
+pub mod py;
 pub mod relay_attack;
+pub mod webdriver;
 
 /// The `nakshatra` binary under test.
 pub fn nakshatra_bin() -> PathBuf {

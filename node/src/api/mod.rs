@@ -207,7 +207,16 @@ impl AppState {
             .snapshot()
             .await
             .ok_or_else(|| ApiError::unavailable("no view of the swarm yet"))?;
-        resolve(&snap.view, name)
+        let id = resolve(&snap.view, name)?;
+        if snap.view.models.iter().all(|m| m.id != id) {
+            // A full id announced since the last refresh, maybe: the DHT
+            // says whether anybody serves it.
+            let peers = self.0.svc.client().model_peers(&id).await;
+            if peers.map_or(true, |p| p.is_empty()) {
+                return Err(ApiError::unknown_model(&id));
+            }
+        }
+        Ok(id)
     }
 }
 
