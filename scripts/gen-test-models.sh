@@ -5,6 +5,7 @@
 #   scripts/gen-test-models.sh OUTDIR [ARCH...]
 #   scripts/gen-test-models.sh --cached
 #   scripts/gen-test-models.sh --py [gen-test-models.py ARGS...]
+#   scripts/gen-test-models.sh --big [gen-big-model.py ARGS...]
 #
 # The first form writes OUTDIR/<arch>.gguf for each ARCH (all 12 when none is
 # given) and prints the paths written, one a line. Same arguments,
@@ -12,7 +13,9 @@
 # <repo>/.cache/test-models/<sha256 of gen-test-models.py, 12 hex>/ (a
 # changed generator gets a new set; a `complete` marker says the set is
 # whole) and prints that directory: the tests' entry point. --py runs the
-# generator itself in the venv (other shapes, shards: see its --help).
+# generator itself in the venv (other shapes, shards: see its --help);
+# --big runs scripts/gen-big-model.py there (a big Llama-shaped model, 80
+# quantized blocks by default: see its --help).
 # The first run creates a Python venv with the pinned gguf and numpy under
 # ${NAKSHATRA_VENV:-<repo>/.cache/venv-gguf} (needs python3 >= 3.10 with
 # venv, e.g. Debian/Ubuntu's python3-venv, and PyPI); later runs reuse it.
@@ -30,6 +33,7 @@ mode=write
 case "$1" in
   --cached) mode=cached; set -- ;;
   --py) mode=py; shift ;;
+  --big) mode=big; shift ;;
   *) outdir="$1"; shift ;;
 esac
 archs=("$@")
@@ -74,6 +78,9 @@ gen="$root/scripts/gen-test-models.py"
 case "$mode" in
   py)
     exec "$venv/bin/python" "$gen" "$@"
+    ;;
+  big)
+    exec "$venv/bin/python" "$root/scripts/gen-big-model.py" "$@"
     ;;
   cached)
     tag="$(sha256sum "$gen" | cut -c1-12)"
