@@ -13,7 +13,7 @@ writes. Tensors are streamed to the file one at a time: memory stays at
 the largest tensor.
 
 Default shape: 80 blocks of n_embd 2048, n_ff 5632, 16 heads (4 KV heads),
-Q8_0: about 4.4 GB. Smaller for CI: --n-embd 768 --n-ff 2048 --n-head 12.
+Q8_0: about 3.9 GB. Smaller for CI: --n-embd 768 --n-ff 2048 --n-head 12.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 //! A big model across many nodes: a Llama-shaped model of 80 quantized
 //! blocks (`scripts/gen-big-model.py`, random weights; CI's is 577 MB,
-//! `NAKSHATRA_BIG_FULL=1` makes the default 4.4 GB one), served by 8
+//! `NAKSHATRA_BIG_FULL=1` makes the default 3.9 GB one), served by 8
 //! `nakshatra` processes: one seeder with the file holding 0..10, and
 //! seven nodes that join with only the model id and `--layers auto`, each
 //! fetching its 10 blocks from peers, verified. `node ask` goes through
