@@ -11,9 +11,9 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::Proc;
 
 /// How long a read may block before the request fails (a hung server
 /// fails the test instead of hanging it).
@@ -405,47 +405,36 @@ pub fn read_openai_stream(s: &mut Stream) -> Result<(String, Vec<serde_json::Val
 /// Metric `name`'s value in Prometheus text: the sum over every series
 /// of that name (any labels); `None` when no series has it.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let rest = if rest.starts_with('{') {
-            match rest.find('}') {
-                Some(i) => &rest[i + 1..],
-                None => continue,
-            }
-        } else if rest.starts_with(' ') {
-            rest
-        } else {
-            continue;
-        };
-        if let Some(v) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            *sum.get_or_insert(0.0) += v;
-        }
-    }
-    sum
+    metric_where(text, name, |_| true)
 }
 
 /// Metric `name`'s value summed over the series whose labels include
 /// `label` (e.g. `outcome="cancelled"`); `None` when no series matches.
 pub fn metric_labeled(text: &str, name: &str, label: &str) -> Option<f64> {
+    metric_where(text, name, |labels| {
+        labels.split(',').any(|l| l.trim() == label)
+    })
+}
+
+/// Metric `name` summed over the series whose label list (the text
+/// between the braces, empty when none) `keep` accepts.
+fn metric_where(text: &str, name: &str, keep: impl Fn(&str) -> bool) -> Option<f64> {
     let mut sum = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
             continue;
         };
-        let Some((labels, value)) = rest.split_once('}') else {
+        let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
+            match r.split_once('}') {
+                Some(lv) => lv,
+                None => continue,
+            }
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
             continue;
         };
-        if !labels.split(',').any(|l| l.trim() == label) {
+        if !keep(labels) {
             continue;
         }
         if let Some(v) = value
@@ -460,17 +449,12 @@ pub fn metric_labeled(text: &str, name: &str, label: &str) -> Option<f64> {
 }
 
 /// A `nakshatra` process that serves the HTTP API (`nakshatra api ...`
-/// or `nakshatra node join ... --api ADDR`), killed (SIGKILL) when
-/// dropped.
+/// or `nakshatra node join ... --api ADDR`): a [`Proc`] (killed when
+/// dropped) and its base URL.
 pub struct ApiProc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<String>>,
+    proc: Proc,
     /// Its base URL, `http://IP:PORT`, from its `api on` line.
     pub base: String,
-    /// Its `listening on` addresses (libp2p), those printed before or
-    /// with its `api on` line.
-    pub addrs: Vec<String>,
 }
 
 impl ApiProc {
@@ -478,47 +462,14 @@ impl ApiProc {
     /// for its `api on http://...` line; when `want_listen` also for a
     /// `listening on` line (a serving node's address).
     pub fn spawn(data_dir: &Path, args: &[&str], want_listen: bool, within: Duration) -> ApiProc {
-        let mut child = Command::new(crate::nakshatra_bin())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(args)
-            .env("RUST_LOG", "info,libp2p_kad=error,llama-cpp-2=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nakshatra");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
         let mut p = ApiProc {
-            child,
-            lines: rx,
-            stderr,
+            proc: Proc::spawn(&[], data_dir, args),
             base: String::new(),
-            addrs: Vec::new(),
         };
         let deadline = Instant::now() + within;
-        while p.base.is_empty() || (want_listen && p.addrs.is_empty()) {
+        while p.base.is_empty() || (want_listen && p.proc.addrs.is_empty()) {
             let left = deadline.saturating_duration_since(Instant::now());
-            match p.lines.recv_timeout(left) {
+            match p.proc.lines.recv_timeout(left) {
                 Ok(line) => p.take_line(&line),
                 Err(_) => panic!(
                     "no `api on` line{} within {within:?} from `nakshatra {}`; stderr:\n{}",
@@ -532,7 +483,7 @@ impl ApiProc {
                 ),
             }
         }
-        while let Ok(line) = p.lines.recv_timeout(Duration::from_millis(50)) {
+        while let Ok(line) = p.proc.lines.recv_timeout(Duration::from_millis(50)) {
             p.take_line(&line);
         }
         p
@@ -540,7 +491,7 @@ impl ApiProc {
 
     fn take_line(&mut self, line: &str) {
         if let Some(a) = line.strip_prefix("listening on ") {
-            self.addrs.push(a.trim().to_string());
+            self.proc.addrs.push(a.trim().to_string());
         } else if let Some(u) = line.strip_prefix("api on ") {
             self.base = u.trim().trim_end_matches('/').to_string();
         }
@@ -550,40 +501,17 @@ impl ApiProc {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+}
 
-    /// The first libp2p address (`/ip4/.../tcp/.../p2p/<id>`).
-    pub fn addr(&self) -> &str {
-        &self.addrs[0]
-    }
-
-    /// The peer id from its first address.
-    pub fn peer_id(&self) -> String {
-        self.addr()
-            .rsplit("/p2p/")
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    /// What it wrote to stderr so far.
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// Whether it is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Sends SIGKILL and waits.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for ApiProc {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
     }
 }
 
-impl Drop for ApiProc {
-    fn drop(&mut self) {
-        self.kill();
+impl std::ops::DerefMut for ApiProc {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
     }
 }

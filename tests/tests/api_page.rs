@@ -4,12 +4,10 @@
 //! uncovered within the record TTL. A screenshot goes to
 //! `$NAKSHATRA_TEST_OUT/api-page.png` (default `target/test-output/`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nakshatra_e2e::http::ApiProc;
 use nakshatra_e2e::webdriver::Browser;
 use nakshatra_e2e::*;
 use serde_json::{json, Value};
@@ -26,88 +24,24 @@ fn join_args<'a>(model: &'a str, layers: &'a str, bootstrap: Option<&'a str>) ->
     v
 }
 
-/// `nakshatra api`: a client-only process serving the HTTP API; SIGKILLed
-/// on drop.
-struct Api {
-    child: Child,
-    /// `http://127.0.0.1:PORT`, from its `api on` line.
-    url: String,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Api {
-    fn start(data_dir: &Path, bootstrap: &str) -> Api {
-        let mut child = Command::new(nakshatra_bin())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["api", "--listen", "127.0.0.1:0", "--no-mdns"])
-            .args(["--bootstrap", bootstrap])
-            .env("RUST_LOG", "info,libp2p_kad=error,llama-cpp-2=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nakshatra api");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
-        let mut api = Api {
-            child,
-            url: String::new(),
-            stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while api.url.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(u) = line.trim().strip_prefix("api on ") {
-                        api.url = u.trim().trim_end_matches('/').to_string();
-                    }
-                }
-                Err(_) => panic!(
-                    "`nakshatra api` printed no `api on http://...` line within 60 s; stderr:\n{}",
-                    api.stderr()
-                ),
-            }
-        }
-        // Keep draining stdout so the process never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        assert!(
-            api.url.starts_with("http://127.0.0.1:"),
-            "unexpected API address {:?}",
-            api.url
-        );
-        api
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `nakshatra api`: a client-only process serving the HTTP API on a free
+/// loopback port.
+fn start_api(data_dir: &Path, bootstrap: &str) -> ApiProc {
+    let args = [
+        "api",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-mdns",
+        "--bootstrap",
+        bootstrap,
+    ];
+    let api = ApiProc::spawn(data_dir, &args, false, Duration::from_secs(60));
+    assert!(
+        api.base.starts_with("http://127.0.0.1:"),
+        "unexpected API address {:?}",
+        api.base
+    );
+    api
 }
 
 /// Where test output goes: `NAKSHATRA_TEST_OUT`, else `target/test-output`.
@@ -225,11 +159,11 @@ fn page_in_headless_chromium() {
         ));
     }
     let first = nodes[0].addr().to_string();
-    let api = Api::start(dirs[3].path(), &first);
+    let api = start_api(dirs[3].path(), &first);
     eprintln!(
         "3 nodes and the API up after {:?}: {}",
         t0.elapsed(),
-        api.url
+        api.base
     );
 
     let out = out_dir();
@@ -239,7 +173,7 @@ fn page_in_headless_chromium() {
         failure_shot: out.join("api-page-failure.png"),
     };
     browser
-        .goto(&format!("{}/", api.url))
+        .goto(&format!("{}/", api.base))
         .unwrap_or_else(|e| page.fail(&format!("cannot load the page: {e}")));
     let title = browser.title().unwrap_or_default();
     assert!(title.contains("Nakshatra"), "page title {title:?}");

@@ -49,8 +49,7 @@ pub struct ApiMetrics {
 impl ApiMetrics {
     /// Registers the API's meters and the asker's (`ask`).
     pub fn new(ask: &AskMeters, serving: bool) -> Self {
-        let mut registry = Registry::default();
-        let m = ApiMetrics {
+        let mut m = ApiMetrics {
             requests: Family::default(),
             asks: Family::default(),
             in_flight: Gauge::default(),
@@ -62,7 +61,7 @@ impl ApiMetrics {
             hop_max: Gauge::default(),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        let r = &mut m.registry;
         r.register(
             "nakshatra_api_requests",
             "HTTP requests answered, by route and status",
@@ -120,7 +119,7 @@ impl ApiMetrics {
                 m.hop_max.clone(),
             );
         }
-        ApiMetrics { registry, ..m }
+        m
     }
 
     /// The text exposition, with the gauges read now.
