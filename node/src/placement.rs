@@ -46,16 +46,50 @@ pub fn choose_range(
     budget: u64,
     rules: Option<&RangeRules>,
 ) -> Result<(Range<u32>, String), PlacementError> {
-    let n = manifest.n_layers;
-    let allowed = |start: u32, end: u32| rules.is_none_or(|r| r.check(start, end).is_ok());
-    // Throughput per block: sum over holders (0 when uncovered).
+    let tput = block_throughput(manifest.n_layers, &view.peers, None);
+    choose_range_by(
+        manifest.n_layers,
+        |a, b| manifest.range_bytes(a, b),
+        &tput,
+        budget,
+        rules,
+    )
+}
+
+/// Announced throughput per block of an `n`-block model: the sum over
+/// online holders (0 for a block nobody holds). `except`: a peer left
+/// out (a node weighing its own move).
+pub fn block_throughput(
+    n: u32,
+    peers: &[nakshatra_swarm::PeerView],
+    except: Option<&nakshatra_swarm::PeerId>,
+) -> Vec<f64> {
     let mut tput = vec![0f64; n as usize];
-    for p in &view.peers {
+    for p in peers {
+        // Joining peers count (they will serve soon; Petals counts them
+        // too, so that two joiners do not pick the same blocks).
+        if Some(&p.peer_id) == except || p.state == nakshatra_swarm::ServerState::Offline {
+            continue;
+        }
         for b in p.range[0]..p.range[1].min(n) {
             tput[b as usize] += p.throughput.max(0.0);
         }
     }
-    let fits = |start: u32, len: u32| manifest.range_bytes(start, start + len) <= budget;
+    tput
+}
+
+/// [`choose_range`] on any model: `range_bytes(start, end)` gives the
+/// bytes of a slice, `tput` the throughput per block
+/// ([`block_throughput`]). What the swarm simulator places with.
+pub fn choose_range_by(
+    n: u32,
+    range_bytes: impl Fn(u32, u32) -> u64,
+    tput: &[f64],
+    budget: u64,
+    rules: Option<&RangeRules>,
+) -> Result<(Range<u32>, String), PlacementError> {
+    let allowed = |start: u32, end: u32| rules.is_none_or(|r| r.check(start, end).is_ok());
+    let fits = |start: u32, len: u32| range_bytes(start, start + len) <= budget;
     let best_len = |start: u32| -> u32 {
         let mut len = 0;
         while start + len < n && fits(start, len + 1) {
@@ -70,7 +104,7 @@ pub fn choose_range(
         if max == 0 {
             return Err(PlacementError::BlockTooBig {
                 block: first_gap,
-                bytes: manifest.range_bytes(first_gap, first_gap + 1),
+                bytes: range_bytes(first_gap, first_gap + 1),
                 budget,
             });
         }
@@ -148,6 +182,131 @@ pub fn choose_range(
     } else {
         PlacementError::NoExactRange { budget }
     })
+}
+
+/// Petals' balance threshold: a node moves when the swarm's weakest block
+/// would be this much faster or more with it elsewhere (the current
+/// minimum below 0.75 of the one after the move).
+pub const BALANCE_QUALITY: f64 = 0.75;
+
+/// Positive checks in a row before a node moves: a move reloads weights
+/// (fetch and load), so one view's passing dip must not cause it (Petals
+/// issue #389: servers flapping between spans).
+pub const REBALANCE_CONFIRMATIONS: u32 = 3;
+
+/// Least time a node keeps a range before it may move again (after
+/// joining or after a move): lets the swarm's announcements settle on the
+/// new layout before anyone judges it.
+pub const MIN_DWELL: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// What one rebalancing check concluded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rebalance {
+    /// Stay: the swarm is balanced enough, or the move is not confirmed
+    /// yet (`positives` checks in a row so far).
+    Stay {
+        /// Consecutive positive checks so far (0 when this one was not).
+        positives: u32,
+    },
+    /// Move to `to`: confirmed [`REBALANCE_CONFIRMATIONS`] times and the
+    /// node has dwelt [`MIN_DWELL`].
+    Move {
+        /// The new range.
+        to: Range<u32>,
+        /// The weakest block's throughput now.
+        min_now: f64,
+        /// The weakest block's throughput after the move.
+        min_after: f64,
+    },
+}
+
+/// One serving node's rebalancing state: Petals' rule (move when the
+/// weakest block's throughput is below [`BALANCE_QUALITY`] of what it
+/// would be with this node elsewhere, never uncovering a block), with
+/// hysteresis: [`REBALANCE_CONFIRMATIONS`] positive checks in a row and a
+/// [`MIN_DWELL`] between moves. Pure: the caller gives the view and the
+/// clock, and performs the move.
+#[derive(Debug, Clone)]
+pub struct Rebalancer {
+    positives: u32,
+    since: std::time::Instant,
+    confirmations: u32,
+    dwell: std::time::Duration,
+}
+
+impl Rebalancer {
+    /// A node that took its range at `now`, with the default hysteresis.
+    pub fn new(now: std::time::Instant) -> Self {
+        Self::with(now, REBALANCE_CONFIRMATIONS, MIN_DWELL)
+    }
+
+    /// With other hysteresis knobs (the simulator scales the dwell with
+    /// its clock).
+    pub fn with(now: std::time::Instant, confirmations: u32, dwell: std::time::Duration) -> Self {
+        Rebalancer {
+            positives: 0,
+            since: now,
+            confirmations: confirmations.max(1),
+            dwell,
+        }
+    }
+
+    /// One check. `me`: this node's peer id and `current` range; `tput`:
+    /// throughput per block with this node in it ([`block_throughput`] of
+    /// a fresh view: at most one record TTL old); `own`: this node's
+    /// throughput. A [`Rebalance::Move`] restarts the dwell.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check(
+        &mut self,
+        now: std::time::Instant,
+        current: Range<u32>,
+        own: f64,
+        tput: &[f64],
+        range_bytes: impl Fn(u32, u32) -> u64,
+        budget: u64,
+        rules: Option<&RangeRules>,
+    ) -> Rebalance {
+        let n = tput.len() as u32;
+        let min_of = |t: &[f64]| t.iter().copied().fold(f64::INFINITY, f64::min);
+        let min_now = min_of(tput);
+        // The swarm without this node; a small bias keeps it where it is
+        // when two places are as good (Petals' 1 + 1e-3).
+        let mut without = tput.to_vec();
+        for b in current.clone().filter(|&b| b < n) {
+            without[b as usize] = (without[b as usize] - own * (1.0 + 1e-3)).max(0.0);
+        }
+        let positive = match choose_range_by(n, &range_bytes, &without, budget, rules) {
+            Ok((to, _)) if to != current => {
+                let mut after = without.clone();
+                for b in to.clone() {
+                    after[b as usize] += own;
+                }
+                let min_after = min_of(&after);
+                // Never uncover a block (a move that leaves one at zero
+                // gives min_after 0 and fails here).
+                (min_after > 0.0 && min_now < BALANCE_QUALITY * min_after)
+                    .then_some((to, min_after))
+            }
+            _ => None,
+        };
+        let Some((to, min_after)) = positive else {
+            self.positives = 0;
+            return Rebalance::Stay { positives: 0 };
+        };
+        self.positives += 1;
+        if self.positives < self.confirmations || now.duration_since(self.since) < self.dwell {
+            return Rebalance::Stay {
+                positives: self.positives,
+            };
+        }
+        self.positives = 0;
+        self.since = now;
+        Rebalance::Move {
+            to,
+            min_now,
+            min_after,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +420,80 @@ mod tests {
         assert_eq!(
             choose_range(&m, &lone, 10, Some(&rules)),
             Err(PlacementError::NoExactRange { budget: 10 })
+        );
+    }
+
+    /// Throughput per block of a 20-block model served by `ranges`, each
+    /// at `t` tokens/s.
+    fn tput(ranges: &[(Range<u32>, f64)]) -> Vec<f64> {
+        let mut v = vec![0.0; 20];
+        for (r, t) in ranges {
+            for b in r.clone() {
+                v[b as usize] += t;
+            }
+        }
+        v
+    }
+
+    fn blocks(a: u32, b: u32) -> u64 {
+        u64::from(b - a)
+    }
+
+    #[test]
+    fn a_node_moves_to_a_gap_after_three_checks_and_its_dwell() {
+        let t0 = std::time::Instant::now();
+        let dwell = std::time::Duration::from_secs(60);
+        let mut r = Rebalancer::with(t0, 3, dwell);
+        // Two nodes on 0..10, nobody on 10..20: one of them should move.
+        let t = tput(&[(0..10, 5.0), (0..10, 5.0)]);
+        let check = |r: &mut Rebalancer, at| r.check(at, 0..10, 5.0, &t, blocks, 10, None);
+        assert_eq!(check(&mut r, t0), Rebalance::Stay { positives: 1 });
+        assert_eq!(check(&mut r, t0), Rebalance::Stay { positives: 2 });
+        // Confirmed, but the dwell is not over.
+        assert_eq!(check(&mut r, t0), Rebalance::Stay { positives: 3 });
+        match check(&mut r, t0 + dwell) {
+            Rebalance::Move {
+                to,
+                min_now,
+                min_after,
+            } => {
+                assert_eq!(to, 10..20);
+                assert_eq!(min_now, 0.0);
+                // Its own span counts 1e-3 less (the stay-put bias).
+                assert!((min_after - 4.995).abs() < 1e-9, "{min_after}");
+            }
+            other => panic!("expected a move, got {other:?}"),
+        }
+        // A fresh dwell starts with the move.
+        assert_eq!(check(&mut r, t0 + dwell), Rebalance::Stay { positives: 1 });
+    }
+
+    #[test]
+    fn balanced_swarms_and_sole_holders_stay() {
+        let t0 = std::time::Instant::now();
+        let mut r = Rebalancer::with(t0, 1, std::time::Duration::ZERO);
+        let balanced = tput(&[(0..10, 5.0), (10..20, 5.0), (0..10, 5.0), (10..20, 5.0)]);
+        assert_eq!(
+            r.check(t0, 0..10, 5.0, &balanced, blocks, 10, None),
+            Rebalance::Stay { positives: 0 }
+        );
+        // The only holder of 0..10 would uncover it by moving to the
+        // weaker 10..20: it stays.
+        let lopsided = tput(&[(0..10, 5.0), (10..20, 1.0)]);
+        assert_eq!(
+            r.check(t0, 0..10, 5.0, &lopsided, blocks, 10, None),
+            Rebalance::Stay { positives: 0 }
+        );
+        // A dip then a recovery resets the count (hysteresis).
+        let mut r = Rebalancer::with(t0, 3, std::time::Duration::ZERO);
+        let gap = tput(&[(0..10, 5.0), (0..10, 5.0)]);
+        assert_eq!(
+            r.check(t0, 0..10, 5.0, &gap, blocks, 10, None),
+            Rebalance::Stay { positives: 1 }
+        );
+        assert_eq!(
+            r.check(t0, 0..10, 5.0, &balanced, blocks, 10, None),
+            Rebalance::Stay { positives: 0 }
         );
     }
 }

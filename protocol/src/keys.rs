@@ -3,10 +3,15 @@
 //!
 //! | key | kind | who |
 //! |---|---|---|
-//! | `/nakshatra/1/models` | provider | every serving node |
 //! | `/nakshatra/1/model/{model_id}` | provider | every node serving `model_id` |
-//! | `/nakshatra/1/block/{model_id}/{block}` | provider | every node holding that block |
 //! | `/nakshatra/1/info/{peer_id}` | record | the node's signed `ServerInfo` |
+//! | `/nakshatra/1/models` | provider | nobody since the info gossip (still parsed: a fallback directory) |
+//! | `/nakshatra/1/block/{model_id}/{block}` | provider | nobody since the info gossip (still parsed, and bounded like any key) |
+//!
+//! Ranges and capacity travel in the signed info, on the gossip topic
+//! [`INFOS_TOPIC`] and the view protocol (`crate::rpc::VIEW_PROTOCOL`):
+//! per-block keys cost one DHT walk per held block per refresh and gave
+//! incomplete holder lists at a few hundred nodes (`docs/scale.md`).
 
 use std::str::FromStr;
 
@@ -17,6 +22,11 @@ use crate::{validate_model_id, MAX_LAYERS};
 /// Common prefix of every nakshatra DHT key (the `1` is the key layout
 /// version).
 pub const PREFIX: &str = "/nakshatra/1";
+
+/// Gossipsub topic on which every serving node publishes its signed info
+/// (the same bytes as its info record) at each refresh and on each
+/// change; every node keeps the newest verified info per peer from it.
+pub const INFOS_TOPIC: &str = "/nakshatra/1/infos";
 
 /// Provider key every serving node provides, so that a client can
 /// enumerate serving nodes without any static configuration.

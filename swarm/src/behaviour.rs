@@ -4,17 +4,17 @@ use std::time::Duration;
 
 use libp2p::{
     allow_block_list::{self, BlockedPeers},
-    autonat, dcutr, identify,
+    autonat, dcutr, gossipsub, identify,
     identity::Keypair,
     kad::{self, Mode, StoreInserts},
     mdns, ping, relay, request_response,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
     StreamProtocol,
 };
-use nakshatra_protocol::rpc::INFO_PROTOCOL;
+use nakshatra_protocol::rpc::{INFO_PROTOCOL, VIEW_PROTOCOL};
 
 use crate::{
-    codec::InfoCodec,
+    codec::{InfoCodec, ViewCodec},
     config::Role,
     store::{Store, StoreLimits},
     SwarmConfig,
@@ -88,6 +88,8 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) info: request_response::Behaviour<InfoCodec>,
+    pub(crate) view: request_response::Behaviour<ViewCodec>,
+    pub(crate) gossip: gossipsub::Behaviour,
     /// Raw streams (`/nakshatra/probe/1`, and the node's own protocols
     /// through [`crate::Client::stream_control`]).
     pub(crate) stream: crate::stream::Behaviour,
@@ -176,11 +178,22 @@ impl Behaviour {
         };
         let info = request_response::Behaviour::with_codec(
             InfoCodec,
-            [(StreamProtocol::new(INFO_PROTOCOL), support)],
+            [(StreamProtocol::new(INFO_PROTOCOL), support.clone())],
             request_response::Config::default()
                 .with_request_timeout(config.request_timeout)
                 .with_max_concurrent_streams(64),
         );
+
+        let view = request_response::Behaviour::with_codec(
+            ViewCodec,
+            [(StreamProtocol::new(VIEW_PROTOCOL), support)],
+            request_response::Config::default()
+                .with_request_timeout(config.request_timeout)
+                .with_max_concurrent_streams(VIEW_MAX_CONCURRENT_STREAMS),
+        );
+        let gossip =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config())
+                .expect("the gossipsub configuration is valid");
 
         let limits = crate::limits::Behaviour::new(crate::limits::Caps {
             per_peer: MAX_CONNECTIONS_PER_PEER,
@@ -206,6 +219,8 @@ impl Behaviour {
             ping,
             mdns: Toggle::from(mdns),
             info,
+            view,
+            gossip,
             stream: crate::stream::Behaviour::new(),
             relay_client,
             relay: Toggle::from(relay),
@@ -214,6 +229,31 @@ impl Behaviour {
             autonat_server: Toggle::from(server.then(autonat::v2::server::Behaviour::default)),
         }
     }
+}
+
+/// Concurrent view-protocol streams per connection (an answer can be a
+/// megabyte: a peer gets a few at a time).
+pub(crate) const VIEW_MAX_CONCURRENT_STREAMS: usize = 4;
+
+/// Largest gossip message: one signed info and gossipsub's framing.
+pub(crate) const GOSSIP_MAX_MESSAGE: usize = nakshatra_protocol::MAX_RECORD_BYTES + 1024;
+
+/// The info topic's gossipsub settings: no gossipsub-level signatures
+/// (every message is a signed info, verified by the application before it
+/// is forwarded: `validate_messages`), message ids from the content (the
+/// same info relayed by many peers is one message), messages bounded to one
+/// record. Mesh sizes and heartbeat are gossipsub's defaults (6, 5–12,
+/// 1 s).
+fn gossip_config() -> gossipsub::Config {
+    gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .validate_messages()
+        .max_transmit_size(GOSSIP_MAX_MESSAGE)
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(&blake3::hash(&m.data).as_bytes()[..20])
+        })
+        .build()
+        .expect("the gossipsub configuration is valid")
 }
 
 /// The relay server's limits: libp2p's defaults (reservation counts and

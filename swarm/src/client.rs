@@ -40,13 +40,28 @@ const MAX_KEPT_PROBE_STREAMS: usize = 256;
 const WITHDRAW_WAIT: Duration = Duration::from_secs(4);
 /// How often [`Client::wait_for_hole_punches`] looks again.
 const PUNCH_POLL: Duration = Duration::from_millis(20);
+/// How old the last view sync may be before [`Client::block_holders`]
+/// syncs again (a serving node's next-hop task asks every refresh; its
+/// cache follows the gossip in between). Views and plans sync every time:
+/// a client hears no gossip, and a sync only carries news.
+pub const VIEW_SYNC_MAX_AGE: Duration = Duration::from_secs(5);
+/// Longest [`Client::sync_view`] waits for a first connection.
+pub const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
+/// Most first-hop (and, as many, last-hop) candidates a plan probes: the
+/// fastest by announced throughput. A chain's middle hops are probed only
+/// once chosen.
+pub const MAX_EDGE_PROBES: usize = 16;
+/// Plans a [`Client::plan`] makes at most when chosen middle hops do not
+/// answer their probe (each round leaves those out).
+const PLAN_ROUNDS: usize = 4;
 
 /// How a view measures each peer's RTT.
 #[derive(Clone, Copy)]
 enum RttMode<'a> {
     /// libp2p ping (what `swarm status` shows).
     Ping,
-    /// `/nakshatra/probe/1`, only for peers a chain could use.
+    /// `/nakshatra/probe/1`, only for peers that could be a chain's first
+    /// or last hop (at most [`MAX_EDGE_PROBES`] of each).
     Probe { exclude: &'a HashSet<PeerId> },
 }
 
@@ -157,19 +172,20 @@ impl Client {
     }
 
     /// Announces `info` (the node's model, layer range, devices, ...):
-    /// provides `/nakshatra/1/models`, `/nakshatra/1/model/{id}` and
-    /// `/nakshatra/1/block/{id}/{b}` for every held block, and puts the
-    /// signed info record at `/nakshatra/1/info/{peer id}`. Then repeats
-    /// every `refresh` with fresh `issued_at` / `expires_at`
-    /// (`issued_at + record_ttl`).
+    /// publishes the signed info on the gossip topic
+    /// (`/nakshatra/1/infos`), provides `/nakshatra/1/model/{id}` and puts
+    /// the signed info record at `/nakshatra/1/info/{peer id}`. Then
+    /// repeats every `refresh` with fresh `issued_at` / `expires_at`
+    /// (`issued_at + record_ttl`): two DHT walks and one gossip message
+    /// per refresh, whatever the range's length.
     ///
     /// The event loop fills in `protocol_version`, the timestamps, and
     /// `listen_addrs` when left empty, and signs with the node's own key
     /// (so the record is bound to this PeerId). Calling it again replaces
-    /// the announcement (e.g. when free sessions change); keys of blocks no
-    /// longer held stop being provided. Returns once the records are stored
-    /// locally and their publication started; lookups elsewhere see them
-    /// within a DHT round trip.
+    /// the announcement (e.g. when free sessions change: the info alone is
+    /// re-signed, gossiped and put). Returns once the records are stored
+    /// locally and their publication started; other nodes' caches have
+    /// them within a gossip round (about a second).
     pub async fn announce(&self, info: ServerInfo) -> Result<(), AnnounceError> {
         self.call(|reply| Command::Announce {
             info: Box::new(info),
@@ -195,15 +211,24 @@ impl Client {
             .await
     }
 
-    /// Nodes providing `/nakshatra/1/model/{model_id}`. Unverified.
+    /// Nodes serving `model_id`: those in the info cache (verified) and
+    /// those providing `/nakshatra/1/model/{model_id}` on the DHT
+    /// (unverified: check with [`Client::server_info`]).
     pub async fn model_peers(&self, model_id: &str) -> Result<Vec<PeerId>, LookupError> {
         validate_model_id(model_id)?;
-        Ok(sorted(self.providers(&keys::model_key(model_id)).await?))
+        let mut peers = self.providers(&keys::model_key(model_id)).await?;
+        peers.extend(
+            self.cached_infos(Some(model_id))
+                .await?
+                .into_iter()
+                .map(|(p, _)| p),
+        );
+        Ok(sorted(peers))
     }
 
-    /// Holders of block `block` of `model_id` per their provider records
-    /// (one Kademlia lookup, O(log n) hops). Unverified: check each with
-    /// [`Client::server_info`] before relying on it.
+    /// Holders of block `block` of `model_id` per the info cache (verified
+    /// signed infos, synced first if the last sync is older than
+    /// [`VIEW_SYNC_MAX_AGE`]).
     pub async fn block_holders(
         &self,
         model_id: &str,
@@ -213,9 +238,57 @@ impl Client {
         if block >= MAX_LAYERS {
             return Ok(Vec::new());
         }
+        self.sync_view(Some(model_id), VIEW_SYNC_MAX_AGE).await?;
         Ok(sorted(
-            self.providers(&keys::block_key(model_id, block)).await?,
+            self.cached_infos(Some(model_id))
+                .await?
+                .into_iter()
+                .filter(|(_, i)| i.state == ServerState::Online && i.holds(block))
+                .map(|(p, _)| p)
+                .collect(),
         ))
+    }
+
+    /// The serving peers in this node's info cache (verified, not expired,
+    /// not withdrawn), of `model` or of every model. No network traffic.
+    pub async fn cached_infos(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Vec<(PeerId, ServerInfo)>, Stopped> {
+        let model = model.map(str::to_string);
+        self.call(|reply| Command::CachedInfos { model, reply })
+            .await
+    }
+
+    /// Brings the info cache up to date from up to two connected peers
+    /// (`/nakshatra/view/1`, sending a digest of what the cache holds, so
+    /// that only news comes back), unless the last sync is younger than
+    /// `max_age`. Returns the number of new infos.
+    ///
+    /// A node connected to nobody yet (a fresh `swarm status` or `node
+    /// ask` whose bootstrap dial is under way) waits up to
+    /// [`FIRST_SYNC_WAIT`] for a first connection.
+    pub async fn sync_view(
+        &self,
+        model: Option<&str>,
+        max_age: Duration,
+    ) -> Result<usize, Stopped> {
+        let deadline = tokio::time::Instant::now() + FIRST_SYNC_WAIT;
+        loop {
+            let m = model.map(str::to_string);
+            let got = self
+                .call(|reply| Command::SyncView {
+                    model: m,
+                    max_age,
+                    reply,
+                })
+                .await?;
+            match got {
+                Some(new) => return Ok(new),
+                None if tokio::time::Instant::now() >= deadline => return Ok(0),
+                None => tokio::time::sleep(PUNCH_POLL * 5).await,
+            }
+        }
     }
 
     /// `peer`'s current info, verified (signature, binding to `peer`,
@@ -440,15 +513,17 @@ impl Client {
 
     /// Plans the fastest chain of hops through `model_id` from this node:
     /// reads the model's view ([`Client::model_view`], on `opts.shape` when
-    /// given: peers that disagree with it are left out), probes every peer a
-    /// chain could use ([`Client::probe_rtt`], concurrently: the first
-    /// hop's and the last hop's RTTs are link costs), then runs
-    /// [`crate::plan::plan_chain`].
+    /// given: peers that disagree with it are left out), probes the
+    /// candidate first and last hops ([`Client::probe_rtt`], concurrently,
+    /// the [`MAX_EDGE_PROBES`] fastest of each end: their RTTs are link
+    /// costs), runs [`crate::plan::plan_chain`], then probes the chosen
+    /// middle hops and plans again without any that stays silent (up to
+    /// four rounds). A plan's probes do not grow with the swarm.
     ///
-    /// Peers that do not answer the probe within 3 s are left out (this
-    /// node could not reach them as first hop, nor get tokens back from
-    /// them as last hop), so an unreachable range shows up as
-    /// [`PlanError::Uncovered`], like a range whose holders are all
+    /// First and last hops that do not answer the probe within 3 s are
+    /// left out (this node could not reach them as first hop, nor get
+    /// tokens back from them as last hop), so an unreachable range shows
+    /// up as [`PlanError::Uncovered`], like a range whose holders are all
     /// excluded. [`PlanError::NoModel`]: nobody announces the model.
     pub async fn plan(&self, model_id: &str, opts: &PlanOptions) -> Result<Chain, PlanError> {
         validate_model_id(model_id).map_err(LookupError::from)?;
@@ -464,15 +539,42 @@ impl Client {
             )
             .await
             .map_err(LookupError::from)?;
-        // Peers that were not probed are unusable anyway; those that did
-        // not answer are unreachable from here.
+        // A first or last hop must answer this node's probe (it sends
+        // the tokens, it gets them back); those not probed or silent are
+        // left out. A middle hop is probed once a plan chooses it.
+        let n = view.n_layers;
         let mut opts = opts.clone();
         opts.exclude.extend(
             view.peers
                 .iter()
-                .map(|p| p.peer_id)
-                .filter(|p| !rtts.contains_key(p)),
+                .filter(|p| (p.range[0] == 0 || p.range[1] == n) && !rtts.contains_key(&p.peer_id))
+                .map(|p| p.peer_id),
         );
+        for _ in 0..PLAN_ROUNDS {
+            let chain = plan_chain(&view, &rtts, &opts)?;
+            let unprobed: Vec<PeerId> = chain
+                .hops
+                .iter()
+                .map(|h| h.peer_id)
+                .filter(|p| !rtts.contains_key(p))
+                .collect();
+            let silent: Vec<PeerId> = stream::iter(unprobed)
+                .map(|p| async move { (p, self.probe_rtt(p).await) })
+                .buffer_unordered(CONCURRENCY)
+                .filter_map(|(p, r)| async move { r.is_none().then_some(p) })
+                .collect()
+                .await;
+            if silent.is_empty() {
+                return Ok(chain);
+            }
+            tracing::debug!(
+                ?silent,
+                "chosen middle hops did not answer the probe; planning again"
+            );
+            opts.exclude.extend(silent);
+        }
+        // Silent hops in every round: plan without them once more (an
+        // unprobed middle hop may remain; opening the chain tells).
         plan_chain(&view, &rtts, &opts)
     }
 
@@ -556,11 +658,13 @@ impl Client {
     /// The view of one model: holders of every block, each serving peer's
     /// verified info and RTT, and the gaps.
     ///
-    /// Looks up `/nakshatra/1/model/{id}` and then every block key (so
-    /// holders are found even if the model key's provider list is full),
-    /// reads each candidate's info ([`Client::server_info`]) and drops
-    /// every peer whose info does not verify or is not for this model.
-    /// A model nobody serves gives `n_layers == 0` and empty lists.
+    /// Syncs the info cache ([`Client::sync_view`]: one request to up to
+    /// two peers, carrying only news) and builds the view from it; only
+    /// when the cache knows nobody serving the model does it fall back on
+    /// the providers of `/nakshatra/1/model/{id}`, asked directly
+    /// ([`Client::server_info`]). Peers whose info does not verify or is
+    /// not for this model are left out. A model nobody serves gives
+    /// `n_layers == 0` and empty lists.
     ///
     /// The layer count is the announcers' majority vote
     /// ([`crate::build_model_view`]): for display only. A node that knows
@@ -575,8 +679,8 @@ impl Client {
     }
 
     /// [`Client::model_view`] for a model whose shape is known from its
-    /// verified manifest: every block of `shape` is looked up, and peers
-    /// whose records disagree with it are left out however many they are.
+    /// verified manifest: the view has `shape`'s blocks, and peers whose
+    /// records disagree with it are left out however many they are.
     pub async fn model_view_with(
         &self,
         model_id: &str,
@@ -590,15 +694,25 @@ impl Client {
             .0)
     }
 
-    /// The view of every model served in the swarm: enumerates serving
-    /// nodes through `/nakshatra/1/models`, reads their infos, then builds
+    /// The view of every model served in the swarm: syncs the info cache
+    /// (falling back on the providers of `/nakshatra/1/models` when no
+    /// peer answers), then builds
     /// each model's view as [`Client::model_view`] does. This is what
     /// `nakshatra swarm status` prints (serialize it with serde; the JSON
     /// keys are fixed).
     pub async fn swarm_view(&self) -> Result<SwarmView, Stopped> {
-        let serving = self.providers(keys::MODELS_KEY).await?;
-        let mut infos: HashMap<PeerId, Option<ServerInfo>> = HashMap::new();
-        self.fetch_infos(serving, &mut infos).await?;
+        self.sync_view(None, Duration::ZERO).await?;
+        let mut infos: HashMap<PeerId, Option<ServerInfo>> = self
+            .cached_infos(None)
+            .await?
+            .into_iter()
+            .map(|(p, i)| (p, Some(i)))
+            .collect();
+        if infos.is_empty() {
+            // No view peer answered (yet): the DHT's directory of servers.
+            let serving = self.providers(keys::MODELS_KEY).await?;
+            self.fetch_infos(serving, &mut infos).await?;
+        }
         let ids: BTreeSet<String> = infos
             .values()
             .flatten()
@@ -626,28 +740,21 @@ impl Client {
         infos: &mut HashMap<PeerId, Option<ServerInfo>>,
         mode: RttMode<'_>,
     ) -> Result<(ModelView, HashMap<PeerId, Duration>), Stopped> {
-        let candidates = self.providers(&keys::model_key(model_id)).await?;
-        self.fetch_infos(candidates, infos).await?;
-
-        // Every block key: of the known shape, else of the layer count the
-        // servers agree on.
-        let n_layers = match shape {
-            Some(s) => s.n_layers,
-            None => {
-                let known: Vec<(PeerId, ServerInfo)> = infos_of(infos, model_id);
-                build_model_view_with(model_id, None, &known, &HashMap::new()).n_layers
-            }
-        };
-        let lookups: Vec<Result<HashSet<PeerId>, Stopped>> = stream::iter(0..n_layers)
-            .map(|b| async move { self.providers(&keys::block_key(model_id, b)).await })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        let mut holders = HashSet::new();
-        for found in lookups {
-            holders.extend(found?);
+        // The info cache (gossip and view syncs): verified infos of every
+        // serving peer, no DHT walk.
+        // Synced on every view: only news comes back (the digest), and a
+        // client hears no gossip.
+        self.sync_view(Some(model_id), Duration::ZERO).await?;
+        let cached = self.cached_infos(Some(model_id)).await?;
+        if cached.is_empty() {
+            // Nobody answered a view sync (a swarm of one, or peers still
+            // identifying): the model key's providers, asked directly.
+            let candidates = self.providers(&keys::model_key(model_id)).await?;
+            self.fetch_infos(candidates, infos).await?;
         }
-        self.fetch_infos(holders, infos).await?;
+        for (p, i) in cached {
+            infos.insert(p, Some(i));
+        }
 
         let known = infos_of(infos, model_id);
         let rtts: HashMap<PeerId, Duration> = match mode {
@@ -664,15 +771,37 @@ impl Client {
                     .await
             }
             RttMode::Probe { exclude } => {
-                // Only peers a chain could use (a full one too: its record
-                // may be seconds old, and the planner only penalises it).
-                let candidates: Vec<PeerId> = known
-                    .iter()
-                    .filter(|(p, i)| {
-                        i.state == ServerState::Online && i.throughput > 0.0 && !exclude.contains(p)
-                    })
-                    .map(|(p, _)| *p)
-                    .collect();
+                // Only peers that could be a chain's first or last hop (a
+                // full one too: its record may be seconds old, and the
+                // planner only penalises it), the fastest of each end.
+                let n = shape.map_or_else(
+                    || build_model_view_with(model_id, None, &known, &HashMap::new()).n_layers,
+                    |s| s.n_layers,
+                );
+                let usable = |(p, i): &&(PeerId, ServerInfo)| {
+                    i.state == ServerState::Online && i.throughput > 0.0 && !exclude.contains(p)
+                };
+                let mut candidates: Vec<PeerId> = Vec::new();
+                for edge in [
+                    |i: &ServerInfo, _n: u32| i.start == 0,
+                    |i: &ServerInfo, n: u32| i.end == n,
+                ] {
+                    let mut side: Vec<&(PeerId, ServerInfo)> = known
+                        .iter()
+                        .filter(usable)
+                        .filter(|(_, i)| edge(i, n))
+                        .collect();
+                    side.sort_by(|a, b| {
+                        b.1.throughput
+                            .total_cmp(&a.1.throughput)
+                            .then(a.0.cmp(&b.0))
+                    });
+                    for (p, _) in side.into_iter().take(MAX_EDGE_PROBES) {
+                        if !candidates.contains(p) {
+                            candidates.push(*p);
+                        }
+                    }
+                }
                 stream::iter(candidates)
                     .map(|p| async move { (p, self.probe_rtt(p).await) })
                     .buffer_unordered(CONCURRENCY)

@@ -7,7 +7,8 @@ use std::io;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{request_response, StreamProtocol};
 use nakshatra_protocol::rpc::{
-    InfoRequest, InfoResponse, MAX_INFO_REQUEST_BYTES, MAX_INFO_RESPONSE_BYTES,
+    InfoRequest, InfoResponse, ViewRequest, ViewResponse, MAX_INFO_REQUEST_BYTES,
+    MAX_INFO_RESPONSE_BYTES, MAX_VIEW_REQUEST_BYTES, MAX_VIEW_RESPONSE_BYTES,
 };
 
 /// [`request_response::Codec`] of the info protocol; stateless, so one
@@ -81,6 +82,58 @@ impl request_response::Codec for InfoCodec {
         _: &StreamProtocol,
         io: &mut T,
         res: InfoResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res.to_bytes()).await
+    }
+}
+
+/// [`request_response::Codec`] of the view protocol
+/// (`/nakshatra/view/1`): the same framing as [`InfoCodec`], with the view
+/// messages' caps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ViewCodec;
+
+impl request_response::Codec for ViewCodec {
+    type Protocol = StreamProtocol;
+    type Request = ViewRequest;
+    type Response = ViewResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ViewRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let body = read_frame(io, MAX_VIEW_REQUEST_BYTES).await?;
+        ViewRequest::from_bytes(&body).map_err(invalid)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ViewResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let body = read_frame(io, MAX_VIEW_RESPONSE_BYTES).await?;
+        ViewResponse::from_bytes(&body).map_err(invalid)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: ViewRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req.to_bytes()).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: ViewResponse,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use libp2p::{
     autonat,
     core::transport::ListenerId,
-    dcutr, identify,
+    dcutr, gossipsub, identify,
     kad::{
         self, store::RecordStore, GetProvidersOk, GetRecordOk, InboundRequest, ProviderRecord,
         QueryId, QueryResult, Quorum, Record, RecordKey,
@@ -28,14 +28,19 @@ use libp2p::{
 use nakshatra_protocol::{
     keys::{self, DhtKey},
     now_ms,
-    rpc::{InfoRequest, InfoResponse},
+    rpc::{
+        InfoRequest, InfoResponse, ViewRequest, ViewResponse, MAX_VIEW_INFOS,
+        MAX_VIEW_RESPONSE_BYTES, VIEW_PROTOCOL,
+    },
     sign, verify, NextRtt, RecordError, ServerInfo, ServerState, PROTOCOL_VERSION,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::addrs::prefer_quic;
+use crate::cache::{InfoCache, Inserted};
 use crate::scope::Scope;
+use crate::transport::BytesSent;
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     config::Role,
@@ -99,6 +104,16 @@ pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
 struct Nat {
     /// Peers whose identify lists the circuit-relay v2 HOP protocol.
     offering: HashSet<PeerId>,
+    /// Relays whose reservation request is under way (listener made, no
+    /// answer yet). Their listener is not removed before the answer:
+    /// libp2p-relay 0.22's client panics ("Relay connection exist") when
+    /// a reservation is accepted on a listener removed meanwhile (seen
+    /// with 100 nodes on 2 cores, where AutoNAT confirms an address while
+    /// reservations are in flight).
+    reserving: HashSet<PeerId>,
+    /// Relays whose listener is to be removed once their pending
+    /// reservation is answered.
+    drop_when_answered: HashSet<PeerId>,
     /// The direct address this node dialled each peer at (where a
     /// reservation on it would be made).
     dialled_at: HashMap<PeerId, Multiaddr>,
@@ -148,6 +163,27 @@ pub struct SwarmStats {
     pub stored_records: usize,
     /// Provider keys in the local DHT store now.
     pub stored_provider_keys: usize,
+    /// Kademlia walks this node finished (provide, provider and record
+    /// lookups, puts, bootstraps: every query started here).
+    pub dht_queries: u64,
+    /// Requests those walks sent to other nodes.
+    pub dht_requests_out: u64,
+    /// Kademlia requests other nodes sent to this one.
+    pub dht_requests_in: u64,
+    /// Infos received on the gossip topic (duplicates gossipsub dropped
+    /// are not counted), and those that did not verify.
+    pub gossip_received: u64,
+    /// Gossip infos that did not verify (their forwarder is penalised).
+    pub gossip_rejected: u64,
+    /// View requests this node sent, and answered.
+    pub view_requests_out: u64,
+    /// View requests this node answered.
+    pub view_requests_in: u64,
+    /// Serving peers in the info cache now.
+    pub cached_infos: usize,
+    /// Bytes written to this node's TCP connections, encryption and
+    /// framing included (QUIC connections are not counted).
+    pub bytes_sent: u64,
 }
 
 /// What a serving node's next hops are: holders of block `end` of
@@ -181,6 +217,19 @@ pub(crate) enum Command {
     GetInfoRecords {
         peer: PeerId,
         reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
+    /// The serving peers in the info cache (of one model, or all).
+    CachedInfos {
+        model: Option<String>,
+        reply: oneshot::Sender<Vec<(PeerId, ServerInfo)>>,
+    },
+    /// Asks up to [`VIEW_SYNC_FANOUT`] peers for the infos the cache lacks
+    /// (skipped when the last sync is younger than `max_age`); answers
+    /// how many new infos came in, `None` when no peer was connected.
+    SyncView {
+        model: Option<String>,
+        max_age: Duration,
+        reply: oneshot::Sender<Option<usize>>,
     },
     RequestInfo {
         peer: PeerId,
@@ -244,6 +293,20 @@ pub(crate) enum Command {
     },
 }
 
+/// One view sync: answers awaited, new infos so far, who waits.
+struct ViewSync {
+    waiting: usize,
+    new: usize,
+    reply: Option<oneshot::Sender<Option<usize>>>,
+}
+
+/// Peers one view sync asks at once.
+pub(crate) const VIEW_SYNC_FANOUT: usize = 2;
+
+/// Requests one view sync sends to one peer at most (a peer with more
+/// than one answer's worth says `more`, and is asked again).
+const VIEW_SYNC_MAX_ROUNDS: u32 = 8;
+
 /// A lookup in progress: what it found so far, and who waits for it.
 type Pending<T> = (T, oneshot::Sender<T>);
 
@@ -282,6 +345,17 @@ pub(crate) struct EventLoop {
     pending_records: HashMap<QueryId, Pending<Vec<Vec<u8>>>>,
     pending_withdraw: HashMap<QueryId, oneshot::Sender<()>>,
     pending_info: HashMap<OutboundRequestId, oneshot::Sender<Result<InfoResponse, String>>>,
+    /// The newest verified info of every serving peer heard of.
+    cache: InfoCache,
+    /// View requests in flight: which sync they belong to.
+    pending_view: HashMap<OutboundRequestId, (PeerId, Option<String>, u64, u32)>,
+    /// Syncs in flight: answers still awaited, new infos so far, waiters.
+    syncs: HashMap<u64, ViewSync>,
+    next_sync: u64,
+    /// When a view sync last got an answer.
+    last_sync: Option<Instant>,
+    /// Connected peers whose identify lists the view protocol.
+    view_peers: HashSet<PeerId>,
     rtt: HashMap<PeerId, Duration>,
     rtt_waiters: HashMap<PeerId, Vec<oneshot::Sender<Option<Duration>>>>,
     connect_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
@@ -299,6 +373,8 @@ pub(crate) struct EventLoop {
     mdns_retries: HashMap<PeerId, (u32, Option<Instant>)>,
     bootstrap: Bootstrap,
     stats: SwarmStats,
+    /// Bytes written to TCP connections (`SwarmStats::bytes_sent`).
+    bytes_sent: BytesSent,
     /// Peers blocked as dead (`Command::Forget`), until when.
     forgotten: HashMap<PeerId, Instant>,
     /// Open connections per peer, and whether each is relayed.
@@ -314,6 +390,7 @@ impl EventLoop {
         signing_key: SigningKey,
         next_hop_trigger: Arc<Notify>,
         stop: watch::Sender<()>,
+        bytes_sent: BytesSent,
     ) -> Self {
         let local_peer = *swarm.local_peer_id();
         let backoff = config.bootstrap_backoff_initial;
@@ -340,6 +417,12 @@ impl EventLoop {
             pending_records: HashMap::new(),
             pending_withdraw: HashMap::new(),
             pending_info: HashMap::new(),
+            cache: InfoCache::default(),
+            pending_view: HashMap::new(),
+            syncs: HashMap::new(),
+            next_sync: 0,
+            last_sync: None,
+            view_peers: HashSet::new(),
             rtt: HashMap::new(),
             rtt_waiters: HashMap::new(),
             connect_waiters: HashMap::new(),
@@ -358,6 +441,7 @@ impl EventLoop {
                 attempts: 0,
             },
             stats: SwarmStats::default(),
+            bytes_sent,
             forgotten: HashMap::new(),
             conns: HashMap::new(),
             nat: Nat {
@@ -384,6 +468,13 @@ impl EventLoop {
             self.on_external_addrs_changed();
         }
         self.dial_bootstraps();
+        if self.config.role == Role::Server {
+            // Servers carry the info gossip; clients sync views on demand.
+            let topic = gossipsub::IdentTopic::new(keys::INFOS_TOPIC);
+            if let Err(e) = self.swarm.behaviour_mut().gossip.subscribe(&topic) {
+                tracing::warn!(error = %e, "cannot subscribe to the info topic");
+            }
+        }
 
         loop {
             tokio::select! {
@@ -402,6 +493,12 @@ impl EventLoop {
                 _ = refresh.tick() => {
                     if let Err(e) = self.publish() {
                         tracing::error!(error = %e, "cannot re-announce");
+                    }
+                    if self.config.role == Role::Server {
+                        // Anti-entropy: what the gossip missed (a mesh
+                        // partition, a message lost in a burst) comes in
+                        // by one view sync per refresh.
+                        self.start_view_sync(None, None);
                     }
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
@@ -434,6 +531,20 @@ impl EventLoop {
                         .push((Instant::now() + DEFER_LOOKUPS_MAX, lookup));
                 } else {
                     self.start_lookup(lookup);
+                }
+            }
+            Command::CachedInfos { model, reply } => {
+                let _ = reply.send(self.cache.infos(model.as_deref(), now_ms()));
+            }
+            Command::SyncView {
+                model,
+                max_age,
+                reply,
+            } => {
+                if self.last_sync.is_some_and(|t| t.elapsed() < max_age) {
+                    let _ = reply.send(Some(0));
+                } else {
+                    self.start_view_sync(model, Some(reply));
                 }
             }
             Command::RequestInfo { peer, reply } => {
@@ -536,6 +647,8 @@ impl EventLoop {
                 stats.connected_peers = self.swarm.connected_peers().count();
                 stats.routing_table_peers = self.routing_table_size();
                 stats.announcing = self.announcement.is_some();
+                stats.bytes_sent = self.bytes_sent.get();
+                stats.cached_infos = self.cache.infos(None, now_ms()).len();
                 (stats.stored_records, stats.stored_provider_keys) =
                     self.swarm.behaviour_mut().kad.store_mut().sizes();
                 let _ = reply.send(stats);
@@ -675,6 +788,7 @@ impl EventLoop {
             }
         }
         self.put_info_record(signed.clone());
+        self.gossip_info(&signed);
         self.current_signed = Some(signed);
         self.published_alone = self.routing_table_size() == 0;
         tracing::debug!(alone = self.published_alone, "announcement published");
@@ -689,6 +803,7 @@ impl EventLoop {
         };
         let signed = self.sign_fresh(&ann.info, ServerState::Online)?;
         self.put_info_record(signed.clone());
+        self.gossip_info(&signed);
         self.current_signed = Some(signed);
         Ok(())
     }
@@ -742,6 +857,241 @@ impl EventLoop {
         }
     }
 
+    /// Publishes one of our signed infos (or tombstones) on the gossip
+    /// topic, and keeps it in our own cache (our views list us too).
+    fn gossip_info(&mut self, signed: &[u8]) {
+        match verify(signed, Some(&self.local_peer), now_ms()) {
+            Ok(v) => {
+                self.cache.insert(self.local_peer, v.info, signed.to_vec());
+            }
+            Err(e) => tracing::warn!(error = %e, "our own info does not verify"),
+        }
+        let topic = gossipsub::IdentTopic::new(keys::INFOS_TOPIC);
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossip
+            .publish(topic, signed.to_vec())
+        {
+            Ok(_) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                tracing::debug!("no gossip peer yet: the info reaches others by view syncs");
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot publish the info on the gossip topic"),
+        }
+    }
+
+    /// Keeps a verified info in the cache; on news, learns the addresses
+    /// it announces (later dials by peer id use them). Whether it was news.
+    fn cache_info(&mut self, peer: PeerId, info: ServerInfo, signed: Vec<u8>) -> bool {
+        let addrs: Vec<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        match self.cache.insert(peer, info, signed) {
+            Inserted::New | Inserted::Newer => {
+                let scope = self.scope();
+                for a in addrs.into_iter().filter(|a| scope.allows(a)) {
+                    self.remember_addr(peer, a);
+                }
+                true
+            }
+            Inserted::Stale => false,
+        }
+    }
+
+    /// Starts a view sync: a view request to up to [`VIEW_SYNC_FANOUT`]
+    /// connected peers (those whose identify lists the view protocol, else
+    /// any), each carrying the digest of our cache.
+    fn start_view_sync(
+        &mut self,
+        model: Option<String>,
+        reply: Option<oneshot::Sender<Option<usize>>>,
+    ) {
+        let mut peers: Vec<PeerId> = self
+            .view_peers
+            .iter()
+            .filter(|p| self.swarm.is_connected(p))
+            .copied()
+            .collect();
+        if peers.is_empty() {
+            peers = self.swarm.connected_peers().copied().collect();
+        }
+        // A different pick each time (no RNG needed: the peer tags are
+        // hashes, mixed with a counter).
+        let mix = self.next_sync.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        peers.sort_by_key(|p| nakshatra_protocol::rpc::digest_peer(p) ^ mix);
+        peers.truncate(VIEW_SYNC_FANOUT);
+        if peers.is_empty() {
+            if let Some(r) = reply {
+                let _ = r.send(None);
+            }
+            return;
+        }
+        let id = self.next_sync;
+        self.next_sync += 1;
+        self.syncs.insert(
+            id,
+            ViewSync {
+                waiting: peers.len(),
+                new: 0,
+                reply,
+            },
+        );
+        for p in peers {
+            self.send_view_request(p, model.clone(), id, 1);
+        }
+    }
+
+    fn send_view_request(&mut self, peer: PeerId, model: Option<String>, sync: u64, round: u32) {
+        let known = self.cache.digest(model.as_deref());
+        let id = self.swarm.behaviour_mut().view.send_request(
+            &peer,
+            ViewRequest {
+                version: PROTOCOL_VERSION,
+                model: model.clone(),
+                known,
+            },
+        );
+        self.stats.view_requests_out += 1;
+        self.pending_view.insert(id, (peer, model, sync, round));
+    }
+
+    /// One peer of sync `sync` is done, with `new` infos.
+    fn view_sync_part_done(&mut self, sync: u64, new: usize) {
+        let Some(s) = self.syncs.get_mut(&sync) else {
+            return;
+        };
+        s.new += new;
+        s.waiting = s.waiting.saturating_sub(1);
+        if s.waiting == 0 {
+            if let Some(s) = self.syncs.remove(&sync) {
+                if let Some(r) = s.reply {
+                    let _ = r.send(Some(s.new));
+                }
+            }
+        }
+    }
+
+    fn on_view(&mut self, event: request_response::Event<ViewRequest, ViewResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                self.stats.view_requests_in += 1;
+                // Room for bincode's length prefixes and the flag.
+                let budget = MAX_VIEW_RESPONSE_BYTES - 1024;
+                let (infos, more) = self.cache.missing(
+                    &request.known,
+                    request.model.as_deref(),
+                    now_ms(),
+                    MAX_VIEW_INFOS,
+                    budget,
+                );
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .view
+                    .send_response(channel, ViewResponse { infos, more })
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "view request gone before the answer");
+                }
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((peer, model, sync, round)) = self.pending_view.remove(&request_id) else {
+                    return;
+                };
+                let now = now_ms();
+                let mut new = 0;
+                let mut bad = 0;
+                for bytes in response.infos {
+                    match verify(&bytes, None, now) {
+                        Ok(v) => {
+                            if self.cache_info(v.peer_id, v.info, bytes) {
+                                new += 1;
+                            }
+                        }
+                        Err(_) => bad += 1,
+                    }
+                }
+                if bad > 0 {
+                    tracing::debug!(%peer, bad, "view answer held infos that do not verify");
+                }
+                self.last_sync = Some(Instant::now());
+                if response.more && round < VIEW_SYNC_MAX_ROUNDS && new > 0 {
+                    if let Some(s) = self.syncs.get_mut(&sync) {
+                        s.new += new;
+                    }
+                    self.send_view_request(peer, model, sync, round + 1);
+                } else {
+                    self.view_sync_part_done(sync, new);
+                }
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((_, _, sync, _)) = self.pending_view.remove(&request_id) {
+                    tracing::debug!(%peer, %error, "view request failed");
+                    self.view_sync_part_done(sync, 0);
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound view request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return;
+        };
+        self.stats.gossip_received += 1;
+        let acceptance = match verify(&message.data, None, now_ms()) {
+            Ok(v) => {
+                if self.cache_info(v.peer_id, v.info, message.data) {
+                    gossipsub::MessageAcceptance::Accept
+                } else {
+                    // Old news (a replay, or a duplicate under another
+                    // id): not forwarded, nobody penalised.
+                    gossipsub::MessageAcceptance::Ignore
+                }
+            }
+            Err(e) => {
+                self.stats.gossip_rejected += 1;
+                tracing::debug!(peer = %propagation_source, error = %e, "gossip message is no valid info");
+                gossipsub::MessageAcceptance::Reject
+            }
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossip
+            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+    }
+
     fn withdraw(&mut self, reply: oneshot::Sender<()>) {
         let Some(ann) = self.announcement.take() else {
             let _ = reply.send(());
@@ -756,14 +1106,17 @@ impl EventLoop {
         // one, so askers drop this node at once although its provider
         // records live on elsewhere until they expire.
         match self.sign_fresh(&ann.info, ServerState::Offline) {
-            Ok(tombstone) => match self.put_info_record(tombstone) {
-                Some(id) => {
-                    self.pending_withdraw.insert(id, reply);
+            Ok(tombstone) => {
+                self.gossip_info(&tombstone);
+                match self.put_info_record(tombstone) {
+                    Some(id) => {
+                        self.pending_withdraw.insert(id, reply);
+                    }
+                    None => {
+                        let _ = reply.send(());
+                    }
                 }
-                None => {
-                    let _ = reply.send(());
-                }
-            },
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot sign the withdrawal");
                 let _ = reply.send(());
@@ -941,6 +1294,7 @@ impl EventLoop {
             self.reserve_relays();
         }
         self.swarm.behaviour_mut().kad.store_mut().sweep(now);
+        self.cache.sweep(now_ms());
         let back: Vec<PeerId> = self
             .forgotten
             .iter()
@@ -1062,9 +1416,17 @@ impl EventLoop {
             tracing::info!(offered = public, "relay service");
         }
         if public {
-            for (relay, listener) in self.nat.listeners.drain() {
-                tracing::info!(%relay, "publicly reachable: dropping the relay reservation");
-                self.swarm.remove_listener(listener);
+            let relays: Vec<PeerId> = self.nat.listeners.keys().copied().collect();
+            for relay in relays {
+                if self.nat.reserving.contains(&relay) {
+                    // Removed once answered (see `Nat::reserving`).
+                    self.nat.drop_when_answered.insert(relay);
+                    continue;
+                }
+                if let Some(listener) = self.nat.listeners.remove(&relay) {
+                    tracing::info!(%relay, "publicly reachable: dropping the relay reservation");
+                    self.swarm.remove_listener(listener);
+                }
             }
         } else {
             self.reserve_relays();
@@ -1112,6 +1474,7 @@ impl EventLoop {
                 Ok(id) => {
                     tracing::info!(%circuit, "reserving a slot on a relay");
                     self.nat.listeners.insert(relay, id);
+                    self.nat.reserving.insert(relay);
                 }
                 Err(e) => {
                     tracing::warn!(%circuit, error = %e, "cannot listen through relay");
@@ -1193,6 +1556,11 @@ impl EventLoop {
                 ..
             })) => {
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                if info.protocols.iter().any(|p| p.as_ref() == VIEW_PROTOCOL) {
+                    self.view_peers.insert(peer_id);
+                } else {
+                    self.view_peers.remove(&peer_id);
+                }
                 if !speaks_kad {
                     // A client (an asker) is no DHT server. Kademlia adds
                     // any peer that opened a DHT stream on a connection
@@ -1245,6 +1613,15 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => match e {
                 relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } => {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                    self.nat.reserving.remove(&relay_peer_id);
+                    if self.nat.drop_when_answered.remove(&relay_peer_id)
+                        && self.publicly_reachable()
+                    {
+                        if let Some(listener) = self.nat.listeners.remove(&relay_peer_id) {
+                            tracing::info!(relay = %relay_peer_id, "publicly reachable: dropping the relay reservation");
+                            self.swarm.remove_listener(listener);
+                        }
+                    }
                 }
                 other => tracing::debug!(event = ?other, "relay client"),
             },
@@ -1292,6 +1669,8 @@ impl EventLoop {
                 for relay in lost {
                     tracing::info!(%relay, ?reason, "relay reservation lost; will reserve again");
                     self.nat.listeners.remove(&relay);
+                    self.nat.reserving.remove(&relay);
+                    self.nat.drop_when_answered.remove(&relay);
                     self.nat
                         .retry_at
                         .insert(relay, Instant::now() + RELAY_RETRY_DELAY);
@@ -1317,6 +1696,7 @@ impl EventLoop {
                         self.nat.offering.remove(&peer_id);
                         self.nat.punching.remove(&peer_id);
                         self.nat.dialled_at.remove(&peer_id);
+                        self.view_peers.remove(&peer_id);
                         // Pinged again on the next connection; kept, one
                         // entry per peer ever met would grow without bound
                         // (a flood of fresh identities).
@@ -1357,6 +1737,8 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Info(e)) => self.on_info(e),
+            SwarmEvent::Behaviour(BehaviourEvent::View(e)) => self.on_view(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(e)) => self.on_gossip(e),
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
                 if !self.listen_addrs.contains(&address) {
@@ -1492,6 +1874,14 @@ impl EventLoop {
     }
 
     fn on_kad(&mut self, event: kad::Event) {
+        match &event {
+            kad::Event::InboundRequest { .. } => self.stats.dht_requests_in += 1,
+            kad::Event::OutboundQueryProgressed { stats, step, .. } if step.last => {
+                self.stats.dht_queries += 1;
+                self.stats.dht_requests_out += u64::from(stats.num_requests());
+            }
+            _ => {}
+        }
         match event {
             kad::Event::InboundRequest { request } => match request {
                 InboundRequest::PutRecord {
@@ -1677,17 +2067,13 @@ impl EventLoop {
     }
 }
 
-/// Every provider key a server with `info` announces.
+/// Every provider key a server with `info` announces: only its model's
+/// key (for fetch sources and "is this model served at all"). Ranges and
+/// capacity travel in the signed info, by gossip and view syncs: per-block
+/// provider keys cost one DHT walk per block per refresh and gave
+/// incomplete holder lists past a few hundred nodes (`docs/scale.md`).
 fn announcement_keys(info: &ServerInfo) -> Vec<RecordKey> {
-    let mut keys = vec![
-        RecordKey::new(&keys::MODELS_KEY),
-        RecordKey::new(&keys::model_key(&info.model_id)),
-    ];
-    keys.extend(
-        info.range()
-            .map(|b| RecordKey::new(&keys::block_key(&info.model_id, b))),
-    );
-    keys
+    vec![RecordKey::new(&keys::model_key(&info.model_id))]
 }
 
 /// A DHT key for a log line: lossy UTF-8, control characters escaped,

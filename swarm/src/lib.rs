@@ -67,6 +67,7 @@
 mod addrs;
 mod backoff;
 mod behaviour;
+mod cache;
 mod client;
 mod codec;
 mod config;
@@ -99,7 +100,7 @@ pub use behaviour::{
     RELAY_MAX_CIRCUIT_BYTES, RELAY_MAX_CIRCUIT_DURATION, RELAY_MAX_RESERVATIONS,
     RELAY_MAX_RESERVATIONS_PER_PEER,
 };
-pub use client::Client;
+pub use client::{Client, MAX_EDGE_PROBES, VIEW_SYNC_MAX_AGE};
 pub use codec::InfoCodec;
 pub use config::{Role, SwarmConfig};
 pub use connect::{Handshake, OpenError, Reopen, WaitError};
@@ -147,7 +148,8 @@ pub async fn spawn(
             config.bootstrap.push(relay.clone());
         }
     }
-    let mut swarm = build_swarm(keypair, &config)?;
+    let bytes_sent = transport::BytesSent::default();
+    let mut swarm = build_swarm(keypair, &config, bytes_sent.clone())?;
     for addr in &config.external_addrs {
         // Confirmed at once: the operator vouches for it.
         swarm.add_external_address(addr.clone());
@@ -171,7 +173,8 @@ pub async fn spawn(
     if config.role == Role::Server {
         probe::spawn_next_hop_task(client.downgrade(), trigger.clone(), config.refresh, stop_rx);
     }
-    let event_loop = event_loop::EventLoop::new(swarm, rx, config, signing_key, trigger, stop_tx);
+    let event_loop =
+        event_loop::EventLoop::new(swarm, rx, config, signing_key, trigger, stop_tx, bytes_sent);
     let task = tokio::spawn(event_loop.run());
     Ok((client, task))
 }
@@ -179,6 +182,7 @@ pub async fn spawn(
 fn build_swarm(
     keypair: Keypair,
     config: &SwarmConfig,
+    bytes_sent: transport::BytesSent,
 ) -> Result<Swarm<behaviour::Behaviour>, SwarmError> {
     let transport_err = |e: &dyn std::fmt::Display| SwarmError::Transport(e.to_string());
     // TCP + noise + yamux as `SwarmBuilder::with_tcp` builds it, with the
@@ -193,7 +197,8 @@ fn build_swarm(
             let tcp = transport::RecordRefusals::new(
                 tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)),
                 tcp_refusals,
-            );
+            )
+            .map(move |stream, _| bytes_sent.count(stream));
             let noise = noise::Config::new(key)
                 .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
             Ok(tcp

@@ -270,3 +270,65 @@ mod tests {
         assert!(!r.refused_since(&other, before));
     }
 }
+
+/// Bytes written to this node's TCP connections (after noise, so what the
+/// network carries), shared between the transport and the event loop's
+/// statistics.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BytesSent(Arc<std::sync::atomic::AtomicU64>);
+
+impl BytesSent {
+    /// Total so far.
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wraps one connection's raw stream so that its writes are counted.
+    pub(crate) fn count<S>(&self, inner: S) -> Counted<S> {
+        Counted {
+            inner,
+            sent: self.clone(),
+        }
+    }
+}
+
+/// A raw connection stream whose written bytes add to a [`BytesSent`].
+#[derive(Debug)]
+pub(crate) struct Counted<S> {
+    inner: S,
+    sent: BytesSent,
+}
+
+impl<S: futures::AsyncRead + Unpin> futures::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: futures::AsyncWrite + Unpin> futures::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.sent
+                .0
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}

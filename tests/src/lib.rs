@@ -16,6 +16,7 @@ pub mod attack;
 pub mod http;
 pub mod py;
 pub mod relay_attack;
+pub mod sim;
 pub mod webdriver;
 
 /// The `nakshatra` binary under test.

@@ -251,11 +251,12 @@ async fn hostile_records_are_dropped() {
     let v = protocol::verify(&genuine, Some(&s0.peer()), now_ms()).unwrap();
     assert_eq!(v.info.range(), 0..15);
 
-    // Provider records are unverified: the hostile node is listed as a
-    // holder ...
+    // Block holders come from verified infos only: the hostile node's
+    // provider records for every block do not make it a holder ...
     let holders = client.client.block_holders(&model, 3).await.unwrap();
-    assert!(holders.contains(&evil), "{holders:?}");
-    // ... but without a valid info it never makes it into a view.
+    assert!(!holders.contains(&evil), "{holders:?}");
+    assert!(!holders.is_empty(), "{holders:?}");
+    // ... and without a valid info it never makes it into a view.
     assert!(client.client.server_info(evil).await.is_err());
     let v = client.client.model_view(&model).await.unwrap();
     assert_eq!(v.peers.len(), 2, "{:?}", v.peers);

@@ -1,0 +1,895 @@
+//! The swarm simulator: hundreds of real swarm stacks in one process.
+//!
+//! Every simulated node is this project's own `nakshatra_swarm` stack
+//! (`nakshatra_swarm::spawn`: real Kademlia, record signing and checking,
+//! info protocol, probes, announcements) listening on 127.0.0.1 over TCP
+//! with noise and yamux. No engine runs: a node only announces a range of
+//! an 80-block model and answers probes. Ranges come from the node crate's
+//! real placement (`nakshatra_node::placement`).
+//!
+//! **Time.** 500 stacks cannot keep a 30 s refresh in real time on 2
+//! cores, so every swarm period is multiplied by `time_scale` (refresh,
+//! record TTL, the churn rate, the measurement window: one *simulated
+//! minute* lasts `60 × time_scale` real seconds). Counts per simulated
+//! minute are exact whatever the scale (each announcement or refresh costs
+//! the same); latencies (coverage, planning) are real seconds, measured
+//! under the load of the whole simulation, so pessimistic.
+//!
+//! What [`run`] measures, in order:
+//! 1. start `nodes` stacks (each bootstraps to a random earlier one),
+//!    place them (each with a memory budget of 4 to 32 blocks, placed
+//!    one after another as `--layers auto` would with a complete view)
+//!    and announce, spread over a few seconds;
+//! 2. after one refresh of warm-up, one simulated minute of steady state:
+//!    counters of every serving node (DHT walks, requests, bytes sent),
+//!    fresh nodes timing their first complete coverage map, an asker
+//!    timing `plan`;
+//! 3. optionally churn: `churn_per_minute` of the nodes crash each
+//!    simulated minute (their task aborted: no withdrawal) and as many
+//!    join (placing themselves from their own view of the swarm), while an
+//!    observer watches how long crashed nodes stay in its view and how long
+//!    a block stays without a live holder in the view although one exists,
+//!    an asker plans chains and counts those through a dead node, and the
+//!    process's memory and task count are sampled each minute.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nakshatra_node::placement::{block_throughput, Rebalance, Rebalancer};
+use nakshatra_swarm::{
+    spawn, Client, IdentityKeypair, ModelShape, Multiaddr, PeerId, PlanOptions, ServerInfo,
+    SwarmConfig, SwarmStats,
+};
+use tokio::task::JoinHandle;
+
+/// The simulated model: 80 blocks, as a 70B Llama.
+pub const BLOCKS: u32 = 80;
+/// Its id (any 64 hex: no weights exist).
+pub const MODEL: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+/// Longest wait for a fresh node's complete coverage map (real time).
+const COVERAGE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Pause between two coverage checks of a fresh node.
+const COVERAGE_POLL: Duration = Duration::from_millis(50);
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Serving nodes.
+    pub nodes: usize,
+    /// Every swarm period is multiplied by this (see the module doc).
+    pub time_scale: f64,
+    /// Fresh nodes timed until they see the full coverage map.
+    pub fresh_nodes: usize,
+    /// Chains planned (and timed) in the steady-state minute.
+    pub plans: usize,
+    /// Simulated minutes of churn (0: none).
+    pub churn_minutes: u32,
+    /// Share of the nodes crashing (and joining) per simulated minute.
+    pub churn_per_minute: f64,
+    /// After the churn, crash every holder of [`GAP_BLOCK`] with nobody
+    /// joining, and time how long rebalancing takes to cover it again.
+    pub gap_phase: bool,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl SimConfig {
+    /// The steady-state measurement for `nodes` nodes.
+    pub fn steady(nodes: usize, time_scale: f64) -> Self {
+        SimConfig {
+            nodes,
+            time_scale,
+            fresh_nodes: 3,
+            plans: 20,
+            churn_minutes: 0,
+            churn_per_minute: 0.10,
+            gap_phase: false,
+            seed: 0x2545_f491_4f6c_dd1d ^ nodes as u64,
+        }
+    }
+}
+
+/// Percentiles of a set of durations, seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pct {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Samples.
+    pub n: usize,
+}
+
+impl Pct {
+    fn of(mut v: Vec<f64>) -> Pct {
+        if v.is_empty() {
+            return Pct::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Pct {
+            p50: at(0.5),
+            p99: at(0.99),
+            n: v.len(),
+        }
+    }
+}
+
+/// Per serving node, per simulated minute: mean and max over the nodes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rate {
+    /// Mean over the serving nodes.
+    pub mean: f64,
+    /// The busiest node.
+    pub max: f64,
+}
+
+/// What [`run`] measured.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    /// Serving nodes.
+    pub nodes: usize,
+    /// The time scale it ran at.
+    pub time_scale: f64,
+    /// Fewest and most holders of a block after the initial placement.
+    pub replicas_min_max: (usize, usize),
+    /// Throughput of the weakest block (sum of its holders'), and the mean
+    /// over blocks, after the initial placement.
+    pub weakest_block_tput: (f64, f64),
+    /// A fresh node's time to its first complete coverage map (every
+    /// block covered, every serving node listed), real seconds.
+    pub coverage: Pct,
+    /// Fresh nodes that never saw every serving node within the timeout,
+    /// and the share of nodes the most incomplete one saw.
+    pub coverage_incomplete: (usize, f64),
+    /// `Client::plan` from an asker that has planned before, real seconds.
+    pub plan: Pct,
+    /// DHT walks started per serving node per simulated minute.
+    pub walks: Rate,
+    /// DHT requests sent per serving node per simulated minute.
+    pub requests_out: Rate,
+    /// DHT requests received per serving node per simulated minute.
+    pub requests_in: Rate,
+    /// Bytes sent per serving node per simulated minute.
+    pub bytes: Rate,
+    /// Churn: nodes crashed.
+    pub crashed: usize,
+    /// Churn: longest time a crashed node stayed in the observer's view
+    /// after its crash, simulated seconds.
+    pub max_advertised_after_crash: f64,
+    /// Churn: crashed nodes the observer saw after their crash.
+    pub seen_after_crash: usize,
+    /// Churn: longest time a block had no live holder in the observer's
+    /// view while a live node held it, simulated seconds.
+    pub max_hidden_block: f64,
+    /// Churn: longest time a block had no live holder at all, simulated
+    /// seconds.
+    pub max_uncovered_block: f64,
+    /// Churn: chains planned, and those through a node crashed before the
+    /// plan returned.
+    pub chains: (usize, usize),
+    /// Churn: (simulated minute, live nodes, process RSS MiB, alive tokio
+    /// tasks) each minute.
+    pub samples: Vec<(u32, usize, f64, usize)>,
+    /// The record TTL in simulated seconds.
+    pub ttl_s: f64,
+    /// Serving nodes whose event loop ended on its own (a panic inside
+    /// libp2p, say) before the simulation stopped or crashed it.
+    pub loops_died: usize,
+    /// Churn: rebalancing moves in all, and the most by one node.
+    pub moves: usize,
+    /// Churn: the most moves one node made.
+    pub max_moves_per_node: u32,
+    /// Churn: fewest and most holders of a block at the end.
+    pub end_replicas_min_max: (usize, usize),
+    /// Churn: weakest block's throughput and the mean at the end.
+    pub end_weakest_block_tput: (f64, f64),
+    /// Gap phase: holders of [`GAP_BLOCK`] crashed at once, and the
+    /// simulated seconds until a live node covered it again by moving
+    /// (`None`: not within the wait).
+    pub gap: Option<(usize, Option<f64>)>,
+}
+
+/// A deterministic random source (the simulation is scripted, not
+/// random; only the order of events on the runtime varies).
+#[derive(Debug, Clone)]
+pub struct Lcg(u64);
+
+impl Lcg {
+    /// Seeded.
+    pub fn new(seed: u64) -> Self {
+        Lcg(seed | 1)
+    }
+    /// Next 31 random bits.
+    pub fn next_bits(&mut self) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) as usize
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.next_bits() % n.max(1)
+    }
+}
+
+/// One simulated serving node.
+struct Node {
+    client: Client,
+    task: JoinHandle<()>,
+    addr: Multiaddr,
+    budget: u32,
+    tput: f64,
+    range: Range<u32>,
+    rebalancer: Rebalancer,
+    moves: u32,
+}
+
+/// Rebalancing checks per node per simulated minute (Petals checks every
+/// U(0, 240 s); the simulator checks more often so that ten minutes show
+/// moves).
+const CHECKS_PER_MINUTE: f64 = 4.0;
+/// The block whose every holder the gap phase crashes.
+pub const GAP_BLOCK: u32 = 40;
+/// Longest the gap phase waits for a move to cover [`GAP_BLOCK`] again,
+/// simulated minutes.
+const GAP_WAIT_MINUTES: f64 = 6.0;
+/// The least time between two moves of one node in the simulation, in
+/// simulated minutes (the product's [`nakshatra_node::placement::MIN_DWELL`]
+/// is 30 minutes, longer than a whole simulated run).
+const SIM_DWELL_MINUTES: f64 = 2.0;
+
+fn rebalancer(scale: f64) -> Rebalancer {
+    Rebalancer::with(
+        Instant::now(),
+        nakshatra_node::placement::REBALANCE_CONFIRMATIONS,
+        scaled(Duration::from_secs_f64(60.0 * SIM_DWELL_MINUTES), scale),
+    )
+}
+
+fn scaled(d: Duration, scale: f64) -> Duration {
+    d.mul_f64(scale)
+}
+
+/// The swarm configuration of a simulated node (`server` or client).
+pub fn sim_config(server: bool, bootstrap: Option<Multiaddr>, scale: f64) -> SwarmConfig {
+    let mut c = if server {
+        SwarmConfig::server()
+    } else {
+        SwarmConfig::client()
+    };
+    if server {
+        c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+    }
+    c.bootstrap = bootstrap.into_iter().collect();
+    c.mdns = false;
+    c.refresh = scaled(c.refresh, scale);
+    c.record_ttl = scaled(c.record_ttl, scale);
+    c
+}
+
+async fn start_stack(
+    server: bool,
+    bootstrap: Option<Multiaddr>,
+    scale: f64,
+) -> (Client, JoinHandle<()>, Multiaddr) {
+    let (client, task) = spawn(
+        IdentityKeypair::generate_ed25519(),
+        sim_config(server, bootstrap, scale),
+    )
+    .await
+    .expect("spawn a swarm stack");
+    let addr = match client.listen_addrs().await.expect("listen addrs").first() {
+        Some(a) => format!("{a}/p2p/{}", client.peer_id())
+            .parse()
+            .expect("multiaddr"),
+        None => Multiaddr::empty(),
+    };
+    (client, task, addr)
+}
+
+/// A node's memory budget in blocks, and its speed: a mix from small
+/// machines (4 blocks) to big ones (32), some faster than others.
+fn hardware(rng: &mut Lcg) -> (u32, f64) {
+    const BUDGETS: [u32; 8] = [4, 6, 8, 10, 12, 16, 24, 32];
+    const SPEEDS: [f64; 3] = [0.5, 1.0, 2.0];
+    let blocks = BUDGETS[rng.below(BUDGETS.len())];
+    let speed = SPEEDS[rng.below(SPEEDS.len())];
+    // Tokens per second through the whole range: a node runs a fixed
+    // number of block-steps per second.
+    (blocks, speed * 400.0 / blocks as f64)
+}
+
+fn info_for(range: &Range<u32>, tput: f64) -> ServerInfo {
+    let mut info = ServerInfo::new(MODEL, "llama", BLOCKS, range.clone(), 8192);
+    info.throughput = tput;
+    info.max_sessions = 8;
+    info.free_sessions = 8;
+    info.context_per_session = 4096;
+    info
+}
+
+fn shape() -> ModelShape {
+    ModelShape {
+        n_layers: BLOCKS,
+        arch: "llama".into(),
+    }
+}
+
+fn place(tput: &[f64], budget: u32) -> Range<u32> {
+    match nakshatra_node::placement::choose_range_by(
+        BLOCKS,
+        |a, b| u64::from(b.saturating_sub(a)),
+        tput,
+        u64::from(budget),
+        None,
+    ) {
+        Ok((r, _)) => r,
+        Err(e) => panic!("placement with a budget of {budget} blocks failed: {e}"),
+    }
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
+        .unwrap_or(0.0)
+}
+
+async fn all_stats(nodes: &[Node]) -> Vec<Option<SwarmStats>> {
+    futures::future::join_all(nodes.iter().map(|n| async { n.client.stats().await.ok() })).await
+}
+
+/// Runs one simulation (on the current multi-threaded tokio runtime).
+pub async fn run(cfg: &SimConfig) -> SimReport {
+    let s = cfg.time_scale;
+    let mut rng = Lcg::new(cfg.seed);
+    let mut report = SimReport {
+        nodes: cfg.nodes,
+        time_scale: s,
+        ttl_s: SwarmConfig::server().record_ttl.as_secs_f64(),
+        ..SimReport::default()
+    };
+
+    // 1. Start and place.
+    let mut nodes: Vec<Node> = Vec::with_capacity(cfg.nodes);
+    let mut tput = vec![0f64; BLOCKS as usize];
+    for i in 0..cfg.nodes {
+        let bootstrap = (i > 0).then(|| nodes[rng.below(i)].addr.clone());
+        let (client, task, addr) = start_stack(true, bootstrap, s).await;
+        let (budget, t) = hardware(&mut rng);
+        let range = place(&tput, budget);
+        for b in range.clone() {
+            tput[b as usize] += t;
+        }
+        nodes.push(Node {
+            client,
+            task,
+            addr,
+            budget,
+            tput: t,
+            range,
+            rebalancer: rebalancer(s),
+            moves: 0,
+        });
+    }
+    let mut replicas = vec![0usize; BLOCKS as usize];
+    for n in &nodes {
+        for b in n.range.clone() {
+            replicas[b as usize] += 1;
+        }
+    }
+    report.replicas_min_max = (
+        replicas.iter().copied().min().unwrap_or(0),
+        replicas.iter().copied().max().unwrap_or(0),
+    );
+    report.weakest_block_tput = (
+        tput.iter().copied().fold(f64::INFINITY, f64::min),
+        tput.iter().sum::<f64>() / f64::from(BLOCKS),
+    );
+    // Routing tables fill (identify, Kademlia bootstrap) before anyone
+    // announces.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spread = scaled(Duration::from_secs(10), s.min(1.0));
+    let n_nodes = nodes.len();
+    futures::future::join_all(nodes.iter().enumerate().map(|(i, n)| {
+        let info = info_for(&n.range, n.tput);
+        let delay = spread.mul_f64(i as f64 / n_nodes as f64);
+        async move {
+            tokio::time::sleep(delay).await;
+            n.client.announce(info).await.expect("announce");
+        }
+    }))
+    .await;
+    tokio::time::sleep(scaled(SwarmConfig::server().refresh, s)).await;
+
+    // 2. One simulated minute of steady state.
+    let minute = scaled(Duration::from_secs(60), s);
+    let before = all_stats(&nodes).await;
+    let t_window = Instant::now();
+    let boot: Vec<Multiaddr> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let live = cfg.nodes;
+    let fresh = {
+        let boot = boot.clone();
+        let mut rng = rng.clone();
+        let k = cfg.fresh_nodes;
+        tokio::spawn(async move {
+            let mut times = Vec::new();
+            let mut incomplete = (0usize, 1.0f64);
+            for _ in 0..k {
+                let (c, task, _) =
+                    start_stack(false, Some(boot[rng.below(boot.len())].clone()), s).await;
+                let t = Instant::now();
+                let _ = c.wait_connected(Duration::from_secs(10)).await;
+                let mut best = 0usize;
+                loop {
+                    if let Ok(v) = c.model_view_with(MODEL, &shape()).await {
+                        best = best.max(v.peers.len());
+                        if v.is_fully_covered() && v.peers.len() >= live {
+                            times.push(t.elapsed().as_secs_f64());
+                            break;
+                        }
+                    }
+                    if t.elapsed() > COVERAGE_TIMEOUT {
+                        incomplete.0 += 1;
+                        incomplete.1 = incomplete.1.min(best as f64 / live as f64);
+                        break;
+                    }
+                    tokio::time::sleep(COVERAGE_POLL).await;
+                }
+                let _ = c.shutdown().await;
+                task.abort();
+            }
+            (times, incomplete)
+        })
+    };
+    let asker = {
+        let b = boot[rng.below(boot.len())].clone();
+        let plans = cfg.plans;
+        tokio::spawn(async move {
+            let (c, task, _) = start_stack(false, Some(b), s).await;
+            let _ = c.wait_connected(Duration::from_secs(10)).await;
+            let opts = PlanOptions {
+                shape: Some(shape()),
+                ..PlanOptions::default()
+            };
+            // A first plan warms the asker (connections, peer memory).
+            let _ = c.plan(MODEL, &opts).await;
+            let mut times = Vec::new();
+            for _ in 0..plans {
+                let t = Instant::now();
+                if c.plan(MODEL, &opts).await.is_ok() {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let _ = c.shutdown().await;
+            task.abort();
+            times
+        })
+    };
+    let (fresh_times, incomplete) = fresh.await.expect("fresh nodes task");
+    let plan_times = asker.await.expect("asker task");
+    if let Some(left) = minute.checked_sub(t_window.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    let after = all_stats(&nodes).await;
+    let minutes = t_window.elapsed().as_secs_f64() / minute.as_secs_f64();
+    report.coverage = Pct::of(fresh_times);
+    report.coverage_incomplete = incomplete;
+    report.plan = Pct::of(plan_times);
+    let rate = |f: fn(&SwarmStats) -> u64| -> Rate {
+        let v: Vec<f64> = before
+            .iter()
+            .zip(&after)
+            .filter_map(|(b, a)| Some((f(a.as_ref()?) - f(b.as_ref()?)) as f64 / minutes))
+            .collect();
+        Rate {
+            mean: v.iter().sum::<f64>() / v.len().max(1) as f64,
+            max: v.iter().copied().fold(0.0, f64::max),
+        }
+    };
+    report.walks = rate(|s| s.dht_queries);
+    report.requests_out = rate(|s| s.dht_requests_out);
+    report.requests_in = rate(|s| s.dht_requests_in);
+    report.bytes = rate(|s| s.bytes_sent);
+
+    report.loops_died = nodes.iter().filter(|n| n.task.is_finished()).count();
+
+    // 3. Churn.
+    if cfg.churn_minutes > 0 {
+        churn(cfg, &mut rng, nodes, &mut report).await;
+    } else {
+        for n in nodes {
+            n.task.abort();
+        }
+    }
+    report
+}
+
+/// Shared between the churn driver and its observer.
+#[derive(Default)]
+struct ChurnState {
+    /// Crash time of every crashed node.
+    crashed: HashMap<PeerId, Instant>,
+    /// Ranges of the live, announced nodes (the ground truth).
+    live: HashMap<PeerId, Range<u32>>,
+}
+
+async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut SimReport) {
+    let s = cfg.time_scale;
+    let minute = scaled(Duration::from_secs(60), s);
+    let state = Arc::new(Mutex::new(ChurnState::default()));
+    {
+        let mut st = state.lock().expect("churn state");
+        for n in &nodes {
+            st.live.insert(n.client.peer_id(), n.range.clone());
+        }
+    }
+    let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
+    let stop = Arc::new(tokio::sync::Notify::new());
+
+    // The observer: its view every few (simulated) seconds.
+    let observer = {
+        let state = state.clone();
+        let stop = stop.clone();
+        let b = nodes.lock().await[0].addr.clone();
+        let period = scaled(Duration::from_secs(3), s);
+        tokio::spawn(async move {
+            let (c, task, _) = start_stack(false, Some(b), s).await;
+            let _ = c.wait_connected(Duration::from_secs(10)).await;
+            let mut max_seen = 0f64;
+            let mut seen: HashSet<PeerId> = HashSet::new();
+            let mut hidden_since: HashMap<u32, Instant> = HashMap::new();
+            let mut bare_since: HashMap<u32, Instant> = HashMap::new();
+            let mut max_hidden = 0f64;
+            let mut max_bare = 0f64;
+            let sh = shape();
+            loop {
+                // The view reflects the cache as synced at the start of
+                // the call (the RTT pings after it take seconds for dead
+                // peers): stamp it then.
+                let now = Instant::now();
+                let view = tokio::select! {
+                    v = c.model_view_with(MODEL, &sh) => v,
+                    _ = stop.notified() => break,
+                };
+                let Ok(view) = view else { continue };
+                {
+                    let st = state.lock().expect("churn state");
+                    for p in &view.peers {
+                        if let Some(at) = st.crashed.get(&p.peer_id) {
+                            seen.insert(p.peer_id);
+                            max_seen = max_seen.max(now.duration_since(*at).as_secs_f64());
+                        }
+                    }
+                    for b in 0..BLOCKS {
+                        let live_holder = st.live.values().any(|r| r.contains(&b));
+                        let shown = view
+                            .coverage
+                            .get(b as usize)
+                            .is_some_and(|h| h.iter().any(|p| st.live.contains_key(p)));
+                        let track = |on: bool, since: &mut HashMap<u32, Instant>, max: &mut f64| {
+                            if on {
+                                let t0 = *since.entry(b).or_insert(now);
+                                *max = max.max(now.duration_since(t0).as_secs_f64());
+                            } else {
+                                since.remove(&b);
+                            }
+                        };
+                        track(live_holder && !shown, &mut hidden_since, &mut max_hidden);
+                        track(!live_holder, &mut bare_since, &mut max_bare);
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+            let _ = c.shutdown().await;
+            task.abort();
+            (max_seen, seen.len(), max_hidden, max_bare)
+        })
+    };
+
+    // The asker: plans and checks them against the crashes.
+    let asker = {
+        let state = state.clone();
+        let stop = stop.clone();
+        let b = nodes.lock().await[1].addr.clone();
+        let period = scaled(Duration::from_secs(2), s);
+        tokio::spawn(async move {
+            let (c, task, _) = start_stack(false, Some(b), s).await;
+            let _ = c.wait_connected(Duration::from_secs(10)).await;
+            let opts = PlanOptions {
+                shape: Some(shape()),
+                ..PlanOptions::default()
+            };
+            let (mut total, mut dead) = (0usize, 0usize);
+            loop {
+                let chain = tokio::select! {
+                    c = c.plan(MODEL, &opts) => c,
+                    _ = stop.notified() => break,
+                };
+                if let Ok(chain) = chain {
+                    total += 1;
+                    let st = state.lock().expect("churn state");
+                    if chain
+                        .hops
+                        .iter()
+                        .any(|h| st.crashed.contains_key(&h.peer_id))
+                    {
+                        dead += 1;
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+            let _ = c.shutdown().await;
+            task.abort();
+            (total, dead)
+        })
+    };
+
+    // Rebalancing: every node checks about CHECKS_PER_MINUTE times a
+    // simulated minute, from its own info cache (no network traffic), and
+    // moves (re-announces another range) when its rebalancer says so.
+    let rebalance = {
+        let nodes = nodes.clone();
+        let state = state.clone();
+        let stop = stop.clone();
+        let period = scaled(Duration::from_secs(1), s);
+        tokio::spawn(async move {
+            let mut rng = Lcg::new(0x5eed);
+            let mut moves = 0usize;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.notified() => break,
+                }
+                let mut ns = nodes.lock().await;
+                // Each node checks with probability CHECKS_PER_MINUTE/60
+                // per simulated second.
+                let k = ((ns.len() as f64 * CHECKS_PER_MINUTE / 60.0).round() as usize).max(1);
+                for _ in 0..k {
+                    if ns.is_empty() {
+                        break;
+                    }
+                    let i = rng.below(ns.len());
+                    let node = &mut ns[i];
+                    let Ok(infos) = node.client.cached_infos(Some(MODEL)).await else {
+                        continue;
+                    };
+                    let view = nakshatra_swarm::build_model_view_with(
+                        MODEL,
+                        Some(&shape()),
+                        &infos,
+                        &HashMap::new(),
+                    );
+                    let tput = block_throughput(BLOCKS, &view.peers, None);
+                    let decision = node.rebalancer.check(
+                        Instant::now(),
+                        node.range.clone(),
+                        node.tput,
+                        &tput,
+                        |a, b| u64::from(b.saturating_sub(a)),
+                        u64::from(node.budget),
+                        None,
+                    );
+                    if let Rebalance::Move { to, .. } = decision {
+                        if node.client.announce(info_for(&to, node.tput)).await.is_ok() {
+                            node.range = to.clone();
+                            node.moves += 1;
+                            moves += 1;
+                            state
+                                .lock()
+                                .expect("churn state")
+                                .live
+                                .insert(node.client.peer_id(), to);
+                        }
+                    }
+                }
+            }
+            moves
+        })
+    };
+
+    // The churn itself: one crash and one join every `tick`.
+    let per_minute = ((cfg.nodes as f64 * cfg.churn_per_minute).round() as usize).max(1);
+    let tick = minute.div_f64(per_minute as f64);
+    let mut joins: Vec<JoinHandle<()>> = Vec::new();
+    for m in 0..cfg.churn_minutes {
+        {
+            let live = state.lock().expect("churn state").live.len();
+            let tasks = tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks();
+            report.samples.push((m, live, rss_mib(), tasks));
+        }
+        for _ in 0..per_minute {
+            // Crash a random live node.
+            {
+                let mut ns = nodes.lock().await;
+                if !ns.is_empty() {
+                    let i = rng.below(ns.len());
+                    let victim = ns.swap_remove(i);
+                    if victim.task.is_finished() {
+                        report.loops_died += 1;
+                    }
+                    victim.task.abort();
+                    let mut st = state.lock().expect("churn state");
+                    let p = victim.client.peer_id();
+                    st.live.remove(&p);
+                    st.crashed.insert(p, Instant::now());
+                    report.crashed += 1;
+                }
+            }
+            // And start a new one, which places itself from its own view.
+            let boot = {
+                let ns = nodes.lock().await;
+                ns[rng.below(ns.len())].addr.clone()
+            };
+            let (budget, t) = hardware(rng);
+            let nodes2 = nodes.clone();
+            let state2 = state.clone();
+            joins.push(tokio::spawn(async move {
+                let (client, task, addr) = start_stack(true, Some(boot), s).await;
+                let _ = client.wait_connected(Duration::from_secs(10)).await;
+                let view = client
+                    .model_view_with(MODEL, &shape())
+                    .await
+                    .unwrap_or_default();
+                let tput = nakshatra_node::placement::block_throughput(BLOCKS, &view.peers, None);
+                let tput = if tput.len() == BLOCKS as usize {
+                    tput
+                } else {
+                    vec![0.0; BLOCKS as usize]
+                };
+                let range = place(&tput, budget);
+                if client.announce(info_for(&range, t)).await.is_err() {
+                    task.abort();
+                    return;
+                }
+                state2
+                    .lock()
+                    .expect("churn state")
+                    .live
+                    .insert(client.peer_id(), range.clone());
+                nodes2.lock().await.push(Node {
+                    client,
+                    task,
+                    addr,
+                    budget,
+                    tput: t,
+                    range,
+                    rebalancer: rebalancer(s),
+                    moves: 0,
+                });
+            }));
+            tokio::time::sleep(tick).await;
+        }
+        joins.retain(|j| !j.is_finished());
+    }
+    if cfg.gap_phase {
+        // Every holder of GAP_BLOCK crashes; nobody joins. Rebalancing
+        // must cover it again.
+        let t_gap = Instant::now();
+        let mut killed = 0;
+        {
+            let mut ns = nodes.lock().await;
+            let mut st = state.lock().expect("churn state");
+            let mut i = 0;
+            while i < ns.len() {
+                if ns[i].range.contains(&GAP_BLOCK) {
+                    let victim = ns.swap_remove(i);
+                    if victim.task.is_finished() {
+                        report.loops_died += 1;
+                    }
+                    victim.task.abort();
+                    let p = victim.client.peer_id();
+                    st.live.remove(&p);
+                    st.crashed.insert(p, Instant::now());
+                    report.crashed += 1;
+                    killed += 1;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        let deadline = t_gap + scaled(Duration::from_secs_f64(60.0 * GAP_WAIT_MINUTES), s);
+        let mut healed = None;
+        while Instant::now() < deadline {
+            let covered = state
+                .lock()
+                .expect("churn state")
+                .live
+                .values()
+                .any(|r| r.contains(&GAP_BLOCK));
+            if covered {
+                healed = Some(t_gap.elapsed().as_secs_f64() / s);
+                break;
+            }
+            tokio::time::sleep(scaled(Duration::from_secs(1), s)).await;
+        }
+        report.gap = Some((killed, healed));
+    }
+    // One more TTL: every crash of the last minute has had its chance to
+    // expire from the views.
+    tokio::time::sleep(scaled(SwarmConfig::server().record_ttl, s)).await;
+    {
+        let live = state.lock().expect("churn state").live.len();
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        report
+            .samples
+            .push((cfg.churn_minutes, live, rss_mib(), tasks));
+    }
+    stop.notify_waiters();
+    // `notify_waiters` only wakes tasks waiting now: repeat until both end.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(observer.is_finished() && asker.is_finished() && rebalance.is_finished())
+        && Instant::now() < deadline
+    {
+        stop.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (max_seen, seen, max_hidden, max_bare) = observer.await.expect("observer task");
+    let (total, dead) = asker.await.expect("asker task");
+    report.moves = rebalance.await.expect("rebalance task");
+    {
+        let ns = nodes.lock().await;
+        report.max_moves_per_node = ns.iter().map(|n| n.moves).max().unwrap_or(0);
+        let mut replicas = vec![0usize; BLOCKS as usize];
+        let mut tput = vec![0f64; BLOCKS as usize];
+        for n in ns.iter() {
+            for b in n.range.clone() {
+                replicas[b as usize] += 1;
+                tput[b as usize] += n.tput;
+            }
+        }
+        report.end_replicas_min_max = (
+            replicas.iter().copied().min().unwrap_or(0),
+            replicas.iter().copied().max().unwrap_or(0),
+        );
+        report.end_weakest_block_tput = (
+            tput.iter().copied().fold(f64::INFINITY, f64::min),
+            tput.iter().sum::<f64>() / f64::from(BLOCKS),
+        );
+    }
+    report.max_advertised_after_crash = max_seen / s;
+    report.seen_after_crash = seen;
+    report.max_hidden_block = max_hidden / s;
+    report.max_uncovered_block = max_bare / s;
+    report.chains = (total, dead);
+    for j in joins {
+        j.abort();
+    }
+    for n in nodes.lock().await.drain(..) {
+        if n.task.is_finished() {
+            report.loops_died += 1;
+        }
+        n.task.abort();
+    }
+}
+
+/// One line of the table `docs/scale.md` shows.
+pub fn table_row(r: &SimReport) -> String {
+    format!(
+        "| {} | {:.1} / {:.1} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {}–{} | {:.1} |",
+        r.nodes,
+        r.coverage.p50,
+        r.coverage.p99,
+        r.plan.p50,
+        r.plan.p99,
+        r.walks.mean,
+        r.requests_out.mean,
+        r.requests_in.mean,
+        r.bytes.mean / 1024.0,
+        r.replicas_min_max.0,
+        r.replicas_min_max.1,
+        r.weakest_block_tput.0,
+    )
+}
+
+/// The table's header.
+pub const TABLE_HEADER: &str = "| nodes | fresh node: full map p50 / p99 (s) | plan p50 / p99 (s) | DHT walks /node/min | DHT requests out /node/min | DHT requests in /node/min | KiB sent /node/min | replicas min–max | weakest block tok/s |\n|---|---|---|---|---|---|---|---|---|";
