@@ -89,7 +89,10 @@ pub(crate) struct Behaviour {
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) info: request_response::Behaviour<InfoCodec>,
     pub(crate) view: request_response::Behaviour<ViewCodec>,
-    pub(crate) gossip: gossipsub::Behaviour,
+    /// Serving nodes only: a gossipsub stream keeps its connection open
+    /// for good, and a client (an asker, `swarm status`) must let its
+    /// connections close when idle.
+    pub(crate) gossip: Toggle<gossipsub::Behaviour>,
     /// Raw streams (`/nakshatra/probe/1`, and the node's own protocols
     /// through [`crate::Client::stream_control`]).
     pub(crate) stream: crate::stream::Behaviour,
@@ -191,9 +194,10 @@ impl Behaviour {
                 .with_request_timeout(config.request_timeout)
                 .with_max_concurrent_streams(VIEW_MAX_CONCURRENT_STREAMS),
         );
-        let gossip =
+        let gossip = (config.role == Role::Server).then(|| {
             gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config())
-                .expect("the gossipsub configuration is valid");
+                .expect("the gossipsub configuration is valid")
+        });
 
         let limits = crate::limits::Behaviour::new(crate::limits::Caps {
             per_peer: MAX_CONNECTIONS_PER_PEER,
@@ -220,7 +224,7 @@ impl Behaviour {
             mdns: Toggle::from(mdns),
             info,
             view,
-            gossip,
+            gossip: Toggle::from(gossip),
             stream: crate::stream::Behaviour::new(),
             relay_client,
             relay: Toggle::from(relay),
@@ -238,14 +242,26 @@ pub(crate) const VIEW_MAX_CONCURRENT_STREAMS: usize = 4;
 /// Largest gossip message: one signed info and gossipsub's framing.
 pub(crate) const GOSSIP_MAX_MESSAGE: usize = nakshatra_protocol::MAX_RECORD_BYTES + 1024;
 
+/// IDONTWANT for every info (gossipsub's default sends it only for
+/// messages over 1000 bytes, and a signed info is about that size): a node
+/// that has an info tells its mesh at once, which saves most duplicate
+/// copies.
+const GOSSIP_IDONTWANT_THRESHOLD: usize = 128;
+
 /// The info topic's gossipsub settings: no gossipsub-level signatures
 /// (every message is a signed info, verified by the application before it
 /// is forwarded: `validate_messages`), message ids from the content (the
 /// same info relayed by many peers is one message), messages bounded to one
-/// record. Mesh sizes and heartbeat are gossipsub's defaults (6, 5–12,
-/// 1 s).
+/// record. Publishing goes to the mesh only (not flooded to every connected
+/// subscriber: a serving node is connected to a large part of the swarm),
+/// and IDONTWANT is sent for every info
+/// ([`GOSSIP_IDONTWANT_THRESHOLD`]); mesh sizes and heartbeat are
+/// gossipsub's defaults (6, 5–12, 1 s). The anti-entropy view sync makes
+/// up for what the gossip misses.
 fn gossip_config() -> gossipsub::Config {
     gossipsub::ConfigBuilder::default()
+        .flood_publish(false)
+        .idontwant_message_size_threshold(GOSSIP_IDONTWANT_THRESHOLD)
         .validation_mode(gossipsub::ValidationMode::Anonymous)
         .validate_messages()
         .max_transmit_size(GOSSIP_MAX_MESSAGE)

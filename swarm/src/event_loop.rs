@@ -356,6 +356,8 @@ pub(crate) struct EventLoop {
     last_sync: Option<Instant>,
     /// Connected peers whose identify lists the view protocol.
     view_peers: HashSet<PeerId>,
+    /// Our last info could not be gossiped (no subscribed peer known yet).
+    gossip_unsent: bool,
     rtt: HashMap<PeerId, Duration>,
     rtt_waiters: HashMap<PeerId, Vec<oneshot::Sender<Option<Duration>>>>,
     connect_waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
@@ -423,6 +425,7 @@ impl EventLoop {
             next_sync: 0,
             last_sync: None,
             view_peers: HashSet::new(),
+            gossip_unsent: false,
             rtt: HashMap::new(),
             rtt_waiters: HashMap::new(),
             connect_waiters: HashMap::new(),
@@ -468,10 +471,11 @@ impl EventLoop {
             self.on_external_addrs_changed();
         }
         self.dial_bootstraps();
-        if self.config.role == Role::Server {
-            // Servers carry the info gossip; clients sync views on demand.
+        // Servers carry the info gossip (clients have no gossipsub at all
+        // and sync views on demand).
+        if let Some(gossip) = self.swarm.behaviour_mut().gossip.as_mut() {
             let topic = gossipsub::IdentTopic::new(keys::INFOS_TOPIC);
-            if let Err(e) = self.swarm.behaviour_mut().gossip.subscribe(&topic) {
+            if let Err(e) = gossip.subscribe(&topic) {
                 tracing::warn!(error = %e, "cannot subscribe to the info topic");
             }
         }
@@ -867,15 +871,16 @@ impl EventLoop {
             Err(e) => tracing::warn!(error = %e, "our own info does not verify"),
         }
         let topic = gossipsub::IdentTopic::new(keys::INFOS_TOPIC);
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossip
-            .publish(topic, signed.to_vec())
-        {
-            Ok(_) => {}
+        let Some(gossip) = self.swarm.behaviour_mut().gossip.as_mut() else {
+            return;
+        };
+        match gossip.publish(topic, signed.to_vec()) {
+            Ok(_) => self.gossip_unsent = false,
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
-                tracing::debug!("no gossip peer yet: the info reaches others by view syncs");
+                // Announced before any peer's subscription arrived (a node
+                // that just joined): published again on the first one.
+                tracing::debug!("no gossip peer yet: publishing again on the first subscription");
+                self.gossip_unsent = true;
             }
             Err(e) => tracing::debug!(error = %e, "cannot publish the info on the gossip topic"),
         }
@@ -884,6 +889,12 @@ impl EventLoop {
     /// Keeps a verified info in the cache; on news, learns the addresses
     /// it announces (later dials by peer id use them). Whether it was news.
     fn cache_info(&mut self, peer: PeerId, info: ServerInfo, signed: Vec<u8>) -> bool {
+        if peer == self.local_peer {
+            // What others hold of us is at best our previous life's info
+            // (a restart under the same identity): only our own
+            // announcements describe us (`gossip_info`).
+            return false;
+        }
         let addrs: Vec<Multiaddr> = info
             .listen_addrs
             .iter()
@@ -917,6 +928,13 @@ impl EventLoop {
             .collect();
         if peers.is_empty() {
             peers = self.swarm.connected_peers().copied().collect();
+        }
+        if peers.is_empty() {
+            // Every connection closed for idleness: the DHT servers this
+            // node knows (the request dials them).
+            for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                peers.extend(bucket.iter().map(|e| *e.node.key.preimage()));
+            }
         }
         // A different pick each time (no RNG needed: the peer tags are
         // hashes, mixed with a counter).
@@ -955,6 +973,7 @@ impl EventLoop {
             },
         );
         self.stats.view_requests_out += 1;
+        tracing::debug!(%peer, round, "view request");
         self.pending_view.insert(id, (peer, model, sync, round));
     }
 
@@ -1031,6 +1050,7 @@ impl EventLoop {
                 if bad > 0 {
                     tracing::debug!(%peer, bad, "view answer held infos that do not verify");
                 }
+                tracing::debug!(%peer, new, more = response.more, "view answer");
                 self.last_sync = Some(Instant::now());
                 if response.more && round < VIEW_SYNC_MAX_ROUNDS && new > 0 {
                     if let Some(s) = self.syncs.get_mut(&sync) {
@@ -1060,6 +1080,17 @@ impl EventLoop {
     }
 
     fn on_gossip(&mut self, event: gossipsub::Event) {
+        if let gossipsub::Event::Subscribed { topic, .. } = &event {
+            if self.gossip_unsent
+                && *topic == gossipsub::IdentTopic::new(keys::INFOS_TOPIC).hash()
+                && self.announcement.is_some()
+            {
+                if let Err(e) = self.publish_info() {
+                    tracing::warn!(error = %e, "cannot re-sign the info");
+                }
+            }
+            return;
+        }
         let gossipsub::Event::Message {
             propagation_source,
             message_id,
@@ -1085,11 +1116,13 @@ impl EventLoop {
                 gossipsub::MessageAcceptance::Reject
             }
         };
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .gossip
-            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+        if let Some(gossip) = self.swarm.behaviour_mut().gossip.as_mut() {
+            let _ = gossip.report_message_validation_result(
+                &message_id,
+                &propagation_source,
+                acceptance,
+            );
+        }
     }
 
     fn withdraw(&mut self, reply: oneshot::Sender<()>) {
@@ -1558,6 +1591,14 @@ impl EventLoop {
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
                 if info.protocols.iter().any(|p| p.as_ref() == VIEW_PROTOCOL) {
                     self.view_peers.insert(peer_id);
+                    if self.last_sync.is_none()
+                        && self.config.role == Role::Server
+                        && self.syncs.is_empty()
+                    {
+                        // A server that just joined: its cache now, not at
+                        // its first refresh.
+                        self.start_view_sync(None, None);
+                    }
                 } else {
                     self.view_peers.remove(&peer_id);
                 }

@@ -101,7 +101,7 @@ pub use behaviour::{
     RELAY_MAX_RESERVATIONS_PER_PEER,
 };
 pub use client::{Client, MAX_EDGE_PROBES, VIEW_SYNC_MAX_AGE};
-pub use codec::InfoCodec;
+pub use codec::{InfoCodec, ViewCodec};
 pub use config::{Role, SwarmConfig};
 pub use connect::{Handshake, OpenError, Reopen, WaitError};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};

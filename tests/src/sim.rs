@@ -77,12 +77,20 @@ pub struct SimConfig {
 
 impl SimConfig {
     /// The steady-state measurement for `nodes` nodes.
+    /// `NAKSHATRA_SIM_FRESH` and `NAKSHATRA_SIM_PLANS` override the
+    /// fresh nodes (3) and plans (20) timed.
     pub fn steady(nodes: usize, time_scale: f64) -> Self {
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
         SimConfig {
             nodes,
             time_scale,
-            fresh_nodes: 3,
-            plans: 20,
+            fresh_nodes: env("NAKSHATRA_SIM_FRESH", 3),
+            plans: env("NAKSHATRA_SIM_PLANS", 20),
             churn_minutes: 0,
             churn_per_minute: 0.10,
             gap_phase: false,
