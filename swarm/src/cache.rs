@@ -111,6 +111,15 @@ impl InfoCache {
             .collect()
     }
 
+    /// How many serving peers (not withdrawn, not expired at `now_ms`)
+    /// the cache holds.
+    pub(crate) fn serving(&self, now_ms: u64) -> usize {
+        self.entries
+            .values()
+            .filter(|e| e.info.state != ServerState::Offline && e.info.expires_at_ms > now_ms)
+            .count()
+    }
+
     /// What this cache holds of `model` (all models: `None`), as a view
     /// request's digest: (peer tag, `issued_at_ms`).
     pub(crate) fn digest(&self, model: Option<&str>) -> Vec<(u64, u64)> {

@@ -652,7 +652,7 @@ impl EventLoop {
                 stats.routing_table_peers = self.routing_table_size();
                 stats.announcing = self.announcement.is_some();
                 stats.bytes_sent = self.bytes_sent.get();
-                stats.cached_infos = self.cache.infos(None, now_ms()).len();
+                stats.cached_infos = self.cache.serving(now_ms());
                 (stats.stored_records, stats.stored_provider_keys) =
                     self.swarm.behaviour_mut().kad.store_mut().sizes();
                 let _ = reply.send(stats);

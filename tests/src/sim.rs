@@ -258,6 +258,52 @@ fn rebalancer(scale: f64) -> Rebalancer {
     )
 }
 
+impl Node {
+    fn new(
+        client: Client,
+        task: JoinHandle<()>,
+        addr: Multiaddr,
+        budget: u32,
+        tput: f64,
+        range: Range<u32>,
+        scale: f64,
+    ) -> Self {
+        Node {
+            client,
+            task,
+            addr,
+            budget,
+            tput,
+            range,
+            rebalancer: rebalancer(scale),
+            moves: 0,
+        }
+    }
+}
+
+/// Fewest and most holders of a block, and the weakest block's and the
+/// mean block's throughput, of nodes holding `(range, throughput)`.
+fn balance<'a>(nodes: impl Iterator<Item = (&'a Range<u32>, f64)>) -> ((usize, usize), (f64, f64)) {
+    let mut replicas = vec![0usize; BLOCKS as usize];
+    let mut tput = vec![0f64; BLOCKS as usize];
+    for (range, t) in nodes {
+        for b in range.clone() {
+            replicas[b as usize] += 1;
+            tput[b as usize] += t;
+        }
+    }
+    (
+        (
+            replicas.iter().copied().min().unwrap_or(0),
+            replicas.iter().copied().max().unwrap_or(0),
+        ),
+        (
+            tput.iter().copied().fold(f64::INFINITY, f64::min),
+            tput.iter().sum::<f64>() / f64::from(BLOCKS),
+        ),
+    )
+}
+
 fn scaled(d: Duration, scale: f64) -> Duration {
     d.mul_f64(scale)
 }
@@ -374,31 +420,10 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         for b in range.clone() {
             tput[b as usize] += t;
         }
-        nodes.push(Node {
-            client,
-            task,
-            addr,
-            budget,
-            tput: t,
-            range,
-            rebalancer: rebalancer(s),
-            moves: 0,
-        });
+        nodes.push(Node::new(client, task, addr, budget, t, range, s));
     }
-    let mut replicas = vec![0usize; BLOCKS as usize];
-    for n in &nodes {
-        for b in n.range.clone() {
-            replicas[b as usize] += 1;
-        }
-    }
-    report.replicas_min_max = (
-        replicas.iter().copied().min().unwrap_or(0),
-        replicas.iter().copied().max().unwrap_or(0),
-    );
-    report.weakest_block_tput = (
-        tput.iter().copied().fold(f64::INFINITY, f64::min),
-        tput.iter().sum::<f64>() / f64::from(BLOCKS),
-    );
+    (report.replicas_min_max, report.weakest_block_tput) =
+        balance(nodes.iter().map(|n| (&n.range, n.tput)));
     // Routing tables fill (identify, Kademlia bootstrap) before anyone
     // announces.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -762,16 +787,10 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     .expect("churn state")
                     .live
                     .insert(client.peer_id(), range.clone());
-                nodes2.lock().await.push(Node {
-                    client,
-                    task,
-                    addr,
-                    budget,
-                    tput: t,
-                    range,
-                    rebalancer: rebalancer(s),
-                    moves: 0,
-                });
+                nodes2
+                    .lock()
+                    .await
+                    .push(Node::new(client, task, addr, budget, t, range, s));
             }));
             tokio::time::sleep(tick).await;
         }
@@ -847,22 +866,8 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     {
         let ns = nodes.lock().await;
         report.max_moves_per_node = ns.iter().map(|n| n.moves).max().unwrap_or(0);
-        let mut replicas = vec![0usize; BLOCKS as usize];
-        let mut tput = vec![0f64; BLOCKS as usize];
-        for n in ns.iter() {
-            for b in n.range.clone() {
-                replicas[b as usize] += 1;
-                tput[b as usize] += n.tput;
-            }
-        }
-        report.end_replicas_min_max = (
-            replicas.iter().copied().min().unwrap_or(0),
-            replicas.iter().copied().max().unwrap_or(0),
-        );
-        report.end_weakest_block_tput = (
-            tput.iter().copied().fold(f64::INFINITY, f64::min),
-            tput.iter().sum::<f64>() / f64::from(BLOCKS),
-        );
+        (report.end_replicas_min_max, report.end_weakest_block_tput) =
+            balance(ns.iter().map(|n| (&n.range, n.tput)));
     }
     report.max_advertised_after_crash = max_seen / s;
     report.seen_after_crash = seen;
