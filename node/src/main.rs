@@ -313,6 +313,15 @@ struct JoinArgs {
     /// a new one when no slot is free.
     #[arg(long, default_value_t = 30)]
     evict_idle_after: u64,
+    /// With `--layers auto`: seconds between two checks of whether the
+    /// swarm would be better balanced with this node serving other blocks
+    /// (it moves after three such checks in a row; 0: never move).
+    #[arg(long, default_value_t = 120)]
+    rebalance_period: u64,
+    /// With `--layers auto`: seconds a node keeps its blocks before it may
+    /// move (after joining, and after each move).
+    #[arg(long, default_value_t = 1800)]
+    min_dwell: u64,
     /// Also serve the HTTP API here (OpenAI and Ollama protocols,
     /// `/metrics`, the page at `/`), e.g. `127.0.0.1:11435`. Its asks go
     /// out under an identity of their own, through this node's swarm.
@@ -486,7 +495,7 @@ async fn start_api(
     listen: std::net::SocketAddr,
     key: ApiKeyArgs,
     svc: nakshatra_node::ask::AskerService,
-    hop: Option<nakshatra_node::engine::service::EngineService>,
+    hop: Option<tokio::sync::watch::Receiver<nakshatra_node::engine::service::EngineService>>,
 ) -> Result<nakshatra_node::api::ApiServer> {
     let cfg = nakshatra_node::api::ApiConfig {
         listen,
@@ -669,6 +678,10 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         refresh: std::time::Duration::from_secs(a.refresh),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
         evict_idle_after: std::time::Duration::from_secs(a.evict_idle_after),
+        rebalance: (a.rebalance_period > 0).then(|| serve::RebalanceOptions {
+            period: std::time::Duration::from_secs(a.rebalance_period),
+            min_dwell: std::time::Duration::from_secs(a.min_dwell),
+        }),
     };
     let mut node = serve::start(opts).await?;
     {
@@ -704,7 +717,7 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
             })
             .await?;
             let server =
-                start_api(listen, a.api_key, svc.clone(), Some(node.engine.clone())).await?;
+                start_api(listen, a.api_key, svc.clone(), Some(node.engine_watch())).await?;
             Some((server, svc))
         }
         None => None,
@@ -718,6 +731,14 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
             _ = tick.tick() => {
                 if let Err(e) = node.refresh_capacity().await {
                     tracing::warn!("re-announce failed: {e}");
+                }
+                match node.rebalance().await {
+                    Ok(Some(to)) => eprintln!("moved to layers {}..{} of model {}", to.start, to.end, node.info.model_id),
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("leaving the swarm: the move failed and left nothing served: {e}");
+                        break;
+                    }
                 }
                 faults.on_tick(&node, &data_dir).await;
             }

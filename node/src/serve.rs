@@ -218,6 +218,19 @@ pub struct JoinOptions {
     /// Sessions idle this long give their slot up to a new session that
     /// finds none free (a keep-alive cannot hold a slot for ever).
     pub evict_idle_after: Duration,
+    /// With `--layers auto`: how the node moves to where the swarm needs
+    /// it once it serves (`None`: it never moves).
+    pub rebalance: Option<RebalanceOptions>,
+}
+
+/// How a `--layers auto` node rebalances ([`placement::Rebalancer`]).
+#[derive(Debug, Clone)]
+pub struct RebalanceOptions {
+    /// Time between two checks of the swarm's balance.
+    pub period: Duration,
+    /// Least time a range is kept before the node may move again
+    /// ([`placement::MIN_DWELL`] by default).
+    pub min_dwell: Duration,
 }
 
 /// Which layers to serve.
@@ -262,6 +275,28 @@ pub struct ServingNode {
     pub evict_idle_after: Duration,
     /// When the capacity was last announced.
     pub capacity_at: std::time::Instant,
+    /// The range's accept loops (pieces, manifest, sessions): stopped and
+    /// started anew by a move.
+    servers: Vec<nakshatra_swarm::Served>,
+    /// The engine as others in this process see it (the API's
+    /// `/metrics`): follows moves, so nothing holds an old range's weights
+    /// once its sessions are over.
+    engine_tx: tokio::sync::watch::Sender<EngineService>,
+    /// What moving needs (`--layers auto` with rebalancing on).
+    mover: Option<Mover>,
+}
+
+/// A `--layers auto` node's means to move to another range.
+struct Mover {
+    opts: JoinOptions,
+    signing: ed25519_dalek::SigningKey,
+    manifest: Manifest,
+    vocab: Vec<u8>,
+    rules: Option<nakshatra_slicer::RangeRules>,
+    budget: u64,
+    rebalancer: placement::Rebalancer,
+    period: Duration,
+    next_check: Instant,
 }
 
 /// Loads (or creates, mode 0600) this node's persistent identity.
@@ -318,17 +353,46 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
             chosen,
             addrs,
             sessions,
-        }) => Ok(ServingNode {
-            engine,
-            swarm,
-            task,
-            info,
-            chosen,
-            addrs,
-            sessions,
-            evict_idle_after: opts.evict_idle_after,
-            capacity_at: std::time::Instant::now(),
-        }),
+            servers,
+            moving,
+        }) => {
+            let mover = match (&opts.rebalance, moving) {
+                (Some(r), Some((manifest, vocab, budget))) if opts.layers == LayerChoice::Auto => {
+                    let now = Instant::now();
+                    Some(Mover {
+                        rules: range_rules(&manifest, &vocab),
+                        opts: opts.clone(),
+                        signing,
+                        manifest,
+                        vocab,
+                        budget,
+                        rebalancer: placement::Rebalancer::with(
+                            now,
+                            placement::REBALANCE_CONFIRMATIONS,
+                            r.min_dwell,
+                        ),
+                        period: r.period,
+                        next_check: now + r.period,
+                    })
+                }
+                _ => None,
+            };
+            let (engine_tx, _) = tokio::sync::watch::channel(engine.clone());
+            Ok(ServingNode {
+                engine,
+                swarm,
+                task,
+                info,
+                chosen,
+                addrs,
+                sessions,
+                evict_idle_after: opts.evict_idle_after,
+                capacity_at: std::time::Instant::now(),
+                servers,
+                engine_tx,
+                mover,
+            })
+        }
         Err(e) => {
             let _ = swarm.shutdown().await;
             let _ = task.await;
@@ -398,6 +462,8 @@ struct Prepared {
     range: Range<u32>,
     /// The model chosen from the swarm ([`ModelSource::Swarm`]).
     chosen: Option<ModelChoice>,
+    /// Bytes of weights `--layers auto` may take.
+    budget: u64,
 }
 
 async fn prepare(
@@ -435,6 +501,7 @@ async fn prepare(
                 vocab,
                 range,
                 chosen: None,
+                budget,
             })
         }
         ModelSource::Id(id) => prepare_fetched(opts, swarm, id, budget).await,
@@ -492,10 +559,7 @@ async fn prepare_fetched(
         LayerChoice::Auto => auto_range(swarm, &manifest, &vocab, budget).await?,
     };
     let slice = fetch_slice(opts, swarm, &peers, &manifest, &vocab, &range).await?;
-    let mut serve_files = vec![slice.clone()];
-    if range.start == 0 && range.end < manifest.n_layers {
-        serve_files.push(nakshatra_slicer::embd_sidecar_path(&slice));
-    }
+    let serve_files = slice_files(&slice, &range, manifest.n_layers);
     Ok(Prepared {
         slice,
         serve_files,
@@ -503,7 +567,18 @@ async fn prepare_fetched(
         vocab,
         range,
         chosen: None,
+        budget,
     })
+}
+
+/// The files a fetched slice's pieces are served from: the slice, and the
+/// embeddings' sidecar of a first range that is not the whole model.
+fn slice_files(slice: &std::path::Path, range: &Range<u32>, n_layers: u32) -> Vec<PathBuf> {
+    let mut files = vec![slice.to_path_buf()];
+    if range.start == 0 && range.end < n_layers {
+        files.push(nakshatra_slicer::embd_sidecar_path(slice));
+    }
+    files
 }
 
 /// Peers that serve `model_id` (not this node), waiting up to
@@ -664,6 +739,9 @@ struct Up {
     chosen: Option<ModelChoice>,
     addrs: Vec<Multiaddr>,
     sessions: Arc<hop::SessionTable>,
+    servers: Vec<nakshatra_swarm::Served>,
+    /// Manifest, vocabulary and budget, kept for moves.
+    moving: Option<(Manifest, Vec<u8>, u64)>,
 }
 
 async fn prepare_and_announce(
@@ -680,7 +758,14 @@ async fn prepare_and_announce(
         p.range.end
     );
     let engine = EngineService::spawn(engine);
-    let sessions = serve_protocols(opts, swarm, signing, &p, &engine).await?;
+    let offer = VocabOffer::new(
+        p.manifest.model_id.clone(),
+        p.vocab.clone(),
+        &p.manifest.hashes(),
+    )?;
+    vocab::spawn_server(swarm, offer)?;
+    let (sessions, servers) =
+        serve_range(opts, swarm, signing, &p.manifest, &p.serve_files, &engine).await?;
 
     let me = swarm.peer_id();
     let mut addrs: Vec<Multiaddr> = swarm
@@ -713,6 +798,8 @@ async fn prepare_and_announce(
         chosen: p.chosen,
         addrs,
         sessions,
+        servers,
+        moving: Some((p.manifest, p.vocab, p.budget)),
     })
 }
 
@@ -731,37 +818,32 @@ async fn load_and_measure(
     .await??)
 }
 
-/// Starts the servers of every protocol this node answers: manifest and
-/// pieces, vocabulary, sessions. Called before announcing, so that nobody
-/// is refused for a protocol not yet served.
-async fn serve_protocols(
+/// Starts the servers of one range: manifest and pieces (from
+/// `serve_files`), and sessions on `engine`. Called before announcing the
+/// range, so that nobody is refused for a protocol not yet served.
+async fn serve_range(
     opts: &JoinOptions,
     swarm: &nakshatra_swarm::Client,
     signing: &ed25519_dalek::SigningKey,
-    p: &Prepared,
+    manifest: &Manifest,
+    serve_files: &[PathBuf],
     engine: &EngineService,
-) -> Result<Arc<hop::SessionTable>, JoinError> {
+) -> Result<(Arc<hop::SessionTable>, Vec<nakshatra_swarm::Served>), JoinError> {
     let store = {
         let (m, files, key, faults) = (
-            p.manifest.clone(),
-            p.serve_files.clone(),
+            manifest.clone(),
+            serve_files.to_vec(),
             signing.clone(),
             opts.faults.clone(),
         );
         tokio::task::spawn_blocking(move || PieceStore::new(m, &key, &files, faults)).await??
     };
-    fetch::spawn_piece_servers(swarm, Arc::new(store))?;
-    let offer = VocabOffer::new(
-        p.manifest.model_id.clone(),
-        p.vocab.clone(),
-        &p.manifest.hashes(),
-    )?;
-    vocab::spawn_server(swarm, offer)?;
+    let mut servers = Vec::from(fetch::spawn_piece_servers(swarm, Arc::new(store))?);
     let sessions = Arc::new(hop::SessionTable::default());
-    hop::spawn_server(Arc::new(HopContext {
+    servers.push(hop::spawn_server(Arc::new(HopContext {
         engine: engine.clone(),
         swarm: swarm.clone(),
-        model_id: p.manifest.model_id.clone(),
+        model_id: manifest.model_id.clone(),
         faults: opts.faults.clone(),
         idle_timeout: opts.idle_timeout,
         asker_quota: nakshatra_swarm::PeerQuota::new(hop::sessions_per_asker(
@@ -772,8 +854,8 @@ async fn serve_protocols(
         evict_idle_after: opts.evict_idle_after,
         resumable: Arc::new(hop::Resumable::default()),
         park_grace: hop::PARK_GRACE,
-    }))?;
-    Ok(sessions)
+    }))?);
+    Ok((sessions, servers))
 }
 
 impl ServingNode {
@@ -791,6 +873,131 @@ impl ServingNode {
             self.capacity_at = std::time::Instant::now();
             self.swarm.announce(self.info.clone()).await?;
         }
+        Ok(())
+    }
+
+    /// The engine, following moves (see [`ServingNode::rebalance`]).
+    pub fn engine_watch(&self) -> tokio::sync::watch::Receiver<EngineService> {
+        self.engine_tx.subscribe()
+    }
+
+    /// With `--layers auto` and rebalancing on, once per period: reads the
+    /// swarm's view of the model and asks the [`placement::Rebalancer`]
+    /// whether this node should serve other blocks (Petals' rule, with
+    /// hysteresis). On a move: fetches (or reuses) the new slice, loads
+    /// and measures it while the old range still serves, then serves and
+    /// announces the new range. Sessions already open run on to their end
+    /// on the old range's engine, which is freed after the last. Returns
+    /// the new range when the node moved.
+    pub async fn rebalance(&mut self) -> Result<Option<Range<u32>>, JoinError> {
+        let Some(m) = self.mover.as_mut() else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        if now < m.next_check {
+            return Ok(None);
+        }
+        m.next_check = now + m.period;
+        let shape = fetch::shape_of(&m.manifest);
+        let view = self
+            .swarm
+            .model_view_with(&m.manifest.model_id, &shape)
+            .await?;
+        let tput = placement::block_throughput(m.manifest.n_layers, &view.peers, None);
+        let current = self.info.start..self.info.end;
+        let manifest = &m.manifest;
+        let decision = m.rebalancer.check(
+            now,
+            current.clone(),
+            self.info.throughput,
+            &tput,
+            |a, b| manifest.range_bytes(a, b),
+            m.budget,
+            m.rules.as_ref(),
+        );
+        let (to, min_now, min_after) = match decision {
+            placement::Rebalance::Move {
+                to,
+                min_now,
+                min_after,
+            } => (to, min_now, min_after),
+            placement::Rebalance::Stay { positives } => {
+                if positives > 0 {
+                    tracing::info!(
+                        positives,
+                        "the swarm would be better balanced with this node elsewhere; confirming"
+                    );
+                }
+                return Ok(None);
+            }
+        };
+        tracing::info!(
+            "moving from layers {}..{} to {}..{}: the weakest block would go from {min_now:.1} to {min_after:.1} tokens/s",
+            current.start,
+            current.end,
+            to.start,
+            to.end
+        );
+        match self.move_to(to.clone()).await {
+            Ok(()) => Ok(Some(to)),
+            Err(e) if self.servers.is_empty() => Err(e),
+            Err(e) => {
+                // Nothing changed: the old range serves on.
+                tracing::warn!("the move to layers {}..{} failed: {e}", to.start, to.end);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Serves `to` instead of the current range (see [`Self::rebalance`]).
+    /// Fails with the old range still served, unless the new servers
+    /// cannot start (`self.servers` is then empty).
+    async fn move_to(&mut self, to: Range<u32>) -> Result<(), JoinError> {
+        let Some(m) = self.mover.as_ref() else {
+            return Ok(());
+        };
+        let id = m.manifest.model_id.clone();
+        let me = self.swarm.peer_id();
+        let peers: Vec<PeerId> = self
+            .swarm
+            .model_peers(&id)
+            .await?
+            .into_iter()
+            .filter(|p| *p != me)
+            .collect();
+        let slice = fetch_slice(&m.opts, &self.swarm, &peers, &m.manifest, &m.vocab, &to).await?;
+        let (engine, throughput) = load_and_measure(&slice, &m.opts.engine).await?;
+        tracing::info!(
+            "layers {}..{} run at {throughput:.1} tokens/s (one-token decode steps)",
+            to.start,
+            to.end
+        );
+        let engine = EngineService::spawn(engine);
+        for s in self.servers.drain(..) {
+            s.stop().await;
+        }
+        let files = slice_files(&slice, &to, m.manifest.n_layers);
+        let (sessions, servers) = serve_range(
+            &m.opts,
+            &self.swarm,
+            &m.signing,
+            &m.manifest,
+            &files,
+            &engine,
+        )
+        .await?;
+        self.servers = servers;
+        self.sessions = sessions;
+        self.engine = engine.clone();
+        self.engine_tx.send_replace(engine);
+        self.info.start = to.start;
+        self.info.end = to.end;
+        self.info.throughput = m.opts.faults.announced_throughput(throughput);
+        self.info.free_sessions = self.engine.free_sessions() as u32;
+        self.info.max_sessions = self.engine.max_sessions() as u32;
+        self.info.context_per_session = self.engine.ctx_per_session();
+        self.capacity_at = Instant::now();
+        self.swarm.announce(self.info.clone()).await?;
         Ok(())
     }
 

@@ -98,7 +98,8 @@ pub fn spawn_server(
     offer: VocabOffer,
 ) -> Result<(), nakshatra_swarm::stream::AlreadyRegistered> {
     let offer = Arc::new(offer);
-    swarm.serve_protocol(
+    // Served for good: a node that moves keeps its model.
+    let _served = swarm.serve_protocol(
         StreamProtocol::new(VOCAB_PROTOCOL),
         VOCAB_STREAMS_PER_PEER,
         move |peer, stream| {
@@ -109,7 +110,8 @@ pub fn spawn_server(
                 }
             }
         },
-    )
+    )?;
+    Ok(())
 }
 
 /// Why one vocabulary request could not be answered.

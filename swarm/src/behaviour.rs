@@ -89,10 +89,10 @@ pub(crate) struct Behaviour {
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) info: request_response::Behaviour<InfoCodec>,
     pub(crate) view: request_response::Behaviour<ViewCodec>,
-    /// Serving nodes only: a gossipsub stream keeps its connection open
-    /// for good, and a client (an asker, `swarm status`) must let its
-    /// connections close when idle.
-    pub(crate) gossip: Toggle<gossipsub::Behaviour>,
+    /// Serving nodes only (an asker or `swarm status` has nothing to
+    /// relay). Its streams do not keep a connection open: only the mesh
+    /// does (see [`crate::mesh_keep_alive`]).
+    pub(crate) gossip: Toggle<crate::mesh_keep_alive::Behaviour<gossipsub::Behaviour>>,
     /// Raw streams (`/nakshatra/probe/1`, and the node's own protocols
     /// through [`crate::Client::stream_control`]).
     pub(crate) stream: crate::stream::Behaviour,
@@ -195,8 +195,13 @@ impl Behaviour {
                 .with_max_concurrent_streams(VIEW_MAX_CONCURRENT_STREAMS),
         );
         let gossip = (config.role == Role::Server).then(|| {
-            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config())
-                .expect("the gossipsub configuration is valid")
+            crate::mesh_keep_alive::Behaviour::new(
+                gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Anonymous,
+                    gossip_config(),
+                )
+                .expect("the gossipsub configuration is valid"),
+            )
         });
 
         let limits = crate::limits::Behaviour::new(crate::limits::Caps {

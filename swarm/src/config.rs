@@ -61,6 +61,12 @@ pub struct SwarmConfig {
     pub bootstrap_backoff_initial: Duration,
     /// Longest delay between bootstrap retries. Default 30 s.
     pub bootstrap_backoff_max: Duration,
+    /// Also dial and listen on libp2p's in-process transport (`/memory/N`
+    /// addresses, noise and yamux on top as on TCP). For simulations of
+    /// hundreds of nodes in one process: no file descriptor per
+    /// connection (a process gets 20,000 here; 200 TCP stacks that meet
+    /// each other need more) and no kernel in the way. Default off.
+    pub memory_transport: bool,
     /// Addresses at which this node is reachable from the internet, as
     /// the operator knows them (`--external-addr`): confirmed at start
     /// (no AutoNAT test), announced, and they make a serving node a relay.
@@ -109,6 +115,7 @@ impl SwarmConfig {
             idle_connection_timeout: Duration::from_secs(60),
             bootstrap_backoff_initial: Duration::from_secs(1),
             bootstrap_backoff_max: Duration::from_secs(30),
+            memory_transport: false,
             external_addrs: Vec::new(),
             relays: Vec::new(),
             agent_version: format!("nakshatra/{}", env!("CARGO_PKG_VERSION")),

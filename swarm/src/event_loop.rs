@@ -70,6 +70,17 @@ const MAX_ADVERTISED_ADDRS: usize = 16;
 /// the bootstrap backoff, yet cheap: each tick only scans small maps.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_millis(250);
 
+/// Peers on the info topic a serving node wants to be connected to:
+/// gossipsub's `mesh_n`. Connections outside the mesh close when idle
+/// (see `mesh_keep_alive`), so a node whose meshes thinned (peers left,
+/// or pruned it from theirs) dials more of the servers its cache knows.
+const GOSSIP_PEERS_WANTED: usize = 6;
+/// How often a serving node checks it has [`GOSSIP_PEERS_WANTED`].
+const MESH_TOPUP_PERIOD: Duration = Duration::from_secs(5);
+/// Most dials one such check starts (a peer that prunes us is dialled
+/// again only after its connection closed, at the earliest).
+const MESH_TOPUP_DIALS: usize = 2;
+
 /// Relays a node behind NAT keeps a reservation on at once (two: one
 /// relay lost leaves the node reachable while it reserves on another).
 const MAX_RELAY_RESERVATIONS: usize = 2;
@@ -379,6 +390,9 @@ pub(crate) struct EventLoop {
     bytes_sent: BytesSent,
     /// Peers blocked as dead (`Command::Forget`), until when.
     forgotten: HashMap<PeerId, Instant>,
+    /// When the gossip mesh was last checked for enough peers, and how
+    /// many checks there were (it varies which servers are dialled).
+    mesh_topup: (Instant, u64),
     /// Open connections per peer, and whether each is relayed.
     conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
     nat: Nat,
@@ -446,6 +460,7 @@ impl EventLoop {
             stats: SwarmStats::default(),
             bytes_sent,
             forgotten: HashMap::new(),
+            mesh_topup: (Instant::now(), 0),
             conns: HashMap::new(),
             nat: Nat {
                 configured: config_relays,
@@ -1328,6 +1343,11 @@ impl EventLoop {
         }
         self.swarm.behaviour_mut().kad.store_mut().sweep(now);
         self.cache.sweep(now_ms());
+        if now >= self.mesh_topup.0 + MESH_TOPUP_PERIOD {
+            self.mesh_topup.0 = now;
+            self.mesh_topup.1 += 1;
+            self.top_up_gossip_peers();
+        }
         let back: Vec<PeerId> = self
             .forgotten
             .iter()
@@ -1358,6 +1378,49 @@ impl EventLoop {
     /// once from their listen ports would make one TCP simultaneous open,
     /// whose noise handshake fails on both sides.
     /// Returns `false` when no address of `peer` is known at all.
+    /// A serving node connected to fewer than [`GOSSIP_PEERS_WANTED`]
+    /// peers on the info topic dials up to [`MESH_TOPUP_DIALS`] serving
+    /// peers from its cache (verified infos; their announced addresses are
+    /// in the address book), a different few each time. Gossipsub grafts
+    /// them into the mesh once they are connected.
+    fn top_up_gossip_peers(&mut self) {
+        let Some(gossip) = self.swarm.behaviour().gossip.as_ref() else {
+            return;
+        };
+        let topic = gossipsub::IdentTopic::new(keys::INFOS_TOPIC).hash();
+        let on_topic = gossip
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&&topic))
+            .count();
+        if on_topic >= GOSSIP_PEERS_WANTED {
+            return;
+        }
+        let round = self.mesh_topup.1.to_le_bytes();
+        let mut candidates: Vec<([u8; 32], PeerId)> = self
+            .cache
+            .infos(None, now_ms())
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| {
+                *p != self.local_peer
+                    && !self.swarm.is_connected(p)
+                    && !self.forgotten.contains_key(p)
+            })
+            .map(|p| {
+                let mut h = blake3::Hasher::new();
+                h.update(&p.to_bytes());
+                h.update(&round);
+                (*h.finalize().as_bytes(), p)
+            })
+            .collect();
+        candidates.sort_unstable();
+        let want = (GOSSIP_PEERS_WANTED - on_topic).min(MESH_TOPUP_DIALS);
+        for (_, peer) in candidates.into_iter().take(want) {
+            tracing::debug!(%peer, on_topic, "dialling a server to feed the gossip mesh");
+            self.dial_peer(peer);
+        }
+    }
+
     fn dial_peer(&mut self, peer: PeerId) -> bool {
         let addrs = self.addrs_of(&peer);
         let opts = DialOpts::peer_id(peer)

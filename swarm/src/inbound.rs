@@ -18,19 +18,24 @@ impl Client {
     /// `handler(peer, stream)` in a task of its own, while its peer holds
     /// fewer than `per_peer` streams of this protocol; a stream over the
     /// share is dropped unread. Fails if `protocol` is already served.
+    ///
+    /// The returned [`Served`] stops the accept loop when asked (dropping
+    /// it does not): a node that moves to another range serves the
+    /// protocol again with a new handler, while the streams the old one
+    /// accepted run on to their end.
     pub fn serve_protocol<F, Fut>(
         &self,
         protocol: StreamProtocol,
         per_peer: usize,
         handler: F,
-    ) -> Result<(), crate::stream::AlreadyRegistered>
+    ) -> Result<Served, crate::stream::AlreadyRegistered>
     where
         F: Fn(PeerId, Stream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let mut incoming = self.stream_control().accept(protocol.clone())?;
         let quota = PeerQuota::new(per_peer);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
                 let Some(permit) = quota.try_acquire(peer) else {
                     tracing::debug!(%peer, %protocol, "stream over the peer's share; dropped");
@@ -43,7 +48,22 @@ impl Client {
                 });
             }
         });
-        Ok(())
+        Ok(Served { task })
+    }
+}
+
+/// One protocol's accept loop (see [`Client::serve_protocol`]).
+#[derive(Debug)]
+pub struct Served {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Stops accepting streams; those already accepted run on. Once this
+    /// returns, the protocol may be served again.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 

@@ -77,6 +77,7 @@ mod event_loop;
 mod identity;
 mod inbound;
 mod limits;
+mod mesh_keep_alive;
 pub mod plan;
 mod probe;
 mod scope;
@@ -107,7 +108,7 @@ pub use connect::{Handshake, OpenError, Reopen, WaitError};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
 pub use event_loop::SwarmStats;
 pub use identity::{load_or_create_identity, signing_key, IdentityError};
-pub use inbound::{PeerQuota, QuotaPermit};
+pub use inbound::{PeerQuota, QuotaPermit, Served};
 pub use plan::{plan_chain, Chain, Hop, PlanError, PlanOptions};
 pub use view::{
     build_model_view, build_model_view_with, ModelShape, ModelView, PeerView, SwarmView, Via,
@@ -190,6 +191,7 @@ fn build_swarm(
     // (`transport.rs`).
     use libp2p::core::Transport as _;
     let refusals = transport::TcpRefusals::default();
+    let bytes_sent_memory = bytes_sent.clone();
     let tcp_refusals = refusals.clone();
     let builder = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -202,6 +204,27 @@ fn build_swarm(
             let noise = noise::Config::new(key)
                 .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
             Ok(tcp
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .timeout(transport::TCP_DIAL_TIMEOUT))
+        })
+        .map_err(|e| transport_err(&e))?;
+    // `/memory/N`, only when asked for (simulations).
+    let memory_bytes = bytes_sent_memory;
+    let builder = builder
+        .with_other_transport(|key| {
+            let memory = if config.memory_transport {
+                libp2p::core::transport::OptionalTransport::some(
+                    libp2p::core::transport::MemoryTransport::default(),
+                )
+            } else {
+                libp2p::core::transport::OptionalTransport::none()
+            };
+            let noise = noise::Config::new(key)
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
+            Ok(memory
+                .map(move |stream, _| memory_bytes.count(stream))
                 .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                 .authenticate(noise)
                 .multiplex(yamux::Config::default())

@@ -70,6 +70,8 @@ pub fn reach(addr: &Multiaddr) -> Reach {
     match addr.iter().next() {
         Some(Protocol::Ip4(ip)) => reach_ip(IpAddr::V4(ip)),
         Some(Protocol::Ip6(ip)) => reach_ip(IpAddr::V6(ip)),
+        // In-process (simulations): as near as loopback.
+        Some(Protocol::Memory(_)) => Reach::Loopback,
         _ => Reach::Public,
     }
 }
@@ -136,6 +138,7 @@ mod tests {
         assert_eq!(reach(&a("/ip4/8.8.8.8/tcp/1")), Reach::Public);
         assert_eq!(reach(&a("/ip4/100.128.0.1/tcp/1")), Reach::Public);
         assert_eq!(reach(&a("/dns4/example.com/tcp/1")), Reach::Public);
+        assert_eq!(reach(&a("/memory/1234")), Reach::Loopback);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod common;
 mod hostile;
 mod hostile_gossip;
+mod mesh;
 
 use std::time::Duration;
 

@@ -108,6 +108,94 @@ fn auto_nodes_fetch_and_fill_the_swarm() {
     );
 }
 
+/// Rebalancing in `node join`: a `--layers auto` node moves to blocks
+/// that lost their only holder (Petals' rule, three checks in a row),
+/// fetching them from a peer, and the swarm answers exactly again.
+#[test]
+fn an_auto_node_moves_to_cover_a_gap() {
+    let model = test_model();
+    let model = model.to_str().unwrap();
+    let info = model_info();
+    let id = info["id"].as_str().unwrap().to_string();
+    let block = info["block_bytes"][10].as_u64().unwrap();
+    let ten = (block * 10 + block / 2).to_string();
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+
+    // The seeder serves 0..10 and every piece of the model.
+    let mut a = base(None);
+    a.extend_from_slice(&["--model", model, "--layers", "0..10"]);
+    let seeder = Proc::join(dirs[0].path(), &a);
+    let boot = seeder.addr().to_string();
+    let fixed = |range: &str, dir: &Path| {
+        let mut args = base(Some(&boot));
+        args.extend_from_slice(&["--model-id", &id, "--layers", range]);
+        Proc::join(dir, &args)
+    };
+    let mut b = fixed("10..20", dirs[1].path());
+    let mut d = fixed("20..30", dirs[2].path());
+    let mut c = base(Some(&boot));
+    c.extend_from_slice(&["--model-id", &id, "--layers", "auto", "--max-memory", &ten]);
+    c.extend_from_slice(&["--rebalance-period", "1", "--min-dwell", "0"]);
+    let nc = Proc::join(dirs[3].path(), &c);
+    // Its range: the one it chose, or the last it moved to (it may move
+    // before any crash if the measured speeds are far apart).
+    let range_in = |line: &str, key: &str| -> Option<(u32, u32)> {
+        let r = line.split(key).nth(1)?.split_whitespace().next()?;
+        let (s, t) = r.split_once("..")?;
+        Some((s.parse().ok()?, t.parse().ok()?))
+    };
+    let moves = |e: &str| e.lines().filter(|l| l.contains("moved to layers")).count();
+    wait_for(Duration::from_secs(10), || {
+        nc.stderr().contains("--layers auto chose").then_some(())
+    })
+    .unwrap_or_else(|| panic!("no range chosen: {}", nc.stderr()));
+    std::thread::sleep(Duration::from_secs(3));
+    let e = nc.stderr();
+    let before = moves(&e);
+    let current = e
+        .lines()
+        .rev()
+        .find_map(|l| range_in(l, "moved to layers ").or_else(|| range_in(l, "chose ")))
+        .unwrap_or_else(|| panic!("no range: {e}"));
+
+    // Crash the fixed node that shares the fewest blocks with the auto
+    // node: some of its blocks are held by nobody now.
+    let overlap = |lo: u32, hi: u32| hi.min(current.1).saturating_sub(lo.max(current.0));
+    let gap = if overlap(10, 20) <= overlap(20, 30) {
+        b.kill();
+        10..20
+    } else {
+        d.kill();
+        20..30
+    };
+    let moved = wait_for(Duration::from_secs(60), || {
+        let e = nc.stderr();
+        (moves(&e) > before).then(|| {
+            e.lines()
+                .rev()
+                .find(|l| l.contains("moved to layers"))
+                .unwrap_or_default()
+                .to_string()
+        })
+    })
+    .unwrap_or_else(|| panic!("no move after losing {gap:?}: {}", nc.stderr()));
+    let full = wait_for(Duration::from_secs(20), || {
+        status_json(&boot).filter(|v| covered_blocks(v).len() == 30)
+    });
+    assert!(
+        full.is_some(),
+        "{moved}; not covered: {:?}",
+        status_json(&boot)
+    );
+    let o = ask(&boot, dirs[4].path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), reference(model));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&nc.peer_id()),
+        "the chain does not go through the node that moved"
+    );
+}
+
 /// A peer serving corrupt bytes is caught by verification; the piece comes
 /// from another peer; the bad peer is not asked again.
 #[test]

@@ -117,8 +117,9 @@ pub struct Shared {
     view: watch::Receiver<Option<Arc<Snapshot>>>,
     metrics: Arc<ApiMetrics>,
     api_key: Option<String>,
-    /// The engine of the node this API runs in, if it serves layers.
-    hop: Option<EngineService>,
+    /// The engine of the node this API runs in, if it serves layers (it
+    /// changes when the node moves to another range).
+    hop: Option<watch::Receiver<EngineService>>,
 }
 
 /// Starts the server: binds `cfg.listen`, starts the view refresher, and
@@ -127,7 +128,7 @@ pub struct Shared {
 pub async fn serve(
     cfg: ApiConfig,
     svc: AskerService,
-    hop: Option<EngineService>,
+    hop: Option<watch::Receiver<EngineService>>,
 ) -> Result<ApiServer, ServeError> {
     if !cfg.listen.ip().is_loopback() && cfg.api_key.is_none() {
         return Err(ServeError::OpenToNetwork(cfg.listen));
@@ -318,7 +319,8 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
             .await
             .map(|s| s.connected_peers)
             .unwrap_or(0);
-    let body = st.0.metrics.render(peers, st.0.hop.as_ref());
+    let hop = st.0.hop.as_ref().map(|w| w.borrow().clone());
+    let body = st.0.metrics.render(peers, hop.as_ref());
     (
         [(
             header::CONTENT_TYPE,

@@ -176,27 +176,29 @@ impl PieceStore {
 }
 
 /// Serves `/nakshatra/manifest/1` and `/nakshatra/piece/1` from `store`
-/// until the swarm stops.
+/// until the swarm stops or the returned accept loops are stopped (a node
+/// that moves to another range serves its new slice's pieces).
 pub fn spawn_piece_servers(
     swarm: &nakshatra_swarm::Client,
     store: Arc<PieceStore>,
-) -> Result<(), ServeError> {
+) -> Result<[nakshatra_swarm::Served; 2], ServeError> {
     let err = |protocol| move |source| ServeError { protocol, source };
     let s = store.clone();
-    swarm
+    let manifest = swarm
         .serve_protocol(
             StreamProtocol::new(MANIFEST_PROTOCOL),
             MANIFEST_STREAMS_PER_PEER,
             move |_, stream| serve_manifest(s.clone(), stream),
         )
         .map_err(err(MANIFEST_PROTOCOL))?;
-    swarm
+    let pieces = swarm
         .serve_protocol(
             StreamProtocol::new(PIECE_PROTOCOL),
             PIECE_STREAMS_PER_PEER,
             move |peer, stream| serve_pieces(store.clone(), peer, stream),
         )
-        .map_err(err(PIECE_PROTOCOL))
+        .map_err(err(PIECE_PROTOCOL))?;
+    Ok([manifest, pieces])
 }
 
 async fn serve_manifest(store: Arc<PieceStore>, mut stream: Stream) {

@@ -177,7 +177,7 @@ impl SessionError {
 /// has sessions.
 pub fn spawn_server(
     ctx: Arc<HopContext>,
-) -> Result<(), nakshatra_swarm::stream::AlreadyRegistered> {
+) -> Result<nakshatra_swarm::Served, nakshatra_swarm::stream::AlreadyRegistered> {
     let per_peer = ctx.engine.max_sessions();
     let swarm = ctx.swarm.clone();
     swarm.serve_protocol(
