@@ -957,15 +957,33 @@ impl ServingNode {
             return Ok(());
         };
         let id = m.manifest.model_id.clone();
-        let me = self.swarm.peer_id();
-        let peers: Vec<PeerId> = self
-            .swarm
-            .model_peers(&id)
-            .await?
-            .into_iter()
-            .filter(|p| *p != me)
-            .collect();
-        let slice = fetch_slice(&m.opts, &self.swarm, &peers, &m.manifest, &m.vocab, &to).await?;
+        // A node with the model file cuts the new slice from it (and goes
+        // on serving every piece of the file); others fetch it.
+        let (slice, files) = match &m.opts.source {
+            ModelSource::File(path) => {
+                let (dir, p, r) = (m.opts.data_dir.clone(), path.clone(), to.clone());
+                let (id, hashes) = (id.clone(), m.manifest.hashes());
+                let slice = tokio::task::spawn_blocking(move || {
+                    slices::ensure_slice(&dir, &p, &id, &hashes, &r)
+                })
+                .await??;
+                (slice, vec![path.clone()])
+            }
+            ModelSource::Id(_) | ModelSource::Swarm => {
+                let me = self.swarm.peer_id();
+                let peers: Vec<PeerId> = self
+                    .swarm
+                    .model_peers(&id)
+                    .await?
+                    .into_iter()
+                    .filter(|p| *p != me)
+                    .collect();
+                let slice =
+                    fetch_slice(&m.opts, &self.swarm, &peers, &m.manifest, &m.vocab, &to).await?;
+                let files = slice_files(&slice, &to, m.manifest.n_layers);
+                (slice, files)
+            }
+        };
         let (engine, throughput) = load_and_measure(&slice, &m.opts.engine).await?;
         tracing::info!(
             "layers {}..{} run at {throughput:.1} tokens/s (one-token decode steps)",
@@ -976,7 +994,6 @@ impl ServingNode {
         for s in self.servers.drain(..) {
             s.stop().await;
         }
-        let files = slice_files(&slice, &to, m.manifest.n_layers);
         let (sessions, servers) = serve_range(
             &m.opts,
             &self.swarm,

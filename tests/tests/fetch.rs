@@ -113,6 +113,22 @@ fn auto_nodes_fetch_and_fill_the_swarm() {
 /// fetching them from a peer, and the swarm answers exactly again.
 #[test]
 fn an_auto_node_moves_to_cover_a_gap() {
+    let info = model_info();
+    let id = info["id"].as_str().unwrap().to_string();
+    auto_node_moves(&["--model-id", &id]);
+}
+
+/// The same with the model file: the new slice is cut from it.
+#[test]
+fn an_auto_node_with_the_file_moves_to_cover_a_gap() {
+    let model = test_model();
+    auto_node_moves(&["--model", model.to_str().unwrap()]);
+}
+
+/// A seeder (0..10, the file), fixed nodes on 10..20 and 20..30, and an
+/// auto node with room for ten blocks whose weights come from `source`;
+/// the fixed node sharing fewest blocks with it crashes, and it must move.
+fn auto_node_moves(source: &[&str]) {
     let model = test_model();
     let model = model.to_str().unwrap();
     let info = model_info();
@@ -134,7 +150,8 @@ fn an_auto_node_moves_to_cover_a_gap() {
     let mut b = fixed("10..20", dirs[1].path());
     let mut d = fixed("20..30", dirs[2].path());
     let mut c = base(Some(&boot));
-    c.extend_from_slice(&["--model-id", &id, "--layers", "auto", "--max-memory", &ten]);
+    c.extend_from_slice(source);
+    c.extend_from_slice(&["--layers", "auto", "--max-memory", &ten]);
     c.extend_from_slice(&["--rebalance-period", "1", "--min-dwell", "0"]);
     let nc = Proc::join(dirs[3].path(), &c);
     // Its range: the one it chose, or the last it moved to (it may move
@@ -194,6 +211,10 @@ fn an_auto_node_moves_to_cover_a_gap() {
         String::from_utf8_lossy(&o.stderr).contains(&nc.peer_id()),
         "the chain does not go through the node that moved"
     );
+    // With the file, nothing comes from peers: the slices are cut from it.
+    if source.first() == Some(&"--model") {
+        assert!(!nc.stderr().contains("fetched "), "{}", nc.stderr());
+    }
 }
 
 /// A peer serving corrupt bytes is caught by verification; the piece comes
