@@ -177,6 +177,10 @@ pub struct SwarmStats {
     /// Kademlia walks this node finished (provide, provider and record
     /// lookups, puts, bootstraps: every query started here).
     pub dht_queries: u64,
+    /// [`Self::dht_queries`] by kind: bootstrap, closest peers, record
+    /// reads, record puts (republishes included), provider reads, provides
+    /// (republishes included).
+    pub dht_queries_by_kind: [u64; 6],
     /// Requests those walks sent to other nodes.
     pub dht_requests_out: u64,
     /// Kademlia requests other nodes sent to this one.
@@ -1980,8 +1984,22 @@ impl EventLoop {
     fn on_kad(&mut self, event: kad::Event) {
         match &event {
             kad::Event::InboundRequest { .. } => self.stats.dht_requests_in += 1,
-            kad::Event::OutboundQueryProgressed { stats, step, .. } if step.last => {
+            kad::Event::OutboundQueryProgressed {
+                stats,
+                step,
+                result,
+                ..
+            } if step.last => {
                 self.stats.dht_queries += 1;
+                let kind = match result {
+                    QueryResult::Bootstrap(_) => 0,
+                    QueryResult::GetClosestPeers(_) => 1,
+                    QueryResult::GetRecord(_) => 2,
+                    QueryResult::PutRecord(_) | QueryResult::RepublishRecord(_) => 3,
+                    QueryResult::GetProviders(_) => 4,
+                    QueryResult::StartProviding(_) | QueryResult::RepublishProvider(_) => 5,
+                };
+                self.stats.dht_queries_by_kind[kind] += 1;
                 self.stats.dht_requests_out += u64::from(stats.num_requests());
             }
             _ => {}

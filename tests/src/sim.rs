@@ -159,6 +159,10 @@ pub struct SimReport {
     pub plan: Pct,
     /// DHT walks started per serving node per simulated minute.
     pub walks: Rate,
+    /// DHT walks per serving node per simulated minute by kind (means):
+    /// bootstrap, closest peers, record reads, record puts, provider
+    /// reads, provides (`SwarmStats::dht_queries_by_kind`).
+    pub walks_by_kind: [f64; 6],
     /// DHT requests sent per serving node per simulated minute.
     pub requests_out: Rate,
     /// DHT requests received per serving node per simulated minute.
@@ -542,6 +546,17 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         }
     };
     report.walks = rate(|s| s.dht_queries);
+    for (k, w) in report.walks_by_kind.iter_mut().enumerate() {
+        let v: Vec<f64> = before
+            .iter()
+            .zip(&after)
+            .filter_map(|(b, a)| {
+                let (a, b) = (a.as_ref()?, b.as_ref()?);
+                Some((a.dht_queries_by_kind[k] - b.dht_queries_by_kind[k]) as f64 / minutes)
+            })
+            .collect();
+        *w = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    }
     report.requests_out = rate(|s| s.dht_requests_out);
     report.requests_in = rate(|s| s.dht_requests_in);
     report.bytes = rate(|s| s.bytes_sent);
