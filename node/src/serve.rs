@@ -970,14 +970,7 @@ impl ServingNode {
                 (slice, vec![path.clone()])
             }
             ModelSource::Id(_) | ModelSource::Swarm => {
-                let me = self.swarm.peer_id();
-                let peers: Vec<PeerId> = self
-                    .swarm
-                    .model_peers(&id)
-                    .await?
-                    .into_iter()
-                    .filter(|p| *p != me)
-                    .collect();
+                let peers = model_sources(&self.swarm, &id).await?;
                 let slice =
                     fetch_slice(&m.opts, &self.swarm, &peers, &m.manifest, &m.vocab, &to).await?;
                 let files = slice_files(&slice, &to, m.manifest.n_layers);

@@ -24,6 +24,22 @@ fn model_info() -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The test model's id, and a `--max-memory` with room for ten blocks
+/// (and the tiny global tensors), not eleven.
+fn id_and_ten_blocks() -> (String, String) {
+    let info = model_info();
+    let id = info["id"].as_str().unwrap().to_string();
+    let block = info["block_bytes"][10].as_u64().unwrap();
+    (id, (block * 10 + block / 2).to_string())
+}
+
+/// A seeder with the model file serving 0..10 (and every piece of it).
+fn seeder(model: &str, dir: &Path) -> Proc {
+    let mut a = base(None);
+    a.extend_from_slice(&["--model", model, "--layers", "0..10"]);
+    Proc::join(dir, &a)
+}
+
 fn reference(model: &str) -> String {
     run_reference(model, GREEDY, PROMPT)
 }
@@ -55,16 +71,10 @@ fn files_named(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
 fn auto_nodes_fetch_and_fill_the_swarm() {
     let model = test_model();
     let model = model.to_str().unwrap();
-    let info = model_info();
-    let id = info["id"].as_str().unwrap().to_string();
-    let block = info["block_bytes"][10].as_u64().unwrap();
-    // Room for ten blocks (and the tiny global tensors), not eleven.
-    let ten = (block * 10 + block / 2).to_string();
+    let (id, ten) = id_and_ten_blocks();
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
 
-    let mut a = base(None);
-    a.extend_from_slice(&["--model", model, "--layers", "0..10"]);
-    let seeder = Proc::join(dirs[0].path(), &a);
+    let seeder = seeder(model, dirs[0].path());
     let boot = seeder.addr().to_string();
 
     let mut b = base(Some(&boot));
@@ -113,34 +123,26 @@ fn auto_nodes_fetch_and_fill_the_swarm() {
 /// fetching them from a peer, and the swarm answers exactly again.
 #[test]
 fn an_auto_node_moves_to_cover_a_gap() {
-    let info = model_info();
-    let id = info["id"].as_str().unwrap().to_string();
-    auto_node_moves(&["--model-id", &id]);
+    auto_node_moves(false);
 }
 
 /// The same with the model file: the new slice is cut from it.
 #[test]
 fn an_auto_node_with_the_file_moves_to_cover_a_gap() {
-    let model = test_model();
-    auto_node_moves(&["--model", model.to_str().unwrap()]);
+    auto_node_moves(true);
 }
 
 /// A seeder (0..10, the file), fixed nodes on 10..20 and 20..30, and an
-/// auto node with room for ten blocks whose weights come from `source`;
-/// the fixed node sharing fewest blocks with it crashes, and it must move.
-fn auto_node_moves(source: &[&str]) {
+/// auto node with room for ten blocks (the file too when `with_file`,
+/// else only the model id); the fixed node sharing fewest blocks with it
+/// crashes, and it must move.
+fn auto_node_moves(with_file: bool) {
     let model = test_model();
     let model = model.to_str().unwrap();
-    let info = model_info();
-    let id = info["id"].as_str().unwrap().to_string();
-    let block = info["block_bytes"][10].as_u64().unwrap();
-    let ten = (block * 10 + block / 2).to_string();
+    let (id, ten) = id_and_ten_blocks();
     let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
 
-    // The seeder serves 0..10 and every piece of the model.
-    let mut a = base(None);
-    a.extend_from_slice(&["--model", model, "--layers", "0..10"]);
-    let seeder = Proc::join(dirs[0].path(), &a);
+    let seeder = seeder(model, dirs[0].path());
     let boot = seeder.addr().to_string();
     let fixed = |range: &str, dir: &Path| {
         let mut args = base(Some(&boot));
@@ -150,7 +152,11 @@ fn auto_node_moves(source: &[&str]) {
     let mut b = fixed("10..20", dirs[1].path());
     let mut d = fixed("20..30", dirs[2].path());
     let mut c = base(Some(&boot));
-    c.extend_from_slice(source);
+    if with_file {
+        c.extend_from_slice(&["--model", model]);
+    } else {
+        c.extend_from_slice(&["--model-id", &id]);
+    }
     c.extend_from_slice(&["--layers", "auto", "--max-memory", &ten]);
     c.extend_from_slice(&["--rebalance-period", "1", "--min-dwell", "0"]);
     let nc = Proc::join(dirs[3].path(), &c);
@@ -212,7 +218,7 @@ fn auto_node_moves(source: &[&str]) {
         "the chain does not go through the node that moved"
     );
     // With the file, nothing comes from peers: the slices are cut from it.
-    if source.first() == Some(&"--model") {
+    if with_file {
         assert!(!nc.stderr().contains("fetched "), "{}", nc.stderr());
     }
 }
