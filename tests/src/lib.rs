@@ -277,6 +277,20 @@ pub fn covered_blocks(view: &serde_json::Value) -> Vec<usize> {
     covered_in(&view["models"][0])
 }
 
+/// Whether `from` announces a measured RTT to `to` (its `next_rtts`, in
+/// the first model of a `swarm status --json` view). Until it does, a
+/// planner prices that link at the default RTT (50 ms), so a test that
+/// needs a chain through that link waits for this.
+pub fn link_measured(view: &serde_json::Value, from: &str, to: &str) -> bool {
+    view["models"][0]["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["peer_id"].as_str() == Some(from))
+        .flat_map(|p| p["next_rtts"].as_array().into_iter().flatten())
+        .any(|r| r["peer_id"].as_str() == Some(to))
+}
+
 /// Holders of block `b` of the first model.
 pub fn holders(view: &serde_json::Value, b: usize) -> Vec<String> {
     holders_in(&view["models"][0], b)

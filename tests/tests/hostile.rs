@@ -522,8 +522,20 @@ async fn a_forged_failure_report_blames_the_forger_not_its_victim() {
     forger_args.extend_from_slice(&["--fault", "forge-blame"]);
     let forger = Proc::join(dirs[2].path(), &forger_args);
     let honest = Proc::join(dirs[3].path(), &join_args(&model, "10..20", Some(&boot)));
+    // Every link of both chains measured: an unmeasured one costs the
+    // default 50 ms in a plan, more than the honest node's own step.
+    let links = [
+        (first.peer_id(), forger.peer_id()),
+        (first.peer_id(), honest.peer_id()),
+        (forger.peer_id(), last.peer_id()),
+        (honest.peer_id(), last.peer_id()),
+    ];
     let all = wait_for(Duration::from_secs(30), || {
-        status_json(&boot).filter(|v| holders(v, 15).len() == 2 && holders(v, 25).len() == 1)
+        status_json(&boot).filter(|v| {
+            holders(v, 15).len() == 2
+                && holders(v, 25).len() == 1
+                && links.iter().all(|(a, b)| link_measured(v, a, b))
+        })
     });
     assert!(all.is_some(), "the swarm never formed");
 
