@@ -26,6 +26,10 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/nakshatra/kad/1.0
 /// identify `protocol_version` of nakshatra nodes.
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/nakshatra/1";
 
+/// Re-announcements (`SwarmConfig::refresh`) per Kademlia routing-table
+/// refresh (its periodic bootstrap).
+const KAD_BOOTSTRAP_REFRESHES: u32 = 10;
+
 /// Largest Kademlia message: a 16 KiB signed record plus framing must fit
 /// in a PUT_VALUE / GET_VALUE message, and a provider list of up to
 /// `MAX_PROVIDERS_PER_KEY` peers with addresses in a GET_PROVIDERS answer.
@@ -132,6 +136,10 @@ impl Behaviour {
             .set_publication_interval(None)
             .set_replication_interval(None)
             .set_query_timeout(config.query_timeout)
+            // Kademlia's routing-table refresh: every ten re-announcements
+            // (5 min by default, kad's own default), so that it keeps its
+            // share when the simulator slows every period down.
+            .set_periodic_bootstrap_interval(Some(config.refresh * KAD_BOOTSTRAP_REFRESHES))
             .set_max_packet_size(KAD_MAX_PACKET)
             .set_caching(kad::Caching::Disabled);
         let store = Store::new(
@@ -198,7 +206,7 @@ impl Behaviour {
             crate::mesh_keep_alive::Behaviour::new(
                 gossipsub::Behaviour::new(
                     gossipsub::MessageAuthenticity::Anonymous,
-                    gossip_config(),
+                    gossip_config(config.gossip_heartbeat),
                 )
                 .expect("the gossipsub configuration is valid"),
             )
@@ -260,11 +268,13 @@ const GOSSIP_IDONTWANT_THRESHOLD: usize = 128;
 /// record. Publishing goes to the mesh only (not flooded to every connected
 /// subscriber: a serving node is connected to a large part of the swarm),
 /// and IDONTWANT is sent for every info
-/// ([`GOSSIP_IDONTWANT_THRESHOLD`]); mesh sizes and heartbeat are
-/// gossipsub's defaults (6, 5–12, 1 s). The anti-entropy view sync makes
+/// ([`GOSSIP_IDONTWANT_THRESHOLD`]); mesh sizes are gossipsub's defaults
+/// (6, 5–12), the heartbeat `SwarmConfig::gossip_heartbeat` (1 s, its
+/// default). The anti-entropy view sync makes
 /// up for what the gossip misses.
-fn gossip_config() -> gossipsub::Config {
+fn gossip_config(heartbeat: Duration) -> gossipsub::Config {
     gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(heartbeat)
         .flood_publish(false)
         .idontwant_message_size_threshold(GOSSIP_IDONTWANT_THRESHOLD)
         .validation_mode(gossipsub::ValidationMode::Anonymous)

@@ -7,9 +7,9 @@ use std::{
     time::Duration,
 };
 
-use crate::stream::{Control, OpenStreamError};
+use crate::stream::{Control, OpenStreamError, Stream};
 use futures::{stream, StreamExt};
-use libp2p::{kad::RecordKey, Multiaddr, PeerId, Stream, StreamProtocol};
+use libp2p::{kad::RecordKey, Multiaddr, PeerId, StreamProtocol};
 use nakshatra_protocol::{
     keys, now_ms, rpc::InfoResponse, validate_model_id, verify, RecordError, ServerInfo,
     ServerState, MAX_LAYERS,
@@ -30,6 +30,10 @@ const LISTEN_WAIT: Duration = Duration::from_secs(10);
 const RTT_WAIT: Duration = Duration::from_secs(5);
 /// How long the views wait for each peer's first ping.
 const VIEW_RTT_WAIT: Duration = Duration::from_secs(3);
+/// Most peers a view dials to measure their RTT (those neither connected
+/// nor measured; the fastest announced first). A view of a big swarm
+/// shows no RTT for the others rather than connect to every server.
+pub const MAX_VIEW_DIALS: usize = 32;
 /// Most lookups / info requests a view runs at once.
 const CONCURRENCY: usize = 32;
 /// Longest [`Client::open_stream`] takes, dial included.
@@ -371,15 +375,17 @@ impl Client {
     /// or else (dialling the peer if needed) the first one within 5 s.
     /// `None` if the peer cannot be reached or the loop has stopped.
     pub async fn rtt(&self, peer: PeerId) -> Option<Duration> {
-        self.rtt_within(peer, RTT_WAIT).await
+        self.rtt_within(peer, true, RTT_WAIT).await
     }
 
-    async fn rtt_within(&self, peer: PeerId, wait: Duration) -> Option<Duration> {
+    /// [`Client::rtt`] waiting at most `wait`; without `dial`, a peer not
+    /// connected and not measured gives `None` at once.
+    async fn rtt_within(&self, peer: PeerId, dial: bool, wait: Duration) -> Option<Duration> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::Rtt {
                 peer,
-                dial: true,
+                dial,
                 reply: tx,
             })
             .await
@@ -658,6 +664,10 @@ impl Client {
     /// The view of one model: holders of every block, each serving peer's
     /// verified info and RTT, and the gaps.
     ///
+    /// RTTs: every connected peer's, and of the others at most
+    /// [`MAX_VIEW_DIALS`] (the fastest announced) are dialled; the rest
+    /// show none. A view's cost does not grow with the swarm.
+    ///
     /// Syncs the info cache ([`Client::sync_view`]: one request to up to
     /// two peers, carrying only news) and builds the view from it; only
     /// when the cache knows nobody serving the model does it fall back on
@@ -759,16 +769,42 @@ impl Client {
         let known = infos_of(infos, model_id);
         let rtts: HashMap<PeerId, Duration> = match mode {
             RttMode::Ping => {
-                // Peer ids collected first: a stream over borrowing
-                // closures would make this future `!Send` (rustc cannot
-                // prove the closures general over lifetimes).
+                // Peers connected or measured answer at once; of the
+                // others, only the MAX_VIEW_DIALS fastest announced are
+                // dialled, so that a view's cost does not grow with the
+                // swarm (the rest show no RTT). Peer ids collected first:
+                // a stream over borrowing closures would make this future
+                // `!Send` (rustc cannot prove the closures general over
+                // lifetimes).
                 let peers: Vec<PeerId> = known.iter().map(|(p, _)| *p).collect();
-                stream::iter(peers)
-                    .map(|p| async move { (p, self.rtt_within(p, VIEW_RTT_WAIT).await) })
+                let mut rtts: HashMap<PeerId, Duration> = stream::iter(peers)
+                    .map(|p| async move { (p, self.rtt_within(p, false, VIEW_RTT_WAIT).await) })
                     .buffer_unordered(CONCURRENCY)
                     .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
                     .collect()
-                    .await
+                    .await;
+                let mut rest: Vec<&(PeerId, ServerInfo)> = known
+                    .iter()
+                    .filter(|(p, _)| !rtts.contains_key(p))
+                    .collect();
+                rest.sort_by(|a, b| {
+                    b.1.throughput
+                        .total_cmp(&a.1.throughput)
+                        .then(a.0.cmp(&b.0))
+                });
+                let dial: Vec<PeerId> = rest
+                    .into_iter()
+                    .take(MAX_VIEW_DIALS)
+                    .map(|(p, _)| *p)
+                    .collect();
+                let dialled: Vec<(PeerId, Duration)> = stream::iter(dial)
+                    .map(|p| async move { (p, self.rtt_within(p, true, VIEW_RTT_WAIT).await) })
+                    .buffer_unordered(CONCURRENCY)
+                    .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
+                    .collect()
+                    .await;
+                rtts.extend(dialled);
+                rtts
             }
             RttMode::Probe { exclude } => {
                 // Only peers that could be a chain's first or last hop (a

@@ -56,6 +56,13 @@ pub struct SwarmConfig {
     pub ping_interval: Duration,
     /// How long an idle connection is kept open. Default 60 s.
     pub idle_connection_timeout: Duration,
+    /// Gossipsub's heartbeat (mesh upkeep, gossip of message ids to
+    /// non-mesh peers). Default 1 s (gossipsub's).
+    pub gossip_heartbeat: Duration,
+    /// When the connection manager closes connections that are not idle
+    /// (kept open by a DHT walk's peer, gossip, a view sync): see
+    /// [`Watermarks`].
+    pub connections: Watermarks,
     /// First retry delay when no bootstrap peer is reachable; doubles up to
     /// `bootstrap_backoff_max`. Default 1 s.
     pub bootstrap_backoff_initial: Duration,
@@ -89,6 +96,39 @@ pub struct SwarmConfig {
     pub test_link_delay: Option<Duration>,
 }
 
+/// The connection manager's bounds, as kubo's (IPFS) connection manager:
+/// once more than `high` peers are connected, the oldest connections not
+/// protected are closed until `low` peers remain. Protected: gossip mesh
+/// peers, peers with a stream of ours open (hop sessions, fetches), relays
+/// this node holds a reservation on or is reserving, peers being hole
+/// punched, peers reached through a relay, peers this node relays for,
+/// peers it waits on (an RTT, a connection), and any connection made or
+/// used (an info or view request either way) within `grace`; of the rest
+/// the least recently used go first. A node in a big swarm otherwise stays
+/// connected to every peer its DHT walks met within the idle timeout:
+/// nearly all of 200 (docs/scale.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    /// Peers kept when trimming. Default 32 (kubo's).
+    pub low: usize,
+    /// Peers beyond which trimming starts. Default 96 (kubo's): well
+    /// under the usual 1,024 file descriptors of a process.
+    pub high: usize,
+    /// Age under which a connection is never closed by trimming. Default
+    /// 20 s (kubo's).
+    pub grace: Duration,
+}
+
+impl Default for Watermarks {
+    fn default() -> Self {
+        Self {
+            low: 32,
+            high: 96,
+            grace: Duration::from_secs(20),
+        }
+    }
+}
+
 impl SwarmConfig {
     /// The simulated link delay (test builds only; `None` otherwise).
     pub(crate) fn link_delay(&self) -> Option<Duration> {
@@ -113,6 +153,8 @@ impl SwarmConfig {
             request_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
             idle_connection_timeout: Duration::from_secs(60),
+            gossip_heartbeat: Duration::from_secs(1),
+            connections: Watermarks::default(),
             bootstrap_backoff_initial: Duration::from_secs(1),
             bootstrap_backoff_max: Duration::from_secs(30),
             memory_transport: false,
@@ -142,6 +184,7 @@ impl SwarmConfig {
             ("query_timeout", self.query_timeout),
             ("request_timeout", self.request_timeout),
             ("ping_interval", self.ping_interval),
+            ("gossip_heartbeat", self.gossip_heartbeat),
             ("mdns_query_interval", self.mdns_query_interval),
             ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),
         ];
@@ -173,6 +216,12 @@ impl SwarmConfig {
         }
         if self.bootstrap_backoff_max < self.bootstrap_backoff_initial {
             return Err("bootstrap_backoff_max must be >= bootstrap_backoff_initial".into());
+        }
+        if self.connections.high == 0 || self.connections.low > self.connections.high {
+            return Err(format!(
+                "connection watermarks must satisfy 0 < low <= high (low {}, high {})",
+                self.connections.low, self.connections.high
+            ));
         }
         Ok(())
     }

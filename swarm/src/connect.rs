@@ -14,7 +14,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::stream::OpenStreamError;
-use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, StreamProtocol};
+
+use crate::stream::Stream;
 use tokio::time::Instant;
 
 use crate::{Client, Stopped};

@@ -166,6 +166,9 @@ pub struct SwarmStats {
     pub providers_rejected: u64,
     /// Peers with an open connection now.
     pub connected_peers: usize,
+    /// Peers the connection manager disconnected (over the high
+    /// watermark, see [`crate::config::Watermarks`]).
+    pub connections_trimmed: u64,
     /// Peers in the Kademlia routing table now.
     pub routing_table_peers: usize,
     /// Whether this node currently announces.
@@ -252,6 +255,8 @@ pub(crate) enum Command {
     },
     Rtt {
         peer: PeerId,
+        /// Dial the peer if not connected; without it, a peer neither
+        /// connected nor measured is answered `None` at once.
         dial: bool,
         reply: oneshot::Sender<Option<Duration>>,
     },
@@ -399,6 +404,15 @@ pub(crate) struct EventLoop {
     mesh_topup: (Instant, u64),
     /// Open connections per peer, and whether each is relayed.
     conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    /// When each connected peer was last used: connected, or sent or
+    /// asked an info or view request. The connection manager closes the
+    /// least recently used first, and none used within its grace.
+    last_used: HashMap<PeerId, Instant>,
+    /// Streams of ours open per peer (they protect a connection).
+    open_streams: Arc<crate::stream::OpenStreams>,
+    /// Peers this node relays for: reservations and circuits it serves,
+    /// per peer (bounded by the relay server's own limits).
+    relaying_for: HashMap<PeerId, usize>,
     nat: Nat,
 }
 
@@ -413,6 +427,7 @@ impl EventLoop {
         bytes_sent: BytesSent,
     ) -> Self {
         let local_peer = *swarm.local_peer_id();
+        let open_streams = swarm.behaviour().stream.open_streams();
         let backoff = config.bootstrap_backoff_initial;
         let config_relays: HashSet<PeerId> = config
             .relays
@@ -466,6 +481,9 @@ impl EventLoop {
             forgotten: HashMap::new(),
             mesh_topup: (Instant::now(), 0),
             conns: HashMap::new(),
+            last_used: HashMap::new(),
+            open_streams,
+            relaying_for: HashMap::new(),
             nat: Nat {
                 configured: config_relays,
                 ..Nat::default()
@@ -575,6 +593,7 @@ impl EventLoop {
                     let _ = reply.send(Ok(self.info_response()));
                     return;
                 }
+                self.used(peer);
                 let addrs = self.addrs_of(&peer);
                 let id = self.swarm.behaviour_mut().info.send_request_with_addresses(
                     &peer,
@@ -588,8 +607,9 @@ impl EventLoop {
                     let _ = reply.send(Some(Duration::ZERO));
                 } else if let Some(rtt) = self.rtt.get(&peer) {
                     let _ = reply.send(Some(*rtt));
-                } else if dial && !self.swarm.is_connected(&peer) && !self.dial_peer(peer) {
-                    // No address known: nothing to measure.
+                } else if !self.swarm.is_connected(&peer) && (!dial || !self.dial_peer(peer)) {
+                    // Not to be dialled, or no address known: nothing to
+                    // measure.
                     let _ = reply.send(None);
                 } else {
                     self.rtt_waiters.entry(peer).or_default().push(reply);
@@ -982,6 +1002,7 @@ impl EventLoop {
     }
 
     fn send_view_request(&mut self, peer: PeerId, model: Option<String>, sync: u64, round: u32) {
+        self.used(peer);
         let known = self.cache.digest(model.as_deref());
         let id = self.swarm.behaviour_mut().view.send_request(
             &peer,
@@ -1013,6 +1034,7 @@ impl EventLoop {
     }
 
     fn on_view(&mut self, event: request_response::Event<ViewRequest, ViewResponse>) {
+        self.used(rr_peer(&event));
         match event {
             request_response::Event::Message {
                 peer,
@@ -1347,6 +1369,7 @@ impl EventLoop {
         }
         self.swarm.behaviour_mut().kad.store_mut().sweep(now);
         self.cache.sweep(now_ms());
+        self.trim_connections(now);
         if now >= self.mesh_topup.0 + MESH_TOPUP_PERIOD {
             self.mesh_topup.0 = now;
             self.mesh_topup.1 += 1;
@@ -1377,11 +1400,111 @@ impl EventLoop {
         }
     }
 
-    /// Dials `peer` at every address we know (ours and the behaviours').
-    /// Always from a fresh port: two listening nodes dialling each other at
-    /// once from their listen ports would make one TCP simultaneous open,
-    /// whose noise handshake fails on both sides.
-    /// Returns `false` when no address of `peer` is known at all.
+    /// Counts what this node relays for each peer (a reservation, or a
+    /// circuit as either end), to protect those connections from
+    /// trimming.
+    fn on_relay_served(&mut self, e: relay::Event) {
+        let mut add = |p: PeerId| *self.relaying_for.entry(p).or_default() += 1;
+        match e {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed: false,
+            } => add(src_peer_id),
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                add(src_peer_id);
+                add(dst_peer_id);
+            }
+            relay::Event::ReservationClosed { src_peer_id }
+            | relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.relayed_less(src_peer_id);
+            }
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                ..
+            } => {
+                self.relayed_less(src_peer_id);
+                self.relayed_less(dst_peer_id);
+            }
+            _ => {}
+        }
+    }
+
+    fn relayed_less(&mut self, peer: PeerId) {
+        if let Some(n) = self.relaying_for.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.relaying_for.remove(&peer);
+            }
+        }
+    }
+
+    /// Marks a connected peer used now (see [`Self::last_used`]).
+    fn used(&mut self, peer: PeerId) {
+        if let Some(t) = self.last_used.get_mut(&peer) {
+            *t = Instant::now();
+        }
+    }
+
+    /// The connection manager ([`crate::config::Watermarks`]): past `high`
+    /// connected peers, closes the least recently used unprotected ones
+    /// until `low` remain (fewer if too many are protected).
+    fn trim_connections(&mut self, now: Instant) {
+        let marks = self.config.connections;
+        let connected = self.conns.len();
+        if connected <= marks.high {
+            return;
+        }
+        let mesh: HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossip
+            .as_ref()
+            .map(|g| g.all_mesh_peers().copied().collect())
+            .unwrap_or_default();
+        let mut victims: Vec<(Instant, PeerId)> = self
+            .last_used
+            .iter()
+            .filter(|(p, at)| {
+                now.saturating_duration_since(**at) >= marks.grace
+                    && !mesh.contains(p)
+                    && !self.protected(p)
+            })
+            .map(|(p, at)| (*at, *p))
+            .collect();
+        victims.sort_unstable();
+        let excess = connected - marks.low;
+        let closing = victims.len().min(excess);
+        tracing::debug!(
+            connected,
+            closing,
+            high = marks.high,
+            low = marks.low,
+            "over the connection high watermark; closing the least recently used unprotected connections"
+        );
+        for (_, peer) in victims.into_iter().take(excess) {
+            if self.swarm.disconnect_peer_id(peer).is_ok() {
+                self.stats.connections_trimmed += 1;
+            }
+        }
+    }
+
+    /// Whether trimming must keep the connection to `peer` (see
+    /// [`crate::config::Watermarks`]; gossip mesh peers aside).
+    fn protected(&self, peer: &PeerId) -> bool {
+        self.open_streams.any(peer)
+            || self.relaying_for.contains_key(peer)
+            || self.nat.listeners.contains_key(peer)
+            || self.nat.reserving.contains(peer)
+            || self.nat.punching.contains(peer)
+            || self.rtt_waiters.contains_key(peer)
+            || self.connect_waiters.contains_key(peer)
+            || self.conns.get(peer).is_some_and(|c| c.values().any(|r| *r))
+    }
+
     /// A serving node connected to fewer than [`GOSSIP_PEERS_WANTED`]
     /// peers on the info topic dials up to [`MESH_TOPUP_DIALS`] serving
     /// peers from its cache (verified infos; their announced addresses are
@@ -1425,6 +1548,11 @@ impl EventLoop {
         }
     }
 
+    /// Dials `peer` at every address we know (ours and the behaviours').
+    /// Always from a fresh port: two listening nodes dialling each other at
+    /// once from their listen ports would make one TCP simultaneous open,
+    /// whose noise handshake fails on both sides.
+    /// Returns `false` when no address of `peer` is known at all.
     fn dial_peer(&mut self, peer: PeerId) -> bool {
         let addrs = self.addrs_of(&peer);
         let opts = DialOpts::peer_id(peer)
@@ -1589,6 +1717,7 @@ impl EventLoop {
     /// slower and capped by the relay's limits, and new streams already
     /// prefer the direct one (see [`crate::stream`]).
     fn on_connection(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
+        self.last_used.insert(peer, Instant::now());
         let conns = self.conns.entry(peer).or_default();
         conns.insert(id, relayed);
         let has_direct = conns.values().any(|r| !r);
@@ -1735,6 +1864,7 @@ impl EventLoop {
             },
             SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => {
                 tracing::debug!(event = ?e, "relay server");
+                self.on_relay_served(e);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
@@ -1801,6 +1931,8 @@ impl EventLoop {
                         // Gone: what identify and the dial said of it is
                         // learnt again on the next connection.
                         self.conns.remove(&peer_id);
+                        self.last_used.remove(&peer_id);
+                        self.relaying_for.remove(&peer_id);
                         self.nat.offering.remove(&peer_id);
                         self.nat.punching.remove(&peer_id);
                         self.nat.dialled_at.remove(&peer_id);
@@ -1932,6 +2064,7 @@ impl EventLoop {
     }
 
     fn on_info(&mut self, event: request_response::Event<InfoRequest, InfoResponse>) {
+        self.used(rr_peer(&event));
         match event {
             request_response::Event::Message {
                 peer,
@@ -2203,6 +2336,16 @@ fn announcement_keys(info: &ServerInfo) -> Vec<RecordKey> {
 fn printable_key(raw: &[u8]) -> String {
     let s = String::from_utf8_lossy(&raw[..raw.len().min(120)]);
     s.escape_debug().to_string()
+}
+
+/// The peer a request-response event is about.
+fn rr_peer<Req, Resp>(event: &request_response::Event<Req, Resp>) -> PeerId {
+    match event {
+        request_response::Event::Message { peer, .. }
+        | request_response::Event::OutboundFailure { peer, .. }
+        | request_response::Event::InboundFailure { peer, .. }
+        | request_response::Event::ResponseSent { peer, .. } => *peer,
+    }
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ pub use behaviour::{
 };
 pub use client::{Client, MAX_EDGE_PROBES, VIEW_SYNC_MAX_AGE};
 pub use codec::{InfoCodec, ViewCodec};
-pub use config::{Role, SwarmConfig};
+pub use config::{Role, SwarmConfig, Watermarks};
 pub use connect::{Handshake, OpenError, Reopen, WaitError};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
 pub use event_loop::SwarmStats;
@@ -114,9 +114,9 @@ pub use view::{
     build_model_view, build_model_view_with, ModelShape, ModelView, PeerView, SwarmView, Via,
 };
 
-/// A raw libp2p stream (futures `AsyncRead + AsyncWrite`), and the name of
-/// a stream protocol (`StreamProtocol::new("/nakshatra/act/2")`).
-pub use libp2p::{Stream, StreamProtocol};
+/// The name of a stream protocol (`StreamProtocol::new("/nakshatra/act/2")`).
+pub use libp2p::StreamProtocol;
+pub use stream::Stream;
 
 /// Multiaddr components (e.g. `Protocol::P2p(peer)` to append `/p2p/<peer id>`).
 pub use libp2p::multiaddr::Protocol;

@@ -8,13 +8,15 @@
 //! best of three); the stream is kept for the next probe of that peer.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use futures::{stream, AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, StreamProtocol};
+
+use crate::stream::Stream;
 use nakshatra_protocol::{
     rpc::{PROBE_NONCE_LEN, PROBE_PROTOCOL},
     NextRtt, MAX_NEXT_RTTS,
@@ -49,8 +51,6 @@ const PROBE_ROUNDS: usize = 3;
 const ECHO_IDLE: Duration = Duration::from_secs(300);
 /// Most next hops probed per round (Petals pings a handful too).
 pub(crate) const MAX_PROBED_NEXT_HOPS: usize = 8;
-/// Most holders whose info is read to pick the probed ones.
-const MAX_NEXT_HOP_CANDIDATES: usize = 32;
 /// Probe streams one peer may have open at once (a prober keeps one per
 /// peer, and may be replacing a dead one).
 const PROBE_STREAMS_PER_PEER: usize = 4;
@@ -274,6 +274,8 @@ async fn next_hop_round(client: &Client) {
         return;
     };
     let me = client.peer_id();
+    // Holders of block `end` with their verified infos, from the cache
+    // (`block_holders` syncs it when stale): no request per holder.
     let holders: Vec<PeerId> = match client.block_holders(&target.model_id, target.end).await {
         Ok(h) => h.into_iter().filter(|p| *p != me).collect(),
         Err(_) => return,
@@ -282,27 +284,28 @@ async fn next_hop_round(client: &Client) {
         holders
     } else {
         // More candidates than probes: prefer those whose range starts at
-        // our end (a chain can only continue at a range's start).
-        let target = &target;
-        let infos: Vec<(PeerId, Option<u32>)> =
-            stream::iter(holders.into_iter().take(MAX_NEXT_HOP_CANDIDATES))
-                .map(|p| async move {
-                    let start = client
-                        .server_info(p)
-                        .await
-                        .ok()
-                        .filter(|i| i.model_id == target.model_id && i.holds(target.end))
-                        .map(|i| i.start);
-                    (p, start)
-                })
-                .buffer_unordered(MAX_NEXT_HOP_CANDIDATES)
-                .collect()
-                .await;
-        let mut ranked: Vec<(bool, String, PeerId)> = infos
+        // our end (a chain can only continue at a range's start), then an
+        // order of this node's own (every node picking the same few would
+        // crowd them with probes).
+        let Ok(infos) = client.cached_infos(Some(&target.model_id)).await else {
+            return;
+        };
+        let starts: HashMap<PeerId, u32> = infos
             .into_iter()
-            .filter_map(|(p, start)| start.map(|s| (s != target.end, p.to_base58(), p)))
+            .filter(|(_, i)| i.holds(target.end))
+            .map(|(p, i)| (p, i.start))
             .collect();
-        ranked.sort();
+        let mut ranked: Vec<(bool, [u8; 32], PeerId)> = holders
+            .into_iter()
+            .filter_map(|p| {
+                let start = starts.get(&p)?;
+                let mut h = blake3::Hasher::new();
+                h.update(&me.to_bytes());
+                h.update(&p.to_bytes());
+                Some((*start != target.end, *h.finalize().as_bytes(), p))
+            })
+            .collect();
+        ranked.sort_unstable();
         ranked
             .into_iter()
             .take(MAX_PROBED_NEXT_HOPS)

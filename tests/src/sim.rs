@@ -12,7 +12,10 @@
 //!
 //! **Time.** 500 stacks cannot keep a 30 s refresh in real time on 2
 //! cores, so every swarm period is multiplied by `time_scale` (refresh,
-//! record TTL, the churn rate, the measurement window: one *simulated
+//! record TTL and with it Kademlia's routing-table refresh, idle timeout,
+//! the connection manager's grace, query and request timeouts, pings,
+//! gossipsub's heartbeat, the churn
+//! rate, the measurement window: one *simulated
 //! minute* lasts `60 × time_scale` real seconds). Counts per simulated
 //! minute are exact whatever the scale (each announcement or refresh costs
 //! the same); latencies (coverage, planning) are real seconds, measured
@@ -42,8 +45,8 @@ use std::time::{Duration, Instant};
 
 use nakshatra_node::placement::{block_throughput, Rebalance, Rebalancer};
 use nakshatra_swarm::{
-    spawn, Client, IdentityKeypair, ModelShape, Multiaddr, PeerId, PlanOptions, ServerInfo,
-    SwarmConfig, SwarmStats,
+    build_model_view_with, spawn, Client, IdentityKeypair, ModelShape, Multiaddr, PeerId,
+    PlanOptions, ServerInfo, SwarmConfig, SwarmStats,
 };
 use tokio::task::JoinHandle;
 
@@ -172,6 +175,9 @@ pub struct SimReport {
     /// Peers a serving node is connected to at the end of the measured
     /// minute (mean and most): what its file descriptors and memory pay.
     pub connected: Rate,
+    /// Connections a serving node's connection manager closed per
+    /// simulated minute (over its high watermark).
+    pub trimmed: Rate,
     /// Churn: nodes crashed.
     pub crashed: usize,
     /// Churn: longest time a crashed node stayed in the observer's view
@@ -342,6 +348,11 @@ pub fn sim_config(server: bool, bootstrap: Option<Multiaddr>, scale: f64) -> Swa
         .and_then(|v| v.parse().ok())
         .map_or(c.idle_connection_timeout, Duration::from_secs);
     c.idle_connection_timeout = scaled(idle, scale);
+    c.connections.grace = scaled(c.connections.grace, scale);
+    c.query_timeout = scaled(c.query_timeout, scale);
+    c.ping_interval = scaled(c.ping_interval, scale);
+    c.gossip_heartbeat = scaled(c.gossip_heartbeat, scale);
+    c.request_timeout = scaled(c.request_timeout, scale);
     c
 }
 
@@ -480,7 +491,12 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
                 let _ = c.wait_connected(Duration::from_secs(10)).await;
                 let mut best = 0usize;
                 loop {
-                    if let Ok(v) = c.model_view_with(MODEL, &shape()).await {
+                    // The map only (what a view syncs and checks), not the
+                    // RTT column `swarm status` adds.
+                    let _ = c.sync_view(Some(MODEL), Duration::ZERO).await;
+                    if let Ok(infos) = c.cached_infos(Some(MODEL)).await {
+                        let v =
+                            build_model_view_with(MODEL, Some(&shape()), &infos, &HashMap::new());
                         best = best.max(v.peers.len());
                         if v.is_fully_covered() && v.peers.len() >= live {
                             times.push(t.elapsed().as_secs_f64());
@@ -560,6 +576,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     report.requests_out = rate(|s| s.dht_requests_out);
     report.requests_in = rate(|s| s.dht_requests_in);
     report.bytes = rate(|s| s.bytes_sent);
+    report.trimmed = rate(|s| s.connections_trimmed);
     let connected: Vec<f64> = after
         .iter()
         .flatten()

@@ -21,7 +21,9 @@ use libp2p::swarm::{
 use libp2p::{Multiaddr, PeerId};
 
 use super::handler::Handler;
-use super::{Accepting, Control, OpenRequest, OpenStreamError, COMMAND_QUEUE, MAX_PENDING_OPENS};
+use super::{
+    Accepting, Control, OpenRequest, OpenStreamError, OpenStreams, COMMAND_QUEUE, MAX_PENDING_OPENS,
+};
 
 /// One open connection to a peer.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +35,8 @@ struct Conn {
 /// Raw streams for every connection (see the module doc).
 pub(crate) struct Behaviour {
     accepting: Arc<Accepting>,
+    /// Streams handed out and still open, per peer.
+    open: Arc<OpenStreams>,
     commands_tx: mpsc::Sender<OpenRequest>,
     commands: mpsc::Receiver<OpenRequest>,
     /// Each connected peer's connections, oldest first. An entry lives
@@ -55,6 +59,7 @@ impl Behaviour {
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         Self {
             accepting: Arc::default(),
+            open: Arc::default(),
             commands_tx,
             commands,
             connections: HashMap::new(),
@@ -69,6 +74,11 @@ impl Behaviour {
             commands: self.commands_tx.clone(),
             accepting: self.accepting.clone(),
         }
+    }
+
+    /// The per-peer count of open streams, for the connection manager.
+    pub(crate) fn open_streams(&self) -> Arc<OpenStreams> {
+        self.open.clone()
     }
 
     /// The newest direct connection to `peer`, else its newest relayed one.
@@ -118,7 +128,7 @@ impl Behaviour {
     }
 
     fn handler(&self, peer: PeerId) -> Handler {
-        Handler::new(peer, self.accepting.clone())
+        Handler::new(peer, self.accepting.clone(), self.open.clone())
     }
 }
 

@@ -16,9 +16,9 @@ use libp2p::swarm::handler::{
 use libp2p::swarm::{
     ConnectionHandler, ConnectionHandlerEvent, StreamUpgradeError, SubstreamProtocol,
 };
-use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, StreamProtocol};
 
-use super::{Accepting, OpenRequest, OpenStreamError};
+use super::{Accepting, OpenRequest, OpenStreamError, OpenStreams, Stream};
 
 /// An outbound stream being negotiated: what to answer, and with which
 /// protocol (for the error when the peer refuses it).
@@ -30,6 +30,8 @@ pub(crate) struct Opening {
 pub(crate) struct Handler {
     peer: PeerId,
     accepting: Arc<Accepting>,
+    /// Where the streams handed out are counted.
+    open: Arc<OpenStreams>,
     /// Requests not yet turned into substream requests. Every one handed
     /// to this connection is in here or being negotiated; none waits on
     /// another.
@@ -39,10 +41,11 @@ pub(crate) struct Handler {
 }
 
 impl Handler {
-    pub(crate) fn new(peer: PeerId, accepting: Arc<Accepting>) -> Self {
+    pub(crate) fn new(peer: PeerId, accepting: Arc<Accepting>, open: Arc<OpenStreams>) -> Self {
         Self {
             peer,
             accepting,
+            open,
             queued: VecDeque::new(),
             waker: None,
         }
@@ -98,13 +101,18 @@ impl ConnectionHandler for Handler {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
                 protocol: (stream, protocol),
                 ..
-            }) => self.accepting.deliver(self.peer, protocol, stream),
+            }) => {
+                let stream = Stream::new(stream, self.peer, &self.open);
+                self.accepting.deliver(self.peer, protocol, stream)
+            }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
                 protocol: (stream, _),
                 info,
             }) => {
                 // The opener may have given up (timeout): nothing to do.
-                let _ = info.reply.send(Ok(stream));
+                let _ = info
+                    .reply
+                    .send(Ok(Stream::new(stream, self.peer, &self.open)));
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }) => {
                 let error = match error {
@@ -138,22 +146,22 @@ impl UpgradeInfo for Negotiate {
     }
 }
 
-impl InboundUpgrade<Stream> for Negotiate {
-    type Output = (Stream, StreamProtocol);
+impl InboundUpgrade<libp2p::Stream> for Negotiate {
+    type Output = (libp2p::Stream, StreamProtocol);
     type Error = Infallible;
     type Future = Ready<Result<Self::Output, Infallible>>;
 
-    fn upgrade_inbound(self, stream: Stream, protocol: StreamProtocol) -> Self::Future {
+    fn upgrade_inbound(self, stream: libp2p::Stream, protocol: StreamProtocol) -> Self::Future {
         ready(Ok((stream, protocol)))
     }
 }
 
-impl OutboundUpgrade<Stream> for Negotiate {
-    type Output = (Stream, StreamProtocol);
+impl OutboundUpgrade<libp2p::Stream> for Negotiate {
+    type Output = (libp2p::Stream, StreamProtocol);
     type Error = Infallible;
     type Future = Ready<Result<Self::Output, Infallible>>;
 
-    fn upgrade_outbound(self, stream: Stream, protocol: StreamProtocol) -> Self::Future {
+    fn upgrade_outbound(self, stream: libp2p::Stream, protocol: StreamProtocol) -> Self::Future {
         ready(Ok((stream, protocol)))
     }
 }

@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures::channel::{mpsc, oneshot};
-use futures::{SinkExt, StreamExt};
-use libp2p::{PeerId, Stream, StreamProtocol};
+use futures::{AsyncRead, AsyncWrite, SinkExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
 
 pub(crate) use behaviour::Behaviour;
 
@@ -50,6 +50,135 @@ pub const MAX_PENDING_OPENS: usize = 64;
 
 /// Requests from every [`Control`] to the behaviour, queued.
 const COMMAND_QUEUE: usize = 64;
+
+/// A negotiated stream of one of the node's own protocols (from
+/// [`Control::open_stream`] or [`IncomingStreams`]): libp2p's stream,
+/// counted in [`OpenStreams`] while it lives, so that the connection
+/// manager never closes a connection a stream of ours is open on. Read
+/// and write it with the `futures` I/O traits.
+pub struct Stream {
+    inner: libp2p::Stream,
+    /// Counted open until dropped or [`Stream::ignore_for_keep_alive`]
+    /// (boxed: a `PeerId` would double the stream's size).
+    open: Option<Box<OpenGuard>>,
+}
+
+impl Stream {
+    pub(crate) fn new(inner: libp2p::Stream, peer: PeerId, open: &Arc<OpenStreams>) -> Self {
+        Self {
+            inner,
+            open: Some(Box::new(OpenGuard::new(peer, open.clone()))),
+        }
+    }
+
+    /// This stream alone neither keeps its connection open (libp2p's
+    /// idle timeout) nor protects it from the connection manager: for a
+    /// long-lived stream that is only worth it while the connection is
+    /// there for other reasons (RTT probes).
+    pub fn ignore_for_keep_alive(&mut self) {
+        self.inner.ignore_for_keep_alive();
+        self.open = None;
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("inner", &self.inner)
+            .field("counted", &self.open.is_some())
+            .finish()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+
+    fn poll_read_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read_vectored(cx, bufs)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// How many [`Stream`]s are open per peer (those not marked
+/// [`Stream::ignore_for_keep_alive`]). One entry per peer with at least
+/// one: bounded by the streams alive, which their protocols bound.
+#[derive(Default)]
+pub(crate) struct OpenStreams {
+    per_peer: Mutex<HashMap<PeerId, usize>>,
+}
+
+impl OpenStreams {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PeerId, usize>> {
+        // Counts only go up and down by one under the lock: still whole
+        // after a panic elsewhere.
+        self.per_peer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a stream of ours to `peer` is open.
+    pub(crate) fn any(&self, peer: &PeerId) -> bool {
+        self.lock().contains_key(peer)
+    }
+}
+
+/// One stream's count in [`OpenStreams`], given back on drop.
+struct OpenGuard {
+    peer: PeerId,
+    counts: Arc<OpenStreams>,
+}
+
+impl OpenGuard {
+    fn new(peer: PeerId, counts: Arc<OpenStreams>) -> Self {
+        *counts.lock().entry(peer).or_default() += 1;
+        Self { peer, counts }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock();
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// Why [`Control::open_stream`] gave no stream.
 #[derive(Debug, thiserror::Error)]

@@ -96,3 +96,91 @@ async fn idle_connections_outside_the_gossip_mesh_close() {
         .await;
     }
 }
+
+/// The connection manager: clients that stay connected to a server (a
+/// long idle timeout) push it past its high watermark; it closes the
+/// oldest down to its low watermark, but never the connection of a client
+/// with a stream open to it, although that one is the oldest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_high_watermark_the_oldest_unprotected_connections_close() {
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    use nakshatra_swarm::{StreamProtocol, Watermarks};
+
+    const ECHO: StreamProtocol = StreamProtocol::new("/nakshatra-test/echo/1");
+    const CLIENTS: usize = 12;
+    let marks = Watermarks {
+        low: 4,
+        high: 8,
+        grace: Duration::from_secs(1),
+    };
+    init_tracing();
+    let mut hub_config = config(Role::Server, vec![]);
+    hub_config.connections = marks;
+    hub_config.idle_connection_timeout = Duration::from_secs(300);
+    let hub = start_with(
+        nakshatra_swarm::IdentityKeypair::generate_ed25519(),
+        hub_config,
+    )
+    .await;
+    let mut incoming = hub.client.stream_control().accept(ECHO).expect("accept");
+    tokio::spawn(async move {
+        while let Some((_, stream)) = incoming.next().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = futures::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let hub_addr = hub.addr.clone().expect("hub listens");
+    // Clients without a bootstrap peer (one would dial it again at once
+    // when cut off), connected by measuring their RTT to the hub. They
+    // listen on loopback only so that loopback addresses are in scope.
+    let client = || async {
+        let mut c = config(Role::Client, vec![]);
+        c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+        c.idle_connection_timeout = Duration::from_secs(300);
+        let n = start_with(nakshatra_swarm::IdentityKeypair::generate_ed25519(), c).await;
+        n.client
+            .add_peer_addresses(hub.peer(), vec![hub_addr.clone()])
+            .await;
+        n.client.rtt(hub.peer()).await.expect("client connects");
+        n
+    };
+
+    // The oldest client holds a stream open to the hub.
+    let keeper = client().await;
+    let mut stream = keeper
+        .client
+        .stream_control()
+        .open_stream(hub.peer(), ECHO)
+        .await
+        .expect("open the echo stream");
+    tokio::time::sleep(marks.grace).await;
+    let mut others = Vec::new();
+    for _ in 0..CLIENTS {
+        others.push(client().await);
+    }
+
+    let stats = wait_for(
+        Duration::from_secs(20),
+        "the hub to trim its connections to the low watermark",
+        || async {
+            let s = hub.client.stats().await.ok()?;
+            (s.connected_peers <= marks.low && s.connections_trimmed > 0).then_some(s)
+        },
+    )
+    .await;
+    // Everyone past the low watermark went, and nobody else.
+    assert_eq!(
+        stats.connections_trimmed as usize,
+        CLIENTS + 1 - marks.low,
+        "{stats:?}"
+    );
+    let connected = hub.client.connected_peers().await.expect("peers");
+    assert!(connected.contains(&keeper.peer()), "{connected:?}");
+    // The stream still works.
+    stream.write_all(b"still here").await.expect("write");
+    let mut back = [0u8; 10];
+    stream.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"still here");
+}
