@@ -41,14 +41,15 @@ fn main() {
         let r = rt.block_on(run(&cfg));
         let row = table_row(&r);
         println!(
-            "{row}   (time scale {scale}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, event loops died {})",
+            "{row}   (time scale {scale}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, event loops died {}, failed plans {:?})",
             r.coverage_incomplete,
             r.walks.max,
             r.walks_by_kind,
             r.requests_in.max,
             r.bytes.max / 1024.0,
             r.trimmed.mean,
-            r.loops_died
+            r.loops_died,
+            r.plan_errors
         );
         rows.push(row);
     }

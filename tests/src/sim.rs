@@ -160,6 +160,8 @@ pub struct SimReport {
     pub coverage_incomplete: (usize, f64),
     /// `Client::plan` from an asker that has planned before, real seconds.
     pub plan: Pct,
+    /// Why plans failed: each distinct error with its count.
+    pub plan_errors: Vec<(String, usize)>,
     /// DHT walks started per serving node per simulated minute.
     pub walks: Rate,
     /// DHT walks per serving node per simulated minute by kind (means):
@@ -529,19 +531,27 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
             // A first plan warms the asker (connections, peer memory).
             let _ = c.plan(MODEL, &opts).await;
             let mut times = Vec::new();
+            let mut errors: Vec<(String, usize)> = Vec::new();
             for _ in 0..plans {
                 let t = Instant::now();
-                if c.plan(MODEL, &opts).await.is_ok() {
-                    times.push(t.elapsed().as_secs_f64());
+                match c.plan(MODEL, &opts).await {
+                    Ok(_) => times.push(t.elapsed().as_secs_f64()),
+                    Err(e) => {
+                        let e = e.to_string();
+                        match errors.iter_mut().find(|(m, _)| *m == e) {
+                            Some((_, n)) => *n += 1,
+                            None => errors.push((e, 1)),
+                        }
+                    }
                 }
             }
             let _ = c.shutdown().await;
             task.abort();
-            times
+            (times, errors)
         })
     };
     let (fresh_times, incomplete) = fresh.await.expect("fresh nodes task");
-    let plan_times = asker.await.expect("asker task");
+    let (plan_times, plan_errors) = asker.await.expect("asker task");
     if let Some(left) = minute.checked_sub(t_window.elapsed()) {
         tokio::time::sleep(left).await;
     }
@@ -550,6 +560,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     report.coverage = Pct::of(fresh_times);
     report.coverage_incomplete = incomplete;
     report.plan = Pct::of(plan_times);
+    report.plan_errors = plan_errors;
     let rate = |f: fn(&SwarmStats) -> u64| -> Rate {
         let v: Vec<f64> = before
             .iter()
