@@ -98,19 +98,19 @@ async fn idle_connections_outside_the_gossip_mesh_close() {
 }
 
 /// The connection manager: clients that stay connected to a server (a
-/// long idle timeout) push it past its high watermark; it closes the
-/// oldest down to its low watermark, but never the connection of a client
-/// with a stream open to it, although that one is the oldest.
+/// long idle timeout) fill it up to its high watermark; one more pushes it
+/// past, and it closes the least recently used down to its low watermark:
+/// never the connection of a client with a stream open to it (although
+/// that one is the oldest), nor one within its grace (the newcomer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_high_watermark_the_oldest_unprotected_connections_close() {
     use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
     use nakshatra_swarm::{StreamProtocol, Watermarks};
 
     const ECHO: StreamProtocol = StreamProtocol::new("/nakshatra-test/echo/1");
-    const CLIENTS: usize = 12;
     let marks = Watermarks {
         low: 4,
-        high: 8,
+        high: 12,
         grace: Duration::from_secs(1),
     };
     init_tracing();
@@ -155,11 +155,18 @@ async fn past_the_high_watermark_the_oldest_unprotected_connections_close() {
         .open_stream(hub.peer(), ECHO)
         .await
         .expect("open the echo stream");
-    tokio::time::sleep(marks.grace).await;
-    let mut others = Vec::new();
-    for _ in 0..CLIENTS {
-        others.push(client().await);
+    // With the keeper, the high watermark exactly: nothing to trim.
+    let mut early = Vec::new();
+    for _ in 1..marks.high {
+        early.push(client().await);
     }
+    // Everyone past the grace (timing of the connections above does not
+    // matter), then one more peer.
+    tokio::time::sleep(marks.grace + Duration::from_millis(500)).await;
+    let s = hub.client.stats().await.expect("stats");
+    assert_eq!(s.connections_trimmed, 0, "{s:?}");
+    assert_eq!(s.connected_peers, marks.high, "{s:?}");
+    let late = client().await;
 
     let stats = wait_for(
         Duration::from_secs(20),
@@ -170,14 +177,16 @@ async fn past_the_high_watermark_the_oldest_unprotected_connections_close() {
         },
     )
     .await;
-    // Everyone past the low watermark went, and nobody else.
+    // Down to the low watermark: the keeper (its stream), the newcomer
+    // (its grace) and the two most recently used early clients stay.
     assert_eq!(
         stats.connections_trimmed as usize,
-        CLIENTS + 1 - marks.low,
+        marks.high + 1 - marks.low,
         "{stats:?}"
     );
     let connected = hub.client.connected_peers().await.expect("peers");
     assert!(connected.contains(&keeper.peer()), "{connected:?}");
+    assert!(connected.contains(&late.peer()), "{connected:?}");
     // The stream still works.
     stream.write_all(b"still here").await.expect("write");
     let mut back = [0u8; 10];
