@@ -378,6 +378,17 @@ impl Client {
         self.rtt_within(peer, true, RTT_WAIT).await
     }
 
+    /// The RTTs of `peers` that answer within [`VIEW_RTT_WAIT`]
+    /// ([`Client::rtt_within`], [`CONCURRENCY`] at once).
+    async fn view_rtts(&self, peers: Vec<PeerId>, dial: bool) -> Vec<(PeerId, Duration)> {
+        stream::iter(peers)
+            .map(|p| async move { (p, self.rtt_within(p, dial, VIEW_RTT_WAIT).await) })
+            .buffer_unordered(CONCURRENCY)
+            .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
+            .collect()
+            .await
+    }
+
     /// [`Client::rtt`] waiting at most `wait`; without `dial`, a peer not
     /// connected and not measured gives `None` at once.
     async fn rtt_within(&self, peer: PeerId, dial: bool, wait: Duration) -> Option<Duration> {
@@ -777,33 +788,19 @@ impl Client {
                 // `!Send` (rustc cannot prove the closures general over
                 // lifetimes).
                 let peers: Vec<PeerId> = known.iter().map(|(p, _)| *p).collect();
-                let mut rtts: HashMap<PeerId, Duration> = stream::iter(peers)
-                    .map(|p| async move { (p, self.rtt_within(p, false, VIEW_RTT_WAIT).await) })
-                    .buffer_unordered(CONCURRENCY)
-                    .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
-                    .collect()
-                    .await;
+                let mut rtts: HashMap<PeerId, Duration> =
+                    self.view_rtts(peers, false).await.into_iter().collect();
                 let mut rest: Vec<&(PeerId, ServerInfo)> = known
                     .iter()
                     .filter(|(p, _)| !rtts.contains_key(p))
                     .collect();
-                rest.sort_by(|a, b| {
-                    b.1.throughput
-                        .total_cmp(&a.1.throughput)
-                        .then(a.0.cmp(&b.0))
-                });
+                rest.sort_by(fastest_first);
                 let dial: Vec<PeerId> = rest
                     .into_iter()
                     .take(MAX_VIEW_DIALS)
                     .map(|(p, _)| *p)
                     .collect();
-                let dialled: Vec<(PeerId, Duration)> = stream::iter(dial)
-                    .map(|p| async move { (p, self.rtt_within(p, true, VIEW_RTT_WAIT).await) })
-                    .buffer_unordered(CONCURRENCY)
-                    .filter_map(|(p, r)| async move { r.map(|r| (p, r)) })
-                    .collect()
-                    .await;
-                rtts.extend(dialled);
+                rtts.extend(self.view_rtts(dial, true).await);
                 rtts
             }
             RttMode::Probe { exclude } => {
@@ -827,11 +824,7 @@ impl Client {
                         .filter(usable)
                         .filter(|(_, i)| edge(i, n))
                         .collect();
-                    side.sort_by(|a, b| {
-                        b.1.throughput
-                            .total_cmp(&a.1.throughput)
-                            .then(a.0.cmp(&b.0))
-                    });
+                    side.sort_by(fastest_first);
                     for (p, _) in side.into_iter().take(MAX_EDGE_PROBES) {
                         if !candidates.contains(p) {
                             candidates.push(*p);
@@ -916,4 +909,12 @@ fn infos_of(
         .filter_map(|(p, i)| i.as_ref().map(|i| (*p, i.clone())))
         .filter(|(_, i)| i.model_id == model_id)
         .collect()
+}
+
+/// Orders serving peers by announced throughput, fastest first (ties by
+/// peer id): whom a view or a plan measures first.
+fn fastest_first(a: &&(PeerId, ServerInfo), b: &&(PeerId, ServerInfo)) -> std::cmp::Ordering {
+    b.1.throughput
+        .total_cmp(&a.1.throughput)
+        .then(a.0.cmp(&b.0))
 }

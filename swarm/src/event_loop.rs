@@ -1475,12 +1475,14 @@ impl EventLoop {
             })
             .map(|(p, at)| (*at, *p))
             .collect();
+        if victims.is_empty() {
+            return; // every connection protected or in its grace
+        }
         victims.sort_unstable();
         let excess = connected - marks.low;
-        let closing = victims.len().min(excess);
         tracing::debug!(
             connected,
-            closing,
+            closing = victims.len().min(excess),
             high = marks.high,
             low = marks.low,
             "over the connection high watermark; closing the least recently used unprotected connections"

@@ -14,9 +14,8 @@
 //! cores, so every swarm period is multiplied by `time_scale` (refresh,
 //! record TTL and with it Kademlia's routing-table refresh, idle timeout,
 //! the connection manager's grace, query and request timeouts, pings,
-//! gossipsub's heartbeat, the churn
-//! rate, the measurement window: one *simulated
-//! minute* lasts `60 × time_scale` real seconds). Counts per simulated
+//! gossipsub's heartbeat, the churn rate, the measurement window: one
+//! *simulated minute* lasts `60 × time_scale` real seconds). Counts per simulated
 //! minute are exact whatever the scale (each announcement or refresh costs
 //! the same); latencies (coverage, planning) are real seconds, measured
 //! under the load of the whole simulation, so pessimistic.
