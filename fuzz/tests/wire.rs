@@ -355,7 +355,7 @@ fn info_codec() {
             || format!("request: {request}, stream {shape:?}"),
             || {
                 let mut s = stream::Stream::new(&input, shape);
-                let mut c = InfoCodec;
+                let mut c = InfoCodec::default();
                 if request {
                     block_on(c.read_request(&proto, &mut s)).is_ok()
                 } else {

@@ -188,7 +188,7 @@ impl Behaviour {
             Role::Client => request_response::ProtocolSupport::Outbound,
         };
         let info = request_response::Behaviour::with_codec(
-            InfoCodec,
+            InfoCodec::default(),
             [(StreamProtocol::new(INFO_PROTOCOL), support.clone())],
             request_response::Config::default()
                 .with_request_timeout(config.request_timeout)
@@ -196,7 +196,7 @@ impl Behaviour {
         );
 
         let view = request_response::Behaviour::with_codec(
-            ViewCodec,
+            ViewCodec::default(),
             [(StreamProtocol::new(VIEW_PROTOCOL), support)],
             request_response::Config::default()
                 .with_request_timeout(config.request_timeout)
@@ -270,11 +270,16 @@ const GOSSIP_IDONTWANT_THRESHOLD: usize = 128;
 /// and IDONTWANT is sent for every info
 /// ([`GOSSIP_IDONTWANT_THRESHOLD`]); mesh sizes are gossipsub's defaults
 /// (6, 5–12), the heartbeat `SwarmConfig::gossip_heartbeat` (1 s, its
-/// default). The anti-entropy view sync makes
-/// up for what the gossip misses.
+/// default). How long a message may wait in a connection's queue before
+/// gossipsub drops it is tied to the heartbeat as in gossipsub's defaults
+/// (forwarded: one heartbeat, published: five), so that a simulation
+/// that slows the heartbeat slows them too. The anti-entropy view sync
+/// makes up for what the gossip misses.
 fn gossip_config(heartbeat: Duration) -> gossipsub::Config {
     gossipsub::ConfigBuilder::default()
         .heartbeat_interval(heartbeat)
+        .forward_queue_duration(heartbeat)
+        .publish_queue_duration(heartbeat * 5)
         .flood_publish(false)
         .idontwant_message_size_threshold(GOSSIP_IDONTWANT_THRESHOLD)
         .validation_mode(gossipsub::ValidationMode::Anonymous)

@@ -76,6 +76,8 @@ pub(crate) struct StreamShared {
     /// Per peer, the last probe's result (see [`crate::probe::PROBE_REUSE`]).
     probe_slots: Mutex<HashMap<PeerId, crate::probe::ProbeSlot>>,
     test_link_delay: Option<Duration>,
+    /// [`crate::SwarmConfig::probe_timeout`].
+    probe_timeout: Duration,
 }
 
 /// Handle to a running swarm node (see [`crate::spawn`]). Cheap to clone;
@@ -122,6 +124,7 @@ impl Client {
         peer_id: PeerId,
         control: Control,
         test_link_delay: Option<Duration>,
+        probe_timeout: Duration,
     ) -> Self {
         Client {
             tx,
@@ -131,6 +134,7 @@ impl Client {
                 probe_streams: Mutex::new(HashMap::new()),
                 probe_slots: Mutex::new(HashMap::new()),
                 test_link_delay,
+                probe_timeout,
             }),
         }
     }
@@ -476,7 +480,8 @@ impl Client {
 
     /// Application-level round-trip time to `peer` over
     /// `/nakshatra/probe/1`: best of three nonce echoes on one stream (kept
-    /// open for the next probe; dialling the peer if needed), within 3 s.
+    /// open for the next probe; dialling the peer if needed), within
+    /// [`crate::SwarmConfig::probe_timeout`] (3 s by default).
     /// Includes the peer's simulated link delay (test builds). `None`
     /// when no echo came back in time. `Some(0)` for this node itself.
     pub async fn probe_rtt(&self, peer: PeerId) -> Option<Duration> {
@@ -489,6 +494,11 @@ impl Client {
     #[cfg(feature = "fault-injection")]
     pub fn test_link_delay(&self) -> Option<Duration> {
         self.streams.test_link_delay
+    }
+
+    /// [`crate::SwarmConfig::probe_timeout`].
+    pub(crate) fn probe_timeout(&self) -> Duration {
+        self.streams.probe_timeout
     }
 
     /// The probe slot of `peer`: probes of one peer go one at a time.
@@ -537,7 +547,8 @@ impl Client {
     /// middle hops and plans again without any that stays silent (up to
     /// four rounds). A plan's probes do not grow with the swarm.
     ///
-    /// First and last hops that do not answer the probe within 3 s are
+    /// First and last hops that do not answer the probe within the probe
+    /// timeout ([`crate::SwarmConfig::probe_timeout`]) are
     /// left out (this node could not reach them as first hop, nor get
     /// tokens back from them as last hop), so an unreachable range shows
     /// up as [`PlanError::Uncovered`], like a range whose holders are all

@@ -1,144 +1,142 @@
-//! bincode codec of the `/nakshatra/info/1` request-response protocol:
-//! one frame each way, a 4-byte big-endian length then the bincode body,
-//! both size-capped before anything is allocated.
+//! bincode codec of the `/nakshatra/info/1` and `/nakshatra/view/1`
+//! request-response protocols: one frame each way, a 4-byte big-endian
+//! length then the bincode body, both size-capped before anything is
+//! allocated.
 
-use std::io;
+use std::{io, marker::PhantomData};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{request_response, StreamProtocol};
-use nakshatra_protocol::rpc::{
-    InfoRequest, InfoResponse, ViewRequest, ViewResponse, MAX_INFO_REQUEST_BYTES,
-    MAX_INFO_RESPONSE_BYTES, MAX_VIEW_REQUEST_BYTES, MAX_VIEW_RESPONSE_BYTES,
+use nakshatra_protocol::{
+    rpc::{
+        InfoRequest, InfoResponse, ViewRequest, ViewResponse, MAX_INFO_REQUEST_BYTES,
+        MAX_INFO_RESPONSE_BYTES, MAX_VIEW_REQUEST_BYTES, MAX_VIEW_RESPONSE_BYTES,
+    },
+    RecordError,
 };
 
-/// [`request_response::Codec`] of the info protocol; stateless, so one
-/// value serves every stream. Public so that the fuzz tests can feed its
-/// readers hostile bytes; nodes only use it inside the swarm.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct InfoCodec;
+/// A message sent as one frame: its wire form and the largest frame a
+/// reader accepts for it.
+pub trait Frame: Sized + Send {
+    /// Largest body accepted, bytes; a longer length prefix is refused
+    /// before anything is allocated.
+    const MAX_BYTES: usize;
+    /// The wire form.
+    fn encode(&self) -> Vec<u8>;
+    /// Parses and checks the wire form.
+    fn decode(bytes: &[u8]) -> Result<Self, RecordError>;
+}
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+macro_rules! frame {
+    ($t:ty, $max:expr) => {
+        impl Frame for $t {
+            const MAX_BYTES: usize = $max;
+            fn encode(&self) -> Vec<u8> {
+                self.to_bytes()
+            }
+            fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+                <$t>::from_bytes(bytes)
+            }
+        }
+    };
+}
+
+frame!(InfoRequest, MAX_INFO_REQUEST_BYTES);
+frame!(InfoResponse, MAX_INFO_RESPONSE_BYTES);
+frame!(ViewRequest, MAX_VIEW_REQUEST_BYTES);
+frame!(ViewResponse, MAX_VIEW_RESPONSE_BYTES);
+
+/// [`request_response::Codec`] of a protocol with one [`Frame`] each way;
+/// stateless, so one value serves every stream. Public so that the fuzz
+/// tests can feed its readers hostile bytes; nodes only use it inside the
+/// swarm.
+pub struct FrameCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+
+impl<Req, Resp> Default for FrameCodec<Req, Resp> {
+    fn default() -> Self {
+        FrameCodec(PhantomData)
+    }
+}
+
+impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<Req, Resp> Copy for FrameCodec<Req, Resp> {}
+
+impl<Req, Resp> std::fmt::Debug for FrameCodec<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameCodec")
+    }
+}
+
+/// The codec of `/nakshatra/info/1`.
+pub type InfoCodec = FrameCodec<InfoRequest, InfoResponse>;
+/// The codec of `/nakshatra/view/1`.
+pub type ViewCodec = FrameCodec<ViewRequest, ViewResponse>;
+
+async fn read_frame<M: Frame, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > max {
+    if len > M::MAX_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds {max}"),
+            format!("frame of {len} bytes exceeds {}", M::MAX_BYTES),
         ));
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
-    Ok(buf)
+    M::decode(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8]) -> io::Result<()> {
+async fn write_frame<M: Frame, T: AsyncWrite + Unpin + Send>(io: &mut T, m: M) -> io::Result<()> {
+    let body = m.encode();
     let len = u32::try_from(body.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
     io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(body).await?;
+    io.write_all(&body).await?;
     io.close().await
 }
 
-fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-impl request_response::Codec for InfoCodec {
+impl<Req: Frame, Resp: Frame> request_response::Codec for FrameCodec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = InfoRequest;
-    type Response = InfoResponse;
+    type Request = Req;
+    type Response = Resp;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<InfoRequest>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let body = read_frame(io, MAX_INFO_REQUEST_BYTES).await?;
-        InfoRequest::from_bytes(&body).map_err(invalid)
+        read_frame(io).await
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<InfoResponse>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let body = read_frame(io, MAX_INFO_RESPONSE_BYTES).await?;
-        InfoResponse::from_bytes(&body).map_err(invalid)
+        read_frame(io).await
     }
 
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: InfoRequest,
-    ) -> io::Result<()>
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &req.to_bytes()).await
+        write_frame(io, req).await
     }
 
     async fn write_response<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: InfoResponse,
+        res: Resp,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &res.to_bytes()).await
-    }
-}
-
-/// [`request_response::Codec`] of the view protocol
-/// (`/nakshatra/view/1`): the same framing as [`InfoCodec`], with the view
-/// messages' caps.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ViewCodec;
-
-impl request_response::Codec for ViewCodec {
-    type Protocol = StreamProtocol;
-    type Request = ViewRequest;
-    type Response = ViewResponse;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ViewRequest>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        let body = read_frame(io, MAX_VIEW_REQUEST_BYTES).await?;
-        ViewRequest::from_bytes(&body).map_err(invalid)
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ViewResponse>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        let body = read_frame(io, MAX_VIEW_RESPONSE_BYTES).await?;
-        ViewResponse::from_bytes(&body).map_err(invalid)
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: ViewRequest,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &req.to_bytes()).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: ViewResponse,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &res.to_bytes()).await
+        write_frame(io, res).await
     }
 }
 
@@ -155,7 +153,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_round_trip_and_caps_hold() {
-        let mut c = InfoCodec;
+        let mut c = InfoCodec::default();
         let mut buf = Cursor::new(Vec::new());
         let resp = InfoResponse::Serving(vec![5; 100]);
         c.write_response(&proto(), &mut buf, resp.clone())

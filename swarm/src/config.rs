@@ -54,6 +54,11 @@ pub struct SwarmConfig {
     /// Interval between pings on each connection (RTT measurement).
     /// Default 15 s.
     pub ping_interval: Duration,
+    /// Longest one `/nakshatra/probe/1` measurement takes, dial and
+    /// stream set-up included ([`crate::Client::probe_rtt`]): a chain's
+    /// first or last hop that stays silent this long is left out of a
+    /// plan. Default 3 s.
+    pub probe_timeout: Duration,
     /// How long an idle connection is kept open. Default 60 s.
     pub idle_connection_timeout: Duration,
     /// Gossipsub's heartbeat (mesh upkeep, gossip of message ids to
@@ -152,6 +157,7 @@ impl SwarmConfig {
             query_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
+            probe_timeout: Duration::from_secs(3),
             idle_connection_timeout: Duration::from_secs(60),
             gossip_heartbeat: Duration::from_secs(1),
             connections: Watermarks::default(),
@@ -184,6 +190,7 @@ impl SwarmConfig {
             ("query_timeout", self.query_timeout),
             ("request_timeout", self.request_timeout),
             ("ping_interval", self.ping_interval),
+            ("probe_timeout", self.probe_timeout),
             ("gossip_heartbeat", self.gossip_heartbeat),
             ("mdns_query_interval", self.mdns_query_interval),
             ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),

@@ -193,6 +193,10 @@ pub struct SwarmStats {
     pub gossip_received: u64,
     /// Gossip infos that did not verify (their forwarder is penalised).
     pub gossip_rejected: u64,
+    /// Gossip messages gossipsub dropped on their way out: a peer's queue
+    /// full, or a message not sent within its queue deadline (a slow peer
+    /// or a busy node).
+    pub gossip_dropped: u64,
     /// View requests this node sent, and answered.
     pub view_requests_out: u64,
     /// View requests this node answered.
@@ -1121,6 +1125,16 @@ impl EventLoop {
     }
 
     fn on_gossip(&mut self, event: gossipsub::Event) {
+        if let gossipsub::Event::SlowPeer {
+            peer_id,
+            failed_messages,
+        } = &event
+        {
+            let n = failed_messages.priority + failed_messages.non_priority;
+            self.stats.gossip_dropped += n as u64;
+            tracing::debug!(peer = %peer_id, dropped = n, "gossip messages to a slow peer dropped");
+            return;
+        }
         if let gossipsub::Event::Subscribed { topic, .. } = &event {
             if self.gossip_unsent
                 && *topic == gossipsub::IdentTopic::new(keys::INFOS_TOPIC).hash()

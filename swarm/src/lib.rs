@@ -102,7 +102,7 @@ pub use behaviour::{
     RELAY_MAX_RESERVATIONS_PER_PEER,
 };
 pub use client::{Client, MAX_EDGE_PROBES, VIEW_SYNC_MAX_AGE};
-pub use codec::{InfoCodec, ViewCodec};
+pub use codec::{Frame, FrameCodec, InfoCodec, ViewCodec};
 pub use config::{Role, SwarmConfig, Watermarks};
 pub use connect::{Handshake, OpenError, Reopen, WaitError};
 pub use error::{AnnounceError, InfoError, LookupError, Stopped, SwarmError};
@@ -169,7 +169,13 @@ pub async fn spawn(
     // Dropped with the event loop: ends the probe server and next-hop task.
     let (stop_tx, stop_rx) = watch::channel(());
     let trigger = Arc::new(Notify::new());
-    let client = Client::new(tx, peer_id, control.clone(), config.link_delay());
+    let client = Client::new(
+        tx,
+        peer_id,
+        control.clone(),
+        config.link_delay(),
+        config.probe_timeout,
+    );
     probe::spawn_probe_server(control, config.link_delay(), stop_rx.clone());
     if config.role == Role::Server {
         probe::spawn_next_hop_task(client.downgrade(), trigger.clone(), config.refresh, stop_rx);

@@ -35,8 +35,6 @@ use crate::{
 
 /// The probe protocol as a libp2p protocol name.
 pub(crate) const PROBE: StreamProtocol = StreamProtocol::new(PROBE_PROTOCOL);
-/// Longest [`Client::probe_rtt`] takes, dial and stream set-up included.
-pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a probe's result answers other probes of the same peer by
 /// this node. Probes of one peer go one at a time: many asks planning at
 /// once would otherwise open more probe streams than the peer accepts
@@ -120,12 +118,13 @@ async fn echo(peer: PeerId, mut stream: Stream, delay: Option<Duration>) {
 }
 
 /// Best of [`PROBE_ROUNDS`] round trips to `peer`, within
-/// [`PROBE_TIMEOUT`] (on timeout, the best sample so far, if any).
+/// [`crate::SwarmConfig::probe_timeout`] (on timeout, the best sample so
+/// far, if any).
 pub(crate) async fn probe_rtt(client: &Client, peer: PeerId) -> Option<Duration> {
     if peer == client.peer_id() {
         return Some(Duration::ZERO);
     }
-    let deadline = Instant::now() + PROBE_TIMEOUT;
+    let deadline = Instant::now() + client.probe_timeout();
     let slot = client.probe_slot(peer);
     let Ok(mut last) = tokio::time::timeout_at(deadline, slot.lock()).await else {
         return None;

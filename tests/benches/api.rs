@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use nakshatra_e2e::bench::LocalChain;
 use nakshatra_e2e::http::{self, ApiProc};
 use nakshatra_e2e::*;
 use serde_json::json;
@@ -92,38 +93,23 @@ fn main() {
     let max_sessions: String = env_num("BENCH_MAX_SESSIONS", 64u32).to_string();
     let model = test_model();
     let model = model.to_str().expect("utf-8 model path");
-    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
-    let join = |i: usize, layers: &str, boot: Option<&str>| {
-        let mut a = vec![
-            "--model",
-            model,
-            "--layers",
-            layers,
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
+    let chain = LocalChain::start(
+        model,
+        &["0..10", "10..20", "20..30"],
+        30,
+        &[
             "--threads",
             &threads,
             "--max-sessions",
             &max_sessions,
             "--ctx-size",
             "512",
-        ];
-        if let Some(b) = boot {
-            a.extend_from_slice(&["--bootstrap", b]);
-        }
-        Proc::join(dirs[i].path(), &a)
-    };
-    let a = join(0, "0..10", None);
-    let boot = a.addr().to_string();
-    let _b = join(1, "10..20", Some(&boot));
-    let _c = join(2, "20..30", Some(&boot));
-    wait_for(Duration::from_secs(30), || {
-        status_json(&boot).filter(|v| covered_blocks(v).len() == 30)
-    })
-    .expect("coverage");
+        ],
+    );
+    let boot = chain.boot.clone();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let api = ApiProc::spawn(
-        dirs[3].path(),
+        dirs[0].path(),
         &[
             "api",
             "--listen",
@@ -141,7 +127,7 @@ fn main() {
         (r.json()["data"][0]["coverage"]["covered"] == 30).then_some(())
     })
     .expect("the API never saw the model covered");
-    let asker = dirs[4].path().to_str().expect("utf-8").to_string();
+    let asker = dirs[1].path().to_str().expect("utf-8").to_string();
     let tok = tokens.to_string();
     let ask_args = |prompt: &'static str, json: bool| {
         let mut v = vec![

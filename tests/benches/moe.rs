@@ -16,8 +16,8 @@
 //! whole model and for each node; default 1), `BENCH_TOKENS` (64).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+use nakshatra_e2e::bench::{interleaved, LocalChain};
 use nakshatra_e2e::*;
 
 /// Blocks of both models.
@@ -51,84 +51,34 @@ fn write_models(dir: &Path) -> (PathBuf, PathBuf) {
 /// Whole vs chain decode tokens/s (medians) for one model.
 fn measure(model: &Path, rounds: usize, threads: &str, tokens: &str) -> (f64, f64) {
     let model = model.to_str().expect("utf-8 path");
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let join = |i: usize, layers: &str, boot: Option<&str>| {
-        let mut a = vec![
-            "--model",
-            model,
-            "--layers",
-            layers,
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--threads",
-            threads,
-        ];
-        if let Some(b) = boot {
-            a.extend_from_slice(&["--bootstrap", b]);
-        }
-        Proc::join(dirs[i].path(), &a)
-    };
-    let a = join(0, "0..4", None);
-    let boot = a.addr().to_string();
-    let _b = join(1, "4..8", Some(&boot));
-    let _c = join(2, "8..12", Some(&boot));
-    wait_for(Duration::from_secs(60), || {
-        status_json(&boot).filter(|v| covered_blocks(v).len() == LAYERS as usize)
-    })
-    .expect("coverage");
+    let blocks = LAYERS as usize;
+    let chain = LocalChain::start(
+        model,
+        &["0..4", "4..8", "8..12"],
+        blocks,
+        &["--threads", threads],
+    );
     let prompt = "In the beginning the universe was created. ".repeat(4);
-    let asker = dirs[3].path().to_str().unwrap().to_string();
     let common = ["--raw", "--temperature", "0", "--max-tokens", tokens];
-    let run_whole = || {
-        let mut args = vec![
-            "--data-dir",
-            &asker,
-            "run",
-            "--model",
-            model,
-            "--threads",
-            threads,
-        ];
-        args.extend_from_slice(&common);
-        args.push(&prompt);
-        stderr_line(&nakshatra(&args), "stats:")
-    };
-    let run_chain = || {
-        let mut args = vec![
-            "--data-dir",
-            &asker,
-            "node",
-            "ask",
-            "--no-mdns",
-            "--bootstrap",
-            &boot,
-        ];
-        args.extend_from_slice(&common);
-        args.push(&prompt);
-        stderr_line(&nakshatra(&args), "stats:")
-    };
-    // Warm-up (vocabulary fetch, page cache).
-    run_whole();
-    run_chain();
-    let (mut whole, mut chain) = (vec![], vec![]);
-    for r in 0..rounds {
-        let order = if r % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for w in order {
-            if w {
-                let s = run_whole().expect("run stats");
+    let (mut whole, mut chained) = (vec![], vec![]);
+    interleaved(
+        rounds,
+        |warm_up| {
+            let s = chain
+                .run_whole(threads, &common, &prompt)
+                .expect("run stats");
+            if !warm_up {
                 whole.push(number_after(&s, "decode").expect("decode"));
-            } else {
-                let s = run_chain().expect("ask stats");
-                chain.push(number_after(&s, "decode").expect("decode"));
             }
-        }
-    }
-    (median(whole), median(chain))
+        },
+        |warm_up| {
+            let s = chain.ask(&common, &prompt).expect("ask stats");
+            if !warm_up {
+                chained.push(number_after(&s, "decode").expect("decode"));
+            }
+        },
+    );
+    (median(whole), median(chained))
 }
 
 fn main() {

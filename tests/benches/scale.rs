@@ -41,13 +41,19 @@ fn main() {
         let r = rt.block_on(run(&cfg));
         let row = table_row(&r);
         println!(
-            "{row}   (time scale {scale}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, event loops died {}, failed plans {:?})",
+            "{row}   (time scale {scale}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, serving caches complete min {:.3} mean {:.3}, gossip received /node/min {:.0} dropped {:.1}, event loop answers p50 {:.3} s p99 {:.3} s, event loops died {}, failed plans {:?})",
             r.coverage_incomplete,
             r.walks.max,
             r.walks_by_kind,
             r.requests_in.max,
             r.bytes.max / 1024.0,
             r.trimmed.mean,
+            r.cache_complete.0,
+            r.cache_complete.1,
+            r.gossip_received.mean,
+            r.gossip_dropped.mean,
+            r.loop_lag.p50,
+            r.loop_lag.p99,
             r.loops_died,
             r.plan_errors
         );

@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod attack;
+pub mod bench;
 pub mod http;
 pub mod py;
 pub mod relay_attack;

@@ -179,6 +179,21 @@ pub struct SimReport {
     /// Connections a serving node's connection manager closed per
     /// simulated minute (over its high watermark).
     pub trimmed: Rate,
+    /// Infos a serving node received by gossip per simulated minute
+    /// (first copies: gossipsub drops duplicates before they count).
+    pub gossip_received: Rate,
+    /// Gossip messages a serving node's gossipsub dropped on their way
+    /// out per simulated minute (queue full or past its deadline).
+    pub gossip_dropped: Rate,
+    /// How long the serving nodes' event loops took to answer a command
+    /// at the end of the measured minute, real seconds: how far behind
+    /// the machine runs (the time scale is too small when this nears the
+    /// scaled request timeouts).
+    pub loop_lag: Pct,
+    /// Share of the serving nodes in a serving node's own info cache at
+    /// the end of the measured minute: the least complete node's, and the
+    /// mean (what a fresh node's view sync can get from it).
+    pub cache_complete: (f64, f64),
     /// Churn: nodes crashed.
     pub crashed: usize,
     /// Churn: longest time a crashed node stayed in the observer's view
@@ -352,6 +367,7 @@ pub fn sim_config(server: bool, bootstrap: Option<Multiaddr>, scale: f64) -> Swa
     c.connections.grace = scaled(c.connections.grace, scale);
     c.query_timeout = scaled(c.query_timeout, scale);
     c.ping_interval = scaled(c.ping_interval, scale);
+    c.probe_timeout = scaled(c.probe_timeout, scale);
     c.gossip_heartbeat = scaled(c.gossip_heartbeat, scale);
     c.request_timeout = scaled(c.request_timeout, scale);
     c
@@ -418,6 +434,12 @@ fn place(tput: &[f64], budget: u32) -> Range<u32> {
     }
 }
 
+/// A line on stderr saying how far a run has got (real seconds since
+/// `t0`): a 500-node run takes over half an hour.
+fn progress(t0: Instant, what: &str) {
+    eprintln!("sim: {:>7.1} s  {what}", t0.elapsed().as_secs_f64());
+}
+
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
@@ -427,7 +449,21 @@ fn rss_mib() -> f64 {
 }
 
 async fn all_stats(nodes: &[Node]) -> Vec<Option<SwarmStats>> {
-    futures::future::join_all(nodes.iter().map(|n| async { n.client.stats().await.ok() })).await
+    all_stats_timed(nodes).await.0
+}
+
+/// Every node's stats, and how long each event loop took to answer (a
+/// command waits behind everything the loop has queued: on an overloaded
+/// machine this grows, and the time scale is too small).
+async fn all_stats_timed(nodes: &[Node]) -> (Vec<Option<SwarmStats>>, Vec<f64>) {
+    futures::future::join_all(nodes.iter().map(|n| async {
+        let t = Instant::now();
+        let s = n.client.stats().await.ok();
+        (s, t.elapsed().as_secs_f64())
+    }))
+    .await
+    .into_iter()
+    .unzip()
 }
 
 /// Runs one simulation (on the current multi-threaded tokio runtime).
@@ -441,6 +477,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         ..SimReport::default()
     };
 
+    let t0 = Instant::now();
     // 1. Start and place.
     let mut nodes: Vec<Node> = Vec::with_capacity(cfg.nodes);
     let mut tput = vec![0f64; BLOCKS as usize];
@@ -456,6 +493,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     }
     (report.replicas_min_max, report.weakest_block_tput) =
         balance(nodes.iter().map(|n| (&n.range, n.tput)));
+    progress(t0, "started and placed the nodes");
     // Routing tables fill (identify, Kademlia bootstrap) before anyone
     // announces.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -470,6 +508,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         }
     }))
     .await;
+    progress(t0, "announced");
     tokio::time::sleep(scaled(SwarmConfig::server().refresh, s)).await;
 
     // 2. One simulated minute of steady state.
@@ -550,11 +589,14 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         })
     };
     let (fresh_times, incomplete) = fresh.await.expect("fresh nodes task");
+    progress(t0, "fresh nodes done");
     let (plan_times, plan_errors) = asker.await.expect("asker task");
+    progress(t0, "plans done");
     if let Some(left) = minute.checked_sub(t_window.elapsed()) {
         tokio::time::sleep(left).await;
     }
-    let after = all_stats(&nodes).await;
+    let (after, lags) = all_stats_timed(&nodes).await;
+    report.loop_lag = Pct::of(lags);
     let minutes = t_window.elapsed().as_secs_f64() / minute.as_secs_f64();
     report.coverage = Pct::of(fresh_times);
     report.coverage_incomplete = incomplete;
@@ -587,6 +629,8 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     report.requests_in = rate(|s| s.dht_requests_in);
     report.bytes = rate(|s| s.bytes_sent);
     report.trimmed = rate(|s| s.connections_trimmed);
+    report.gossip_received = rate(|s| s.gossip_received);
+    report.gossip_dropped = rate(|s| s.gossip_dropped);
     let connected: Vec<f64> = after
         .iter()
         .flatten()
@@ -597,6 +641,22 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         max: connected.iter().copied().fold(0.0, f64::max),
     };
 
+    let sizes = futures::future::join_all(nodes.iter().map(|n| async {
+        n.client
+            .cached_infos(Some(MODEL))
+            .await
+            .map_or(0, |v| v.len())
+    }))
+    .await;
+    let share: Vec<f64> = sizes
+        .iter()
+        .map(|&k| k.min(live) as f64 / live.max(1) as f64)
+        .collect();
+    report.cache_complete = (
+        share.iter().copied().fold(1.0, f64::min),
+        share.iter().sum::<f64>() / share.len().max(1) as f64,
+    );
+    progress(t0, "measured the steady-state minute");
     report.loops_died = nodes.iter().filter(|n| n.task.is_finished()).count();
 
     // 3. Churn.
@@ -797,7 +857,9 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     let per_minute = ((cfg.nodes as f64 * cfg.churn_per_minute).round() as usize).max(1);
     let tick = minute.div_f64(per_minute as f64);
     let mut joins: Vec<JoinHandle<()>> = Vec::new();
+    let t0 = Instant::now();
     for m in 0..cfg.churn_minutes {
+        progress(t0, &format!("churn: simulated minute {m}"));
         {
             let live = state.lock().expect("churn state").live.len();
             let tasks = tokio::runtime::Handle::current()

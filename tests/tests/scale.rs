@@ -4,10 +4,12 @@
 //!
 //! CI runs a reduced form (60 nodes, time scaled by 0.25, 4 simulated
 //! minutes: about two real minutes). The full form, 500 nodes for 10
-//! simulated minutes at half speed (about 25 real minutes on 2 cores):
+//! simulated minutes at a quarter speed (the table's time scale for 500
+//! nodes; `NAKSHATRA_SIM_SCALE` overrides it), about 75 real minutes on 2
+//! cores:
 //!
 //! ```text
-//! NAKSHATRA_SIM_FULL=1 cargo test --release -p nakshatra-e2e --test scale -- --nocapture
+//! NAKSHATRA_SIM_FULL=1 cargo test --release -p nakshatra-e2e --features nakshatra/fault-injection --test scale -- --nocapture
 //! ```
 
 use nakshatra_e2e::sim::{run, table_row, SimConfig, GAP_BLOCK, TABLE_HEADER};
@@ -16,10 +18,16 @@ use nakshatra_e2e::sim::{run, table_row, SimConfig, GAP_BLOCK, TABLE_HEADER};
 fn churn_keeps_the_map_true_and_the_nodes_bounded() {
     let full = std::env::var("NAKSHATRA_SIM_FULL").is_ok_and(|v| v == "1");
     let cfg = if full {
+        let scale = std::env::var("NAKSHATRA_SIM_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4.0);
         SimConfig {
             churn_minutes: 10,
             gap_phase: true,
-            ..SimConfig::steady(500, 2.0)
+            fresh_nodes: 2,
+            plans: 5,
+            ..SimConfig::steady(500, scale)
         }
     } else {
         SimConfig {
@@ -36,6 +44,16 @@ fn churn_keeps_the_map_true_and_the_nodes_bounded() {
         .expect("tokio runtime");
     let r = rt.block_on(run(&cfg));
     println!("{TABLE_HEADER}\n{}", table_row(&r));
+    println!(
+        "steady state: serving caches complete min {:.3} mean {:.3}; gossip received /node/min {:.0}, dropped {:.1}; event loop answers p50 {:.3} s p99 {:.3} s; failed plans {:?}",
+        r.cache_complete.0,
+        r.cache_complete.1,
+        r.gossip_received.mean,
+        r.gossip_dropped.mean,
+        r.loop_lag.p50,
+        r.loop_lag.p99,
+        r.plan_errors
+    );
     println!(
         "churn: {} crashed, {} of them seen after their crash, longest {:.1} s (TTL {:.0} s); \
          longest a held block was missing from the view {:.1} s; longest a block had no live \

@@ -109,7 +109,7 @@ async fn spawn_evil(targets: Vec<Multiaddr>, model: String) -> (Multiaddr, PeerI
                 gossip: gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, cfg)
                     .unwrap(),
                 view: request_response::Behaviour::with_codec(
-                    ViewCodec,
+                    ViewCodec::default(),
                     [(
                         StreamProtocol::new(VIEW_PROTOCOL),
                         request_response::ProtocolSupport::Full,
