@@ -16,4 +16,5 @@ pub mod placement;
 pub mod serve;
 pub mod slices;
 pub mod status;
+pub mod trace;
 pub mod vocab;

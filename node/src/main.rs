@@ -1,7 +1,8 @@
 //! `nakshatra`: the command-line front of the node library.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -10,6 +11,7 @@ use nakshatra_node::engine::pipeline::{generate, GenerateParams, LocalChain};
 use nakshatra_node::engine::tokenizer::{Tokenizer, Utf8Stream};
 use nakshatra_node::engine::{EngineConfig, SamplerSpec, SliceEngine};
 use nakshatra_node::serve::LayerChoice;
+use nakshatra_node::trace::StepTrace;
 use nakshatra_node::{layers, slices};
 use nakshatra_swarm::Multiaddr;
 
@@ -120,7 +122,7 @@ struct ApiArgs {
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
     /// Serve a range of a model's layers and announce it on the swarm.
-    Join(JoinArgs),
+    Join(Box<JoinArgs>),
     /// Ask the swarm: generate text with a model no single node holds.
     Ask(AskArgs),
 }
@@ -170,6 +172,11 @@ struct AskArgs {
     /// have no free session.
     #[arg(long, default_value_t = 120)]
     busy_wait: u64,
+    /// Write every decode step's timings to this file (one line per step:
+    /// when it started, was sent to the first hop and its token came back;
+    /// see `benches/chain.rs`).
+    #[arg(long)]
+    trace_steps: Option<PathBuf>,
     /// Test-only: a repaired chain gets a new session id, so that no hop
     /// resumes its part and the history is replayed into every hop (the
     /// recovery benchmark's baseline).
@@ -329,6 +336,11 @@ struct JoinArgs {
     api: Option<std::net::SocketAddr>,
     #[command(flatten)]
     api_key: ApiKeyArgs,
+    /// Write every step's timings to this file (one line per step: when
+    /// its frame came in, was decoded, computed, encoded and sent; see
+    /// `benches/chain.rs`).
+    #[arg(long)]
+    trace_steps: Option<PathBuf>,
     /// Test-only fault injection (builds with the `fault-injection`
     /// feature only).
     #[cfg(feature = "fault-injection")]
@@ -450,7 +462,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Run(args) => run(&data_dir, args),
         Cmd::Node {
             cmd: NodeCmd::Join(args),
-        } => runtime()?.block_on(join(data_dir, args)),
+        } => runtime()?.block_on(join(data_dir, *args)),
         Cmd::Node {
             cmd: NodeCmd::Ask(args),
         } => runtime()?.block_on(ask(data_dir, args)),
@@ -564,6 +576,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         fresh_recovery: a.test_fresh_recovery,
         #[cfg(not(feature = "fault-injection"))]
         fresh_recovery: false,
+        trace: step_trace(a.trace_steps.as_deref())?,
     };
     let json = a.json;
     let stdout = std::io::stdout();
@@ -647,9 +660,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The step trace `--trace-steps` names, created (truncated) now.
+fn step_trace(path: Option<&Path>) -> Result<Option<Arc<StepTrace>>> {
+    path.map(|p| {
+        StepTrace::create(p)
+            .map(Arc::new)
+            .with_context(|| format!("cannot create the step trace {}", p.display()))
+    })
+    .transpose()
+}
+
 async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
     use nakshatra_node::serve;
     let faults = a.faults();
+    let trace = step_trace(a.trace_steps.as_deref())?;
     let source = match (a.model, a.model_id) {
         (Some(p), _) => serve::ModelSource::File(p),
         (None, Some(id)) => serve::ModelSource::Id(id),
@@ -682,6 +706,7 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
             period: std::time::Duration::from_secs(a.rebalance_period),
             min_dwell: std::time::Duration::from_secs(a.min_dwell),
         }),
+        trace,
     };
     let mut node = serve::start(opts).await?;
     {

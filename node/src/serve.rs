@@ -221,6 +221,8 @@ pub struct JoinOptions {
     /// With `--layers auto`: how the node moves to where the swarm needs
     /// it once it serves (`None`: it never moves).
     pub rebalance: Option<RebalanceOptions>,
+    /// Where every step's timings go (`--trace-steps`), if anywhere.
+    pub trace: Option<Arc<crate::trace::StepTrace>>,
 }
 
 /// How a `--layers auto` node rebalances ([`placement::Rebalancer`]).
@@ -854,6 +856,7 @@ async fn serve_range(
         evict_idle_after: opts.evict_idle_after,
         resumable: Arc::new(hop::Resumable::default()),
         park_grace: hop::PARK_GRACE,
+        trace: opts.trace.clone(),
     }))?);
     Ok((sessions, servers))
 }

@@ -1,13 +1,19 @@
 //! The 3-process chain against the whole model in one process: prefill and
 //! decode tokens/s measured side by side (interleaved rounds, medians) and
-//! the per-hop overhead (median and p99 over decode steps) of the chain.
+//! the per-hop overhead (median and p99 over decode steps) of the chain;
+//! the same chain with f16 hidden states on the wire; and, from the step
+//! traces (`--trace-steps`) of the asker and the three hops, where each
+//! microsecond of a decode step goes: per hop, decoding the input, the
+//! queue to the engine thread, compute, the way back, encoding (or
+//! sampling), writing; and each link between them (yamux, noise, TCP and
+//! the wake-ups on both ends).
 //!
 //! `cargo bench -p nakshatra-e2e --bench chain` (after `cargo build
 //! --release`). Env: `BENCH_ROUNDS` (5), `BENCH_THREADS` (threads for the
 //! whole model and for each node; default 1 — on a shared host the nodes
 //! must not oversubscribe the cores), `BENCH_TOKENS` (64).
 
-use nakshatra_e2e::bench::{interleaved, LocalChain};
+use nakshatra_e2e::bench::{interleaved, quantile, read_traces, HopBreakdown, LocalChain};
 use nakshatra_e2e::*;
 
 fn main() {
@@ -16,45 +22,115 @@ fn main() {
     let tokens: String = env_num("BENCH_TOKENS", "64".to_string());
     let model = test_model();
     let model = model.to_str().expect("utf-8 model path");
-    let chain = LocalChain::start(
+    let traces = tempfile::tempdir().expect("temp dir");
+    let chain = LocalChain::start_traced(
         model,
         &["0..10", "10..20", "20..30"],
         30,
         &["--threads", &threads],
+        Some(traces.path()),
     );
     let prompt = "In the beginning the universe was created. This has made a lot of people very angry and been widely regarded as a bad move. ".repeat(4);
     let common = ["--raw", "--temperature", "0", "--max-tokens", &tokens];
-    let (mut wp, mut wd, mut cp, mut cd, mut om, mut op) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    interleaved(
-        rounds,
-        |warm_up| {
-            let s = chain
-                .run_whole(&threads, &common, &prompt)
-                .expect("run stats");
-            if !warm_up {
-                wp.push(number_after(&s, "prefill").expect("prefill"));
-                wd.push(number_after(&s, "decode").expect("decode"));
-            }
-        },
-        |warm_up| {
-            let s = chain.ask(&common, &prompt).expect("ask stats");
-            if !warm_up {
-                cp.push(number_after(&s, "prefill").expect("prefill"));
-                cd.push(number_after(&s, "decode").expect("decode"));
-                om.push(number_after(&s, "overhead median").expect("median"));
-                op.push(number_after(&s, "p99").expect("p99"));
-            }
-        },
-    );
+    let (mut wp, mut wd, mut cp, mut cd, mut om, mut op, mut hd) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut f32_text, mut f16_text) = (None, None);
+    let mut asks = 0usize;
+    let mut ask_traces = Vec::new();
+    let mut whole = |warm_up: bool| {
+        let s = chain
+            .run_whole(&threads, &common, &prompt)
+            .expect("run stats");
+        if !warm_up {
+            wp.push(number_after(&s, "prefill").expect("prefill"));
+            wd.push(number_after(&s, "decode").expect("decode"));
+        }
+    };
+    let mut chained = |warm_up: bool| {
+        let trace = traces.path().join(format!("ask-{asks}.tsv"));
+        asks += 1;
+        let mut args = common.to_vec();
+        let t = trace.to_str().expect("utf-8 path").to_string();
+        args.extend_from_slice(&["--trace-steps", &t]);
+        let out = chain.ask_output(&args, &prompt);
+        let s = stderr_line(&out, "stats:").expect("ask stats");
+        f32_text.get_or_insert_with(|| out.stdout.clone());
+        if !warm_up {
+            ask_traces.push(trace);
+            cp.push(number_after(&s, "prefill").expect("prefill"));
+            cd.push(number_after(&s, "decode").expect("decode"));
+            om.push(number_after(&s, "overhead median").expect("median"));
+            op.push(number_after(&s, "p99").expect("p99"));
+        }
+    };
+    let mut half = |warm_up: bool| {
+        let mut args = common.to_vec();
+        args.extend_from_slice(&["--wire", "f16"]);
+        let out = chain.ask_output(&args, &prompt);
+        let s = stderr_line(&out, "stats:").expect("ask stats");
+        f16_text.get_or_insert_with(|| out.stdout.clone());
+        if !warm_up {
+            hd.push(number_after(&s, "decode").expect("decode"));
+        }
+    };
+    interleaved(rounds, &mut [&mut whole, &mut chained, &mut half]);
+    let whole_text = {
+        // The whole model's text, for the exactness line.
+        let mut args = vec!["--model", model, "--threads", &threads];
+        args.extend_from_slice(&common);
+        let dir = chain.asker.path().to_str().expect("utf-8 path");
+        let mut a = vec!["--data-dir", dir, "run"];
+        a.extend_from_slice(&args);
+        a.push(&prompt);
+        Some(nakshatra(&a).stdout)
+    };
+    // The hops write their traces at the end of each session.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut files = ask_traces.clone();
+    files.extend((0..3).map(|i| traces.path().join(format!("hop-{i}.tsv"))));
+    let breakdown = HopBreakdown::of(&read_traces(&files), 3);
     let (wp, wd, cp, cd) = (median(wp), median(wd), median(cp), median(cd));
     println!("chain bench: SmolLM2-135M Q4_1 | {threads} thread(s) per process | {tokens} tokens | {rounds} interleaved rounds, medians");
     println!("whole (1 process)     prefill {wp:>8.1} tok/s   decode {wd:>7.1} tok/s");
     println!("chain (3 processes)   prefill {cp:>8.1} tok/s   decode {cd:>7.1} tok/s");
     println!("ratio                 prefill {:>8.3}x        decode {:>7.3}x   (targets >= 0.95x, >= 0.90x)", cp / wp, cd / wd);
     println!(
-        "hop overhead          median {:.3} ms   p99 {:.3} ms   (target median < 0.3 ms)",
+        "hop overhead          median {:.3} ms   p99 {:.3} ms   (target median < 0.15 ms)",
         median(om),
         median(op)
     );
+    println!(
+        "chain, f16 wire       decode {:>7.1} tok/s ({:.3}x of f32)   text {} the f32 chain's",
+        median(hd.clone()),
+        median(hd) / cd,
+        if f16_text == f32_text {
+            "identical to"
+        } else {
+            "differs from"
+        }
+    );
+    println!(
+        "exactness             f32 chain text {} the whole model's",
+        if f32_text == whole_text {
+            "identical to"
+        } else {
+            "DIFFERS from"
+        }
+    );
+    let ov = breakdown.overheads();
+    println!(
+        "\nper-step trace: {} decode steps of {} asks; per-hop overhead from the traces median {:.3} ms p99 {:.3} ms",
+        breakdown.steps.len(),
+        rounds,
+        quantile(&ov, 0.5) / 1e3,
+        quantile(&ov, 0.99) / 1e3
+    );
+    println!("{:<32} {:>10} {:>10}", "stage", "median µs", "p99 µs");
+    for (name, v) in &breakdown.stages {
+        println!(
+            "{name:<32} {:>10.1} {:>10.1}",
+            quantile(v, 0.5),
+            quantile(v, 0.99)
+        );
+    }
 }

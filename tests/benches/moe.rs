@@ -61,23 +61,21 @@ fn measure(model: &Path, rounds: usize, threads: &str, tokens: &str) -> (f64, f6
     let prompt = "In the beginning the universe was created. ".repeat(4);
     let common = ["--raw", "--temperature", "0", "--max-tokens", tokens];
     let (mut whole, mut chained) = (vec![], vec![]);
-    interleaved(
-        rounds,
-        |warm_up| {
-            let s = chain
-                .run_whole(threads, &common, &prompt)
-                .expect("run stats");
-            if !warm_up {
-                whole.push(number_after(&s, "decode").expect("decode"));
-            }
-        },
-        |warm_up| {
-            let s = chain.ask(&common, &prompt).expect("ask stats");
-            if !warm_up {
-                chained.push(number_after(&s, "decode").expect("decode"));
-            }
-        },
-    );
+    let mut run_whole = |warm_up: bool| {
+        let s = chain
+            .run_whole(threads, &common, &prompt)
+            .expect("run stats");
+        if !warm_up {
+            whole.push(number_after(&s, "decode").expect("decode"));
+        }
+    };
+    let mut ask = |warm_up: bool| {
+        let s = chain.ask(&common, &prompt).expect("ask stats");
+        if !warm_up {
+            chained.push(number_after(&s, "decode").expect("decode"));
+        }
+    };
+    interleaved(rounds, &mut [&mut run_whole, &mut ask]);
     (median(whole), median(chained))
 }
 

@@ -9,7 +9,7 @@
 //! `NAKSHATRA_SIM_SCALE=2` forces one time scale for every size (default:
 //! [`default_scale`]).
 
-use nakshatra_e2e::sim::{run, table_row, SimConfig, TABLE_HEADER};
+use nakshatra_e2e::sim::{run, steady_details, table_row, SimConfig, TABLE_HEADER};
 
 /// The time scale a size runs at on 2 cores: slow enough that every
 /// stack keeps its refresh (see the simulator's module doc).
@@ -40,23 +40,7 @@ fn main() {
         let cfg = SimConfig::steady(n, scale);
         let r = rt.block_on(run(&cfg));
         let row = table_row(&r);
-        println!(
-            "{row}   (time scale {scale}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, serving caches complete min {:.3} mean {:.3}, gossip received /node/min {:.0} dropped {:.1}, event loop answers p50 {:.3} s p99 {:.3} s, event loops died {}, failed plans {:?})",
-            r.coverage_incomplete,
-            r.walks.max,
-            r.walks_by_kind,
-            r.requests_in.max,
-            r.bytes.max / 1024.0,
-            r.trimmed.mean,
-            r.cache_complete.0,
-            r.cache_complete.1,
-            r.gossip_received.mean,
-            r.gossip_dropped.mean,
-            r.loop_lag.p50,
-            r.loop_lag.p99,
-            r.loops_died,
-            r.plan_errors
-        );
+        println!("{row}   ({})", steady_details(&r));
         rows.push(row);
     }
     println!("\n{TABLE_HEADER}");

@@ -3,6 +3,9 @@
 //! rounds (this machine is shared and noisy: the two sides are measured
 //! side by side, never one after the other).
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -31,13 +34,27 @@ impl LocalChain {
     /// loopback and no-mDNS ones, and waits until every one of `blocks`
     /// blocks is announced. Panics (a benchmark's setup failed) otherwise.
     pub fn start(model: &str, ranges: &[&str], blocks: usize, extra: &[&str]) -> LocalChain {
+        Self::start_traced(model, ranges, blocks, extra, None)
+    }
+
+    /// [`LocalChain::start`], each node writing its step trace to
+    /// `trace_dir/hop-<i>.tsv` when `trace_dir` is given.
+    pub fn start_traced(
+        model: &str,
+        ranges: &[&str],
+        blocks: usize,
+        extra: &[&str],
+        trace_dir: Option<&Path>,
+    ) -> LocalChain {
         let dirs: Vec<TempDir> = ranges
             .iter()
             .map(|_| tempfile::tempdir().expect("temp dir"))
             .collect();
         let mut nodes: Vec<Proc> = Vec::new();
         let mut boot = String::new();
-        for (dir, layers) in dirs.iter().zip(ranges) {
+        for (i, (dir, layers)) in dirs.iter().zip(ranges).enumerate() {
+            let trace = trace_dir.map(|d| d.join(format!("hop-{i}.tsv")));
+            let trace = trace.as_ref().and_then(|t| t.to_str());
             let mut a = vec![
                 "--model",
                 model,
@@ -48,6 +65,9 @@ impl LocalChain {
                 "--no-mdns",
             ];
             a.extend_from_slice(extra);
+            if let Some(t) = trace {
+                a.extend_from_slice(&["--trace-steps", t]);
+            }
             if !boot.is_empty() {
                 a.extend_from_slice(&["--bootstrap", &boot]);
             }
@@ -94,6 +114,12 @@ impl LocalChain {
     /// `node ask` through the chain with `args` (then the prompt): its
     /// `stats:` line.
     pub fn ask(&self, args: &[&str], prompt: &str) -> Option<String> {
+        stderr_line(&self.ask_output(args, prompt), "stats:")
+    }
+
+    /// `node ask` through the chain with `args` (then the prompt): what
+    /// it printed.
+    pub fn ask_output(&self, args: &[&str], prompt: &str) -> Output {
         let mut a = vec![
             "--data-dir",
             self.asker_dir(),
@@ -105,23 +131,207 @@ impl LocalChain {
         ];
         a.extend_from_slice(args);
         a.push(prompt);
-        stderr_line(&nakshatra(&a), "stats:")
+        nakshatra(&a)
     }
 }
 
-/// One warm-up of each side, then `rounds` rounds of both, `a` first in
-/// even rounds and `b` first in odd ones, so that neither side always
-/// runs on a machine the other just warmed (or heated).
-pub fn interleaved(rounds: usize, mut a: impl FnMut(bool), mut b: impl FnMut(bool)) {
-    a(true);
-    b(true);
+/// One warm-up of each arm (called with `true`), then `rounds` rounds of
+/// every arm (called with `false`), the order rotating each round, so
+/// that no arm always runs on a machine another just warmed (or heated).
+pub fn interleaved(rounds: usize, arms: &mut [&mut dyn FnMut(bool)]) {
+    for arm in arms.iter_mut() {
+        arm(true);
+    }
+    let n = arms.len();
     for r in 0..rounds {
-        if r % 2 == 0 {
-            a(false);
-            b(false);
-        } else {
-            b(false);
-            a(false);
+        for k in 0..n {
+            (arms[(r + k) % n])(false);
         }
+    }
+}
+
+/// One step at one place, from a step trace (`--trace-steps`): the stage
+/// times in the order the line gives them (microseconds since the Unix
+/// epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceLine {
+    /// `hop` or `ask`.
+    pub role: String,
+    /// The session.
+    pub session: u64,
+    /// The step.
+    pub step: u64,
+    /// Tokens in the step.
+    pub n_tokens: u32,
+    /// Hop index (0 for the asker).
+    pub index: u32,
+    /// Stage times: a hop's `in decoded picked computed resumed encoded
+    /// sent`, the asker's `start sent token`.
+    pub times: Vec<u64>,
+}
+
+/// The lines of step trace files that parse (comments and a last line cut
+/// short are skipped).
+pub fn read_traces(paths: &[std::path::PathBuf]) -> Vec<TraceLine> {
+    let mut out = Vec::new();
+    for p in paths {
+        let Ok(text) = std::fs::read_to_string(p) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split('\t').collect();
+            let nums: Option<Vec<u64>> = f.iter().skip(1).map(|x| x.parse().ok()).collect();
+            let (Some(role), Some(nums)) = (f.first(), nums) else {
+                continue;
+            };
+            let parsed = match (*role, nums.as_slice()) {
+                ("hop", [session, step, n, index, times @ ..]) if times.len() == 7 => {
+                    (*session, *step, *n, *index, times.to_vec())
+                }
+                ("ask", [session, step, n, times @ ..]) if times.len() == 3 => {
+                    (*session, *step, *n, 0, times.to_vec())
+                }
+                _ => continue,
+            };
+            out.push(TraceLine {
+                role: role.to_string(),
+                session: parsed.0,
+                step: parsed.1,
+                n_tokens: parsed.2 as u32,
+                index: parsed.3 as u32,
+                times: parsed.4,
+            });
+        }
+    }
+    out
+}
+
+/// Where a chain's decode steps spend their time, from the step traces of
+/// its asker and hops: per stage, every sample in microseconds.
+#[derive(Debug, Default)]
+pub struct HopBreakdown {
+    /// `(stage name, samples)`, in chain order: the asker's send, then per
+    /// hop the link into it and its stages, then the link back.
+    pub stages: Vec<(String, Vec<f64>)>,
+    /// Per step: (wall time at the asker, engine time of all hops), µs.
+    pub steps: Vec<(f64, f64)>,
+    /// Hops in the chain.
+    pub hops: usize,
+}
+
+impl HopBreakdown {
+    /// Decode steps (one token, step ≥ 1) seen by the asker and every one
+    /// of `hops` hops.
+    pub fn of(lines: &[TraceLine], hops: usize) -> HopBreakdown {
+        let mut by_step: HashMap<(u64, u64), Vec<&TraceLine>> = HashMap::new();
+        for l in lines.iter().filter(|l| l.step >= 1 && l.n_tokens == 1) {
+            by_step.entry((l.session, l.step)).or_default().push(l);
+        }
+        let mut names: Vec<String> = vec!["asker: encode + write".into()];
+        for i in 0..hops {
+            let into = if i == 0 {
+                "link asker → hop 0".to_string()
+            } else {
+                format!("link hop {} → hop {i}", i - 1)
+            };
+            names.push(into);
+            for s in [
+                "decode input",
+                "queue to engine",
+                "compute",
+                "back from engine",
+                "encode / sample",
+                "write",
+            ] {
+                names.push(format!("hop {i}: {s}"));
+            }
+        }
+        names.push(format!("link hop {} → asker", hops.saturating_sub(1)));
+        let mut stages: Vec<(String, Vec<f64>)> =
+            names.into_iter().map(|n| (n, Vec::new())).collect();
+        let mut steps = Vec::new();
+        let d = |a: u64, b: u64| b as f64 - a as f64;
+        for ls in by_step.values() {
+            let Some(ask) = ls.iter().find(|l| l.role == "ask") else {
+                continue;
+            };
+            let hop: Vec<Option<&&TraceLine>> = (0..hops as u32)
+                .map(|i| ls.iter().find(|l| l.role == "hop" && l.index == i))
+                .collect();
+            if hop.iter().any(Option::is_none) {
+                continue;
+            }
+            let hop: Vec<&TraceLine> = hop.into_iter().flatten().copied().collect();
+            let mut v = vec![d(ask.times[0], ask.times[1])];
+            let mut prev_sent = ask.times[1];
+            let mut compute = 0.0;
+            for h in &hop {
+                let t = &h.times;
+                v.push(d(prev_sent, t[0]));
+                for k in 0..6 {
+                    v.push(d(t[k], t[k + 1]));
+                }
+                compute += d(t[2], t[3]);
+                prev_sent = t[6];
+            }
+            v.push(d(prev_sent, ask.times[2]));
+            for (s, x) in stages.iter_mut().zip(v) {
+                s.1.push(x);
+            }
+            steps.push((d(ask.times[0], ask.times[2]), compute));
+        }
+        HopBreakdown {
+            stages,
+            steps,
+            hops,
+        }
+    }
+
+    /// Per-hop overhead of each step (wall time less engine time, over
+    /// the hops), µs.
+    pub fn overheads(&self) -> Vec<f64> {
+        self.steps
+            .iter()
+            .map(|(wall, compute)| (wall - compute) / self.hops.max(1) as f64)
+            .collect()
+    }
+}
+
+/// The `p`-quantile of `v` (0 ≤ p ≤ 1); NaN for none.
+pub fn quantile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traced_step_splits_into_its_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let hop = dir.path().join("hop.tsv");
+        let ask = dir.path().join("ask.tsv");
+        std::fs::write(
+            &hop,
+            "# header\nhop\t7\t1\t1\t0\t110\t111\t113\t213\t215\t216\t220\nhop\t7\t1\t1\t1\t250\t251\t253\t353\t355\t356\t360\nhop\t7\t2\t1",
+        )
+        .unwrap();
+        std::fs::write(&ask, "ask\t7\t1\t1\t100\t105\t400\n").unwrap();
+        let lines = read_traces(&[hop, ask]);
+        assert_eq!(lines.len(), 3, "the line cut short is skipped");
+        let b = HopBreakdown::of(&lines, 2);
+        let got: Vec<(String, f64)> = b.stages.iter().map(|(n, v)| (n.clone(), v[0])).collect();
+        assert_eq!(got[0], ("asker: encode + write".into(), 5.0));
+        assert_eq!(got[1], ("link asker → hop 0".into(), 5.0));
+        assert_eq!(got[4], ("hop 0: compute".into(), 100.0));
+        assert_eq!(got[8], ("link hop 0 → hop 1".into(), 30.0));
+        assert_eq!(got.last().unwrap(), &("link hop 1 → asker".into(), 40.0));
+        assert_eq!(b.steps, vec![(300.0, 200.0)]);
+        assert_eq!(b.overheads(), vec![50.0]);
     }
 }

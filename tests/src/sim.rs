@@ -657,6 +657,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         share.iter().sum::<f64>() / share.len().max(1) as f64,
     );
     progress(t0, "measured the steady-state minute");
+    eprintln!("{}\n  ({})", table_row(&report), steady_details(&report));
     report.loops_died = nodes.iter().filter(|n| n.task.is_finished()).count();
 
     // 3. Churn.
@@ -806,17 +807,21 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     _ = tokio::time::sleep(period) => {}
                     _ = stop.notified() => break,
                 }
-                let mut ns = nodes.lock().await;
-                // Each node checks with probability CHECKS_PER_MINUTE/60
-                // per simulated second.
-                let k = ((ns.len() as f64 * CHECKS_PER_MINUTE / 60.0).round() as usize).max(1);
-                for _ in 0..k {
-                    if ns.is_empty() {
-                        break;
-                    }
-                    let i = rng.below(ns.len());
-                    let node = &mut ns[i];
-                    let Ok(infos) = node.client.cached_infos(Some(MODEL)).await else {
+                // The nodes' lock is never held across a call to a node:
+                // the churn and the joins need it too, and an event loop
+                // may take seconds to answer on a loaded machine.
+                let picked: Vec<Client> = {
+                    let ns = nodes.lock().await;
+                    // Each node checks with probability
+                    // CHECKS_PER_MINUTE/60 per simulated second.
+                    let k = ((ns.len() as f64 * CHECKS_PER_MINUTE / 60.0).round() as usize).max(1);
+                    (0..k)
+                        .filter(|_| !ns.is_empty())
+                        .map(|_| ns[rng.below(ns.len())].client.clone())
+                        .collect()
+                };
+                for client in picked {
+                    let Ok(infos) = client.cached_infos(Some(MODEL)).await else {
                         continue;
                     };
                     let view = nakshatra_swarm::build_model_view_with(
@@ -826,26 +831,37 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                         &HashMap::new(),
                     );
                     let tput = block_throughput(BLOCKS, &view.peers, None);
-                    let decision = node.rebalancer.check(
-                        Instant::now(),
-                        node.range.clone(),
-                        node.tput,
-                        &tput,
-                        |a, b| u64::from(b.saturating_sub(a)),
-                        u64::from(node.budget),
-                        None,
-                    );
-                    if let Rebalance::Move { to, .. } = decision {
-                        if node.client.announce(info_for(&to, node.tput)).await.is_ok() {
-                            node.range = to.clone();
-                            node.moves += 1;
-                            moves += 1;
-                            state
-                                .lock()
-                                .expect("churn state")
-                                .live
-                                .insert(node.client.peer_id(), to);
+                    let peer = client.peer_id();
+                    let decision = {
+                        let mut ns = nodes.lock().await;
+                        // Crashed since it was picked: nothing to do.
+                        let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) else {
+                            continue;
+                        };
+                        let d = node.rebalancer.check(
+                            Instant::now(),
+                            node.range.clone(),
+                            node.tput,
+                            &tput,
+                            |a, b| u64::from(b.saturating_sub(a)),
+                            u64::from(node.budget),
+                            None,
+                        );
+                        match d {
+                            Rebalance::Move { to, .. } => Some((to, node.tput)),
+                            _ => None,
                         }
+                    };
+                    let Some((to, t)) = decision else { continue };
+                    if client.announce(info_for(&to, t)).await.is_err() {
+                        continue;
+                    }
+                    let mut ns = nodes.lock().await;
+                    if let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) {
+                        node.range = to.clone();
+                        node.moves += 1;
+                        moves += 1;
+                        state.lock().expect("churn state").live.insert(peer, to);
                     }
                 }
             }
@@ -1032,6 +1048,29 @@ pub fn table_row(r: &SimReport) -> String {
         r.replicas_min_max.0,
         r.replicas_min_max.1,
         r.weakest_block_tput.0,
+    )
+}
+
+/// What else a run measured in steady state, for the line after its
+/// table row.
+pub fn steady_details(r: &SimReport) -> String {
+    format!(
+        "time scale {}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, serving caches complete min {:.3} mean {:.3}, gossip received /node/min {:.0} dropped {:.1}, event loop answers p50 {:.3} s p99 {:.3} s, event loops died {}, failed plans {:?}",
+        r.time_scale,
+        r.coverage_incomplete,
+        r.walks.max,
+        r.walks_by_kind,
+        r.requests_in.max,
+        r.bytes.max / 1024.0,
+        r.trimmed.mean,
+        r.cache_complete.0,
+        r.cache_complete.1,
+        r.gossip_received.mean,
+        r.gossip_dropped.mean,
+        r.loop_lag.p50,
+        r.loop_lag.p99,
+        r.loops_died,
+        r.plan_errors
     )
 }
 

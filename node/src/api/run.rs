@@ -65,6 +65,7 @@ pub async fn start(st: &AppState, req: &GenRequest) -> Result<Running, ApiError>
         recover_wait: API_RECOVER_WAIT,
         busy_wait: API_BUSY_WAIT,
         fresh_recovery: false,
+        trace: None,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let svc = st.0.svc.clone();

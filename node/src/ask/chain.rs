@@ -175,6 +175,9 @@ pub(super) struct StepResult {
     pub(super) compute_us: u64,
     /// The digest of the logits it was sampled from.
     pub(super) digest: [u8; 32],
+    /// When the step's frame was written to the first hop (microseconds
+    /// since the Unix epoch: the step trace's `sent`).
+    pub(super) sent_us: u64,
 }
 
 /// What a resumed run's catch-up did.
@@ -385,6 +388,7 @@ impl<'a> OpenChain<'a> {
                 break;
             }
             let t0 = Instant::now();
+            let start_us = opts.trace.as_ref().map_or(0, |_| crate::trace::now_us());
             let timeout = if step == 0 {
                 opts.step_timeout
             } else {
@@ -396,6 +400,14 @@ impl<'a> OpenChain<'a> {
                 Err(e) => return ChainOutcome::Broken(e),
             };
             let (token, compute_us) = (r.token, r.compute_us);
+            if let Some(trace) = &opts.trace {
+                let times = crate::trace::AskTimes {
+                    start: start_us,
+                    sent: r.sent_us,
+                    token: crate::trace::now_us(),
+                };
+                trace.ask(p.session, step, input.len() as u32, &times);
+            }
             if let Some(tap) = &tap {
                 tap.stepped(step, &input, pos + input.len() as u32, r.digest);
             }
@@ -550,6 +562,7 @@ impl<'a> OpenChain<'a> {
             None => Err(FrameError::Io(std::io::ErrorKind::NotConnected.into())),
         };
         sent.map_err(|e| self.hop_err(0, HopFault::Stream(e)))?;
+        let sent_us = crate::trace::now_us();
         let Some(tokens) = self.tokens.as_mut() else {
             let e = FrameError::Io(std::io::ErrorKind::NotConnected.into());
             return Err(self.hop_err(last, HopFault::TokenStream(e)));
@@ -570,6 +583,7 @@ impl<'a> OpenChain<'a> {
                 token,
                 compute_us,
                 digest,
+                sent_us,
             }),
             Ok(Ok(TokenFrame::Failed { message })) => Err(self.hop_err(
                 last,

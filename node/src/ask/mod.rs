@@ -303,6 +303,9 @@ pub struct AskOptions {
     /// part of the broken chain's (test-only: the recovery benchmark's
     /// baseline; `false` in every real ask).
     pub fresh_recovery: bool,
+    /// Where every decode step's timings go (`--trace-steps`), if
+    /// anywhere.
+    pub trace: Option<std::sync::Arc<crate::trace::StepTrace>>,
 }
 
 /// The text to continue.

@@ -197,10 +197,16 @@ pub enum StepOutput {
 /// exactly when the logits are bit for bit the same (what `--verify`
 /// compares).
 pub fn logits_digest(logits: &[f32]) -> [u8; 32] {
+    /// Floats converted per hash update (a 4 KiB stack buffer, no
+    /// allocation per step: the last hop digests every step's logits).
+    const CHUNK: usize = 1024;
     let mut h = blake3::Hasher::new();
-    for chunk in logits.chunks(4096) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
-        h.update(&bytes);
+    let mut buf = [0u8; 4 * CHUNK];
+    for chunk in logits.chunks(CHUNK) {
+        for (dst, x) in buf.chunks_exact_mut(4).zip(chunk) {
+            dst.copy_from_slice(&x.to_le_bytes());
+        }
+        h.update(&buf[..4 * chunk.len()]);
     }
     *h.finalize().as_bytes()
 }
@@ -727,25 +733,37 @@ impl SliceEngine {
 /// have drawn.
 pub struct Sampler {
     spec: SamplerSpec,
-    /// The one chain, when greedy (it keeps no state between steps).
-    greedy: Option<RawSampler>,
+}
+
+/// llama.cpp's greedy choice (`llama_sampler_greedy_apply`), without
+/// building its candidates array (12 bytes a token, 590 KB for a
+/// 49,152-token vocabulary, every step): the first index whose logit no
+/// later one exceeds, compared with `>` exactly as llama.cpp does (so a
+/// NaN is never chosen over an earlier number, and a NaN first stays
+/// chosen). `None` for no logits.
+pub fn greedy_token(logits: &[f32]) -> Option<i32> {
+    let (&first, rest) = logits.split_first()?;
+    let (mut best, mut max) = (0usize, first);
+    for (i, &l) in rest.iter().enumerate() {
+        if l > max {
+            (best, max) = (i + 1, l);
+        }
+    }
+    i32::try_from(best).ok()
 }
 
 impl Sampler {
-    /// A sampler for `spec` (its chain is built once here, so a spec
+    /// A sampler for `spec` (a chain is built once here, so a spec
     /// llama.cpp refuses fails now, not at the first token).
     pub fn new(spec: &SamplerSpec) -> Result<Self, EngineError> {
-        let chain = RawSampler::new(spec).ok_or(EngineError::Sampling)?;
-        Ok(Self {
-            spec: *spec,
-            greedy: (spec.temperature <= 0.0).then_some(chain),
-        })
+        RawSampler::new(spec).ok_or(EngineError::Sampling)?;
+        Ok(Self { spec: *spec })
     }
 
     /// Picks the token of step `step` from one row of logits.
     pub fn sample(&mut self, logits: &[f32], step: u64) -> Result<i32, EngineError> {
-        if let Some(g) = &mut self.greedy {
-            return g.sample(logits).ok_or(EngineError::Sampling);
+        if self.spec.temperature <= 0.0 {
+            return greedy_token(logits).ok_or(EngineError::Sampling);
         }
         let spec = SamplerSpec {
             seed: step_seed(self.spec.seed, step),
@@ -810,5 +828,51 @@ impl SliceEngine {
             self.forward(id, input(1))?;
         }
         Ok(f64::from(steps) / t0.elapsed().as_secs_f64().max(1e-9))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ffi::RawSampler, greedy_token, logits_digest, SamplerSpec};
+
+    #[test]
+    fn greedy_picks_what_llama_cpp_picks() {
+        let greedy = SamplerSpec {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 0,
+        };
+        let nan = f32::NAN;
+        let rows: Vec<Vec<f32>> = vec![
+            vec![1.0],
+            vec![0.5, 2.0, 2.0, -1.0],
+            vec![nan, 3.0, 1.0],
+            vec![1.0, nan, 3.0, nan],
+            vec![f32::NEG_INFINITY, f32::NEG_INFINITY],
+            vec![-0.0, 0.0],
+            (0..49_152)
+                .map(|i| ((i * 7919) % 1000) as f32 * 0.01)
+                .collect(),
+        ];
+        for row in rows {
+            let mut llama = RawSampler::new(&greedy).expect("greedy chain");
+            assert_eq!(
+                greedy_token(&row),
+                llama.sample(&row),
+                "{:?}",
+                &row[..row.len().min(4)]
+            );
+        }
+        assert_eq!(greedy_token(&[]), None);
+    }
+
+    #[test]
+    fn the_logits_digest_is_blake3_of_the_little_endian_bytes() {
+        // Not a multiple of the chunk, so the last update is short.
+        let logits: Vec<f32> = (0..49_153).map(|i| i as f32 * 0.5 - 1000.0).collect();
+        let bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(logits_digest(&logits), *blake3::hash(&bytes).as_bytes());
+        assert_eq!(logits_digest(&[]), *blake3::hash(&[]).as_bytes());
     }
 }

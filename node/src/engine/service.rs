@@ -24,10 +24,21 @@ enum Job {
     Forward(
         SessionId,
         OwnedInput,
-        oneshot::Sender<Result<StepOutput, EngineError>>,
+        oneshot::Sender<Result<(StepOutput, Picked), EngineError>>,
     ),
     Truncate(SessionId, u32, oneshot::Sender<Result<(), EngineError>>),
     Close(SessionId, oneshot::Sender<Result<(), EngineError>>),
+}
+
+/// When the engine thread picked a forward job up and finished it
+/// (microseconds since the Unix epoch, [`crate::trace::now_us`]): the
+/// step trace's `picked` and `computed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Picked {
+    /// Job taken off the queue.
+    pub at: u64,
+    /// Forward pass done.
+    pub done: u64,
 }
 
 /// Errors of the service on top of the engine's own.
@@ -84,11 +95,14 @@ impl EngineService {
                         let _ = r.send(opened);
                     }
                     Job::Forward(id, input, r) => {
+                        let at = crate::trace::now_us();
                         let step = match &input {
                             OwnedInput::Tokens(t) => StepInput::Tokens(t),
                             OwnedInput::Hidden(h) => StepInput::Hidden(h),
                         };
-                        let _ = r.send(engine.forward(id, step));
+                        let out = engine.forward(id, step);
+                        let done = crate::trace::now_us();
+                        let _ = r.send(out.map(|o| (o, Picked { at, done })));
                     }
                     Job::Truncate(id, pos, r) => {
                         let _ = r.send(engine.truncate(id, pos));
@@ -131,6 +145,16 @@ impl EngineService {
         id: SessionId,
         input: OwnedInput,
     ) -> Result<StepOutput, ServiceError> {
+        Ok(self.forward_timed(id, input).await?.0)
+    }
+
+    /// [`EngineService::forward`], and when the engine thread picked the
+    /// job up and finished it.
+    pub async fn forward_timed(
+        &self,
+        id: SessionId,
+        input: OwnedInput,
+    ) -> Result<(StepOutput, Picked), ServiceError> {
         self.call(|r| Job::Forward(id, input, r)).await
     }
 

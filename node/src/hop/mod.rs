@@ -64,6 +64,8 @@ pub struct HopContext {
     pub resumable: Arc<Resumable>,
     /// How long a session whose chain broke is kept for one.
     pub park_grace: Duration,
+    /// Where each step's timings go (`--trace-steps`), if anywhere.
+    pub trace: Option<Arc<crate::trace::StepTrace>>,
 }
 
 /// Sessions one asker may hold on a node with `max_sessions`: half of them
@@ -546,6 +548,9 @@ async fn serve_session(
         ctx.sessions.slot_freed();
         tracing::debug!(session = open.session, "session closed");
     }
+    if let Some(t) = &ctx.trace {
+        t.flush();
+    }
     r
 }
 
@@ -686,6 +691,7 @@ async fn run_steps(
             Ok(Err(e)) => return Err(SessionError::UpstreamGone(e)),
             Ok(Ok(f)) => f,
         };
+        let frame_in = ctx.trace.as_ref().map_or(0, |_| crate::trace::now_us());
         slot.touch();
         let payload = payload.get(..n).unwrap_or_default();
         ctx.faults.link_delay().await;
@@ -700,7 +706,7 @@ async fn run_steps(
                 "fault injection: forged a failure report",
             ));
         }
-        match step(ctx, open, held, h, payload, down).await {
+        match step(ctx, open, held, h, payload, down, frame_in).await {
             Ok(()) => {}
             // The asker is gone: nobody upstream to tell.
             Err(e @ SessionError::AskerGone(_)) => return Err(e),
@@ -730,7 +736,9 @@ fn step_bytes(ctx: &HopContext, open: &OpenSession, frame: &ActFrame) -> usize {
 /// One step: checks the input against the header and this hop's place;
 /// a step inside what the session holds is answered from its history
 /// ([`replayed`]); otherwise rolls the session back when the step
-/// restarts earlier, runs the range, and sends the result on.
+/// restarts earlier, runs the range, and sends the result on. With a step
+/// trace, its stages are written there (`frame_in`: when its frame was
+/// read).
 async fn step(
     ctx: &HopContext,
     open: &OpenSession,
@@ -738,7 +746,16 @@ async fn step(
     h: StepHeader,
     payload: &[u8],
     down: &mut Downstream,
+    frame_in: u64,
 ) -> Result<(), SessionError> {
+    let tracing_steps = ctx.trace.is_some();
+    let now = || {
+        if tracing_steps {
+            crate::trace::now_us()
+        } else {
+            0
+        }
+    };
     let n_embd = ctx.engine.layout().n_embd as usize;
     let bad = |m: &str| SessionError::BadStep(m.to_string());
     let input = match (h.kind, open.index) {
@@ -752,6 +769,7 @@ async fn step(
         },
         _ => return Err(bad("wrong payload kind for this hop")),
     };
+    let decoded = now();
     let end = h.pos.saturating_add(h.n_tokens);
     if end <= held.pos && replayed(open, &held.history, &h, down).await? {
         return Ok(());
@@ -770,10 +788,11 @@ async fn step(
     }
     let t0 = Instant::now();
     ctx.faults.step_delay().await;
-    let out = ctx.engine.forward(held.id, input).await?;
+    let (out, picked) = ctx.engine.forward_timed(held.id, input).await?;
+    let resumed = now();
     let compute_us = h.compute_us + t0.elapsed().as_micros() as u64;
     held.pos += h.n_tokens;
-    match (out, down) {
+    let (sent, encoded) = match (out, down) {
         (StepOutput::Hidden(mut hidden), Downstream::Hop(w, _)) => {
             ctx.faults.corrupt_output(&mut hidden);
             held.history.record_hidden(h.pos, &hidden);
@@ -783,9 +802,11 @@ async fn step(
                 ..h
             };
             let bytes = encode_hidden(&hidden, open.wire);
-            write_frame(w, &ActFrame::Step(next), &bytes)
+            let encoded = now();
+            let sent = write_frame(w, &ActFrame::Step(next), &bytes)
                 .await
-                .map_err(SessionError::NextHop)
+                .map_err(SessionError::NextHop);
+            (sent, encoded)
         }
         (StepOutput::Logits(mut logits), Downstream::Asker(s, sampler)) => {
             ctx.faults.corrupt_output(&mut logits);
@@ -798,12 +819,27 @@ async fn step(
                 compute_us,
                 digest,
             };
-            write_frame(s, &t, &[])
+            let encoded = now();
+            let sent = write_frame(s, &t, &[])
                 .await
-                .map_err(SessionError::AskerGone)
+                .map_err(SessionError::AskerGone);
+            (sent, encoded)
         }
-        _ => Err(bad("engine output does not match this hop's place")),
+        _ => return Err(bad("engine output does not match this hop's place")),
+    };
+    if let Some(trace) = &ctx.trace {
+        let times = crate::trace::HopTimes {
+            input: frame_in,
+            decoded,
+            picked: picked.at,
+            computed: picked.done,
+            resumed,
+            encoded,
+            sent: crate::trace::now_us(),
+        };
+        trace.hop(open.session, h.step, h.n_tokens, open.index, &times);
     }
+    sent
 }
 
 /// Answers a step inside what the session holds (the replay of a
