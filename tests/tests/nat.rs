@@ -426,9 +426,10 @@ fn cone_home_serves_and_a_symmetric_home_asks_through_the_relay() {
         let o = nakshatra_in(&lab.homes[i].prefix(), &ask);
         assert!(
             o.status.success(),
-            "ask from home {i} failed: {}\nhome A:\n{}",
+            "ask from home {i} failed: {}\nhome A:\n{}\nPUBLIC:\n{}",
             err(&o),
-            home.stderr()
+            home.stderr(),
+            public.stderr()
         );
         assert_eq!(
             text(&o),
