@@ -14,29 +14,16 @@
 //!
 //! Run: `cargo run --release -p nakshatra-swarm --example rtt_bench`
 
+mod common;
+
 use std::time::Instant;
 
+use common::{config, runtime};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use nakshatra_swarm::{spawn, IdentityKeypair, Multiaddr, StreamProtocol, SwarmConfig};
+use nakshatra_swarm::{spawn, IdentityKeypair, Multiaddr, StreamProtocol};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const PROTOCOL: &str = "/nakshatra/bench-rtt/1";
-
-fn config(bootstrap: Option<Multiaddr>) -> SwarmConfig {
-    let mut c = SwarmConfig::server();
-    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
-    c.bootstrap = bootstrap.into_iter().collect();
-    c.mdns = false;
-    c
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn quantile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -9,28 +9,16 @@
 //!
 //! Run: `cargo run --release -p nakshatra-swarm --example stream_bench`
 
+mod common;
+
 use std::time::Instant;
 
+use common::{config, runtime};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use nakshatra_swarm::{spawn, Client, IdentityKeypair, Multiaddr, StreamProtocol, SwarmConfig};
+use nakshatra_swarm::{spawn, Client, IdentityKeypair, Multiaddr, StreamProtocol};
 
 const PROTOCOL: &str = "/nakshatra/bench-stream/1";
 const WRITE: usize = 2 << 20;
-
-fn config(bootstrap: Option<Multiaddr>) -> SwarmConfig {
-    let mut c = SwarmConfig::server();
-    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
-    c.bootstrap = bootstrap.into_iter().collect();
-    c.mdns = false;
-    c
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -34,13 +34,13 @@ fn main() {
     let common = ["--raw", "--temperature", "0", "--max-tokens", &tokens];
     let (mut wp, mut wd, mut cp, mut cd, mut om, mut op, mut hd) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut f32_text, mut f16_text) = (None, None);
+    let (mut whole_text, mut f32_text, mut f16_text) = (None, None, None);
     let mut asks = 0usize;
     let mut ask_traces = Vec::new();
     let mut whole = |warm_up: bool| {
-        let s = chain
-            .run_whole(&threads, &common, &prompt)
-            .expect("run stats");
+        let out = chain.run_whole_output(&threads, &common, &prompt);
+        let s = stderr_line(&out, "stats:").expect("run stats");
+        whole_text.get_or_insert_with(|| out.stdout.clone());
         if !warm_up {
             wp.push(number_after(&s, "prefill").expect("prefill"));
             wd.push(number_after(&s, "decode").expect("decode"));
@@ -74,16 +74,6 @@ fn main() {
         }
     };
     interleaved(rounds, &mut [&mut whole, &mut chained, &mut half]);
-    let whole_text = {
-        // The whole model's text, for the exactness line.
-        let mut args = vec!["--model", model, "--threads", &threads];
-        args.extend_from_slice(&common);
-        let dir = chain.asker.path().to_str().expect("utf-8 path");
-        let mut a = vec!["--data-dir", dir, "run"];
-        a.extend_from_slice(&args);
-        a.push(&prompt);
-        Some(nakshatra(&a).stdout)
-    };
     // The hops write their traces at the end of each session.
     std::thread::sleep(std::time::Duration::from_secs(2));
     let mut files = ask_traces.clone();

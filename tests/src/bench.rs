@@ -97,6 +97,12 @@ impl LocalChain {
     /// `nakshatra run` of the whole model in one process with `threads`
     /// and `args` (then the prompt): its `stats:` line.
     pub fn run_whole(&self, threads: &str, args: &[&str], prompt: &str) -> Option<String> {
+        stderr_line(&self.run_whole_output(threads, args, prompt), "stats:")
+    }
+
+    /// `nakshatra run` of the whole model in one process with `threads`
+    /// and `args` (then the prompt): what it printed.
+    pub fn run_whole_output(&self, threads: &str, args: &[&str], prompt: &str) -> Output {
         let mut a = vec![
             "--data-dir",
             self.asker_dir(),
@@ -108,7 +114,7 @@ impl LocalChain {
         ];
         a.extend_from_slice(args);
         a.push(prompt);
-        stderr_line(&nakshatra(&a), "stats:")
+        nakshatra(&a)
     }
 
     /// `node ask` through the chain with `args` (then the prompt): its
