@@ -108,6 +108,10 @@ pub fn step_header(u: &mut Unstructured<'_>) -> Result<StepHeader> {
             StepKind::Tokens
         },
         compute_us: num(u)?,
+        draft: {
+            let n = u.int_in_range(0..=3u8)?;
+            (0..n).map(|_| num(u)).collect::<Result<_>>()?
+        },
     })
 }
 
@@ -262,6 +266,9 @@ pub fn server_info(u: &mut Unstructured<'_>, now_ms: u64) -> Result<ServerInfo> 
                 description: text(u)?.chars().filter(|c| !c.is_control()).collect(),
                 memory_total: u.arbitrary()?,
                 memory_free: u.arbitrary()?,
+                features: list(u, 4, |u| {
+                    Ok(text(u)?.chars().filter(|c| !c.is_control()).collect())
+                })?,
             })
         })?,
         throughput: f64::from(u.int_in_range(0..=1000u16)?),

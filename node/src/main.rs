@@ -117,6 +117,10 @@ struct ApiArgs {
     wait: u64,
     #[command(flatten)]
     key: ApiKeyArgs,
+    /// Used for every request whose model shares its vocabulary (others
+    /// go without).
+    #[command(flatten)]
+    draft: DraftArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,7 +128,7 @@ enum NodeCmd {
     /// Serve a range of a model's layers and announce it on the swarm.
     Join(Box<JoinArgs>),
     /// Ask the swarm: generate text with a model no single node holds.
-    Ask(AskArgs),
+    Ask(Box<AskArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -177,6 +181,8 @@ struct AskArgs {
     /// see `benches/chain.rs`).
     #[arg(long)]
     trace_steps: Option<PathBuf>,
+    #[command(flatten)]
+    draft: DraftArgs,
     /// Test-only: a repaired chain gets a new session id, so that no hop
     /// resumes its part and the history is replayed into every hop (the
     /// recovery benchmark's baseline).
@@ -185,6 +191,45 @@ struct AskArgs {
     test_fresh_recovery: bool,
     /// The prompt.
     prompt: String,
+}
+
+/// Speculative decoding flags of `node ask` and `api`.
+#[derive(Args, Debug)]
+struct DraftArgs {
+    /// Speculative decoding: a small model with the same vocabulary (a
+    /// whole GGUF, run here) proposes tokens that the chain verifies
+    /// several at a time, one pass for all. The answer is the same as
+    /// without it, bit for bit; over slow links it comes in fewer passes.
+    /// `nakshatra model draft` makes one from the model itself.
+    #[arg(long, value_name = "MODEL.gguf")]
+    draft: Option<PathBuf>,
+    /// Tokens the draft proposes per step: a number (1..=16) or `auto`
+    /// (chosen each step from the measured acceptance and link time).
+    #[arg(long, value_name = "K", default_value = "auto", value_parser = parse_draft_k)]
+    draft_k: nakshatra_node::ask::draft::DraftK,
+    /// CPU threads for the draft model.
+    #[arg(long, default_value_t = 1)]
+    draft_threads: u32,
+}
+
+impl DraftArgs {
+    /// The draft model, loaded, with room for `sessions` asks at once
+    /// (`None` without `--draft`).
+    fn load(&self, sessions: u32) -> Result<Option<nakshatra_node::ask::draft::Draft>> {
+        let Some(path) = &self.draft else {
+            return Ok(None);
+        };
+        let cfg = EngineConfig {
+            threads: self.draft_threads,
+            max_sessions: sessions,
+            ..EngineConfig::default()
+        };
+        Ok(Some(nakshatra_node::ask::draft::Draft::load(
+            path,
+            self.draft_k,
+            &cfg,
+        )?))
+    }
 }
 
 /// Generation flags shared by `run` and `node ask`.
@@ -218,6 +263,20 @@ impl GenArgs {
             top_p: self.top_p,
             seed: self.seed,
         }
+    }
+}
+
+/// A `--draft-k`: `auto` or a number of drafts.
+fn parse_draft_k(s: &str) -> Result<nakshatra_node::ask::draft::DraftK, String> {
+    use nakshatra_node::ask::draft::{DraftK, MAX_K};
+    if s == "auto" {
+        return Ok(DraftK::Adaptive);
+    }
+    match s.parse::<usize>() {
+        Ok(k) if (1..=MAX_K).contains(&k) => Ok(DraftK::Fixed(k)),
+        _ => Err(format!(
+            "{s:?} is neither `auto` nor a number of drafts in 1..={MAX_K}"
+        )),
     }
 }
 
@@ -379,6 +438,19 @@ enum ModelCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write an early-exit draft for `node ask --draft`: the model's first
+    /// BLOCKS blocks and its own head, a small model with the very same
+    /// vocabulary.
+    Draft {
+        /// The whole model (GGUF).
+        path: PathBuf,
+        /// Blocks to keep, from the first.
+        #[arg(long)]
+        blocks: u32,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -451,6 +523,19 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Model {
             cmd: ModelCmd::Inspect { path, json },
         } => inspect(&path, json),
+        Cmd::Model {
+            cmd: ModelCmd::Draft { path, blocks, out },
+        } => {
+            let info = nakshatra_slicer::write_early_exit(&path, blocks, &out)?;
+            out!(
+                "wrote {} ({} of {} blocks, {} bytes)",
+                out.display(),
+                blocks,
+                nakshatra_slicer::model_layers(&path)?.n_layers,
+                info.file_bytes
+            );
+            Ok(())
+        }
         Cmd::Slice { path, layers, out } => {
             let o = nakshatra_slicer::write_slice(&path, layers.start, layers.end, &out)?;
             out!("wrote {} ({} bytes)", o.path.display(), o.bytes);
@@ -465,7 +550,7 @@ fn real_main(cli: Cli) -> Result<()> {
         } => runtime()?.block_on(join(data_dir, *args)),
         Cmd::Node {
             cmd: NodeCmd::Ask(args),
-        } => runtime()?.block_on(ask(data_dir, args)),
+        } => runtime()?.block_on(ask(data_dir, *args)),
         Cmd::Api(args) => runtime()?.block_on(api(data_dir, args)),
         Cmd::Swarm {
             cmd:
@@ -508,15 +593,21 @@ async fn start_api(
     key: ApiKeyArgs,
     svc: nakshatra_node::ask::AskerService,
     hop: Option<tokio::sync::watch::Receiver<nakshatra_node::engine::service::EngineService>>,
+    draft: Option<nakshatra_node::ask::draft::Draft>,
 ) -> Result<nakshatra_node::api::ApiServer> {
     let cfg = nakshatra_node::api::ApiConfig {
         listen,
         api_key: key.api_key,
+        draft,
     };
     let server = nakshatra_node::api::serve(cfg, svc, hop).await?;
     out!("api on http://{}", server.addr);
     Ok(server)
 }
+
+/// Asks of `nakshatra api` that draft at once; more run without a draft
+/// (each draft session holds the draft model's KV cache).
+const API_DRAFT_SESSIONS: u32 = 8;
 
 async fn api(data_dir: DataDir, a: ApiArgs) -> Result<()> {
     use nakshatra_node::ask::{AskerConfig, AskerService};
@@ -528,7 +619,8 @@ async fn api(data_dir: DataDir, a: ApiArgs) -> Result<()> {
         connect_wait: std::time::Duration::from_secs(a.wait),
     })
     .await?;
-    let server = start_api(a.listen, a.key, svc.clone(), None).await?;
+    let draft = a.draft.load(API_DRAFT_SESSIONS)?;
+    let server = start_api(a.listen, a.key, svc.clone(), None, draft).await?;
     until_stopped().await?;
     server.stop();
     svc.shutdown().await;
@@ -577,6 +669,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         #[cfg(not(feature = "fault-injection"))]
         fresh_recovery: false,
         trace: step_trace(a.trace_steps.as_deref())?,
+        draft: a.draft.load(1)?,
     };
     let json = a.json;
     let stdout = std::io::stdout();
@@ -618,6 +711,17 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         t.hop_overhead_p99_ms,
         t.setup_s
     );
+    if let Some(s) = &t.speculative {
+        eprintln!(
+            "speculative: k {} (mean {:.1}), {} of {} drafts accepted ({:.0} %), {:.2} tokens per pass",
+            s.k,
+            s.mean_k,
+            s.accepted,
+            s.drafted,
+            s.acceptance * 100.0,
+            s.tokens_per_step
+        );
+    }
     Ok(())
 }
 
@@ -741,8 +845,14 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
                 connect_wait: std::time::Duration::from_secs(10),
             })
             .await?;
-            let server =
-                start_api(listen, a.api_key, svc.clone(), Some(node.engine_watch())).await?;
+            let server = start_api(
+                listen,
+                a.api_key,
+                svc.clone(),
+                Some(node.engine_watch()),
+                None,
+            )
+            .await?;
             Some((server, svc))
         }
         None => None,

@@ -340,6 +340,7 @@ mod tests {
             n_tokens: 1,
             kind: StepKind::Hidden,
             compute_us: 5,
+            draft: vec![],
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &step, &[1, 2, 3, 4]).await.unwrap();

@@ -313,6 +313,11 @@ pub fn device_infos() -> Vec<DeviceInfo> {
     engine::devices()
         .into_iter()
         .map(|d| DeviceInfo {
+            features: if d.backend == "CPU" {
+                engine::cpu_features()
+            } else {
+                Vec::new()
+            },
             name: d.name,
             backend: d.backend,
             description: d.description,

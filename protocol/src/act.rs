@@ -28,9 +28,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Activation stream protocol id.
-pub const ACT_PROTOCOL: &str = "/nakshatra/act/3";
+pub const ACT_PROTOCOL: &str = "/nakshatra/act/4";
 /// Token return stream protocol id.
-pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/2";
+pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/3";
 /// Vocabulary fetch protocol id.
 pub const VOCAB_PROTOCOL: &str = "/nakshatra/vocab/1";
 
@@ -41,6 +41,11 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024 * 1024;
 /// Most hops a chain may have.
 pub const MAX_HOPS: usize = 64;
+/// Most drafted tokens one step may carry ([`StepHeader::draft`]): far
+/// past where speculation pays (a verify of 33 rows), and small enough
+/// that the logits rows a last hop keeps for a step stay bounded
+/// (`(MAX_DRAFT + 1) × n_vocab` floats).
+pub const MAX_DRAFT: usize = 32;
 
 /// Encoding of hidden states on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -125,7 +130,7 @@ pub enum StepKind {
 }
 
 /// One step of a session: positions `pos .. pos + n_tokens`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepHeader {
     /// Step number: 0 is the prefill, then one per decoded token.
     pub step: u64,
@@ -140,6 +145,30 @@ pub struct StepHeader {
     pub kind: StepKind,
     /// Engine time spent on this step by the hops so far, microseconds.
     pub compute_us: u64,
+    /// Speculative decoding: the tokens the asker's draft model proposed,
+    /// which are the step's last `draft.len()` input tokens (at most
+    /// [`MAX_DRAFT`], fewer than `n_tokens`; empty for a plain step). The
+    /// last hop samples the token of every drafted position and of the
+    /// one before (step `step`, `step + 1`, ...) as one-token steps
+    /// would, and stops at the first sample that differs from the draft:
+    /// it streams back the accepted drafts and that sample (one
+    /// [`TokenFrame::Token`] each). The rows past it are dropped by the
+    /// next step, which starts after the last accepted position.
+    pub draft: Vec<i32>,
+}
+
+impl StepHeader {
+    /// Rows of logits the last hop samples for this step: the drafted
+    /// positions and the one before them.
+    pub fn rows(&self) -> usize {
+        self.draft.len() + 1
+    }
+
+    /// Whether the draft fits the step: at most [`MAX_DRAFT`] tokens,
+    /// fewer than the step's positions.
+    pub fn draft_fits(&self) -> bool {
+        self.draft.len() <= MAX_DRAFT && self.draft.len() < self.n_tokens as usize
+    }
 }
 
 /// Downstream frames on an activation stream.
@@ -320,10 +349,11 @@ pub enum TokenFrame {
         /// The session id the asker chose ([`OpenSession::session`]).
         session: u64,
     },
-    /// The token sampled at the end of a step.
+    /// A token sampled in a step: the step's one token, or one of a
+    /// speculative step's accepted tokens (see [`StepHeader::draft`]).
     Token {
-        /// The step ([`StepHeader::step`]) at whose last position the token
-        /// was sampled.
+        /// The token's own step number: the step ([`StepHeader::step`])
+        /// plus its index among the tokens that step accepted.
         step: u64,
         /// Sampled token id.
         token: i32,

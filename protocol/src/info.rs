@@ -19,6 +19,10 @@ const MAX_ARCH_LEN: usize = 64;
 const MAX_DEVICE_NAME_LEN: usize = 128;
 const MAX_BACKEND_LEN: usize = 32;
 const MAX_DESCRIPTION_LEN: usize = 256;
+/// Most features one device may list.
+const MAX_FEATURES: usize = 64;
+/// Longest feature name, in bytes.
+const MAX_FEATURE_LEN: usize = 32;
 /// Largest embedding width a record may claim.
 const MAX_N_EMBD: u32 = 1 << 20;
 /// Highest decode throughput a record may announce, tokens/s: one
@@ -65,6 +69,11 @@ pub struct DeviceInfo {
     pub memory_total: u64,
     /// Free device memory when the record was issued, in bytes.
     pub memory_free: u64,
+    /// Features of the device this build uses, as ggml names them (the
+    /// CPU's: `AVX2`, `FMA`, `F16C`, `AVX512`, `NEON`, ...; at most 64).
+    /// Hosts whose builds use other kernels may compute other bits: what
+    /// exactness across peers depends on is in `docs/speed.md`.
+    pub features: Vec<String>,
 }
 
 /// A round-trip time this node measured to a holder of the block right after
@@ -222,6 +231,15 @@ impl ServerInfo {
             check_text("devices.name", &d.name, MAX_DEVICE_NAME_LEN)?;
             check_text("devices.backend", &d.backend, MAX_BACKEND_LEN)?;
             check_text("devices.description", &d.description, MAX_DESCRIPTION_LEN)?;
+            if d.features.len() > MAX_FEATURES {
+                return Err(bad(
+                    "devices.features",
+                    format!("{} features, at most {MAX_FEATURES}", d.features.len()),
+                ));
+            }
+            for f in &d.features {
+                check_text("devices.features", f, MAX_FEATURE_LEN)?;
+            }
         }
         if !self.throughput.is_finite() || !(0.0..=MAX_THROUGHPUT).contains(&self.throughput) {
             return Err(bad(

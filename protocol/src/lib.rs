@@ -57,8 +57,9 @@ pub use wire::{decode, encode, DECODE_LIMIT};
 pub use libp2p_identity::PeerId;
 
 /// Version of the wire protocol; peers refuse records of another version.
-/// Version 2 added [`ServerInfo::next_rtts`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 2 added [`ServerInfo::next_rtts`], version 3
+/// [`DeviceInfo::features`].
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Most [`NextRtt`] entries one [`ServerInfo`] may carry.
 pub const MAX_NEXT_RTTS: usize = 16;

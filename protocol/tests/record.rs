@@ -27,6 +27,7 @@ fn info() -> ServerInfo {
         description: "AMD EPYC".into(),
         memory_total: 64 << 30,
         memory_free: 32 << 30,
+        features: vec!["AVX2".into()],
     }];
     i.throughput = 123.5;
     i.free_sessions = 3;
@@ -236,6 +237,7 @@ fn oversized_is_refused() {
             description: "z".repeat(256),
             memory_total: 1,
             memory_free: 1,
+            features: vec![],
         };
         16
     ];
@@ -297,6 +299,40 @@ fn bad_fields_are_refused_even_when_signed() {
                 ..info()
             },
             |e| matches!(e, RecordError::BadField { .. }),
+        ),
+        // A device listing more features than any CPU has, or one with a
+        // control character.
+        (
+            {
+                let mut i = info();
+                i.devices[0].features = vec!["AVX".into(); 65];
+                i
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "devices.features",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            {
+                let mut i = info();
+                i.devices[0].features = vec!["AVX\n2".into()];
+                i
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "devices.features",
+                        ..
+                    }
+                )
+            },
         ),
         // Impossible announcements: a rate no hardware reaches, a context
         // or session count beyond any model or machine.

@@ -66,7 +66,9 @@ pub use pieces::{
     manifest, manifest_and_vocab, piece_segments, pieces_held, write_slice_from_pieces, Manifest,
     Piece, PieceHasher, PieceId, PieceTensor, MAX_PIECES_ALIGNMENT,
 };
-pub use slice::{embd_sidecar_path, supported_arch, write_slice, SliceOutput, FORMAT_VERSION};
+pub use slice::{
+    embd_sidecar_path, supported_arch, write_early_exit, write_slice, SliceOutput, FORMAT_VERSION,
+};
 pub use vocab::{verify_vocab, vocab_gguf, ModelHashes, VocabInfo, VOCAB_ROLE};
 
 /// Metadata keys read or written by this crate.

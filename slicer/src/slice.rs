@@ -139,6 +139,67 @@ pub fn write_slice(
     Ok(written)
 }
 
+/// Writes an early-exit draft of the model at `src` to `out`: its first
+/// `blocks` blocks, then its own final norm and head, as a standalone
+/// model (the whole vocabulary, no `nakshatra.*` keys) that llama.cpp
+/// runs like any other. It shares the model's vocabulary by construction,
+/// which is what `node ask --draft` needs; how often its guesses are
+/// right depends on how much the remaining blocks change the answer
+/// (self-speculative decoding: Draft & Verify, LayerSkip). Written
+/// atomically (temporary file, then rename).
+pub fn write_early_exit(src: &Path, blocks: u32, out: &Path) -> Result<ModelInfo, SliceError> {
+    let g = Gguf::open(src)?;
+    let arch = arch_of(&g)?;
+    if let Some(id) = g.get(keys::SOURCE_MODEL_ID) {
+        return Err(SliceError::AlreadySliced {
+            path: src.to_path_buf(),
+            source_id: id.as_str().unwrap_or("?").to_string(),
+        });
+    }
+    supported_arch(&arch)?;
+    let n = n_layers_of(&g, &arch)?;
+    check_range(0, blocks, n)?;
+    if g.shard_paths().any(|p| is_same_file(p, out)) {
+        return Err(SliceError::OutputIsInput {
+            path: out.to_path_buf(),
+        });
+    }
+    let family = crate::arch::family(&arch)?;
+    let meta = crate::arch::Meta {
+        metadata: g.metadata(),
+        arch: &arch,
+        n_layers: n,
+    };
+    crate::arch::check_slice_range(&meta, 0, blocks)?;
+    let mut metadata = slice_metadata(g.metadata(), family, n, 0, blocks, None)?;
+    crate::arch::rewrite_metadata(&meta, 0, blocks, &mut metadata)?;
+    let source = SliceSource {
+        metadata: g.metadata(),
+        arch: &arch,
+        n_layers: n,
+        n_embd: 0,
+        source_id: "",
+        block_hashes: &[],
+        tensors: g
+            .tensors()
+            .iter()
+            .map(|t| SrcTensor {
+                name: t.name.clone(),
+                ggml_type: t.ggml_type,
+                dims: &t.dims,
+                data: Some(g.tensor_data(t)),
+            })
+            .collect(),
+    };
+    // As the last slice keeps them: the embeddings and the head whole.
+    let tensors = slice_tensors(&source, 0, blocks, true, family.head_required)?;
+    let main = TmpFile::write(out, |w| write_gguf(w, &metadata, &tensors))?;
+    let path = main.commit()?;
+    let info = inspect(&path)?;
+    tracing::info!(src = %src.display(), out = %path.display(), blocks, "wrote early-exit draft");
+    Ok(info)
+}
+
 /// `Ok` if `start..end` is a non-empty range of an `n`-layer model, else
 /// [`SliceError::EmptyRange`] or [`SliceError::RangeOutOfBounds`].
 pub(crate) fn check_range(start: u32, end: u32, n: u32) -> Result<(), SliceError> {
@@ -211,7 +272,7 @@ pub(crate) fn write_slice_files(
         src.n_layers,
         start,
         end,
-        src.source_id,
+        Some(src.source_id),
     )?;
     crate::arch::rewrite_metadata(&meta, start, end, &mut metadata)?;
     let tensors = slice_tensors(src, start, end, last, family.head_required)?;
@@ -314,9 +375,11 @@ fn slice_metadata(
     n: u32,
     start: u32,
     end: u32,
-    source_id: &str,
+    source_id: Option<&str>,
 ) -> Result<Vec<(String, MetaValue)>, SliceError> {
-    let last = end == n;
+    // A slice keeps the vocabulary only at the end of the model; an
+    // early-exit draft (no source id: a model of its own) always does.
+    let last = end == n || source_id.is_none();
     let arch = family.arch;
     let prefix = format!("{arch}.");
     let block_count_key = format!("{arch}.block_count");
@@ -384,6 +447,9 @@ fn slice_metadata(
             MetaValue::String("none".into()),
         ));
     }
+    let Some(source_id) = source_id else {
+        return Ok(out);
+    };
     out.push((
         keys::SOURCE_MODEL_ID.into(),
         MetaValue::String(source_id.into()),

@@ -75,6 +75,7 @@ pub fn lying_frames() -> [(&'static str, Vec<u8>); 4] {
         n_tokens: 1,
         kind: StepKind::Tokens,
         compute_us: 0,
+        draft: vec![],
     });
     let model_id = "ab".repeat(32);
     [

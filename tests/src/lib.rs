@@ -864,7 +864,7 @@ pub fn sharded_family_model(arch: &str, max_tensors: u32) -> Vec<PathBuf> {
 }
 
 /// The repository root.
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 

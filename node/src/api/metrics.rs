@@ -35,6 +35,9 @@ pub struct ApiMetrics {
     pub streamed: Counter,
     /// Tokens, by `kind`: `prompt`, `completion`.
     pub tokens: Family<Labels, Counter>,
+    /// Drafted tokens (`--draft`), by `outcome`: `accepted` by the chain,
+    /// `rejected`.
+    pub drafts: Family<Labels, Counter>,
     /// From the request to the first token, seconds.
     pub ttft: Histogram,
     /// Peers this process is connected to (set at scrape time).
@@ -55,6 +58,7 @@ impl ApiMetrics {
             in_flight: Gauge::default(),
             streamed: Counter::default(),
             tokens: Family::default(),
+            drafts: Family::default(),
             ttft: Histogram::new(TTFT_BUCKETS),
             peers: Gauge::default(),
             hop_open: Gauge::default(),
@@ -86,6 +90,11 @@ impl ApiMetrics {
             "nakshatra_tokens",
             "Tokens by kind (prompt, completion)",
             m.tokens.clone(),
+        );
+        r.register(
+            "nakshatra_draft_tokens",
+            "Tokens proposed by the draft model (--draft), by outcome (accepted, rejected)",
+            m.drafts.clone(),
         );
         r.register(
             "nakshatra_step_seconds",

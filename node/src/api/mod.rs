@@ -56,6 +56,9 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer key every route but `/health` and the page asks for.
     pub api_key: Option<String>,
+    /// Speculative decoding for every request whose model it fits
+    /// (`nakshatra api --draft`).
+    pub draft: Option<crate::ask::draft::Draft>,
 }
 
 /// Why the API could not start.
@@ -120,6 +123,8 @@ pub struct Shared {
     /// The engine of the node this API runs in, if it serves layers (it
     /// changes when the node moves to another range).
     hop: Option<watch::Receiver<EngineService>>,
+    /// The draft model every ask may use ([`ApiConfig::draft`]).
+    draft: Option<crate::ask::draft::Draft>,
 }
 
 /// Starts the server: binds `cfg.listen`, starts the view refresher, and
@@ -152,6 +157,7 @@ pub async fn serve(
         metrics,
         api_key: cfg.api_key.filter(|k| !k.is_empty()),
         hop,
+        draft: cfg.draft.map(crate::ask::draft::Draft::optional),
     }));
     let app = router(st);
     let task = tokio::spawn(async move {

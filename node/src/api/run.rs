@@ -66,6 +66,7 @@ pub async fn start(st: &AppState, req: &GenRequest) -> Result<Running, ApiError>
         busy_wait: API_BUSY_WAIT,
         fresh_recovery: false,
         trace: None,
+        draft: st.0.draft.clone(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let svc = st.0.svc.clone();
@@ -83,6 +84,12 @@ pub async fn start(st: &AppState, req: &GenRequest) -> Result<Running, ApiError>
                     ApiMetrics::count(&metrics.tokens, &[("kind", "prompt")], n);
                     let n = o.tokens.len() as u64;
                     ApiMetrics::count(&metrics.tokens, &[("kind", "completion")], n);
+                    if let Some(s) = &o.timings.speculative {
+                        let d = &metrics.drafts;
+                        ApiMetrics::count(d, &[("outcome", "accepted")], s.accepted as u64);
+                        let rejected = s.drafted.saturating_sub(s.accepted) as u64;
+                        ApiMetrics::count(d, &[("outcome", "rejected")], rejected);
+                    }
                 }
                 let _ = tx.send(Event::Done(Box::new(r)));
             }

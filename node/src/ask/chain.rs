@@ -15,6 +15,7 @@ use nakshatra_swarm::protocol::act::{
 use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 
+use super::draft::AdaptiveK;
 use super::inbox::TokenInbox;
 use super::meters::{AskMeters, Metered, SessionGuard};
 use super::verify::Tap;
@@ -81,6 +82,11 @@ pub(super) struct Progress {
     overheads_ms: Vec<f64>,
     steps_ms: Vec<f64>,
     t_decode_start: Option<Instant>,
+    /// Tokens decoded after the prefill.
+    decoded: usize,
+    /// Speculative decoding's K and its record (`--draft`), carried
+    /// across chains.
+    pub(super) spec: Option<AdaptiveK>,
 }
 
 impl Progress {
@@ -103,8 +109,10 @@ impl Progress {
             self.prompt.len(),
             std::mem::take(&mut self.overheads_ms),
             std::mem::take(&mut self.steps_ms),
+            self.decoded,
             self.t_decode_start.map(|t| t.elapsed()),
         );
+        self.timings.speculative = self.spec.as_ref().map(AdaptiveK::report);
     }
 }
 
@@ -382,7 +390,17 @@ impl<'a> OpenChain<'a> {
             Err(e) => return ChainOutcome::Broken(e),
         };
         p.finish = Finish::Length;
-        while p.next_step < u64::from(opts.max_tokens) {
+        let mut drafter = match opts.draft.as_ref().filter(|_| p.spec.is_some()) {
+            Some(d) => match d.session().await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("speculative decoding off for this answer: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        'steps: while p.next_step < u64::from(opts.max_tokens) {
             let step = p.next_step;
             if tap.as_ref().is_some_and(Tap::stopped) {
                 break;
@@ -394,22 +412,54 @@ impl<'a> OpenChain<'a> {
             } else {
                 stall_deadline(&p.steps_ms, opts.step_timeout)
             };
-            let r = match self.step(step, pos, &input, timeout).await {
+            // Drafts for a decode step: no more than the tokens still
+            // wanted after this step's own, or the context holds.
+            let wanted = u64::from(opts.max_tokens).saturating_sub(step + 1);
+            let room = limit.saturating_sub(pos + input.len() as u32);
+            let k = p
+                .spec
+                .as_ref()
+                .map_or(0, |s| s.k())
+                .min(wanted as usize)
+                .min(room as usize);
+            let draft = match drafter.as_mut() {
+                Some(d) if step > 0 && k > 0 => {
+                    let mut context = p.prompt.clone();
+                    context.extend_from_slice(&p.tokens);
+                    match d.propose(&context, k).await {
+                        Ok(draft) => draft,
+                        Err(e) => {
+                            tracing::warn!(
+                                "speculative decoding off for the rest of this answer: {e}"
+                            );
+                            drafter = None;
+                            Vec::new()
+                        }
+                    }
+                }
+                _ => Vec::new(),
+            };
+            let draft_took = t0.elapsed();
+            let mut step_input = input.clone();
+            step_input.extend_from_slice(&draft);
+            let t_pass = Instant::now();
+            let results = match self
+                .verify_step(step, pos, &step_input, &draft, timeout)
+                .await
+            {
                 Ok(r) => r,
                 Err(e) if p.tokens.is_empty() => return ChainOutcome::NotStarted(e),
                 Err(e) => return ChainOutcome::Broken(e),
             };
-            let (token, compute_us) = (r.token, r.compute_us);
-            if let Some(trace) = &opts.trace {
+            let pass = t_pass.elapsed();
+            let compute_us = results.last().map_or(0, |r| r.compute_us);
+            if let (Some(trace), Some(r)) = (&opts.trace, results.first()) {
                 let times = crate::trace::AskTimes {
                     start: start_us,
                     sent: r.sent_us,
                     token: crate::trace::now_us(),
                 };
-                trace.ask(p.session, step, input.len() as u32, &times);
-            }
-            if let Some(tap) = &tap {
-                tap.stepped(step, &input, pos + input.len() as u32, r.digest);
+                trace.ask(p.session, step, step_input.len() as u32, &times);
             }
             let elapsed = t0.elapsed();
             if step == 0 {
@@ -420,42 +470,58 @@ impl<'a> OpenChain<'a> {
                 self.meters.step_seconds.observe(elapsed.as_secs_f64());
                 let overhead = elapsed.as_secs_f64() * 1e3 - compute_us as f64 / 1e3;
                 p.overheads_ms.push(overhead / n_hops);
+                p.decoded += results.len();
+                if let Some(spec) = p.spec.as_mut() {
+                    spec.record(draft.len(), results.len() - 1, draft_took, pass);
+                }
             }
-            pos += input.len() as u32;
-            p.next_step += 1;
-            // A token id from the network is checked before llama.cpp
-            // renders it (an id out of range would abort the process).
-            if usize::try_from(token).map_or(true, |t| t >= tok.n_vocab()) {
-                self.broken = true;
-                let e = self.hop_err(
-                    self.hops.len() as u32 - 1,
-                    HopFault::BadToken {
-                        token,
-                        n_vocab: tok.n_vocab(),
-                    },
-                );
-                return if p.tokens.is_empty() {
-                    ChainOutcome::NotStarted(e)
-                } else {
-                    ChainOutcome::Broken(e)
+            // Each token as the one-token step it stands for: the first
+            // was fed `input`, each later one the draft before it.
+            for (i, r) in results.iter().enumerate() {
+                let token = r.token;
+                let fed: &[i32] = match i.checked_sub(1) {
+                    None => &input,
+                    Some(d) => draft.get(d..=d).unwrap_or_default(),
                 };
+                if let Some(tap) = &tap {
+                    tap.stepped(p.next_step, fed, pos + fed.len() as u32, r.digest);
+                }
+                pos += fed.len() as u32;
+                p.next_step += 1;
+                // A token id from the network is checked before llama.cpp
+                // renders it (an id out of range would abort the process).
+                if usize::try_from(token).map_or(true, |t| t >= tok.n_vocab()) {
+                    self.broken = true;
+                    let e = self.hop_err(
+                        self.hops.len() as u32 - 1,
+                        HopFault::BadToken {
+                            token,
+                            n_vocab: tok.n_vocab(),
+                        },
+                    );
+                    return if p.tokens.is_empty() {
+                        ChainOutcome::NotStarted(e)
+                    } else {
+                        ChainOutcome::Broken(e)
+                    };
+                }
+                if tok.is_eog(token) {
+                    p.finish = Finish::Stop;
+                    break 'steps;
+                }
+                p.tokens.push(token);
+                let piece = p.utf8.push(&tok.piece(token));
+                p.text.push_str(&piece);
+                if on_text(&piece).is_break() {
+                    p.finish = Finish::StopString;
+                    break 'steps;
+                }
+                if pos >= limit {
+                    p.finish = Finish::Context;
+                    break 'steps;
+                }
+                input = vec![token];
             }
-            if tok.is_eog(token) {
-                p.finish = Finish::Stop;
-                break;
-            }
-            p.tokens.push(token);
-            let piece = p.utf8.push(&tok.piece(token));
-            p.text.push_str(&piece);
-            if on_text(&piece).is_break() {
-                p.finish = Finish::StopString;
-                break;
-            }
-            if pos >= limit {
-                p.finish = Finish::Context;
-                break;
-            }
-            input = vec![token];
         }
         let rest = p.utf8.finish();
         if p.finish != Finish::StopString {
@@ -537,7 +603,24 @@ impl<'a> OpenChain<'a> {
         input: &[i32],
         timeout: Duration,
     ) -> Result<StepResult, AskError> {
-        let r = self.step_once(step, pos, input, timeout).await;
+        let mut r = self.verify_step(step, pos, input, &[], timeout).await?;
+        // One token for a step without drafts (checked as it was read).
+        Ok(r.swap_remove(0))
+    }
+
+    /// A step whose last `draft.len()` input tokens are drafts (see
+    /// [`StepHeader::draft`]): the tokens the chain accepted, then its own
+    /// next one (one token when `draft` is empty). A failed step marks the
+    /// chain broken.
+    pub(super) async fn verify_step(
+        &mut self,
+        step: u64,
+        pos: u32,
+        input: &[i32],
+        draft: &[i32],
+        timeout: Duration,
+    ) -> Result<Vec<StepResult>, AskError> {
+        let r = self.step_once(step, pos, input, draft, timeout).await;
         self.broken |= r.is_err();
         r
     }
@@ -547,15 +630,16 @@ impl<'a> OpenChain<'a> {
         step: u64,
         pos: u32,
         input: &[i32],
+        draft: &[i32],
         timeout: Duration,
-    ) -> Result<StepResult, AskError> {
-        let last = self.hops.len() as u32 - 1;
+    ) -> Result<Vec<StepResult>, AskError> {
         let header = StepHeader {
             step,
             pos,
             n_tokens: input.len() as u32,
             kind: StepKind::Tokens,
             compute_us: 0,
+            draft: draft.to_vec(),
         };
         let sent = match self.to_first.as_mut() {
             Some(w) => write_frame(w, &ActFrame::Step(header), &tokens_to_bytes(input)).await,
@@ -563,6 +647,30 @@ impl<'a> OpenChain<'a> {
         };
         sent.map_err(|e| self.hop_err(0, HopFault::Stream(e)))?;
         let sent_us = crate::trace::now_us();
+        let mut out = Vec::with_capacity(draft.len() + 1);
+        // The accepted drafts, then the first token that is not the
+        // draft's (or the one after the last draft).
+        loop {
+            let r = self
+                .read_token(step + out.len() as u64, timeout, sent_us)
+                .await?;
+            let more = draft.get(out.len()) == Some(&r.token);
+            out.push(r);
+            if !more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Reads the token of step `step` from the last hop's stream (or a
+    /// failure any hop reports).
+    async fn read_token(
+        &mut self,
+        step: u64,
+        timeout: Duration,
+        sent_us: u64,
+    ) -> Result<StepResult, AskError> {
+        let last = self.hops.len() as u32 - 1;
         let Some(tokens) = self.tokens.as_mut() else {
             let e = FrameError::Io(std::io::ErrorKind::NotConnected.into());
             return Err(self.hop_err(last, HopFault::TokenStream(e)));

@@ -5,6 +5,7 @@
 //! is planned around and another is tried.
 
 mod chain;
+pub mod draft;
 pub mod inbox;
 pub mod memory;
 pub mod meters;
@@ -105,6 +106,9 @@ pub enum AskError {
     /// The prompt has no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// The draft model (`--draft`) cannot serve this model.
+    #[error(transparent)]
+    Draft(#[from] draft::DraftError),
     /// The prompt does not fit.
     #[error("prompt is {tokens} tokens, longer than the context of {limit} tokens the chain's hops give a session")]
     PromptTooLong {
@@ -306,6 +310,8 @@ pub struct AskOptions {
     /// Where every decode step's timings go (`--trace-steps`), if
     /// anywhere.
     pub trace: Option<std::sync::Arc<crate::trace::StepTrace>>,
+    /// Speculative decoding: the draft model and its K (`--draft`).
+    pub draft: Option<draft::Draft>,
 }
 
 /// The text to continue.
@@ -356,7 +362,8 @@ pub struct AskTimings {
     pub prefill_s: f64,
     /// Prompt tokens per second.
     pub prefill_tps: f64,
-    /// Decode steps.
+    /// Decode steps (passes through the chain after the prefill; fewer
+    /// than the tokens with `--draft`).
     pub decode_steps: usize,
     /// Decode, seconds.
     pub decode_s: f64,
@@ -372,6 +379,8 @@ pub struct AskTimings {
     pub hop_overhead_p99_ms: f64,
     /// Time to set up the chain (planning, vocabulary, sessions), seconds.
     pub setup_s: f64,
+    /// What speculative decoding did (`--draft`; `null` without it).
+    pub speculative: Option<draft::SpecReport>,
 }
 
 impl AskTimings {
@@ -381,6 +390,7 @@ impl AskTimings {
         prompt: usize,
         mut overheads_ms: Vec<f64>,
         mut steps_ms: Vec<f64>,
+        decoded: usize,
         decode: Option<Duration>,
     ) {
         steps_ms.sort_by(|a, b| a.total_cmp(b));
@@ -388,7 +398,7 @@ impl AskTimings {
         self.prefill_tps = prompt as f64 / self.prefill_s.max(1e-9);
         self.decode_steps = overheads_ms.len();
         self.decode_s = decode.map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        self.decode_tps = self.decode_steps as f64 / self.decode_s.max(1e-9);
+        self.decode_tps = decoded as f64 / self.decode_s.max(1e-9);
         overheads_ms.sort_by(|a, b| a.total_cmp(b));
         if !overheads_ms.is_empty() {
             let n = overheads_ms.len();
@@ -567,6 +577,17 @@ impl Asker<'_> {
                 }
                 None => self.plan(&model_id, &avoid).await?,
             };
+            if progress.is_none() {
+                let mut p = Progress::new(planned.prompt.clone());
+                if let Some(d) = &self.opts.draft {
+                    match d.check_vocabulary(&planned.tokenizer, &planned.prompt) {
+                        Ok(()) => p.spec = Some(draft::AdaptiveK::new(d.k)),
+                        Err(e) if d.required => return Err(e.into()),
+                        Err(e) => tracing::info!("no speculative decoding for this ask: {e}"),
+                    }
+                }
+                progress = Some(p);
+            }
             let p = progress.get_or_insert_with(|| Progress::new(planned.prompt.clone()));
             let mut replay = None;
             let outcome = self

@@ -356,12 +356,13 @@ impl RawContext {
         unsafe { sys::llama_n_ctx_seq(self.ptr.as_ptr()) }
     }
 
-    /// Changes the thread count for later decodes.
-    pub fn set_threads(&mut self, n: i32) {
+    /// Changes the thread counts for later decodes: `single` for
+    /// one-token decodes, `batch` for decodes of several tokens.
+    pub fn set_threads(&mut self, single: i32, batch: i32) {
         // SAFETY: `self.ptr` is a live context and `&mut self` means no
         // other call on it is in progress. llama.cpp only stores the counts
         // for later decodes (the engine passes at least 1).
-        unsafe { sys::llama_set_n_threads(self.ptr.as_ptr(), n, n) }
+        unsafe { sys::llama_set_n_threads(self.ptr.as_ptr(), single, batch) }
     }
 
     /// Runs `batch`; returns the captured hidden states (n_tokens × n_embd,
@@ -433,6 +434,19 @@ impl RawContext {
             }
             Ok(std::slice::from_raw_parts(p, self.n_vocab).to_vec())
         }
+    }
+
+    /// Logits of the last `rows` output rows of the last decode, row after
+    /// row (`rows × n_vocab` floats, the earliest position first).
+    pub fn logits_rows(&mut self, rows: usize) -> Result<Vec<f32>, FfiError> {
+        let mut out = Vec::with_capacity(rows.saturating_mul(self.n_vocab));
+        for k in (1..=rows).rev() {
+            // `-k`: the k-th output row from the end (llama.cpp counts
+            // negative indices back from the last output).
+            let i = i32::try_from(k).map_err(|_| FfiError::NoLogits(i32::MIN))?;
+            out.extend_from_slice(&self.logits(-i)?);
+        }
+        Ok(out)
     }
 
     /// Removes positions `[p0, ∞)` of sequence `seq` from the KV cache.
@@ -524,11 +538,11 @@ fn try_vec<T>(n: usize) -> Option<Vec<T>> {
 }
 
 impl RawBatch {
-    /// Builds a batch for sequence `seq` starting at position `pos0`. Every
-    /// row requests output when `all_outputs`, else only the last one.
-    /// `None` if the input is empty, too long or ragged, or an allocation
-    /// fails.
-    pub fn new(input: BatchInput<'_>, seq: i32, pos0: i32, all_outputs: bool) -> Option<Self> {
+    /// Builds a batch for sequence `seq` starting at position `pos0`. The
+    /// last `outputs` rows request output (all of them when `outputs` is
+    /// the row count or more; at least the last row). `None` if the input
+    /// is empty, too long or ragged, or an allocation fails.
+    pub fn new(input: BatchInput<'_>, seq: i32, pos0: i32, outputs: usize) -> Option<Self> {
         let n = match &input {
             BatchInput::Tokens(t) => t.len(),
             BatchInput::Embd { data, n_embd } => {
@@ -563,7 +577,8 @@ impl RawBatch {
         let mut seq_id_ptrs = try_vec(n)?;
         seq_id_ptrs.extend(seq_ids.iter().map(|id| std::ptr::from_ref(id).cast_mut()));
         let mut logits = try_vec(n)?;
-        logits.extend((0..n).map(|i| i8::from(all_outputs || i + 1 == n)));
+        let first_output = n.saturating_sub(outputs.max(1));
+        logits.extend((0..n).map(|i| i8::from(i >= first_output)));
         Some(Self {
             rows,
             pos,

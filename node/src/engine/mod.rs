@@ -189,7 +189,9 @@ impl StepInput<'_> {
 pub enum StepOutput {
     /// Hidden states after this range's last layer, one row per input token.
     Hidden(Vec<f32>),
-    /// Logits of the step's last position (last range only).
+    /// Logits of the step's last positions (last range only): one row of
+    /// `n_vocab` floats per position asked for, the earliest first (one
+    /// row unless [`SliceEngine::forward_rows`] asked for more).
     Logits(Vec<f32>),
 }
 
@@ -348,6 +350,33 @@ pub fn system_info() -> String {
     .clone()
 }
 
+/// The CPU features this build of llama.cpp uses (`AVX2`, `FMA`, `NEON`,
+/// ...), from its system info line (`CPU : SSE3 = 1 | AVX2 = 1 | ...`):
+/// the names set to 1 in the CPU backend's part.
+pub fn cpu_features() -> Vec<String> {
+    parse_cpu_features(&system_info())
+}
+
+fn parse_cpu_features(info: &str) -> Vec<String> {
+    let Some(cpu) = info.split("CPU :").nth(1) else {
+        return Vec::new();
+    };
+    // The CPU part ends where another backend's `NAME :` starts.
+    let cpu = cpu.split(" : ").next().unwrap_or(cpu);
+    let mut out: Vec<String> = Vec::new();
+    for item in cpu.split('|') {
+        let Some((name, value)) = item.split_once('=') else {
+            continue;
+        };
+        let name = name.trim();
+        let plain = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if plain && value.trim() == "1" && !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
 /// One loaded range of layers serving many sessions.
 pub struct SliceEngine {
     ctx: RawContext,
@@ -360,6 +389,9 @@ pub struct SliceEngine {
     next_id: u64,
     n_ctx_seq: u32,
     max_sessions: u32,
+    /// llama.cpp threads for one-token decodes (see
+    /// [`SliceEngine::forward_as_singles`]).
+    single_threads: u32,
     path: PathBuf,
 }
 
@@ -474,6 +506,7 @@ impl SliceEngine {
             next_id: 1,
             n_ctx_seq,
             max_sessions: cfg.max_sessions,
+            single_threads: cfg.threads.max(1),
             path: path.to_path_buf(),
         })
     }
@@ -506,7 +539,15 @@ impl SliceEngine {
 
     /// Changes the llama.cpp thread count.
     pub fn set_threads(&mut self, n: u32) {
-        self.ctx.set_threads(i32::try_from(n.max(1)).unwrap_or(1));
+        self.set_thread_counts(n, n);
+    }
+
+    /// Changes the llama.cpp thread counts: `single` for one-token steps,
+    /// `batch` for steps of several tokens.
+    pub fn set_thread_counts(&mut self, single: u32, batch: u32) {
+        let t = |n: u32| i32::try_from(n.max(1)).unwrap_or(1);
+        self.ctx.set_threads(t(single), t(batch));
+        self.single_threads = single.max(1);
     }
 
     /// Opens a session with an empty KV cache.
@@ -582,6 +623,19 @@ impl SliceEngine {
         id: SessionId,
         input: StepInput<'_>,
     ) -> Result<StepOutput, EngineError> {
+        self.forward_rows(id, input, 1)
+    }
+
+    /// [`SliceEngine::forward`], where the last range returns the logits
+    /// of the step's last `rows` positions (a speculative verify: every
+    /// drafted position's logits in one pass). Other ranges return every
+    /// row's hidden state whatever `rows` says.
+    pub fn forward_rows(
+        &mut self,
+        id: SessionId,
+        input: StepInput<'_>,
+        rows: usize,
+    ) -> Result<StepOutput, EngineError> {
         let n_embd = self.layout.n_embd as usize;
         let (seq, pos) = {
             let s = self
@@ -622,14 +676,21 @@ impl SliceEngine {
                 BatchInput::Embd { data: h, n_embd }
             }
         };
-        let last = self.layout.is_last();
-        let batch = RawBatch::new(batch_input, seq, pos as i32, !last)
+        if rows == 0 || rows > n {
+            return Err(EngineError::BadInput(format!(
+                "{rows} rows of logits asked of a step of {n} positions"
+            )));
+        }
+        // A range that hands hidden states on keeps every row; the last
+        // range computes the head only for the rows asked for.
+        let outputs = if self.layout.is_last() { rows } else { n };
+        let batch = RawBatch::new(batch_input, seq, pos as i32, outputs)
             .ok_or_else(|| EngineError::BadInput("cannot build batch".into()))?;
         let out = self
             .ctx
             .decode(&batch)
             .map_err(EngineError::from)
-            .and_then(|captured| self.step_output(captured, n));
+            .and_then(|captured| self.step_output(captured, n, rows));
         match out {
             Ok(out) => {
                 if let Some(s) = self.sessions.get_mut(&id) {
@@ -652,6 +713,60 @@ impl SliceEngine {
                 Err(e)
             }
         }
+    }
+
+    /// [`SliceEngine::forward_rows`] for a step that stands for one-token
+    /// steps (a speculative verify, a replay of decoded tokens): every row
+    /// comes out bit for bit as a one-token step at its position would
+    /// have given it.
+    ///
+    /// One batch does that only while one-token decodes run on one
+    /// thread: past 512 positions of KV, ggml-cpu's flash attention splits
+    /// a one-token decode's KV into one chunk per thread and adds the
+    /// chunks up in another order than a batch's rows (measured by
+    /// `node/tests/speculative.rs`). With more threads the rows are
+    /// decoded one at a time: still one network pass, `n` engine passes.
+    /// On error the session is as it was.
+    pub fn forward_as_singles(
+        &mut self,
+        id: SessionId,
+        input: StepInput<'_>,
+        rows: usize,
+    ) -> Result<StepOutput, EngineError> {
+        let n_embd = self.layout.n_embd as usize;
+        let n = input.n_tokens(n_embd);
+        if n <= 1 || self.single_threads <= 1 {
+            return self.forward_rows(id, input, rows);
+        }
+        if rows == 0 || rows > n {
+            return Err(EngineError::BadInput(format!(
+                "{rows} rows of logits asked of a step of {n} positions"
+            )));
+        }
+        let pos0 = self.position(id)?;
+        let mut out = Vec::new();
+        for i in 0..n {
+            let one = match input {
+                StepInput::Tokens(t) => StepInput::Tokens(&t[i..i + 1]),
+                StepInput::Hidden(h) => StepInput::Hidden(&h[i * n_embd..(i + 1) * n_embd]),
+            };
+            match self.forward_rows(id, one, 1) {
+                Ok(StepOutput::Hidden(h)) => out.extend_from_slice(&h),
+                Ok(StepOutput::Logits(l)) if i + rows >= n => out.extend_from_slice(&l),
+                Ok(StepOutput::Logits(_)) => {}
+                Err(e) => {
+                    if self.truncate(id, pos0).is_err() {
+                        let _ = self.close_session(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(if self.layout.is_last() {
+            StepOutput::Logits(out)
+        } else {
+            StepOutput::Hidden(out)
+        })
     }
 
     /// Token ids are only for the first range, and must be in the
@@ -699,12 +814,18 @@ impl SliceEngine {
         Ok(())
     }
 
-    /// What a decoded step of `n` tokens gives: the last position's logits
-    /// at the last range, else the `captured` hidden states of every row.
-    fn step_output(&mut self, captured: Vec<f32>, n: usize) -> Result<StepOutput, EngineError> {
+    /// What a decoded step of `n` tokens gives: the last `rows` positions'
+    /// logits at the last range, else the `captured` hidden states of every
+    /// row.
+    fn step_output(
+        &mut self,
+        captured: Vec<f32>,
+        n: usize,
+        rows: usize,
+    ) -> Result<StepOutput, EngineError> {
         let n_embd = self.layout.n_embd as usize;
         if self.layout.is_last() {
-            return Ok(StepOutput::Logits(self.ctx.logits(-1)?));
+            return Ok(StepOutput::Logits(self.ctx.logits_rows(rows)?));
         }
         if captured.len() != n * n_embd {
             return Err(FfiError::Capture(format!(
@@ -865,6 +986,21 @@ mod tests {
             );
         }
         assert_eq!(greedy_token(&[]), None);
+    }
+
+    #[test]
+    fn cpu_features_come_from_the_cpu_part_of_the_system_info() {
+        let info = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 0 | AVX2 = 1 | \
+                    LLAMAFILE = 1 | REPACK = 1 | CUDA : ARCHS = 890 | USE_GRAPHS = 1 | ";
+        assert_eq!(
+            super::parse_cpu_features(info),
+            ["SSE3", "SSSE3", "AVX", "AVX2", "LLAMAFILE", "REPACK"]
+        );
+        assert!(super::parse_cpu_features("no cpu here").is_empty());
+        // This build's: whatever it is, plain names only.
+        for f in super::cpu_features() {
+            assert!(!f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        }
     }
 
     #[test]

@@ -57,8 +57,14 @@ impl LocalChain {
 
     /// Sets every stage's thread count.
     pub fn set_threads(&mut self, n: u32) {
+        self.set_thread_counts(n, n);
+    }
+
+    /// Sets every stage's thread counts (see
+    /// [`SliceEngine::set_thread_counts`]).
+    pub fn set_thread_counts(&mut self, single: u32, batch: u32) {
         for s in &mut self.stages {
-            s.set_threads(n);
+            s.set_thread_counts(single, batch);
         }
     }
 
@@ -82,8 +88,20 @@ impl LocalChain {
     /// Runs one step (tokens in, logits of the last position out). On error
     /// every stage is rolled back to where the session was.
     pub fn step(&mut self, s: &ChainSession, tokens: &[i32]) -> Result<Vec<f32>, EngineError> {
+        self.step_rows(s, tokens, 1)
+    }
+
+    /// [`LocalChain::step`] returning the logits of the last `rows`
+    /// positions, row after row, each as a one-token step would give it
+    /// (a speculative verify: see [`SliceEngine::forward_as_singles`]).
+    pub fn step_rows(
+        &mut self,
+        s: &ChainSession,
+        tokens: &[i32],
+        rows: usize,
+    ) -> Result<Vec<f32>, EngineError> {
         let pos0 = self.position(s)?;
-        let r = self.step_inner(s, tokens);
+        let r = self.step_inner(s, tokens, rows);
         if r.is_err() {
             for (st, id) in self.stages.iter_mut().zip(&s.0) {
                 if st.position(*id).is_ok_and(|p| p > pos0) {
@@ -94,7 +112,12 @@ impl LocalChain {
         r
     }
 
-    fn step_inner(&mut self, s: &ChainSession, tokens: &[i32]) -> Result<Vec<f32>, EngineError> {
+    fn step_inner(
+        &mut self,
+        s: &ChainSession,
+        tokens: &[i32],
+        rows: usize,
+    ) -> Result<Vec<f32>, EngineError> {
         let mut hidden: Vec<f32> = Vec::new();
         let n = self.stages.len();
         for (i, (st, id)) in self.stages.iter_mut().zip(&s.0).enumerate() {
@@ -103,7 +126,12 @@ impl LocalChain {
             } else {
                 StepInput::Hidden(&hidden)
             };
-            match st.forward(*id, input)? {
+            let out = if rows > 1 {
+                st.forward_as_singles(*id, input, rows)?
+            } else {
+                st.forward(*id, input)?
+            };
+            match out {
                 StepOutput::Hidden(h) if i + 1 < n => hidden = h,
                 StepOutput::Logits(l) if i + 1 == n => return Ok(l),
                 _ => {

@@ -24,10 +24,31 @@ enum Job {
     Forward(
         SessionId,
         OwnedInput,
+        Shape,
         oneshot::Sender<Result<(StepOutput, Picked), EngineError>>,
     ),
     Truncate(SessionId, u32, oneshot::Sender<Result<(), EngineError>>),
     Close(SessionId, oneshot::Sender<Result<(), EngineError>>),
+}
+
+/// What a forward step stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Rows of logits the last range returns (the last positions').
+    pub rows: usize,
+    /// The step stands for one-token steps (a decode, a speculative
+    /// verify, a replay of decoded tokens): its rows must come out as
+    /// one-token steps give them ([`SliceEngine::forward_as_singles`]).
+    /// `false` for a prefill, computed as the one batch it is.
+    pub singles: bool,
+}
+
+impl Shape {
+    /// A prefill: one batch, the last position's logits.
+    pub const PREFILL: Shape = Shape {
+        rows: 1,
+        singles: false,
+    };
 }
 
 /// When the engine thread picked a forward job up and finished it
@@ -94,13 +115,17 @@ impl EngineService {
                         free.store(engine.free_sessions(), Ordering::Relaxed);
                         let _ = r.send(opened);
                     }
-                    Job::Forward(id, input, r) => {
+                    Job::Forward(id, input, shape, r) => {
                         let at = crate::trace::now_us();
                         let step = match &input {
                             OwnedInput::Tokens(t) => StepInput::Tokens(t),
                             OwnedInput::Hidden(h) => StepInput::Hidden(h),
                         };
-                        let out = engine.forward(id, step);
+                        let out = if shape.singles {
+                            engine.forward_as_singles(id, step, shape.rows)
+                        } else {
+                            engine.forward_rows(id, step, shape.rows)
+                        };
                         let done = crate::trace::now_us();
                         let _ = r.send(out.map(|o| (o, Picked { at, done })));
                     }
@@ -139,23 +164,25 @@ impl EngineService {
         self.call(Job::Open).await
     }
 
-    /// Runs one step of a session.
+    /// Runs one step of a session (one batch; the last position's
+    /// logits at the last range).
     pub async fn forward(
         &self,
         id: SessionId,
         input: OwnedInput,
     ) -> Result<StepOutput, ServiceError> {
-        Ok(self.forward_timed(id, input).await?.0)
+        Ok(self.forward_timed(id, input, Shape::PREFILL).await?.0)
     }
 
-    /// [`EngineService::forward`], and when the engine thread picked the
-    /// job up and finished it.
+    /// Runs one step of a session in `shape`, and says when the engine
+    /// thread picked the job up and finished it.
     pub async fn forward_timed(
         &self,
         id: SessionId,
         input: OwnedInput,
+        shape: Shape,
     ) -> Result<(StepOutput, Picked), ServiceError> {
-        self.call(|r| Job::Forward(id, input, r)).await
+        self.call(|r| Job::Forward(id, input, shape, r)).await
     }
 
     /// Drops positions `pos..` of a session.

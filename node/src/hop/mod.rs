@@ -25,7 +25,7 @@ pub use sessions::{SessionTable, SlotGuard, EVICT_WAIT, OPEN_QUEUE_WAIT, QUEUE_P
 
 use resume::{Held, History};
 
-use crate::engine::service::{EngineService, OwnedInput, ServiceError};
+use crate::engine::service::{EngineService, OwnedInput, ServiceError, Shape};
 use crate::engine::{EngineError, Sampler, SamplerSpec, StepOutput};
 use crate::faults::Faults;
 use crate::net::{
@@ -769,13 +769,25 @@ async fn step(
         },
         _ => return Err(bad("wrong payload kind for this hop")),
     };
+    if !h.draft_fits() {
+        return Err(bad("the draft does not fit the step"));
+    }
+    if let OwnedInput::Tokens(t) = &input {
+        if !t.ends_with(&h.draft) {
+            return Err(bad("the drafted tokens are not the step's last tokens"));
+        }
+    }
     let decoded = now();
     let end = h.pos.saturating_add(h.n_tokens);
-    if end <= held.pos && replayed(open, &held.history, &h, down).await? {
+    // Whatever precedes this step is the chain's own: drafts it starts
+    // past were accepted.
+    held.history.confirm(h.pos);
+    if h.draft.is_empty() && end <= held.pos && replayed(open, &held.history, &h, down).await? {
         return Ok(());
     }
-    // A step may restart from an earlier position (a retry or replay):
-    // drop what is past it first, so nothing is applied twice.
+    // A step may restart from an earlier position (a retry, a replay, or
+    // the step after a speculative one whose drafts were not all
+    // accepted): drop what is past it first, so nothing is applied twice.
     if h.pos < held.pos {
         ctx.engine.truncate(held.id, h.pos).await?;
         held.history.truncate(h.pos);
@@ -788,18 +800,25 @@ async fn step(
     }
     let t0 = Instant::now();
     ctx.faults.step_delay().await;
-    let (out, picked) = ctx.engine.forward_timed(held.id, input).await?;
+    // Every step after the prefill stands for one-token steps (a decode,
+    // a verify of drafts, a replay of decoded tokens), and must give what
+    // they give.
+    let shape = Shape {
+        rows: h.rows(),
+        singles: h.step > 0,
+    };
+    let (out, picked) = ctx.engine.forward_timed(held.id, input, shape).await?;
     let resumed = now();
     let compute_us = h.compute_us + t0.elapsed().as_micros() as u64;
     held.pos += h.n_tokens;
     let (sent, encoded) = match (out, down) {
         (StepOutput::Hidden(mut hidden), Downstream::Hop(w, _)) => {
             ctx.faults.corrupt_output(&mut hidden);
-            held.history.record_hidden(h.pos, &hidden);
+            held.history.record_hidden(h.pos, &hidden, h.draft.len());
             let next = StepHeader {
                 kind: StepKind::Hidden,
                 compute_us,
-                ..h
+                ..h.clone()
             };
             let bytes = encode_hidden(&hidden, open.wire);
             let encoded = now();
@@ -810,19 +829,41 @@ async fn step(
         }
         (StepOutput::Logits(mut logits), Downstream::Asker(s, sampler)) => {
             ctx.faults.corrupt_output(&mut logits);
-            let digest = crate::engine::logits_digest(&logits);
-            let token = sampler.sample(&logits, h.step)?;
-            held.history.record_token(end, token, digest);
-            let t = TokenFrame::Token {
-                step: h.step,
-                token,
-                compute_us,
-                digest,
-            };
+            let n_vocab = ctx.engine.n_vocab();
+            if logits.len() != h.rows() * n_vocab {
+                return Err(bad("the engine returned the wrong number of logits"));
+            }
+            // The token of each drafted position and of the one before,
+            // as one-token steps would sample them, up to the first that
+            // is not the draft's.
+            let mut frames = Vec::with_capacity(h.rows());
+            let first_end = end - h.rows() as u32 + 1;
+            for (i, row) in logits.chunks_exact(n_vocab.max(1)).enumerate() {
+                let digest = crate::engine::logits_digest(row);
+                let token = sampler.sample(row, h.step + i as u64)?;
+                held.history
+                    .record_token(first_end + i as u32, token, digest);
+                frames.push(TokenFrame::Token {
+                    step: h.step + i as u64,
+                    token,
+                    compute_us,
+                    digest,
+                });
+                if h.draft.get(i) != Some(&token) {
+                    break;
+                }
+            }
             let encoded = now();
-            let sent = write_frame(s, &t, &[])
-                .await
-                .map_err(SessionError::AskerGone);
+            ctx.faults.link_delay().await;
+            let mut sent = Ok(());
+            for t in &frames {
+                sent = write_frame(s, t, &[])
+                    .await
+                    .map_err(SessionError::AskerGone);
+                if sent.is_err() {
+                    break;
+                }
+            }
             (sent, encoded)
         }
         _ => return Err(bad("engine output does not match this hop's place")),
@@ -860,7 +901,7 @@ async fn replayed(
             };
             let next = StepHeader {
                 kind: StepKind::Hidden,
-                ..*h
+                ..h.clone()
             };
             let bytes = encode_hidden(rows, open.wire);
             write_frame(w, &ActFrame::Step(next), &bytes)

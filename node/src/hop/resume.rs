@@ -47,6 +47,12 @@ const PREEMPT_POLL: Duration = Duration::from_millis(5);
 /// them is answered without computing. Bounded by the session's context:
 /// `ctx × n_embd × 4` bytes at most on a hop that sends hidden states,
 /// 40 bytes per step on the last hop.
+///
+/// The rows of a speculative step's drafted positions are tentative: the
+/// draft may be rejected at the last hop, which this hop never hears of.
+/// They are kept but not answered from until a later step vouches for
+/// them by starting past them ([`History::confirm`]); a step that starts
+/// inside them drops the rest ([`History::truncate`]).
 #[derive(Debug)]
 pub enum History {
     /// A hop before the last: the hidden state it sent for each position,
@@ -56,9 +62,13 @@ pub enum History {
         n_embd: usize,
         /// The rows.
         rows: Vec<f32>,
+        /// Positions `0..confirmed` are the chain's own (not drafts that
+        /// may have been rejected); only those are answered from.
+        confirmed: u32,
     },
     /// The last hop: the token sampled by each step, by the position the
-    /// step ended at (increasing).
+    /// step ended at (increasing). Only accepted tokens are recorded, so
+    /// nothing here is tentative.
     Tokens(Vec<Sampled>),
 }
 
@@ -81,6 +91,7 @@ impl History {
             Some(n_embd) => History::Hidden {
                 n_embd,
                 rows: Vec::new(),
+                confirmed: 0,
             },
             None => History::Tokens(Vec::new()),
         }
@@ -89,21 +100,54 @@ impl History {
     /// Forgets everything at or past position `pos`.
     pub fn truncate(&mut self, pos: u32) {
         match self {
-            History::Hidden { n_embd, rows } => rows.truncate(pos as usize * *n_embd),
+            History::Hidden {
+                n_embd,
+                rows,
+                confirmed,
+            } => {
+                rows.truncate(pos as usize * *n_embd);
+                *confirmed = (*confirmed).min(pos);
+            }
             History::Tokens(t) => t.retain(|s| s.end <= pos),
         }
     }
 
-    /// Records the rows sent for positions from `pos`. A gap (rows that
-    /// do not start where the history ends) clears the history: it must
-    /// hold every position from 0 to be of use.
-    pub fn record_hidden(&mut self, pos: u32, sent: &[f32]) {
-        if let History::Hidden { n_embd, rows } = self {
-            let whole_rows = sent.chunks_exact((*n_embd).max(1)).remainder().is_empty();
+    /// A step starts at `pos`: every position before it is the chain's
+    /// own, drafted or not.
+    pub fn confirm(&mut self, pos: u32) {
+        if let History::Hidden {
+            n_embd,
+            rows,
+            confirmed,
+        } = self
+        {
+            let held = (rows.len() / (*n_embd).max(1)) as u32;
+            *confirmed = (*confirmed).max(pos.min(held));
+        }
+    }
+
+    /// Records the rows sent for positions from `pos`, of which the last
+    /// `drafted` are tentative. A gap (rows that do not start where the
+    /// history ends) clears the history: it must hold every position from
+    /// 0 to be of use.
+    pub fn record_hidden(&mut self, pos: u32, sent: &[f32], drafted: usize) {
+        if let History::Hidden {
+            n_embd,
+            rows,
+            confirmed,
+        } = self
+        {
+            let width = (*n_embd).max(1);
+            let whole_rows = sent.chunks_exact(width).remainder().is_empty();
             if rows.len() == pos as usize * *n_embd && whole_rows {
                 rows.extend_from_slice(sent);
+                if *confirmed == pos {
+                    let sure = (sent.len() / width).saturating_sub(drafted);
+                    *confirmed = pos.saturating_add(sure as u32);
+                }
             } else {
                 rows.clear();
+                *confirmed = 0;
             }
         }
     }
@@ -116,11 +160,20 @@ impl History {
         }
     }
 
-    /// The rows sent for positions `pos .. pos + n`, if held.
+    /// The rows sent for positions `pos .. pos + n`, if held and
+    /// confirmed.
     pub fn hidden(&self, pos: u32, n: u32) -> Option<&[f32]> {
-        let History::Hidden { n_embd, rows } = self else {
+        let History::Hidden {
+            n_embd,
+            rows,
+            confirmed,
+        } = self
+        else {
             return None;
         };
+        if pos.checked_add(n)? > *confirmed {
+            return None;
+        }
         let a = (pos as usize).checked_mul(*n_embd)?;
         let b = (pos as usize)
             .checked_add(n as usize)?
@@ -323,16 +376,44 @@ mod tests {
     #[test]
     fn hidden_history_answers_only_what_it_holds() {
         let mut h = History::new(Some(2));
-        h.record_hidden(0, &[1.0, 2.0, 3.0, 4.0]);
-        h.record_hidden(2, &[5.0, 6.0]);
+        h.record_hidden(0, &[1.0, 2.0, 3.0, 4.0], 0);
+        h.record_hidden(2, &[5.0, 6.0], 0);
         assert_eq!(h.hidden(0, 3), Some(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0][..]));
         assert_eq!(h.hidden(1, 1), Some(&[3.0, 4.0][..]));
         assert_eq!(h.hidden(2, 2), None);
         h.truncate(1);
         assert_eq!(h.hidden(1, 1), None);
         // A gap clears it: it must hold every position from 0.
-        h.record_hidden(5, &[9.0, 9.0]);
+        h.record_hidden(5, &[9.0, 9.0], 0);
         assert_eq!(h.hidden(0, 1), None);
+    }
+
+    #[test]
+    fn drafted_rows_are_answered_only_once_a_step_starts_past_them() {
+        let mut h = History::new(Some(1));
+        h.record_hidden(0, &[1.0, 2.0], 0);
+        // A verify step at 2: the token before the drafts, three drafts.
+        h.record_hidden(2, &[3.0, 4.0, 5.0, 6.0], 3);
+        assert_eq!(h.hidden(0, 3), Some(&[1.0, 2.0, 3.0][..]));
+        assert_eq!(h.hidden(3, 1), None, "a draft is not answered from");
+        // The next step starts at 5: two drafts were accepted (positions
+        // 3 and 4), the third was not.
+        h.confirm(5);
+        h.truncate(5);
+        assert_eq!(h.hidden(3, 2), Some(&[4.0, 5.0][..]));
+        assert_eq!(h.hidden(5, 1), None);
+        // It goes on from 5 with no gap.
+        h.record_hidden(5, &[7.0], 0);
+        assert_eq!(h.hidden(0, 6), Some(&[1.0, 2.0, 3.0, 4.0, 5.0, 7.0][..]));
+        // A step that starts at a draft drops it and what follows.
+        h.record_hidden(6, &[8.0, 9.0], 1);
+        h.confirm(7);
+        h.truncate(7);
+        h.record_hidden(7, &[10.0], 0);
+        assert_eq!(h.hidden(6, 2), Some(&[8.0, 10.0][..]));
+        // Confirming past what is held confirms only what is held.
+        h.confirm(100);
+        assert_eq!(h.hidden(8, 1), None);
     }
 
     #[test]

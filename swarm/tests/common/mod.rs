@@ -84,6 +84,7 @@ pub fn fake_info(model: &str, start: u32, end: u32) -> ServerInfo {
         description: "test cpu".into(),
         memory_total: 1 << 30,
         memory_free: 1 << 29,
+        features: vec!["AVX2".into(), "FMA".into()],
     }];
     i.throughput = 10.0 + f64::from(start);
     i.max_sessions = 4;
