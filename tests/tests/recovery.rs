@@ -179,9 +179,27 @@ fn hit_a_hop_mid_answer(hop: usize, how: &str) {
 }
 
 fn hit_a_hop_with(hop: usize, how: &str, gen: &[&str]) {
+    hit_a_hop_drafting(hop, how, gen, false)
+}
+
+/// [`hit_a_hop_with`], the asker drafting with the model itself
+/// (`--draft`) when `draft`.
+fn hit_a_hop_drafting(hop: usize, how: &str, gen: &[&str], draft: bool) {
     let model = test_model();
     let model = model.to_str().unwrap().to_string();
     let want = run_reference(&model, gen, PROMPT);
+    let mut ask_args = gen.to_vec();
+    // An early-exit draft of the model's first 27 blocks: some drafts
+    // accepted, many rejected (rows the hops hold but must drop).
+    let draft_dir = tempfile::tempdir().unwrap();
+    let early = draft_dir.path().join("early-exit.gguf");
+    let early = early.to_str().unwrap().to_string();
+    if draft {
+        let o = nakshatra(&["model", "draft", &model, "--blocks", "27", "--out", &early]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ask_args.extend_from_slice(&["--draft", &early, "--draft-k", "4"]);
+    }
+    let gen = &ask_args[..];
     let mut swarm = Swarm::start(
         &model,
         &["0..10", "10..20", "20..30", "0..10", "10..20", "20..30"],
@@ -264,6 +282,14 @@ fn a_seeded_sampled_answer_recovers_to_the_same_text() {
         "64",
     ];
     hit_a_hop_with(1, "KILL", &sampled);
+}
+
+/// Speculative decoding through a repair: the hops that survive hold
+/// rows of drafts the last hop rejected, which they must not replay as
+/// history; the answer is still the whole model's.
+#[test]
+fn a_drafted_answer_recovers_token_identical() {
+    hit_a_hop_drafting(1, "KILL", GREEDY_64, true);
 }
 
 /// No other peer serves the lost layers: after `--recover-wait` the ask

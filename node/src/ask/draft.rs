@@ -34,7 +34,7 @@ const _: () = assert!(MAX_K <= MAX_DRAFT);
 /// The drafts an adaptive K starts with, before any acceptance is known.
 pub const START_K: usize = 4;
 /// Weight of the newest step in the adaptive K's running averages.
-const EMA_WEIGHT: f64 = 0.2;
+const EMA_WEIGHT: f64 = 0.3;
 /// While drafting does not pay (K = 0), one step in this many still
 /// drafts one token, so that a draft that starts guessing better is
 /// noticed.
@@ -293,7 +293,7 @@ impl AdaptiveK {
         };
         Self {
             mode,
-            a: 0.8,
+            a: 0.7,
             step_s: None,
             draft_s: None,
             report: SpecReport {
