@@ -1,12 +1,18 @@
-//! A loaded range served to async code: one OS thread owns the
-//! [`SliceEngine`] (llama.cpp contexts are used by one thread at a time) and
-//! runs jobs from a queue; callers hold a cheap, cloneable
-//! [`EngineService`] and await replies.
+//! A loaded range served to async code: callers hold a cheap, cloneable
+//! [`EngineService`] and await its calls.
+//!
+//! llama.cpp contexts are used by one thread at a time, so the
+//! [`SliceEngine`] sits behind a mutex, and a call runs on the calling
+//! task's own worker thread inside `tokio::task::block_in_place` (the
+//! runtime moves the worker's other tasks elsewhere meanwhile). An
+//! earlier design gave the engine a thread of its own fed by a queue:
+//! each step then paid a thread wake-up to get there and another to wake
+//! the task back, 90-100 µs a hop on this project's chain bench
+//! (`docs/speed.md`). On a current-thread runtime (unit tests), where
+//! `block_in_place` is not allowed, calls go to `spawn_blocking`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
-
-use tokio::sync::oneshot;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{EngineError, Layout, SessionId, SliceEngine, StepInput, StepOutput};
 
@@ -17,18 +23,6 @@ pub enum OwnedInput {
     Tokens(Vec<i32>),
     /// Hidden states, row-major.
     Hidden(Vec<f32>),
-}
-
-enum Job {
-    Open(oneshot::Sender<Result<SessionId, EngineError>>),
-    Forward(
-        SessionId,
-        OwnedInput,
-        Shape,
-        oneshot::Sender<Result<(StepOutput, Picked), EngineError>>,
-    ),
-    Truncate(SessionId, u32, oneshot::Sender<Result<(), EngineError>>),
-    Close(SessionId, oneshot::Sender<Result<(), EngineError>>),
 }
 
 /// What a forward step stands for.
@@ -51,12 +45,12 @@ impl Shape {
     };
 }
 
-/// When the engine thread picked a forward job up and finished it
+/// When the engine took a forward job up (its lock held) and finished it
 /// (microseconds since the Unix epoch, [`crate::trace::now_us`]): the
 /// step trace's `picked` and `computed`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Picked {
-    /// Job taken off the queue.
+    /// Engine lock taken.
     pub at: u64,
     /// Forward pass done.
     pub done: u64,
@@ -68,15 +62,16 @@ pub enum ServiceError {
     /// The engine refused the job.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// The engine thread is gone (the process is shutting down).
+    /// The engine's blocking task could not run (the runtime is shutting
+    /// down).
     #[error("the engine has stopped")]
     Stopped,
 }
 
-/// Cloneable handle to a range running on its own thread.
+/// Cloneable handle to a loaded range.
 #[derive(Clone)]
 pub struct EngineService {
-    tx: mpsc::Sender<Job>,
+    engine: Arc<Mutex<SliceEngine>>,
     layout: Layout,
     n_vocab: usize,
     ctx_per_session: u32,
@@ -94,74 +89,53 @@ impl std::fmt::Debug for EngineService {
 }
 
 impl EngineService {
-    /// Moves the engine onto its own thread.
-    pub fn spawn(mut engine: SliceEngine) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let free = Arc::new(AtomicUsize::new(engine.free_sessions()));
-        let svc = Self {
-            tx,
+    /// Makes the engine callable from async code.
+    pub fn spawn(engine: SliceEngine) -> Self {
+        Self {
             layout: engine.layout(),
             n_vocab: engine.n_vocab(),
             ctx_per_session: engine.ctx_per_session(),
             max_sessions: engine.free_sessions() + engine.open_sessions(),
-            free: free.clone(),
-        };
-        let name = format!("engine-{}-{}", svc.layout.start, svc.layout.end);
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            while let Ok(job) = rx.recv() {
-                match job {
-                    Job::Open(r) => {
-                        let opened = engine.open_session();
-                        free.store(engine.free_sessions(), Ordering::Relaxed);
-                        let _ = r.send(opened);
-                    }
-                    Job::Forward(id, input, shape, r) => {
-                        let at = crate::trace::now_us();
-                        let step = match &input {
-                            OwnedInput::Tokens(t) => StepInput::Tokens(t),
-                            OwnedInput::Hidden(h) => StepInput::Hidden(h),
-                        };
-                        let out = if shape.singles {
-                            engine.forward_as_singles(id, step, shape.rows)
-                        } else {
-                            engine.forward_rows(id, step, shape.rows)
-                        };
-                        let done = crate::trace::now_us();
-                        let _ = r.send(out.map(|o| (o, Picked { at, done })));
-                    }
-                    Job::Truncate(id, pos, r) => {
-                        let _ = r.send(engine.truncate(id, pos));
-                    }
-                    Job::Close(id, r) => {
-                        // The count first: whoever hears the close may
-                        // look for the slot at once.
-                        let closed = engine.close_session(id);
-                        free.store(engine.free_sessions(), Ordering::Relaxed);
-                        let _ = r.send(closed);
-                    }
-                }
-                free.store(engine.free_sessions(), Ordering::Relaxed);
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the engine thread: {e}");
+            free: Arc::new(AtomicUsize::new(engine.free_sessions())),
+            engine: Arc::new(Mutex::new(engine)),
         }
-        svc
     }
 
-    async fn call<T>(
+    /// Runs `f` on the engine (its lock held) without stalling the
+    /// runtime: in place on a multi-thread runtime, else on the blocking
+    /// pool. The free-slot count is brought up to date afterwards.
+    async fn call<T: Send + 'static>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Job,
+        f: impl FnOnce(&mut SliceEngine) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, ServiceError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).map_err(|_| ServiceError::Stopped)?;
-        Ok(rx.await.map_err(|_| ServiceError::Stopped)??)
+        let engine = self.engine.clone();
+        let free = self.free.clone();
+        let run = move || {
+            // A panic inside llama.cpp's Rust wrappers would abort the
+            // process (no unwinding through them); a poisoned lock can only
+            // come from a panic in our own code around it, after which the
+            // engine's state is as its last completed call left it.
+            let mut e = engine.lock().unwrap_or_else(PoisonError::into_inner);
+            let r = f(&mut e);
+            free.store(e.free_sessions(), Ordering::Relaxed);
+            r
+        };
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let r = if multi {
+            tokio::task::block_in_place(run)
+        } else {
+            tokio::task::spawn_blocking(run)
+                .await
+                .map_err(|_| ServiceError::Stopped)?
+        };
+        Ok(r?)
     }
 
     /// Opens a session with an empty KV cache ([`EngineError::Busy`] when
     /// every slot is taken).
     pub async fn open(&self) -> Result<SessionId, ServiceError> {
-        self.call(Job::Open).await
+        self.call(SliceEngine::open_session).await
     }
 
     /// Runs one step of a session (one batch; the last position's
@@ -175,24 +149,38 @@ impl EngineService {
     }
 
     /// Runs one step of a session in `shape`, and says when the engine
-    /// thread picked the job up and finished it.
+    /// took the job up and finished it.
     pub async fn forward_timed(
         &self,
         id: SessionId,
         input: OwnedInput,
         shape: Shape,
     ) -> Result<(StepOutput, Picked), ServiceError> {
-        self.call(|r| Job::Forward(id, input, shape, r)).await
+        self.call(move |engine| {
+            let at = crate::trace::now_us();
+            let step = match &input {
+                OwnedInput::Tokens(t) => StepInput::Tokens(t),
+                OwnedInput::Hidden(h) => StepInput::Hidden(h),
+            };
+            let out = if shape.singles {
+                engine.forward_as_singles(id, step, shape.rows)
+            } else {
+                engine.forward_rows(id, step, shape.rows)
+            };
+            let done = crate::trace::now_us();
+            out.map(|o| (o, Picked { at, done }))
+        })
+        .await
     }
 
     /// Drops positions `pos..` of a session.
     pub async fn truncate(&self, id: SessionId, pos: u32) -> Result<(), ServiceError> {
-        self.call(|r| Job::Truncate(id, pos, r)).await
+        self.call(move |e| e.truncate(id, pos)).await
     }
 
     /// Closes a session and frees its slot and KV cache.
     pub async fn close(&self, id: SessionId) -> Result<(), ServiceError> {
-        self.call(|r| Job::Close(id, r)).await
+        self.call(move |e| e.close_session(id)).await
     }
 
     /// Where the range sits in the model.
