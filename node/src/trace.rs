@@ -11,7 +11,7 @@
 //! Lines (tab-separated, `#` starts the header):
 //! - a hop: `hop <session> <step> <n_tokens> <index> <in> <decoded>
 //!   <picked> <computed> <resumed> <encoded> <sent>`: frame read, input
-//!   decoded, job picked up by the engine thread, forward done there,
+//!   decoded, engine lock taken, forward done,
 //!   result back on the async task, output encoded (or sampled, at the last
 //!   hop), frame written;
 //! - the asker: `ask <session> <step> <n_tokens> <start> <sent> <token>`:
@@ -48,9 +48,9 @@ pub struct HopTimes {
     pub input: u64,
     /// Its input was decoded.
     pub decoded: u64,
-    /// The engine thread picked the job up.
+    /// The engine lock was taken (the forward starts).
     pub picked: u64,
-    /// The engine thread finished the forward pass.
+    /// The forward pass finished.
     pub computed: u64,
     /// The result was back on the session's task.
     pub resumed: u64,

@@ -100,7 +100,7 @@ impl std::fmt::Debug for Draft {
 
 impl Draft {
     /// Loads the draft model (a whole model: it turns tokens into logits
-    /// alone) on its own engine thread.
+    /// alone) behind its own engine service.
     pub fn load(path: &Path, k: DraftK, cfg: &EngineConfig) -> Result<Self, DraftError> {
         let load_err = |source| DraftError::Load {
             path: path.to_path_buf(),
