@@ -88,6 +88,43 @@ pub fn write_slice(
     out: &Path,
 ) -> Result<SliceOutput, SliceError> {
     let t0 = Instant::now();
+    let (g, arch, n) = open_source(src, start, end, out)?;
+
+    let info = model_info(&g)?;
+    let t_hash = t0.elapsed();
+    let source = SliceSource {
+        metadata: g.metadata(),
+        arch: &arch,
+        n_layers: n,
+        n_embd: info.n_embd,
+        source_id: &info.id,
+        block_hashes: &info.block_hashes,
+        tensors: src_tensors(&g),
+    };
+    let written = write_slice_files(&source, start, end, out)?;
+    tracing::info!(
+        src = %src.display(),
+        out = %written.path.display(),
+        start,
+        end,
+        bytes = written.bytes,
+        hash_ms = t_hash.as_millis() as u64,
+        total_ms = t0.elapsed().as_millis() as u64,
+        "wrote slice"
+    );
+    Ok(written)
+}
+
+/// Opens the whole model at `src` to write layers `start..end` of it to
+/// `out`: its architecture (one the slicer supports) and layer count,
+/// refusing a file that is already a slice, a range outside the model and
+/// an `out` that is one of the model's own files.
+fn open_source(
+    src: &Path,
+    start: u32,
+    end: u32,
+    out: &Path,
+) -> Result<(Gguf, String, u32), SliceError> {
     let g = Gguf::open(src)?;
     let arch = arch_of(&g)?;
     if let Some(id) = g.get(keys::SOURCE_MODEL_ID) {
@@ -104,39 +141,20 @@ pub fn write_slice(
             path: out.to_path_buf(),
         });
     }
+    Ok((g, arch, n))
+}
 
-    let info = model_info(&g)?;
-    let t_hash = t0.elapsed();
-    let source = SliceSource {
-        metadata: g.metadata(),
-        arch: &arch,
-        n_layers: n,
-        n_embd: info.n_embd,
-        source_id: &info.id,
-        block_hashes: &info.block_hashes,
-        tensors: g
-            .tensors()
-            .iter()
-            .map(|t| SrcTensor {
-                name: t.name.clone(),
-                ggml_type: t.ggml_type,
-                dims: &t.dims,
-                data: Some(g.tensor_data(t)),
-            })
-            .collect(),
-    };
-    let written = write_slice_files(&source, start, end, out)?;
-    tracing::info!(
-        src = %src.display(),
-        out = %written.path.display(),
-        start,
-        end,
-        bytes = written.bytes,
-        hash_ms = t_hash.as_millis() as u64,
-        total_ms = t0.elapsed().as_millis() as u64,
-        "wrote slice"
-    );
-    Ok(written)
+/// Every tensor of `g`, in file order, with its data.
+fn src_tensors(g: &Gguf) -> Vec<SrcTensor<'_>> {
+    g.tensors()
+        .iter()
+        .map(|t| SrcTensor {
+            name: t.name.clone(),
+            ggml_type: t.ggml_type,
+            dims: &t.dims,
+            data: Some(g.tensor_data(t)),
+        })
+        .collect()
 }
 
 /// Writes an early-exit draft of the model at `src` to `out`: its first
@@ -148,22 +166,7 @@ pub fn write_slice(
 /// (self-speculative decoding: Draft & Verify, LayerSkip). Written
 /// atomically (temporary file, then rename).
 pub fn write_early_exit(src: &Path, blocks: u32, out: &Path) -> Result<ModelInfo, SliceError> {
-    let g = Gguf::open(src)?;
-    let arch = arch_of(&g)?;
-    if let Some(id) = g.get(keys::SOURCE_MODEL_ID) {
-        return Err(SliceError::AlreadySliced {
-            path: src.to_path_buf(),
-            source_id: id.as_str().unwrap_or("?").to_string(),
-        });
-    }
-    supported_arch(&arch)?;
-    let n = n_layers_of(&g, &arch)?;
-    check_range(0, blocks, n)?;
-    if g.shard_paths().any(|p| is_same_file(p, out)) {
-        return Err(SliceError::OutputIsInput {
-            path: out.to_path_buf(),
-        });
-    }
+    let (g, arch, n) = open_source(src, 0, blocks, out)?;
     let family = crate::arch::family(&arch)?;
     let meta = crate::arch::Meta {
         metadata: g.metadata(),
@@ -180,16 +183,7 @@ pub fn write_early_exit(src: &Path, blocks: u32, out: &Path) -> Result<ModelInfo
         n_embd: 0,
         source_id: "",
         block_hashes: &[],
-        tensors: g
-            .tensors()
-            .iter()
-            .map(|t| SrcTensor {
-                name: t.name.clone(),
-                ggml_type: t.ggml_type,
-                dims: &t.dims,
-                data: Some(g.tensor_data(t)),
-            })
-            .collect(),
+        tensors: src_tensors(&g),
     };
     // As the last slice keeps them: the embeddings and the head whole.
     let tensors = slice_tensors(&source, 0, blocks, true, family.head_required)?;

@@ -216,6 +216,16 @@ pub fn logits_digest(logits: &[f32]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// Rows of logits a step of `n` positions can give: 1 to `n`.
+fn check_rows(rows: usize, n: usize) -> Result<(), EngineError> {
+    if rows == 0 || rows > n {
+        return Err(EngineError::BadInput(format!(
+            "{rows} rows of logits asked of a step of {n} positions"
+        )));
+    }
+    Ok(())
+}
+
 /// Handle of a session inside one [`SliceEngine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
@@ -679,11 +689,7 @@ impl SliceEngine {
                 BatchInput::Embd { data: h, n_embd }
             }
         };
-        if rows == 0 || rows > n {
-            return Err(EngineError::BadInput(format!(
-                "{rows} rows of logits asked of a step of {n} positions"
-            )));
-        }
+        check_rows(rows, n)?;
         // A range that hands hidden states on keeps every row; the last
         // range computes the head only for the rows asked for.
         let outputs = if self.layout.is_last() { rows } else { n };
@@ -741,11 +747,7 @@ impl SliceEngine {
         if n <= 1 || self.single_threads <= 1 {
             return self.forward_rows(id, input, rows);
         }
-        if rows == 0 || rows > n {
-            return Err(EngineError::BadInput(format!(
-                "{rows} rows of logits asked of a step of {n} positions"
-            )));
-        }
+        check_rows(rows, n)?;
         let pos0 = self.position(id)?;
         let mut out = Vec::new();
         for i in 0..n {
