@@ -395,6 +395,10 @@ struct JoinArgs {
     api: Option<std::net::SocketAddr>,
     #[command(flatten)]
     api_key: ApiKeyArgs,
+    /// With `--api`: the draft model its requests use (as `nakshatra api
+    /// --draft`).
+    #[command(flatten)]
+    api_draft: DraftArgs,
     /// Write every step's timings to this file (one line per step: when
     /// its frame came in, was decoded, computed, encoded and sent; see
     /// `benches/chain.rs`).
@@ -845,12 +849,13 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
                 connect_wait: std::time::Duration::from_secs(10),
             })
             .await?;
+            let draft = a.api_draft.load(API_DRAFT_SESSIONS)?;
             let server = start_api(
                 listen,
                 a.api_key,
                 svc.clone(),
                 Some(node.engine_watch()),
-                None,
+                draft,
             )
             .await?;
             Some((server, svc))

@@ -4,8 +4,9 @@
 //! --draft`: the answer is byte-identical to the plain ask's, greedy and
 //! sampled, with the model as its own draft (nearly every draft accepted,
 //! so several tokens come back per pass) and with an early-exit draft
-//! from `nakshatra model draft` (few accepted: still identical). A draft
-//! of another vocabulary is refused with a clear error.
+//! from `nakshatra model draft` (few accepted: still identical); the same
+//! through `nakshatra api --draft` and `node join --api --draft`. A slice
+//! or a draft of another vocabulary is refused with a clear error.
 
 use nakshatra_e2e::bench::LocalChain;
 use nakshatra_e2e::*;
@@ -23,6 +24,17 @@ fn json_of(o: &std::process::Output) -> serde_json::Value {
 
 fn text(v: &serde_json::Value) -> &str {
     v["text"].as_str().expect("text")
+}
+
+/// Drafted tokens an API counted as accepted (its /metrics).
+fn accepted_drafts(api: &http::ApiProc) -> f64 {
+    let metrics = http::get(&api.url("/metrics")).text();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("nakshatra_draft_tokens_total{outcome=\"accepted\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no accepted drafts counted:\n{metrics}"))
 }
 
 #[test]
@@ -131,14 +143,7 @@ fn drafted_answers_are_the_chains_own_over_slow_links() {
         Some(text(&plain)),
         "{completion}"
     );
-    let metrics = http::get(&api.url("/metrics")).text();
-    let accepted: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("nakshatra_draft_tokens_total{outcome=\"accepted\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no accepted drafts counted:\n{metrics}"));
-    assert!(accepted >= 20.0, "{metrics}");
+    assert!(accepted_drafts(&api) >= 20.0);
     drop(api);
 
     // A slice is no draft: it cannot turn tokens into logits alone.
@@ -162,6 +167,39 @@ fn drafted_answers_are_the_chains_own_over_slow_links() {
         assert!(err.contains(why), "{err}");
     };
     refused(&slice, "not a whole model");
+
+    // A serving node's own API (`node join --api --draft`) drafts too.
+    let join_dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["node", "join"];
+    args.extend(loopback_args(Some(&chain.boot)));
+    args.extend_from_slice(&[
+        "--model",
+        model,
+        "--layers",
+        "20..30",
+        "--api",
+        "127.0.0.1:0",
+    ]);
+    args.extend_from_slice(&["--draft", model, "--draft-k", "4"]);
+    let api = http::ApiProc::spawn(
+        join_dir.path(),
+        &args,
+        true,
+        std::time::Duration::from_secs(90),
+    );
+    let r = http::post_json(
+        &api.url("/v1/completions"),
+        &serde_json::json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let completion = r.json();
+    assert_eq!(
+        completion["choices"][0]["text"].as_str(),
+        Some(text(&plain)),
+        "{completion}"
+    );
+    assert!(accepted_drafts(&api) >= 20.0);
+    drop(api);
     // A model with another vocabulary (Gemma 3's 262,144 tokens; fetched
     // by `scripts/fetch-family-models.sh`, as CI does) is refused before
     // any token.
