@@ -764,7 +764,7 @@ async fn prepare_and_announce(
         p.range.start,
         p.range.end
     );
-    let engine = EngineService::spawn(engine);
+    let engine = EngineService::new(engine);
     let offer = VocabOffer::new(
         p.manifest.model_id.clone(),
         p.vocab.clone(),
@@ -991,7 +991,7 @@ impl ServingNode {
             to.start,
             to.end
         );
-        let engine = EngineService::spawn(engine);
+        let engine = EngineService::new(engine);
         for s in self.servers.drain(..) {
             s.stop().await;
         }

@@ -26,15 +26,28 @@ fn text(v: &serde_json::Value) -> &str {
     v["text"].as_str().expect("text")
 }
 
-/// Drafted tokens an API counted as accepted (its /metrics).
-fn accepted_drafts(api: &http::ApiProc) -> f64 {
+/// An API's greedy completion of [`PROMPT`] is `want`, and its /metrics
+/// count at least 20 drafted tokens accepted on the way.
+fn drafted_completion_is(api: &http::ApiProc, want: &str) {
+    let r = http::post_json(
+        &api.url("/v1/completions"),
+        &serde_json::json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let completion = r.json();
+    assert_eq!(
+        completion["choices"][0]["text"].as_str(),
+        Some(want),
+        "{completion}"
+    );
     let metrics = http::get(&api.url("/metrics")).text();
-    metrics
+    let accepted: f64 = metrics
         .lines()
         .find(|l| l.starts_with("nakshatra_draft_tokens_total{outcome=\"accepted\"}"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no accepted drafts counted:\n{metrics}"))
+        .unwrap_or_else(|| panic!("no accepted drafts counted:\n{metrics}"));
+    assert!(accepted >= 20.0, "{metrics}");
 }
 
 #[test]
@@ -132,18 +145,7 @@ fn drafted_answers_are_the_chains_own_over_slow_links() {
         false,
         std::time::Duration::from_secs(60),
     );
-    let r = http::post_json(
-        &api.url("/v1/completions"),
-        &serde_json::json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let completion = r.json();
-    assert_eq!(
-        completion["choices"][0]["text"].as_str(),
-        Some(text(&plain)),
-        "{completion}"
-    );
-    assert!(accepted_drafts(&api) >= 20.0);
+    drafted_completion_is(&api, text(&plain));
     drop(api);
 
     // A slice is no draft: it cannot turn tokens into logits alone.
@@ -187,18 +189,7 @@ fn drafted_answers_are_the_chains_own_over_slow_links() {
         true,
         std::time::Duration::from_secs(90),
     );
-    let r = http::post_json(
-        &api.url("/v1/completions"),
-        &serde_json::json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let completion = r.json();
-    assert_eq!(
-        completion["choices"][0]["text"].as_str(),
-        Some(text(&plain)),
-        "{completion}"
-    );
-    assert!(accepted_drafts(&api) >= 20.0);
+    drafted_completion_is(&api, text(&plain));
     drop(api);
     // A model with another vocabulary (Gemma 3's 262,144 tokens; fetched
     // by `scripts/fetch-family-models.sh`, as CI does) is refused before

@@ -116,7 +116,7 @@ impl Draft {
         }
         let tokenizer = Tokenizer::load(path).map_err(load_err)?;
         Ok(Self {
-            engine: EngineService::spawn(engine),
+            engine: EngineService::new(engine),
             tokenizer: std::sync::Arc::new(tokenizer),
             path: path.to_path_buf(),
             k,

@@ -90,7 +90,7 @@ impl std::fmt::Debug for EngineService {
 
 impl EngineService {
     /// Makes the engine callable from async code.
-    pub fn spawn(engine: SliceEngine) -> Self {
+    pub fn new(engine: SliceEngine) -> Self {
         Self {
             layout: engine.layout(),
             n_vocab: engine.n_vocab(),
