@@ -23,6 +23,10 @@ pub struct Faults {
     /// probe echo, activation frame and piece chunk this node handles.
     #[cfg(feature = "fault-injection")]
     pub link_delay: Option<Duration>,
+    /// Set once a [`Fault::BreakNextLink`] node broke a link (it breaks
+    /// one, once: the replacement chain must get through).
+    #[cfg(feature = "fault-injection")]
+    pub broke_link: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Faults a test can ask a serving node to commit (`--fault`).
@@ -59,7 +63,17 @@ pub enum Fault {
     /// Announce the model as [`LIE_LAYERS`] layers (this node's range
     /// clipped to them), whatever the model really has.
     LieLayers,
+    /// At step [`BREAK_LINK_STEP`] of its first session that gets there,
+    /// drop the stream to the next hop and report upstream, truthfully signed, that it ended (a
+    /// link that broke while both hops live on, as a relayed connection
+    /// closing under a chain did).
+    BreakNextLink,
 }
+
+/// The step at which a [`Fault::BreakNextLink`] node breaks its link to
+/// the next hop (a decode step: the answer is under way).
+#[cfg(feature = "fault-injection")]
+pub const BREAK_LINK_STEP: u64 = 8;
 
 /// With [`Fault::TricklePieces`], bytes sent at a time...
 #[cfg(feature = "fault-injection")]
@@ -138,6 +152,17 @@ impl Faults {
             )));
         }
         None
+    }
+
+    /// With [`Fault::BreakNextLink`], whether to break the link to the
+    /// next hop at step `step` (true once in the node's life).
+    pub fn breaks_next_link(&self, _step: u64) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::BreakNextLink) && _step == BREAK_LINK_STEP {
+            use std::sync::atomic::Ordering;
+            return !self.broke_link.swap(true, Ordering::Relaxed);
+        }
+        false
     }
 
     /// Sets the swarm's probe echo delay to the simulated link delay.

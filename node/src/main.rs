@@ -427,6 +427,8 @@ impl JoinArgs {
             link_delay: self
                 .test_link_delay_ms
                 .map(std::time::Duration::from_millis),
+            #[cfg(feature = "fault-injection")]
+            broke_link: Default::default(),
         }
     }
 }

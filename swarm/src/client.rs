@@ -640,8 +640,9 @@ impl Client {
     /// Waits, at most `within`, until none of `peers` has a hole punch
     /// under way: each is then reached directly, or stays relayed because
     /// the punch failed or never started. A caller about to open
-    /// long-lived streams waits for this: a successful punch closes the
-    /// relayed connection, and with it every stream on it.
+    /// long-lived streams waits for this, so that they run on the direct
+    /// connection: a stream opened on the relayed one keeps it open
+    /// (through the relay's limits and latency) until the stream ends.
     pub async fn wait_for_hole_punches(&self, peers: &[PeerId], within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {

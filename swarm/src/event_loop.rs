@@ -86,10 +86,12 @@ const MESH_TOPUP_DIALS: usize = 2;
 const MAX_RELAY_RESERVATIONS: usize = 2;
 /// How long a relayed connection stays open once a direct connection to
 /// the same peer is up (DCUtR's spec: close the relay after a grace
-/// period). Requests and fetches already under way on it finish; a
-/// long-lived stream is not opened meanwhile, since the peer counts as
-/// still punching until the relayed connection is gone
-/// ([`crate::Client::wait_for_hole_punches`]).
+/// period), and how often it is looked at again while a stream of ours
+/// still runs on it: a relayed connection is closed only once it carries
+/// none (a chain's activation stream opened on it before the direct
+/// connection came lives on). New streams open on the direct one; an
+/// asker waits for its ends to be done punching before it opens its
+/// long-lived streams ([`crate::Client::wait_for_hole_punches`]).
 const RELAY_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Wait before reserving again on a relay whose reservation failed or
 /// was lost.
@@ -1330,6 +1332,19 @@ impl EventLoop {
             .map(|(c, _)| *c)
             .collect();
         for c in due {
+            if self.open_streams.on_connection(&c) {
+                // A stream of ours (a chain's activations, a fetch) still
+                // runs on it: closing would break it. Look again later;
+                // new streams go to the direct connection meanwhile.
+                if let Some((peer, at)) = self.nat.closing.get_mut(&c) {
+                    tracing::debug!(%peer, "relayed connection still carries a stream: not closing it yet");
+                    *at = now + RELAY_CLOSE_GRACE;
+                    // Reached directly, and new streams open there: done
+                    // punching, though the relayed connection lingers.
+                    self.nat.punching.remove(peer);
+                }
+                continue;
+            }
             self.nat.closing.remove(&c);
             self.swarm.close_connection(c);
         }

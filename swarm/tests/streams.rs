@@ -310,3 +310,100 @@ async fn next_rtts_are_announced_and_steer_the_plan() {
         Err(PlanError::Lookup(_))
     ));
 }
+
+/// A stream opened on a relayed connection outlives the direct connection
+/// that replaces it: the relayed connection is closed only once no stream
+/// of ours runs on it (a chain's activation stream broke when it was
+/// closed a second after the direct one came up). The client knows the
+/// server only by its circuit address, so its stream opens on the relayed
+/// connection; identify then gives the server's listen address and the
+/// client dials it directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_relayed_connection_survives_the_direct_one() {
+    init_tracing();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let listen: nakshatra_swarm::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let mut cfg = config(Role::Server, vec![]);
+    cfg.listen = vec![listen.clone()];
+    cfg.external_addrs = vec![listen];
+    let relay = start_cfg(cfg).await;
+    let relay_addr = relay.addr.clone().unwrap();
+
+    let mut cfg = config(Role::Server, vec![relay_addr.clone()]);
+    cfg.relays = vec![relay_addr.clone()];
+    let server = start_cfg(cfg).await;
+    serve_echo(&server);
+    let circuit: nakshatra_swarm::Multiaddr = format!("{relay_addr}/p2p-circuit").parse().unwrap();
+    wait_for(Duration::from_secs(20), "the relay reservation", || async {
+        let addrs = server.client.listen_addrs().await.unwrap();
+        addrs
+            .iter()
+            .any(|a| a.to_string().starts_with(&circuit.to_string()))
+            .then_some(())
+    })
+    .await;
+
+    // No bootstrap (it would learn the server's direct address from the
+    // DHT); listening on loopback lets it dial loopback addresses.
+    let mut cfg = config(Role::Client, vec![]);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let client = start_cfg(cfg).await;
+    let via_relay: nakshatra_swarm::Multiaddr =
+        format!("{circuit}/p2p/{}", server.peer()).parse().unwrap();
+    client
+        .client
+        .add_peer_addresses(server.peer(), vec![via_relay])
+        .await;
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        client
+            .client
+            .stream_control()
+            .open_stream(server.peer(), ECHO),
+    )
+    .await
+    .expect("stream within 10 s")
+    .expect("stream opens through the relay");
+    echo_once(&mut stream, b"relayed")
+        .await
+        .expect("echo through the relay");
+
+    // The direct connection comes up (the client dials the listen address
+    // identify gave it)...
+    wait_for(Duration::from_secs(15), "a direct connection", || async {
+        let via = client.client.via().await.unwrap();
+        (via.get(&server.peer()) == Some(&nakshatra_swarm::Via::Direct)).then_some(())
+    })
+    .await;
+    // ...and the relayed one outlives its grace while the stream runs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    echo_once(&mut stream, b"still there")
+        .await
+        .expect("the stream on the relayed connection still works after the grace");
+    // A new stream opens on the direct connection.
+    let mut fresh = client
+        .client
+        .stream_control()
+        .open_stream(server.peer(), ECHO)
+        .await
+        .expect("a new stream opens");
+    echo_once(&mut fresh, b"direct")
+        .await
+        .expect("echo on the new stream");
+}
+
+/// Writes `msg` on an `ECHO` stream and checks it comes back.
+async fn echo_once(
+    stream: &mut nakshatra_swarm::stream::Stream,
+    msg: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(msg).await?;
+    stream.flush().await?;
+    let mut back = vec![0u8; msg.len()];
+    stream.read_exact(&mut back).await?;
+    assert_eq!(back, msg);
+    Ok(())
+}

@@ -35,16 +35,29 @@ impl Swarm {
     /// One node per range, each with `sessions` session slots and a
     /// simulated link delay of `delay_ms`.
     fn start_with(model: &str, ranges: &[&str], sessions: &str, delay_ms: &str) -> Swarm {
+        let nodes: Vec<(&str, &[&str])> = ranges.iter().map(|r| (*r, &[][..])).collect();
+        Self::start_nodes(model, &nodes, sessions, delay_ms)
+    }
+
+    /// [`Swarm::start_with`], each node given its range and extra
+    /// arguments.
+    fn start_nodes(
+        model: &str,
+        nodes_: &[(&str, &[&str])],
+        sessions: &str,
+        delay_ms: &str,
+    ) -> Swarm {
         let mut dirs = Vec::new();
         let mut nodes: Vec<(String, Proc)> = Vec::new();
         let mut boot: Option<String> = None;
-        for range in ranges {
+        for (range, extra) in nodes_ {
             let dir = tempfile::tempdir().unwrap();
             let mut args = loopback_args(boot.as_deref());
             args.extend_from_slice(&["--model", model, "--layers", range]);
             args.extend_from_slice(&["--max-sessions", sessions, "--ctx-size", "512"]);
             args.extend_from_slice(&["--record-ttl", "8", "--refresh", "2"]);
             args.extend_from_slice(&["--test-link-delay-ms", delay_ms]);
+            args.extend_from_slice(extra);
             let p = Proc::join(dir.path(), &args);
             boot.get_or_insert_with(|| p.addr().to_string());
             nodes.push((range.to_string(), p));
@@ -294,6 +307,53 @@ fn a_drafted_answer_recovers_token_identical() {
 
 /// No other peer serves the lost layers: after `--recover-wait` the ask
 /// fails with an error naming them, never hangs; the text so far stays.
+/// The link between two hops breaks mid-answer while both live on (hop 0
+/// drops its stream to hop 1 at a decode step and reports it, as when a
+/// relayed connection under a chain closed): hop 1 is the only holder of
+/// its blocks and still answers a probe, so the repair keeps it and
+/// reopens the chain over a new link. The answer is the whole model's,
+/// with one `recovered:` line naming hop 1 as its own replacement.
+#[test]
+fn a_broken_link_to_the_only_holder_is_reopened_token_identical() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY_64, PROMPT);
+    let fault: &[&str] = &["--fault", "break-next-link"];
+    let mut swarm = Swarm::start_nodes(
+        &model,
+        &[("0..10", fault), ("10..20", &[]), ("20..30", &[])],
+        "4",
+        LINK_DELAY_MS,
+    );
+    swarm.wait_covered(&[(0, 1), (15, 1), (25, 1)]);
+    let asker_dir = tempfile::tempdir().unwrap();
+    let asker = Asker::start(&swarm.boot, asker_dir.path(), GREEDY_64);
+    let chain = asker.chain(Duration::from_secs(60));
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    let (ok, out, err) = asker.finish(Duration::from_secs(120));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim_end(), want.trim_end(), "{err}");
+    let blamed = &chain[1];
+    let recovered: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("recovered:"))
+        .collect();
+    assert_eq!(recovered.len(), 1, "{err}");
+    assert!(
+        recovered[0].starts_with(&format!(
+            "recovered: lost {blamed} [10..20), replaced by {blamed} [10..20)"
+        )),
+        "{err}"
+    );
+    assert!(
+        swarm
+            .node(blamed)
+            .stderr()
+            .contains("session resumed: positions kept"),
+        "the blamed hop did not resume its session"
+    );
+}
+
 #[test]
 fn with_no_replica_the_error_names_the_lost_blocks() {
     let model = test_model();

@@ -189,6 +189,13 @@ impl AskError {
         }
     }
 
+    /// Whether the failure is a hop's report that the stream to its next
+    /// hop broke: the link, or the next hop, failed (the reporter cannot
+    /// tell which).
+    pub fn blames_a_link(&self) -> bool {
+        matches!(self, AskError::Hop { peer, fault: HopFault::Reported { by_peer, .. }, .. } if by_peer != peer)
+    }
+
     /// The peers a failure counts against: the hop blamed and, when a hop
     /// blamed its next one (which it cannot prove), the reporter too, so
     /// that a hop gains nothing by blaming an honest neighbour.
@@ -614,15 +621,24 @@ impl Asker<'_> {
                     let e = self.stalled(e, &planned.hops).await;
                     self.charge(&e);
                     match Lost::from(&e, planned) {
-                        Some(l) if e.recoverable() => {
+                        Some(mut l) if e.recoverable() => {
                             tracing::warn!("the chain broke mid-answer ({e}); repairing it");
-                            let _ = self.swarm.forget_peer(l.peer, FORGET_LOST).await;
+                            l.answers = e.blames_a_link() && self.answers_probe(l.peer).await;
+                            if l.answers {
+                                tracing::info!(
+                                    "{} still answers: the link to it broke, not the hop",
+                                    l.peer
+                                );
+                            } else {
+                                let _ = self.swarm.forget_peer(l.peer, FORGET_LOST).await;
+                            }
                             if let Some(p) = progress.as_mut().filter(|_| self.opts.fresh_recovery)
                             {
                                 p.session = rand::random();
                             }
                             lost = Some(l);
                             failures += 1;
+                            last_err = Some(e);
                             continue;
                         }
                         _ => return Err(e),
@@ -644,6 +660,15 @@ impl Asker<'_> {
         Err(last_err.unwrap_or(AskError::EmptyChain))
     }
 
+    /// Whether `peer` answers an RTT probe within [`STALL_PROBE`].
+    async fn answers_probe(&self, peer: PeerId) -> bool {
+        tokio::time::timeout(STALL_PROBE, self.swarm.probe_rtt(peer))
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
     /// A step that timed out: which hops of `hops` no longer answer a
     /// probe (a stalled or stopped process), so that the failure is
     /// charged to them; other errors as they are.
@@ -653,11 +678,7 @@ impl Asker<'_> {
         };
         let probes = hops.iter().map(|h| async move {
             let peer: PeerId = h.peer_id.parse().ok()?;
-            let alive = tokio::time::timeout(STALL_PROBE, self.swarm.probe_rtt(peer))
-                .await
-                .ok()
-                .flatten()
-                .is_some();
+            let alive = self.answers_probe(peer).await;
             (!alive).then(|| h.peer_id.clone())
         });
         let silent: Vec<String> = futures::future::join_all(probes)
@@ -1019,7 +1040,21 @@ impl Asker<'_> {
     ) -> Result<Planned, AskError> {
         let deadline = Instant::now() + self.opts.recover_wait;
         loop {
-            match self.repair(model_id, avoid, lost, at).await {
+            let mut r = self.repair(model_id, avoid, lost, at).await;
+            if matches!(r, Err(AskError::Plan(_))) && lost.answers {
+                // Nobody else holds its blocks, and it still answers: ask
+                // it again over a new link.
+                tracing::info!(
+                    "no other peer serves [{}..{}); keeping {}, which still answers",
+                    lost.range[0],
+                    lost.range[1],
+                    lost.peer
+                );
+                let rest: Vec<PeerId> =
+                    avoid.iter().filter(|p| **p != lost.peer).copied().collect();
+                r = self.repair(model_id, &rest, lost, at).await;
+            }
+            match r {
                 Err(AskError::Plan(e)) if Instant::now() < deadline => {
                     tracing::warn!(
                         "no replacement for {} [{}..{}) yet ({e}); waiting",
@@ -1074,6 +1109,10 @@ struct Lost {
     at: Instant,
     /// The chain that broke (its vocabulary and prompt are the new one's).
     before: Planned,
+    /// It was blamed for its link only (by the hop before it) and still
+    /// answered a probe: where nobody else serves its blocks, the repair
+    /// keeps it rather than wait for a replacement that may never come.
+    answers: bool,
 }
 
 impl Lost {
@@ -1091,6 +1130,7 @@ impl Lost {
             range: [hop.start, hop.end],
             at: Instant::now(),
             before,
+            answers: false,
         })
     }
 

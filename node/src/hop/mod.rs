@@ -706,6 +706,15 @@ async fn run_steps(
                 "fault injection: forged a failure report",
             ));
         }
+        if matches!(down, Downstream::Hop(..)) && ctx.faults.breaks_next_link(h.step) {
+            let gone = "the next hop's stream ended: broken by fault injection".to_string();
+            reply(up, &report(&ctx.signer, open, open.index + 1, gone)).await;
+            // Kept for a replacement chain, as after a real link break.
+            return Err(SessionError::NextHop(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "fault injection: broke the link to the next hop",
+            ))));
+        }
         match step(ctx, open, held, h, payload, down, frame_in).await {
             Ok(()) => {}
             // The asker is gone: nobody upstream to tell.

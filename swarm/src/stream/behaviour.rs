@@ -127,8 +127,8 @@ impl Behaviour {
         }
     }
 
-    fn handler(&self, peer: PeerId) -> Handler {
-        Handler::new(peer, self.accepting.clone(), self.open.clone())
+    fn handler(&self, peer: PeerId, conn: ConnectionId) -> Handler {
+        Handler::new(peer, conn, self.accepting.clone(), self.open.clone())
     }
 }
 
@@ -142,23 +142,23 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        conn: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, conn))
     }
 
     fn handle_established_outbound_connection(
         &mut self,
-        _: ConnectionId,
+        conn: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, conn))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {

@@ -14,7 +14,7 @@ use libp2p::swarm::handler::{
     ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound,
 };
 use libp2p::swarm::{
-    ConnectionHandler, ConnectionHandlerEvent, StreamUpgradeError, SubstreamProtocol,
+    ConnectionHandler, ConnectionHandlerEvent, ConnectionId, StreamUpgradeError, SubstreamProtocol,
 };
 use libp2p::{PeerId, StreamProtocol};
 
@@ -29,6 +29,8 @@ pub(crate) struct Opening {
 
 pub(crate) struct Handler {
     peer: PeerId,
+    /// This connection (its streams are counted against it).
+    conn: ConnectionId,
     accepting: Arc<Accepting>,
     /// Where the streams handed out are counted.
     open: Arc<OpenStreams>,
@@ -41,9 +43,15 @@ pub(crate) struct Handler {
 }
 
 impl Handler {
-    pub(crate) fn new(peer: PeerId, accepting: Arc<Accepting>, open: Arc<OpenStreams>) -> Self {
+    pub(crate) fn new(
+        peer: PeerId,
+        conn: ConnectionId,
+        accepting: Arc<Accepting>,
+        open: Arc<OpenStreams>,
+    ) -> Self {
         Self {
             peer,
+            conn,
             accepting,
             open,
             queued: VecDeque::new(),
@@ -102,7 +110,7 @@ impl ConnectionHandler for Handler {
                 protocol: (stream, protocol),
                 ..
             }) => {
-                let stream = Stream::new(stream, self.peer, &self.open);
+                let stream = Stream::new(stream, self.peer, self.conn, &self.open);
                 self.accepting.deliver(self.peer, protocol, stream)
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
@@ -112,7 +120,7 @@ impl ConnectionHandler for Handler {
                 // The opener may have given up (timeout): nothing to do.
                 let _ = info
                     .reply
-                    .send(Ok(Stream::new(stream, self.peer, &self.open)));
+                    .send(Ok(Stream::new(stream, self.peer, self.conn, &self.open)));
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }) => {
                 let error = match error {

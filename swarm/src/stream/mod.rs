@@ -35,6 +35,7 @@ use std::task::{Context, Poll};
 
 use futures::channel::{mpsc, oneshot};
 use futures::{AsyncRead, AsyncWrite, SinkExt, StreamExt};
+use libp2p::swarm::ConnectionId;
 use libp2p::{PeerId, StreamProtocol};
 
 pub(crate) use behaviour::Behaviour;
@@ -64,10 +65,15 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub(crate) fn new(inner: libp2p::Stream, peer: PeerId, open: &Arc<OpenStreams>) -> Self {
+    pub(crate) fn new(
+        inner: libp2p::Stream,
+        peer: PeerId,
+        conn: ConnectionId,
+        open: &Arc<OpenStreams>,
+    ) -> Self {
         Self {
             inner,
-            open: Some(Box::new(OpenGuard::new(peer, open.clone()))),
+            open: Some(Box::new(OpenGuard::new(peer, conn, open.clone()))),
         }
     }
 
@@ -134,49 +140,73 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// How many [`Stream`]s are open per peer (those not marked
-/// [`Stream::ignore_for_keep_alive`]). One entry per peer with at least
-/// one: bounded by the streams alive, which their protocols bound.
+/// How many [`Stream`]s are open per peer and per connection (those not
+/// marked [`Stream::ignore_for_keep_alive`]). One entry per peer and per
+/// connection with at least one: bounded by the streams alive, which
+/// their protocols bound.
 #[derive(Default)]
 pub(crate) struct OpenStreams {
-    per_peer: Mutex<HashMap<PeerId, usize>>,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    per_peer: HashMap<PeerId, usize>,
+    per_conn: HashMap<ConnectionId, usize>,
 }
 
 impl OpenStreams {
-    fn lock(&self) -> MutexGuard<'_, HashMap<PeerId, usize>> {
+    fn lock(&self) -> MutexGuard<'_, Counts> {
         // Counts only go up and down by one under the lock: still whole
         // after a panic elsewhere.
-        self.per_peer.lock().unwrap_or_else(|e| e.into_inner())
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a stream of ours to `peer` is open.
     pub(crate) fn any(&self, peer: &PeerId) -> bool {
-        self.lock().contains_key(peer)
+        self.lock().per_peer.contains_key(peer)
+    }
+
+    /// Whether a stream of ours is open on connection `conn` (closing it
+    /// would break that stream).
+    pub(crate) fn on_connection(&self, conn: &ConnectionId) -> bool {
+        self.lock().per_conn.contains_key(conn)
+    }
+}
+
+/// Takes one from `map[key]`, removing the entry at zero.
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
     }
 }
 
 /// One stream's count in [`OpenStreams`], given back on drop.
 struct OpenGuard {
     peer: PeerId,
+    conn: ConnectionId,
     counts: Arc<OpenStreams>,
 }
 
 impl OpenGuard {
-    fn new(peer: PeerId, counts: Arc<OpenStreams>) -> Self {
-        *counts.lock().entry(peer).or_default() += 1;
-        Self { peer, counts }
+    fn new(peer: PeerId, conn: ConnectionId, counts: Arc<OpenStreams>) -> Self {
+        {
+            let mut c = counts.lock();
+            *c.per_peer.entry(peer).or_default() += 1;
+            *c.per_conn.entry(conn).or_default() += 1;
+        }
+        Self { peer, conn, counts }
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        let mut map = self.counts.lock();
-        if let Some(n) = map.get_mut(&self.peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.peer);
-            }
-        }
+        let mut c = self.counts.lock();
+        release(&mut c.per_peer, &self.peer);
+        release(&mut c.per_conn, &self.conn);
     }
 }
 
