@@ -199,6 +199,13 @@ pub struct SwarmStats {
     /// full, or a message not sent within its queue deadline (a slow peer
     /// or a busy node).
     pub gossip_dropped: u64,
+    /// Of those, control messages (GRAFT, PRUNE, IDONTWANT) whose queue
+    /// was full; the rest are data (a publish or forward past its queue
+    /// deadline or with its queue full, IHAVE, IWANT).
+    pub gossip_dropped_control: u64,
+    /// Peers in this node's gossip mesh for the infos topic now (each
+    /// info it receives first goes on to all of them but its sender).
+    pub gossip_mesh: usize,
     /// View requests this node sent, and answered.
     pub view_requests_out: u64,
     /// View requests this node answered.
@@ -698,6 +705,13 @@ impl EventLoop {
                 stats.announcing = self.announcement.is_some();
                 stats.bytes_sent = self.bytes_sent.get();
                 stats.cached_infos = self.cache.serving(now_ms());
+                let topic = gossipsub::IdentTopic::new(keys::INFOS_TOPIC).hash();
+                stats.gossip_mesh = self
+                    .swarm
+                    .behaviour()
+                    .gossip
+                    .as_ref()
+                    .map_or(0, |g| g.mesh_peers(&topic).count());
                 (stats.stored_records, stats.stored_provider_keys) =
                     self.swarm.behaviour_mut().kad.store_mut().sizes();
                 let _ = reply.send(stats);
@@ -1134,6 +1148,7 @@ impl EventLoop {
         {
             let n = failed_messages.priority + failed_messages.non_priority;
             self.stats.gossip_dropped += n as u64;
+            self.stats.gossip_dropped_control += failed_messages.priority as u64;
             tracing::debug!(peer = %peer_id, dropped = n, "gossip messages to a slow peer dropped");
             return;
         }

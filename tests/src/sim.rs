@@ -185,6 +185,11 @@ pub struct SimReport {
     /// Gossip messages a serving node's gossipsub dropped on their way
     /// out per simulated minute (queue full or past its deadline).
     pub gossip_dropped: Rate,
+    /// Of those, control messages (GRAFT, PRUNE, IDONTWANT).
+    pub gossip_dropped_control: Rate,
+    /// A serving node's gossip mesh on the infos topic at the end of the
+    /// measured minute (each info goes on to all of it but its sender).
+    pub gossip_mesh: Rate,
     /// How long the serving nodes' event loops took to answer a command
     /// at the end of the measured minute, real seconds: how far behind
     /// the machine runs (the time scale is too small when this nears the
@@ -631,15 +636,17 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     report.trimmed = rate(|s| s.connections_trimmed);
     report.gossip_received = rate(|s| s.gossip_received);
     report.gossip_dropped = rate(|s| s.gossip_dropped);
-    let connected: Vec<f64> = after
-        .iter()
-        .flatten()
-        .map(|s| s.connected_peers as f64)
-        .collect();
-    report.connected = Rate {
-        mean: connected.iter().sum::<f64>() / connected.len().max(1) as f64,
-        max: connected.iter().copied().fold(0.0, f64::max),
+    report.gossip_dropped_control = rate(|s| s.gossip_dropped_control);
+    // A gauge at the end of the measured minute: mean and most.
+    let gauge = |f: fn(&SwarmStats) -> usize| {
+        let v: Vec<f64> = after.iter().flatten().map(|s| f(s) as f64).collect();
+        Rate {
+            mean: v.iter().sum::<f64>() / v.len().max(1) as f64,
+            max: v.iter().copied().fold(0.0, f64::max),
+        }
     };
+    report.gossip_mesh = gauge(|s| s.gossip_mesh);
+    report.connected = gauge(|s| s.connected_peers);
 
     let sizes = futures::future::join_all(nodes.iter().map(|n| async {
         n.client
@@ -1055,7 +1062,7 @@ pub fn table_row(r: &SimReport) -> String {
 /// table row.
 pub fn steady_details(r: &SimReport) -> String {
     format!(
-        "time scale {}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, serving caches complete min {:.3} mean {:.3}, gossip received /node/min {:.0} dropped {:.1}, event loop answers p50 {:.3} s p99 {:.3} s, event loops died {}, failed plans {:?}",
+        "time scale {}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, serving caches complete min {:.3} mean {:.3}, gossip received /node/min {:.0} dropped {:.1} (control {:.1}), gossip mesh {:.1}, event loop answers p50 {:.3} s p99 {:.3} s, event loops died {}, failed plans {:?}",
         r.time_scale,
         r.coverage_incomplete,
         r.walks.max,
@@ -1067,6 +1074,8 @@ pub fn steady_details(r: &SimReport) -> String {
         r.cache_complete.1,
         r.gossip_received.mean,
         r.gossip_dropped.mean,
+        r.gossip_dropped_control.mean,
+        r.gossip_mesh.mean,
         r.loop_lag.p50,
         r.loop_lag.p99,
         r.loops_died,

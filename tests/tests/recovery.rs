@@ -185,6 +185,16 @@ impl Asker {
     }
 }
 
+/// The asker's one `recovered:` line (fails unless there is exactly one).
+fn the_recovery_line(err: &str) -> &str {
+    let recovered: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("recovered:"))
+        .collect();
+    assert_eq!(recovered.len(), 1, "{err}");
+    recovered[0]
+}
+
 /// Kills (or stops) hop `hop` of the chain once the answer is streaming;
 /// the answer must equal the whole model's and say it recovered once.
 fn hit_a_hop_mid_answer(hop: usize, how: &str) {
@@ -237,17 +247,13 @@ fn hit_a_hop_drafting(hop: usize, how: &str, gen: &[&str], draft: bool) {
     if std::env::var_os("SHOW_ASKER_LOG").is_some() {
         eprintln!("{err}");
     }
-    let recovered: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("recovered:"))
-        .collect();
-    assert_eq!(recovered.len(), 1, "{err}");
+    let recovered = the_recovery_line(&err);
     assert!(
-        recovered[0].starts_with(&format!("recovered: lost {victim} [")),
+        recovered.starts_with(&format!("recovered: lost {victim} [")),
         "{err}"
     );
     assert!(
-        !recovered[0].contains(&format!("replaced by {victim}")),
+        !recovered.contains(&format!("replaced by {victim}")),
         "{err}"
     );
     // The hops that were not hit kept their KV: they resumed the session
@@ -334,13 +340,9 @@ fn a_broken_link_to_the_only_holder_is_reopened_token_identical() {
     assert!(ok, "{err}");
     assert_eq!(out.trim_end(), want.trim_end(), "{err}");
     let blamed = &chain[1];
-    let recovered: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("recovered:"))
-        .collect();
-    assert_eq!(recovered.len(), 1, "{err}");
+    let recovered = the_recovery_line(&err);
     assert!(
-        recovered[0].starts_with(&format!(
+        recovered.starts_with(&format!(
             "recovered: lost {blamed} [10..20), replaced by {blamed} [10..20)"
         )),
         "{err}"
