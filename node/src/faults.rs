@@ -64,9 +64,9 @@ pub enum Fault {
     /// clipped to them), whatever the model really has.
     LieLayers,
     /// At step [`BREAK_LINK_STEP`] of its first session that gets there,
-    /// drop the stream to the next hop and report upstream, truthfully signed, that it ended (a
-    /// link that broke while both hops live on, as a relayed connection
-    /// closing under a chain did).
+    /// drop the stream to the next hop and report upstream, truthfully
+    /// signed, that it ended (a link that broke while both hops live on,
+    /// as a relayed connection closing under a chain did).
     BreakNextLink,
 }
 
