@@ -87,6 +87,7 @@ pub fn open_session(u: &mut Unstructured<'_>) -> Result<OpenSession> {
             top_p: u.arbitrary()?,
             seed: u.arbitrary()?,
         },
+        direct: u.arbitrary()?,
         wire: if u.arbitrary()? {
             WireDtype::F16
         } else {

@@ -121,6 +121,8 @@ struct ApiArgs {
     /// go without).
     #[command(flatten)]
     draft: DraftArgs,
+    #[command(flatten)]
+    direct: DirectArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,6 +185,8 @@ struct AskArgs {
     trace_steps: Option<PathBuf>,
     #[command(flatten)]
     draft: DraftArgs,
+    #[command(flatten)]
+    direct: DirectArgs,
     /// Test-only: a repaired chain gets a new session id, so that no hop
     /// resumes its part and the history is replayed into every hop (the
     /// recovery benchmark's baseline).
@@ -191,6 +195,30 @@ struct AskArgs {
     test_fresh_recovery: bool,
     /// The prompt.
     prompt: String,
+}
+
+/// Direct streams (`node join`, `node ask`, `api`).
+#[derive(Args, Debug)]
+struct DirectArgs {
+    /// TCP port for direct streams: a chain's activations and tokens on a
+    /// TCP connection of their own (noise with this node's identity, no
+    /// multiplexer), which costs less per step than a libp2p stream. 0:
+    /// any free port. Peers outside the LAN reach it only where the
+    /// firewall or router lets them (as for the libp2p port); peers that
+    /// cannot use libp2p streams instead.
+    #[arg(long, default_value_t = 0)]
+    direct_port: u16,
+    /// No direct streams: this node's links run on libp2p streams (for
+    /// `node ask`, every link of its chains).
+    #[arg(long)]
+    no_direct: bool,
+}
+
+impl DirectArgs {
+    /// The swarm's `direct_port`.
+    fn port(&self) -> Option<u16> {
+        (!self.no_direct).then_some(self.direct_port)
+    }
 }
 
 /// Speculative decoding flags of `node ask` and `api`.
@@ -340,6 +368,8 @@ struct JoinArgs {
     /// address is given: then exactly the addresses given.
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
     listen: Vec<Multiaddr>,
+    #[command(flatten)]
+    direct: DirectArgs,
     /// An address at which this node is reachable from the internet (a
     /// public IP, or a port forwarded by the router), e.g.
     /// `/ip4/203.0.113.7/udp/4001/quic-v1`: announced at once, without
@@ -620,6 +650,7 @@ async fn api(data_dir: DataDir, a: ApiArgs) -> Result<()> {
     let svc = AskerService::start(AskerConfig {
         bootstrap: a.bootstrap,
         listen: a.p2p_listen,
+        direct_port: a.direct.port(),
         mdns: !a.no_mdns,
         data_dir,
         connect_wait: std::time::Duration::from_secs(a.wait),
@@ -640,6 +671,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
     let cfg = AskerConfig {
         bootstrap: a.bootstrap,
         listen: a.listen,
+        direct_port: a.direct.port(),
         mdns: !a.no_mdns,
         data_dir,
         connect_wait: std::time::Duration::from_secs(a.wait),
@@ -665,6 +697,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
             Wire::F32 => WireDtype::F32,
             Wire::F16 => WireDtype::F16,
         },
+        direct: !a.direct.no_direct,
         step_timeout: std::time::Duration::from_secs(a.step_timeout),
         attempts: 4,
         verify: a.verify,
@@ -708,14 +741,16 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "stats: prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s | hop overhead median {:.3} ms, p99 {:.3} ms | setup {:.2} s",
+        "stats: prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s | hop overhead median {:.3} ms, p99 {:.3} ms | setup {:.2} s | links direct {}, libp2p {}",
         t.prompt_tokens,
         t.prefill_tps,
         out.tokens.len(),
         t.decode_tps,
         t.hop_overhead_median_ms,
         t.hop_overhead_p99_ms,
-        t.setup_s
+        t.setup_s,
+        t.links_direct,
+        t.links_libp2p
     );
     if let Some(s) = &t.speculative {
         eprintln!(
@@ -796,6 +831,7 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         faults: faults.clone(),
         bootstrap: a.bootstrap.clone(),
         listen: a.listen,
+        direct_port: a.direct.port(),
         external_addrs: a.external_addr,
         relays: a.relay,
         data_dir: data_dir.clone(),
@@ -846,6 +882,7 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
             let svc = AskerService::start(AskerConfig {
                 bootstrap,
                 listen: vec!["/ip4/0.0.0.0/tcp/0".parse()?],
+                direct_port: a.direct.port().map(|_| 0),
                 mdns: !a.no_mdns,
                 data_dir: data_dir.clone(),
                 connect_wait: std::time::Duration::from_secs(10),

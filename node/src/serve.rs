@@ -197,6 +197,9 @@ pub struct JoinOptions {
     /// port number unless one of them is QUIC
     /// ([`nakshatra_swarm::with_quic_listeners`]).
     pub listen: Vec<Multiaddr>,
+    /// The direct-stream port (`--direct-port`, `None`: `--no-direct`;
+    /// see [`SwarmConfig::direct_port`]).
+    pub direct_port: Option<u16>,
     /// Addresses this node is reachable at from the internet
     /// (`--external-addr`; see [`SwarmConfig::external_addrs`]).
     pub external_addrs: Vec<Multiaddr>,
@@ -345,6 +348,7 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
     let signing = nakshatra_swarm::signing_key(&keypair)?;
     let mut cfg = SwarmConfig::server();
     cfg.listen = nakshatra_swarm::with_quic_listeners(&opts.listen);
+    cfg.direct_port = opts.direct_port;
     cfg.bootstrap = opts.bootstrap.clone();
     cfg.external_addrs = opts.external_addrs.clone();
     cfg.relays = opts.relays.clone();

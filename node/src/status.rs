@@ -27,6 +27,8 @@ pub async fn swarm_status(
     wait: Duration,
 ) -> Result<SwarmView, StatusError> {
     let mut cfg = SwarmConfig::client();
+    // A status reads; no chain link ever comes to it.
+    cfg.direct_port = None;
     cfg.bootstrap = bootstrap;
     cfg.mdns = mdns;
     let key = nakshatra_swarm::IdentityKeypair::generate_ed25519();

@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Activation stream protocol id.
-pub const ACT_PROTOCOL: &str = "/nakshatra/act/4";
+pub const ACT_PROTOCOL: &str = "/nakshatra/act/5";
 /// Token return stream protocol id.
 pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/3";
 /// Vocabulary fetch protocol id.
@@ -118,6 +118,12 @@ pub struct OpenSession {
     pub wire: WireDtype,
     /// Peer id of the asker (the last hop streams tokens to it).
     pub asker: String,
+    /// Whether the hops open the chain's next links (to the next hop, and
+    /// the last hop's tokens to the asker) as direct streams where they
+    /// can (`nakshatra_swarm::stream::direct`: a TCP connection of the
+    /// link's own, noise, no yamux), or always as libp2p streams
+    /// (`node ask --no-direct`). The bytes on the link are the same.
+    pub direct: bool,
 }
 
 /// What a step's payload holds.
@@ -488,6 +494,7 @@ mod tests {
                 seed: 1,
             },
             wire: WireDtype::F16,
+            direct: true,
             asker: "a".into(),
         });
         let b = crate::encode(&open).unwrap();

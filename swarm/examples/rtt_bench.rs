@@ -20,8 +20,10 @@ use std::time::Instant;
 
 use common::{config, runtime};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade};
 use nakshatra_swarm::{spawn, IdentityKeypair, Multiaddr, StreamProtocol};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::compat::TokioAsyncReadCompatExt;
 
 const PROTOCOL: &str = "/nakshatra/bench-rtt/1";
 
@@ -44,14 +46,45 @@ fn main() {
 
     // Server side: a libp2p node echoing streams, and a TCP echo server.
     let server_rt = runtime();
-    let (server, addr, tcp_addr) = server_rt.block_on(async {
-        let (c, _task) = spawn(IdentityKeypair::generate_ed25519(), config(None))
-            .await
-            .expect("spawn");
+    let transport = std::env::var("TRANSPORT").unwrap_or_else(|_| "tcp".into());
+    let server_key = IdentityKeypair::generate_ed25519();
+    let (server, addr, tcp_addr, noise_addr) = server_rt.block_on(async {
+        let mut cfg = config(None);
+        cfg.listen
+            .push("/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr"));
+        let (c, _task) = spawn(server_key.clone(), cfg).await.expect("spawn");
         let a = c.listen_addrs().await.expect("addrs");
-        let addr: Multiaddr = format!("{}/p2p/{}", a[0], c.peer_id())
+        let a = a
+            .iter()
+            .find(|a| a.to_string().contains(&format!("/{transport}")))
+            .expect("a listen address of TRANSPORT");
+        let addr: Multiaddr = format!("{}/p2p/{}", a, c.peer_id())
             .parse()
             .expect("multiaddr");
+        let noise_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let noise_addr = noise_listener.local_addr().expect("local addr");
+        let key = server_key.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = noise_listener.accept().await {
+                let _ = s.set_nodelay(true);
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let noise = libp2p::noise::Config::new(&key).expect("noise");
+                    let (_peer, mut s) = noise
+                        .upgrade_inbound(s.compat(), "/noise")
+                        .await
+                        .expect("handshake");
+                    let mut buf = vec![0u8; bytes];
+                    while s.read_exact(&mut buf).await.is_ok() {
+                        if s.write_all(&buf).await.is_err() || s.flush().await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -69,7 +102,7 @@ fn main() {
                 });
             }
         });
-        (c, addr, tcp_addr)
+        (c, addr, tcp_addr, noise_addr)
     });
     let mut incoming = server
         .stream_control()
@@ -104,17 +137,33 @@ fn main() {
             .await
             .expect("connect");
         tcp.set_nodelay(true).expect("nodelay");
+        let raw = tokio::net::TcpStream::connect(noise_addr)
+            .await
+            .expect("connect");
+        raw.set_nodelay(true).expect("nodelay");
+        let client_key = IdentityKeypair::generate_ed25519();
+        let (_peer, mut noise) = libp2p::noise::Config::new(&client_key)
+            .expect("noise")
+            .upgrade_outbound(raw.compat(), "/noise")
+            .await
+            .expect("handshake");
+        let mut noise_us = Vec::new();
         let msg = vec![7u8; bytes];
         let mut back = vec![0u8; bytes];
         let (mut p2p_us, mut tcp_us) = (Vec::new(), Vec::new());
         for r in 0..rounds {
-            for p2p_first in [r % 2 == 0, r % 2 != 0] {
+            for which in [r % 3, (r + 1) % 3, (r + 2) % 3] {
                 for _ in 0..n {
                     if !gap.is_zero() {
                         tokio::time::sleep(gap).await;
                     }
                     let t = Instant::now();
-                    if p2p_first {
+                    if which == 2 {
+                        noise.write_all(&msg).await.expect("write");
+                        noise.flush().await.expect("flush");
+                        noise.read_exact(&mut back).await.expect("read");
+                        noise_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    } else if which == 0 {
                         stream.write_all(&msg).await.expect("write");
                         stream.flush().await.expect("flush");
                         stream.read_exact(&mut back).await.expect("read");
@@ -135,7 +184,9 @@ fn main() {
         let (p50, p99) = (quantile(&mut tcp_us, 0.5), quantile(&mut tcp_us, 0.99));
         println!("bare TCP                 {p50:>9.1} {p99:>9.1}");
         let (q50, q99) = (quantile(&mut p2p_us, 0.5), quantile(&mut p2p_us, 0.99));
-        println!("libp2p stream            {q50:>9.1} {q99:>9.1}");
+        let (n50, n99) = (quantile(&mut noise_us, 0.5), quantile(&mut noise_us, 0.99));
+        println!("noise over TCP           {n50:>9.1} {n99:>9.1}");
+        println!("libp2p stream ({transport:<4})     {q50:>9.1} {q99:>9.1}");
         println!(
             "added per round trip     {:>9.1}   (two links: {:.1} µs a link)",
             q50 - p50,

@@ -106,7 +106,8 @@ pub(crate) struct Behaviour {
     /// Circuit-relay v2 server, on serving nodes. Offered (HOP advertised
     /// and accepted) only while this node has a confirmed external address
     /// that is not itself relayed: the event loop sets its status.
-    pub(crate) relay: Toggle<relay::Behaviour>,
+    /// Wrapped: see `relay_server.rs` for the panic it guards against.
+    pub(crate) relay: Toggle<crate::relay_server::Behaviour>,
     /// Hole punching: upgrades a relayed connection to a direct one.
     pub(crate) dcutr: dcutr::Behaviour,
     /// AutoNAT v2 client: asks peers to dial back each candidate external
@@ -224,7 +225,7 @@ impl Behaviour {
             // Off until the event loop sees a confirmed, non-relayed
             // external address (a relayed one must not make a relay).
             relay.set_status(Some(relay::Status::Disable));
-            relay
+            crate::relay_server::Behaviour::new(relay)
         });
 
         Behaviour {

@@ -37,7 +37,7 @@ pub const MAX_VIEW_DIALS: usize = 32;
 /// Most lookups / info requests a view runs at once.
 const CONCURRENCY: usize = 32;
 /// Longest [`Client::open_stream`] takes, dial included.
-const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most probe streams kept open for reuse.
 const MAX_KEPT_PROBE_STREAMS: usize = 256;
 /// Longest [`Client::shutdown`] waits for the withdrawal to be stored.
@@ -78,6 +78,8 @@ pub(crate) struct StreamShared {
     test_link_delay: Option<Duration>,
     /// [`crate::SwarmConfig::probe_timeout`].
     probe_timeout: Duration,
+    /// Direct streams (`None`: [`crate::SwarmConfig::direct_port`] off).
+    pub(crate) direct: Option<Arc<crate::stream::direct::Direct>>,
 }
 
 /// Handle to a running swarm node (see [`crate::spawn`]). Cheap to clone;
@@ -125,6 +127,7 @@ impl Client {
         control: Control,
         test_link_delay: Option<Duration>,
         probe_timeout: Duration,
+        direct: Option<Arc<crate::stream::direct::Direct>>,
     ) -> Self {
         Client {
             tx,
@@ -135,6 +138,7 @@ impl Client {
                 probe_slots: Mutex::new(HashMap::new()),
                 test_link_delay,
                 probe_timeout,
+                direct,
             }),
         }
     }
@@ -494,6 +498,27 @@ impl Client {
     #[cfg(feature = "fault-injection")]
     pub fn test_link_delay(&self) -> Option<Duration> {
         self.streams.test_link_delay
+    }
+
+    /// The TCP port this node accepts direct streams on (`None`: no
+    /// listener, [`crate::SwarmConfig::direct_port`]).
+    pub fn direct_port(&self) -> Option<u16> {
+        self.direct().and_then(|d| d.port())
+    }
+
+    /// This node's direct streams, if it has a listener.
+    pub(crate) fn direct(&self) -> Option<&Arc<crate::stream::direct::Direct>> {
+        self.streams.direct.as_ref()
+    }
+
+    /// Connects to `peer` if it is not (as [`Client::open_stream`] does
+    /// first), within [`OPEN_STREAM_TIMEOUT`]; whether it is connected.
+    pub(crate) async fn connect(&self, peer: PeerId) -> bool {
+        let connect = self.call(|reply| Command::Connect { peer, reply });
+        matches!(
+            tokio::time::timeout(OPEN_STREAM_TIMEOUT, connect).await,
+            Ok(Ok(Ok(())))
+        )
     }
 
     /// [`crate::SwarmConfig::probe_timeout`].

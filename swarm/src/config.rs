@@ -90,6 +90,13 @@ pub struct SwarmConfig {
     pub relays: Vec<Multiaddr>,
     /// The `agent_version` identify reports.
     pub agent_version: String,
+    /// The TCP port of the direct-stream listener (`0`: any free port;
+    /// `None`: no listener, and no direct streams opened either). Direct
+    /// streams carry a chain's activations and tokens on TCP connections
+    /// of their own (`stream::direct`). The listener binds the IP of the
+    /// first IP listen address, or `0.0.0.0` for a node that listens on
+    /// nothing (an asker: the last hop sends it tokens). Default `Some(0)`.
+    pub direct_port: Option<u16>,
     /// **Test-only fault: simulates a slow link.** When set, this node
     /// sleeps this long before echoing each `/nakshatra/probe/1` probe, so
     /// every RTT measured *to* it (by askers, and by servers filling in
@@ -143,6 +150,27 @@ impl SwarmConfig {
         None
     }
 
+    /// Where the direct-stream listener binds (see
+    /// [`SwarmConfig::direct_port`]); `None` for none (no port asked for,
+    /// or listen addresses none of which is an IP one: a simulation's
+    /// in-memory nodes).
+    pub(crate) fn direct_bind(&self) -> Option<std::net::SocketAddr> {
+        use libp2p::multiaddr::Protocol;
+        let port = self.direct_port?;
+        let ip = self.listen.iter().find_map(|a| match a.iter().next()? {
+            Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        });
+        match ip {
+            Some(ip) => Some(std::net::SocketAddr::new(ip, port)),
+            None if self.listen.is_empty() => {
+                Some(std::net::SocketAddr::from(([0, 0, 0, 0], port)))
+            }
+            None => None,
+        }
+    }
+
     /// Defaults for a serving node: listens on `/ip4/0.0.0.0/tcp/0`, mDNS
     /// on, 90 s TTL refreshed every 30 s.
     pub fn server() -> Self {
@@ -167,6 +195,7 @@ impl SwarmConfig {
             external_addrs: Vec::new(),
             relays: Vec::new(),
             agent_version: format!("nakshatra/{}", env!("CARGO_PKG_VERSION")),
+            direct_port: Some(0),
             #[cfg(feature = "fault-injection")]
             test_link_delay: None,
         }

@@ -13,13 +13,18 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::stream::direct::{DirectError, DIRECT_OPEN_TIMEOUT, DIRECT_PROTOCOL};
 use crate::stream::OpenStreamError;
+use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
 
 use crate::stream::Stream;
 use tokio::time::Instant;
 
 use crate::{Client, Stopped};
+
+/// Streams of [`DIRECT_PROTOCOL`] one peer may hold open at once.
+const DIRECT_PORT_QUERIES_PER_PEER: usize = 4;
 
 /// How often [`Client::wait_connected`] looks at the connection count.
 const CONNECTED_POLL: Duration = Duration::from_millis(50);
@@ -113,6 +118,31 @@ impl Client {
         peer: PeerId,
         protocol: StreamProtocol,
         reopen: Reopen,
+        first: F,
+    ) -> Result<T, OpenError<E>>
+    where
+        E: std::error::Error + 'static,
+        F: FnMut(Stream) -> Fut,
+        Fut: Future<Output = Result<T, Handshake<E>>>,
+    {
+        self.open_link_with(peer, protocol, reopen, false, first)
+            .await
+    }
+
+    /// As [`Client::open_stream_with`]; with `direct`, on a direct stream
+    /// where one opens (a TCP connection of its own with noise,
+    /// [`crate::stream::direct`]: a chain's links), else on a libp2p
+    /// stream. A direct stream is tried when this node has a direct
+    /// listener, a direct (not relayed) connection to `peer`, and `peer` a
+    /// direct port that answered lately; asking the port and opening cost
+    /// at most [`DIRECT_OPEN_TIMEOUT`] each, once per peer while it
+    /// answers.
+    pub async fn open_link_with<T, E, F, Fut>(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        reopen: Reopen,
+        direct: bool,
         mut first: F,
     ) -> Result<T, OpenError<E>>
     where
@@ -122,7 +152,14 @@ impl Client {
     {
         let mut attempt = 1;
         loop {
-            let stream = self.open_stream(peer, protocol.clone()).await?;
+            let direct = match direct {
+                true => self.direct_stream(peer, &protocol).await,
+                false => None,
+            };
+            let stream = match direct {
+                Some(s) => s,
+                None => self.open_stream(peer, protocol.clone()).await?,
+            };
             match first(stream).await {
                 Ok(v) => return Ok(v),
                 Err(Handshake::Dropped(e)) if attempt < reopen.attempts.max(1) => {
@@ -135,5 +172,77 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+impl Client {
+    /// Serves [`DIRECT_PROTOCOL`]: answers this node's direct port (`0`
+    /// without a listener) and closes the stream.
+    pub(crate) fn serve_direct_port(&self) {
+        let port = self.direct().and_then(|d| d.port()).unwrap_or(0);
+        let served = self.serve_protocol(
+            DIRECT_PROTOCOL,
+            DIRECT_PORT_QUERIES_PER_PEER,
+            move |_peer, mut s| async move {
+                let answer = async {
+                    s.write_all(&port.to_le_bytes()).await?;
+                    s.close().await
+                };
+                let _ = tokio::time::timeout(DIRECT_OPEN_TIMEOUT, answer).await;
+            },
+        );
+        if let Err(e) = served {
+            tracing::warn!("direct port not served: {e}");
+        }
+    }
+
+    /// A direct stream for `protocol` to `peer`, or `None` when none is to
+    /// be had now (see [`Client::open_direct_stream_with`]).
+    async fn direct_stream(&self, peer: PeerId, protocol: &StreamProtocol) -> Option<Stream> {
+        let direct = self.direct()?;
+        if direct.ip(&peer).is_none() {
+            // Not connected yet (or only through a relay): connect as a
+            // libp2p stream would, then look again.
+            self.connect(peer).await;
+        }
+        let addr = match direct.target(&peer).ok()? {
+            Some(addr) => addr,
+            None => {
+                let port = self.query_direct_port(peer).await.unwrap_or(0);
+                direct.learn_port(peer, port);
+                direct.target(&peer).ok()??
+            }
+        };
+        match direct.dial(peer, addr, protocol).await {
+            Ok(stream) => {
+                tracing::debug!(%peer, %addr, %protocol, "direct stream open");
+                Some(stream)
+            }
+            Err(e @ DirectError::NotServed(_)) => {
+                tracing::debug!(%peer, %addr, "no direct stream: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(%peer, %addr, "direct stream failed, libp2p streams for a while: {e}");
+                direct.mark_unavailable(peer);
+                None
+            }
+        }
+    }
+
+    /// `peer`'s direct port, asked over libp2p within
+    /// [`DIRECT_OPEN_TIMEOUT`]; `None` when it has none or did not say.
+    async fn query_direct_port(&self, peer: PeerId) -> Option<u16> {
+        let ask = async {
+            let mut s = self.open_stream(peer, DIRECT_PROTOCOL).await.ok()?;
+            let mut port = [0u8; 2];
+            s.read_exact(&mut port).await.ok()?;
+            Some(u16::from_le_bytes(port))
+        };
+        tokio::time::timeout(DIRECT_OPEN_TIMEOUT, ask)
+            .await
+            .ok()
+            .flatten()
+            .filter(|p| *p != 0)
     }
 }

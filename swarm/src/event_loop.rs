@@ -1802,9 +1802,16 @@ impl EventLoop {
             return;
         }
         tracing::debug!(%peer, addrs = ?direct, "reached through a relay: dialling it directly");
+        // From a fresh port: DCUtR's punch dials from the listen port, and
+        // when the peer's punch dials ours from its listen port at the
+        // same moment, the two SYNs become one TCP connection (simultaneous
+        // open) on which both sides start noise as the initiator and fail;
+        // the failure then holds off every dial to the peer for
+        // `DIAL_BACKOFF`.
         let opts = DialOpts::peer_id(peer)
             .addresses(direct)
             .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .allocate_new_port()
             .build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "no direct dial");

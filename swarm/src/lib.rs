@@ -80,6 +80,7 @@ mod limits;
 mod mesh_keep_alive;
 pub mod plan;
 mod probe;
+mod relay_server;
 mod scope;
 mod store;
 pub mod stream;
@@ -150,6 +151,7 @@ pub async fn spawn(
         }
     }
     let bytes_sent = transport::BytesSent::default();
+    let direct_key = keypair.clone();
     let mut swarm = build_swarm(keypair, &config, bytes_sent.clone())?;
     for addr in &config.external_addrs {
         // Confirmed at once: the operator vouches for it.
@@ -165,9 +167,36 @@ pub async fn spawn(
     }
     let peer_id = *swarm.local_peer_id();
     let control = swarm.behaviour().stream.new_control();
-    let (tx, rx) = mpsc::channel(256);
     // Dropped with the event loop: ends the probe server and next-hop task.
     let (stop_tx, stop_rx) = watch::channel(());
+    let direct = match config.direct_bind() {
+        None => None,
+        Some(bind) => {
+            let stream = &swarm.behaviour().stream;
+            let port = stream::direct::spawn_listener(
+                bind,
+                direct_key.clone(),
+                stream.accepting(),
+                stream.open_streams(),
+                stop_rx.clone(),
+            )
+            .await
+            .map_err(|e| SwarmError::Listen {
+                addr: Multiaddr::empty()
+                    .with(Protocol::from(bind.ip()))
+                    .with(Protocol::Tcp(bind.port())),
+                reason: format!("direct streams: {e}"),
+            })?;
+            tracing::debug!(%bind, port, "direct streams listening");
+            Some(Arc::new(stream::direct::Direct::new(
+                direct_key,
+                Some(port),
+                stream.peer_ips(),
+                stream.open_streams(),
+            )))
+        }
+    };
+    let (tx, rx) = mpsc::channel(256);
     let trigger = Arc::new(Notify::new());
     let client = Client::new(
         tx,
@@ -175,7 +204,9 @@ pub async fn spawn(
         control.clone(),
         config.link_delay(),
         config.probe_timeout,
+        direct,
     );
+    client.serve_direct_port();
     probe::spawn_probe_server(control, config.link_delay(), stop_rx.clone());
     if config.role == Role::Server {
         probe::spawn_next_hop_task(client.downgrade(), trigger.clone(), config.refresh, stop_rx);

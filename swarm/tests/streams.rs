@@ -31,12 +31,25 @@ fn serve_echo(node: &Node) {
     let mut incoming = node.client.stream_control().accept(ECHO).unwrap();
     tokio::spawn(async move {
         while let Some((_, stream)) = incoming.next().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = futures::io::copy(&mut r, &mut w).await;
-            });
+            tokio::spawn(echo(stream));
         }
     });
+}
+
+/// Echoes what `stream` reads, flushing each piece (a direct stream
+/// buffers writes until flushed).
+async fn echo(mut stream: nakshatra_swarm::stream::Stream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).await.is_err() || stream.flush().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A client that knows a server only through the DHT (bootstrapped to
@@ -393,6 +406,97 @@ async fn a_stream_on_a_relayed_connection_survives_the_direct_one() {
     echo_once(&mut fresh, b"direct")
         .await
         .expect("echo on the new stream");
+}
+
+/// Direct streams (`stream::direct`): a node with a direct listener gets
+/// one to a peer that has one, authenticated both ways (the receiver's
+/// accept loop sees the opener's peer id), carrying the protocol's bytes;
+/// a peer without a listener, or a protocol the peer does not serve
+/// directly, gets the libp2p stream instead; garbage on the direct port
+/// costs the receiver nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_streams_open_where_they_can_and_fall_back_to_libp2p() {
+    init_tracing();
+    let x = start(Role::Server, vec![]).await;
+    let port = x.client.direct_port().expect("x has a direct listener");
+    let mut incoming = x.client.stream_control().accept(ECHO).unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = incoming.next().await {
+            let _ = seen_tx.send((peer, stream.is_direct()));
+            tokio::spawn(echo(stream));
+        }
+    });
+    let mut no_direct = config(Role::Server, vec![x.addr.clone().unwrap()]);
+    no_direct.direct_port = None;
+    let z = start_cfg(no_direct).await;
+    assert_eq!(z.client.direct_port(), None);
+    serve_echo(&z);
+    let y = start(
+        Role::Server,
+        vec![x.addr.clone().unwrap(), z.addr.clone().unwrap()],
+    )
+    .await;
+
+    // Junk on x's direct port first: closed, and x serves on.
+    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0u8; 4096][..], &[][..]] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let _ = tcp.write_all(junk).await;
+        let _ = tcp.shutdown().await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "x closes a connection that sent junk");
+    }
+
+    let open = |peer: PeerId, client: nakshatra_swarm::Client| async move {
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            client.open_link_with(
+                peer,
+                ECHO,
+                nakshatra_swarm::Reopen::DEFAULT,
+                true,
+                |s| async move { Ok::<_, nakshatra_swarm::Handshake<std::io::Error>>(s) },
+            ),
+        )
+        .await
+        .expect("an answer within 15 s")
+    };
+    let mut s = open(x.peer(), y.client.clone()).await.expect("stream to x");
+    assert!(s.is_direct(), "x and y both have direct listeners");
+    echo_once(&mut s, b"direct")
+        .await
+        .expect("echo on the direct stream");
+    let (peer, direct) = seen.recv().await.unwrap();
+    assert_eq!(
+        (peer, direct),
+        (y.peer(), true),
+        "x sees y's peer id on a direct stream"
+    );
+    // A second one opens directly too (the port is remembered).
+    let mut s2 = open(x.peer(), y.client.clone()).await.expect("stream to x");
+    assert!(s2.is_direct());
+    echo_once(&mut s2, &[9u8; 100_000])
+        .await
+        .expect("a big echo");
+    echo_once(&mut s, b"still there")
+        .await
+        .expect("the first lives on");
+
+    // z has no direct listener: a libp2p stream.
+    let mut s = open(z.peer(), y.client.clone()).await.expect("stream to z");
+    assert!(!s.is_direct());
+    echo_once(&mut s, b"libp2p")
+        .await
+        .expect("echo on the libp2p stream");
+
+    // y serves no ECHO: x's direct attempt is refused, the libp2p stream
+    // is refused too, as it would be without direct streams.
+    let refused = open(y.peer(), x.client.clone()).await;
+    assert!(refused.is_err(), "y does not serve ECHO");
 }
 
 /// Writes `msg` on an `ECHO` stream and checks it comes back.

@@ -1,12 +1,15 @@
 //! The 3-process chain against the whole model in one process: prefill and
 //! decode tokens/s measured side by side (interleaved rounds, medians) and
 //! the per-hop overhead (median and p99 over decode steps) of the chain;
-//! the same chain with f16 hidden states on the wire; and, from the step
+//! the same chain with f16 hidden states on the wire, and with every link
+//! on libp2p streams (`--no-direct`) instead of direct streams; and, from
+//! the step
 //! traces (`--trace-steps`) of the asker and the three hops, where each
 //! microsecond of a decode step goes: per hop, decoding the input, the
 //! queue to the engine thread, compute, the way back, encoding (or
-//! sampling), writing; and each link between them (yamux, noise, TCP and
-//! the wake-ups on both ends).
+//! sampling), writing; and each link between them (noise, TCP and the
+//! wake-ups on both ends; yamux and the libp2p connection's task too on
+//! libp2p streams), for direct and libp2p links side by side.
 //!
 //! `cargo bench -p nakshatra-e2e --bench chain` (after `cargo build
 //! --release`). Env: `BENCH_ROUNDS` (5), `BENCH_THREADS` (threads for the
@@ -34,9 +37,12 @@ fn main() {
     let common = ["--raw", "--temperature", "0", "--max-tokens", &tokens];
     let (mut wp, mut wd, mut cp, mut cd, mut om, mut op, mut hd) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut ld, mut lom, mut lop) = (vec![], vec![], vec![]);
+    let mut libp2p_text = None;
     let (mut whole_text, mut f32_text, mut f16_text) = (None, None, None);
     let mut asks = 0usize;
     let mut ask_traces = Vec::new();
+    let mut libp2p_traces = Vec::new();
     let mut whole = |warm_up: bool| {
         let out = chain.run_whole_output(&threads, &common, &prompt);
         let s = stderr_line(&out, "stats:").expect("run stats");
@@ -63,6 +69,23 @@ fn main() {
             op.push(number_after(&s, "p99").expect("p99"));
         }
     };
+    let mut libp2p_asks = 0usize;
+    let mut libp2p = |warm_up: bool| {
+        let trace = traces.path().join(format!("ask-libp2p-{libp2p_asks}.tsv"));
+        libp2p_asks += 1;
+        let mut args = common.to_vec();
+        let t = trace.to_str().expect("utf-8 path").to_string();
+        args.extend_from_slice(&["--trace-steps", &t, "--no-direct"]);
+        let out = chain.ask_output(&args, &prompt);
+        let s = stderr_line(&out, "stats:").expect("ask stats");
+        libp2p_text.get_or_insert_with(|| out.stdout.clone());
+        if !warm_up {
+            libp2p_traces.push(trace);
+            ld.push(number_after(&s, "decode").expect("decode"));
+            lom.push(number_after(&s, "overhead median").expect("median"));
+            lop.push(number_after(&s, "p99").expect("p99"));
+        }
+    };
     let mut half = |warm_up: bool| {
         let mut args = common.to_vec();
         args.extend_from_slice(&["--wire", "f16"]);
@@ -73,21 +96,43 @@ fn main() {
             hd.push(number_after(&s, "decode").expect("decode"));
         }
     };
-    interleaved(rounds, &mut [&mut whole, &mut chained, &mut half]);
+    interleaved(
+        rounds,
+        &mut [&mut whole, &mut chained, &mut libp2p, &mut half],
+    );
     // The hops write their traces at the end of each session.
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let mut files = ask_traces.clone();
-    files.extend((0..3).map(|i| traces.path().join(format!("hop-{i}.tsv"))));
-    let breakdown = HopBreakdown::of(&read_traces(&files), 3);
+    let hop_files: Vec<_> = (0..3)
+        .map(|i| traces.path().join(format!("hop-{i}.tsv")))
+        .collect();
+    let breakdown_of = |asks: &[std::path::PathBuf]| {
+        let mut files = asks.to_vec();
+        files.extend(hop_files.iter().cloned());
+        HopBreakdown::of(&read_traces(&files), 3)
+    };
+    let breakdown = breakdown_of(&ask_traces);
+    let libp2p_breakdown = breakdown_of(&libp2p_traces);
     let (wp, wd, cp, cd) = (median(wp), median(wd), median(cp), median(cd));
     println!("chain bench: SmolLM2-135M Q4_1 | {threads} thread(s) per process | {tokens} tokens | {rounds} interleaved rounds, medians");
     println!("whole (1 process)     prefill {wp:>8.1} tok/s   decode {wd:>7.1} tok/s");
     println!("chain (3 processes)   prefill {cp:>8.1} tok/s   decode {cd:>7.1} tok/s");
     println!("ratio                 prefill {:>8.3}x        decode {:>7.3}x   (targets >= 0.95x, >= 0.90x)", cp / wp, cd / wd);
     println!(
-        "hop overhead          median {:.3} ms   p99 {:.3} ms   (target median < 0.15 ms)",
+        "hop overhead          median {:.3} ms   p99 {:.3} ms   (target median < 0.15 ms; direct links)",
         median(om),
         median(op)
+    );
+    println!(
+        "chain, libp2p links   decode {:>7.1} tok/s ({:.3}x of direct)   hop overhead median {:.3} ms   p99 {:.3} ms   text {} the direct chain's",
+        median(ld.clone()),
+        median(ld) / cd,
+        median(lom),
+        median(lop),
+        if libp2p_text == f32_text {
+            "identical to"
+        } else {
+            "DIFFERS from"
+        }
     );
     println!(
         "chain, f16 wire       decode {:>7.1} tok/s ({:.3}x of f32)   text {} the f32 chain's",
@@ -107,20 +152,27 @@ fn main() {
             "DIFFERS from"
         }
     );
-    let ov = breakdown.overheads();
+    let (ov, lov) = (breakdown.overheads(), libp2p_breakdown.overheads());
     println!(
-        "\nper-step trace: {} decode steps of {} asks; per-hop overhead from the traces median {:.3} ms p99 {:.3} ms",
+        "\nper-step trace: {} + {} decode steps of {rounds} + {rounds} asks; per-hop overhead from the traces: direct median {:.3} ms p99 {:.3} ms, libp2p median {:.3} ms p99 {:.3} ms",
         breakdown.steps.len(),
-        rounds,
+        libp2p_breakdown.steps.len(),
         quantile(&ov, 0.5) / 1e3,
-        quantile(&ov, 0.99) / 1e3
+        quantile(&ov, 0.99) / 1e3,
+        quantile(&lov, 0.5) / 1e3,
+        quantile(&lov, 0.99) / 1e3
     );
-    println!("{:<32} {:>10} {:>10}", "stage", "median µs", "p99 µs");
-    for (name, v) in &breakdown.stages {
+    println!(
+        "{:<32} {:>10} {:>10} {:>10} {:>10}",
+        "stage", "direct p50", "p99", "libp2p p50", "p99"
+    );
+    for ((name, v), (_, l)) in breakdown.stages.iter().zip(&libp2p_breakdown.stages) {
         println!(
-            "{name:<32} {:>10.1} {:>10.1}",
+            "{name:<32} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
             quantile(v, 0.5),
-            quantile(v, 0.99)
+            quantile(v, 0.99),
+            quantile(l, 0.5),
+            quantile(l, 0.99)
         );
     }
 }

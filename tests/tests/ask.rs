@@ -97,6 +97,18 @@ fn chain_gives_the_whole_models_text_and_more() {
         stats.contains("prefill") && stats.contains("decode"),
         "{stats}"
     );
+    // The asker's links (to hop 1, the tokens from hop 3) ran on direct
+    // streams; with --no-direct every link is a libp2p stream, and the
+    // text is the same.
+    assert!(stats.contains("links direct 2, libp2p 0"), "{stats}");
+    let mut no_direct = GREEDY.to_vec();
+    no_direct.push("--no-direct");
+    let o = ask(&boot, asker.path(), &no_direct, PROMPT);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(text(&o), want, "libp2p links give other text");
+    let e = err(&o);
+    let stats = e.lines().find(|l| l.starts_with("stats:")).expect("stats");
+    assert!(stats.contains("links direct 0, libp2p 2"), "{stats}");
 
     // --json: one object with the text, tokens, chain and timings.
     let mut j = GREEDY.to_vec();

@@ -255,6 +255,7 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
         },
         wire: WireDtype::F32,
         asker,
+        direct: true,
     };
     let me = greedy.peer_id().to_string();
     let mut held = Vec::new();
@@ -324,6 +325,7 @@ fn whole_model_open(model_id: &str, victim: PeerId, asker: PeerId) -> OpenSessio
         },
         wire: WireDtype::F32,
         asker: asker.to_string(),
+        direct: true,
     }
 }
 

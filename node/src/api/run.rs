@@ -59,6 +59,7 @@ pub async fn start(st: &AppState, req: &GenRequest) -> Result<Running, ApiError>
         max_tokens: req.max_tokens,
         sampling: req.sampling,
         wire: WireDtype::F32,
+        direct: true,
         step_timeout: API_STEP_TIMEOUT,
         attempts: API_ATTEMPTS,
         verify: 0.0,

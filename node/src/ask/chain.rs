@@ -207,6 +207,9 @@ pub(super) struct Replay {
 /// and its hops keep their part of the session for the chain that
 /// replaces it.
 pub(super) struct OpenChain<'a> {
+    /// Whether the asker's links run on direct streams: to the first hop,
+    /// and the token stream from the last.
+    pub(super) direct: [bool; 2],
     hops: &'a [HopSpec],
     /// What each hop kept of the session from an earlier chain.
     kept: Vec<u32>,
@@ -302,12 +305,14 @@ impl<'a> OpenChain<'a> {
             .collect();
         swarm.wait_for_hole_punches(&ends, PUNCH_WAIT).await;
         let open = &open;
-        let (r, to_first, kept) = swarm
-            .open_stream_with(
+        let (r, to_first, kept, first_direct) = swarm
+            .open_link_with(
                 first_peer,
                 StreamProtocol::new(ACT_PROTOCOL),
                 Reopen::DEFAULT,
+                open.direct,
                 |s| async move {
+                    let direct = s.is_direct();
                     let (mut r, mut w) = Metered::new(s, meters).split();
                     if let Err(e) = write_frame(&mut w, &ActFrame::Open(open.clone()), &[]).await {
                         return Err(setup_handshake(e));
@@ -318,7 +323,7 @@ impl<'a> OpenChain<'a> {
                     )
                     .await;
                     match ready {
-                        Ok(Ok(ActReply::Ready { kept })) => Ok((r, w, kept)),
+                        Ok(Ok(ActReply::Ready { kept })) => Ok((r, w, kept, direct)),
                         Ok(Ok(ActReply::Failed(report))) => {
                             Err(Handshake::Failed(ChainSetup::Failed(report)))
                         }
@@ -351,6 +356,7 @@ impl<'a> OpenChain<'a> {
             return Err(hop_err(last, HopFault::NoTokenStream));
         };
         Ok(OpenChain {
+            direct: [first_direct, tokens.is_direct()],
             hops,
             kept,
             to_first: Some(to_first),

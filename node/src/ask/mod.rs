@@ -299,6 +299,10 @@ pub struct AskOptions {
     pub sampling: Sampling,
     /// Hidden-state encoding between hops.
     pub wire: WireDtype,
+    /// The chain's links as direct streams where they can be (a TCP
+    /// connection each, noise, no yamux); `false`: libp2p streams
+    /// (`--no-direct`). See [`OpenSession::direct`].
+    pub direct: bool,
     /// How long one step may take before the ask fails.
     pub step_timeout: Duration,
     /// Chains tried before giving up.
@@ -388,6 +392,12 @@ pub struct AskTimings {
     pub setup_s: f64,
     /// What speculative decoding did (`--draft`; `null` without it).
     pub speculative: Option<draft::SpecReport>,
+    /// The asker's own links of the chains this ask opened (to the first
+    /// hop, and the last hop's token stream) that ran on direct streams.
+    pub links_direct: u32,
+    /// The same links that ran on libp2p streams (`--no-direct`, or no
+    /// direct stream to be had).
+    pub links_libp2p: u32,
 }
 
 impl AskTimings {
@@ -759,6 +769,7 @@ impl Asker<'_> {
             sampling: self.opts.sampling,
             wire: self.opts.wire,
             asker: self.swarm.peer_id().to_string(),
+            direct: self.opts.direct,
         };
         let check = match self.verify_plan(model_id, &planned.hops).await {
             Ok(c) => c,
@@ -777,6 +788,12 @@ impl Asker<'_> {
             Err(e) if p.tokens.is_empty() => return ChainOutcome::NotStarted(e),
             Err(e) => return ChainOutcome::Broken(e),
         };
+        for direct in chain.direct {
+            match direct {
+                true => p.timings.links_direct += 1,
+                false => p.timings.links_libp2p += 1,
+            }
+        }
         let _ = self.setup_s.set(self.t_setup.elapsed().as_secs_f64());
         let mut shown = planned.report.clone();
         if let Ok(via) = self.swarm.via().await {

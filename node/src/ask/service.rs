@@ -31,6 +31,9 @@ pub struct AskerConfig {
     /// socket, hole punching can give a direct connection to hops behind
     /// NAT. Empty: no listener (every hop behind NAT stays relayed).
     pub listen: Vec<Multiaddr>,
+    /// The direct-stream port (`None`: none, and no direct streams
+    /// opened; see [`SwarmConfig::direct_port`]).
+    pub direct_port: Option<u16>,
     /// mDNS on the LAN.
     pub mdns: bool,
     /// The vocabulary cache and peer memory live here.
@@ -67,6 +70,7 @@ impl AskerService {
         let mut sc = SwarmConfig::client();
         sc.bootstrap = cfg.bootstrap.clone();
         sc.listen = nakshatra_swarm::with_quic_listeners(&cfg.listen);
+        sc.direct_port = cfg.direct_port;
         sc.mdns = cfg.mdns;
         let key = nakshatra_swarm::IdentityKeypair::generate_ed25519();
         let (client, task) = nakshatra_swarm::spawn(key, sc).await?;

@@ -407,7 +407,7 @@ async fn connect_downstream(
     let proto = StreamProtocol::new(ACT_PROTOCOL);
     let opened = ctx
         .swarm
-        .open_stream_with(peer, proto, Reopen::DEFAULT, |s| async move {
+        .open_link_with(peer, proto, Reopen::DEFAULT, open.direct, |s| async move {
             let (mut r, mut w) = s.split();
             write_frame(&mut w, &ActFrame::Open(fwd.clone()), &[])
                 .await
@@ -471,10 +471,11 @@ async fn to_asker(ctx: &HopContext, open: &OpenSession) -> Result<Downstream, Se
     let hello = &hello;
     let s = ctx
         .swarm
-        .open_stream_with(
+        .open_link_with(
             asker,
             StreamProtocol::new(TOKENS_PROTOCOL),
             Reopen::DEFAULT,
+            open.direct,
             |mut s| async move {
                 // A write into a stream the asker dropped fails: retried.
                 write_frame(&mut s, hello, &[])

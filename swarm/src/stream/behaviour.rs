@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,6 +21,7 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
+use super::direct::PeerIps;
 use super::handler::Handler;
 use super::{
     Accepting, Control, OpenRequest, OpenStreamError, OpenStreams, COMMAND_QUEUE, MAX_PENDING_OPENS,
@@ -30,6 +32,8 @@ use super::{
 struct Conn {
     id: ConnectionId,
     relayed: bool,
+    /// The peer's IP on this connection (`None`: relayed, or a name).
+    ip: Option<IpAddr>,
 }
 
 /// Raw streams for every connection (see the module doc).
@@ -37,6 +41,8 @@ pub(crate) struct Behaviour {
     accepting: Arc<Accepting>,
     /// Streams handed out and still open, per peer.
     open: Arc<OpenStreams>,
+    /// Each peer's IP on its newest direct connection, for direct streams.
+    ips: Arc<PeerIps>,
     commands_tx: mpsc::Sender<OpenRequest>,
     commands: mpsc::Receiver<OpenRequest>,
     /// Each connected peer's connections, oldest first. An entry lives
@@ -60,6 +66,7 @@ impl Behaviour {
         Self {
             accepting: Arc::default(),
             open: Arc::default(),
+            ips: Arc::default(),
             commands_tx,
             commands,
             connections: HashMap::new(),
@@ -79,6 +86,26 @@ impl Behaviour {
     /// The per-peer count of open streams, for the connection manager.
     pub(crate) fn open_streams(&self) -> Arc<OpenStreams> {
         self.open.clone()
+    }
+
+    /// The protocols with an accept loop (direct streams are delivered to
+    /// them too).
+    pub(crate) fn accepting(&self) -> Arc<Accepting> {
+        self.accepting.clone()
+    }
+
+    /// Each peer's IP on its newest direct connection (kept up to date).
+    pub(crate) fn peer_ips(&self) -> Arc<PeerIps> {
+        self.ips.clone()
+    }
+
+    /// Updates `peer`'s entry in [`Self::peer_ips`] from its connections.
+    fn update_ip(&self, peer: PeerId) {
+        let ip = self
+            .connections
+            .get(&peer)
+            .and_then(|conns| conns.iter().rev().find_map(|c| c.ip));
+        self.ips.set(peer, ip);
     }
 
     /// The newest direct connection to `peer`, else its newest relayed one.
@@ -136,6 +163,18 @@ fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
+/// The IP a direct connection's remote address starts with.
+fn direct_ip(addr: &Multiaddr) -> Option<IpAddr> {
+    if is_relayed(addr) {
+        return None;
+    }
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
+}
+
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = Handler;
     type ToSwarm = Infallible;
@@ -169,10 +208,13 @@ impl NetworkBehaviour for Behaviour {
                 endpoint,
                 ..
             }) => {
+                let remote = endpoint.get_remote_address();
                 self.connections.entry(peer_id).or_default().push(Conn {
                     id: connection_id,
-                    relayed: is_relayed(endpoint.get_remote_address()),
+                    relayed: is_relayed(remote),
+                    ip: direct_ip(remote),
                 });
+                self.update_ip(peer_id);
                 for request in self.pending.remove(&peer_id).unwrap_or_default() {
                     self.route(request);
                 }
@@ -188,6 +230,7 @@ impl NetworkBehaviour for Behaviour {
                         self.connections.remove(&peer_id);
                     }
                 }
+                self.update_ip(peer_id);
             }
             FromSwarm::DialFailure(DialFailure {
                 peer_id: Some(peer),

@@ -26,6 +26,7 @@
 //! relayed one when it has no direct connection.
 
 mod behaviour;
+pub mod direct;
 mod handler;
 
 use std::collections::HashMap;
@@ -56,12 +57,23 @@ const COMMAND_QUEUE: usize = 64;
 /// [`Control::open_stream`] or [`IncomingStreams`]): libp2p's stream,
 /// counted in [`OpenStreams`] while it lives, so that the connection
 /// manager never closes a connection a stream of ours is open on. Read
-/// and write it with the `futures` I/O traits.
+/// and write it with the `futures` I/O traits, and flush after writing: a
+/// direct stream ([`direct`]) holds written bytes in noise's buffer (up to
+/// 64 KiB) until flushed.
 pub struct Stream {
-    inner: libp2p::Stream,
+    inner: Inner,
     /// Counted open until dropped or [`Stream::ignore_for_keep_alive`]
     /// (boxed: a `PeerId` would double the stream's size).
     open: Option<Box<OpenGuard>>,
+}
+
+/// What a [`Stream`] runs on.
+enum Inner {
+    /// A substream of a libp2p connection (noise, yamux).
+    Libp2p(libp2p::Stream),
+    /// A TCP connection of its own with noise ([`direct`]); boxed: it
+    /// holds noise's buffers.
+    Direct(Box<direct::DirectConn>),
 }
 
 impl Stream {
@@ -72,9 +84,26 @@ impl Stream {
         open: &Arc<OpenStreams>,
     ) -> Self {
         Self {
-            inner,
-            open: Some(Box::new(OpenGuard::new(peer, conn, open.clone()))),
+            inner: Inner::Libp2p(inner),
+            open: Some(Box::new(OpenGuard::new(peer, Some(conn), open.clone()))),
         }
+    }
+
+    /// A direct stream, counted open against `peer` (it keeps the peer's
+    /// libp2p connections from the connection manager, as a libp2p stream
+    /// would, but against none of them in particular).
+    pub(crate) fn direct(conn: direct::DirectConn, peer: PeerId, open: &Arc<OpenStreams>) -> Self {
+        Self {
+            inner: Inner::Direct(Box::new(conn)),
+            open: Some(Box::new(OpenGuard::new(peer, None, open.clone()))),
+        }
+    }
+
+    /// Whether this stream runs on a TCP connection of its own (a direct
+    /// stream, [`crate::Client::open_link_with`]) rather than on
+    /// a libp2p connection.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.inner, Inner::Direct(_))
     }
 
     /// This stream alone neither keeps its connection open (libp2p's
@@ -82,15 +111,33 @@ impl Stream {
     /// long-lived stream that is only worth it while the connection is
     /// there for other reasons (RTT probes).
     pub fn ignore_for_keep_alive(&mut self) {
-        self.inner.ignore_for_keep_alive();
+        if let Inner::Libp2p(s) = &mut self.inner {
+            s.ignore_for_keep_alive();
+        }
         self.open = None;
     }
+}
+
+/// Runs `$call` on whichever I/O `$inner` holds.
+macro_rules! on_inner {
+    ($this:expr, |$io:ident| $call:expr) => {
+        match &mut $this.inner {
+            Inner::Libp2p($io) => {
+                let $io = Pin::new($io);
+                $call
+            }
+            Inner::Direct(d) => {
+                let $io = Pin::new(&mut d.io);
+                $call
+            }
+        }
+    };
 }
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stream")
-            .field("inner", &self.inner)
+            .field("direct", &self.is_direct())
             .field("counted", &self.open.is_some())
             .finish()
     }
@@ -102,7 +149,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        on_inner!(self, |io| io.poll_read(cx, buf))
     }
 
     fn poll_read_vectored(
@@ -110,7 +157,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         bufs: &mut [std::io::IoSliceMut<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_read_vectored(cx, bufs)
+        on_inner!(self, |io| io.poll_read_vectored(cx, bufs))
     }
 }
 
@@ -120,7 +167,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        on_inner!(self, |io| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -128,15 +175,15 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        on_inner!(self, |io| io.poll_write_vectored(cx, bufs))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        on_inner!(self, |io| io.poll_flush(cx))
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_close(cx)
+        on_inner!(self, |io| io.poll_close(cx))
     }
 }
 
@@ -187,16 +234,19 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
 /// One stream's count in [`OpenStreams`], given back on drop.
 struct OpenGuard {
     peer: PeerId,
-    conn: ConnectionId,
+    /// The libp2p connection the stream runs on (`None`: a direct stream).
+    conn: Option<ConnectionId>,
     counts: Arc<OpenStreams>,
 }
 
 impl OpenGuard {
-    fn new(peer: PeerId, conn: ConnectionId, counts: Arc<OpenStreams>) -> Self {
+    fn new(peer: PeerId, conn: Option<ConnectionId>, counts: Arc<OpenStreams>) -> Self {
         {
             let mut c = counts.lock();
             *c.per_peer.entry(peer).or_default() += 1;
-            *c.per_conn.entry(conn).or_default() += 1;
+            if let Some(conn) = conn {
+                *c.per_conn.entry(conn).or_default() += 1;
+            }
         }
         Self { peer, conn, counts }
     }
@@ -206,7 +256,9 @@ impl Drop for OpenGuard {
     fn drop(&mut self) {
         let mut c = self.counts.lock();
         release(&mut c.per_peer, &self.peer);
-        release(&mut c.per_conn, &self.conn);
+        if let Some(conn) = &self.conn {
+            release(&mut c.per_conn, conn);
+        }
     }
 }
 
@@ -254,6 +306,11 @@ impl Accepting {
         let mut queues = self.lock();
         queues.retain(|_, tx| !tx.is_closed());
         queues.keys().cloned().collect()
+    }
+
+    /// Whether `protocol` has an accept loop now.
+    pub(crate) fn accepts(&self, protocol: &StreamProtocol) -> bool {
+        self.lock().get(protocol).is_some_and(|tx| !tx.is_closed())
     }
 
     /// Hands a negotiated inbound stream to its accept loop, or drops it
