@@ -410,7 +410,8 @@ fn decode_worst_cases() {
             &vec![0u8; present],
             &[0],
             &sampling,
-            &[0, 0],
+            // wire (F32), asker (""), direct (true)
+            &[0, 0, 1],
         ]);
         run::<OpenSession>(
             "OpenSession with empty addresses",

@@ -35,14 +35,10 @@ fn main() {
     );
     let prompt = "In the beginning the universe was created. This has made a lot of people very angry and been widely regarded as a bad move. ".repeat(4);
     let common = ["--raw", "--temperature", "0", "--max-tokens", &tokens];
-    let (mut wp, mut wd, mut cp, mut cd, mut om, mut op, mut hd) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut ld, mut lom, mut lop) = (vec![], vec![], vec![]);
-    let mut libp2p_text = None;
-    let (mut whole_text, mut f32_text, mut f16_text) = (None, None, None);
-    let mut asks = 0usize;
-    let mut ask_traces = Vec::new();
-    let mut libp2p_traces = Vec::new();
+    let (mut wp, mut wd, mut hd) = (vec![], vec![], vec![]);
+    let (mut whole_text, mut f16_text) = (None, None);
+    let mut direct = TracedAsks::new("ask", &[]);
+    let mut libp2p = TracedAsks::new("ask-libp2p", &["--no-direct"]);
     let mut whole = |warm_up: bool| {
         let out = chain.run_whole_output(&threads, &common, &prompt);
         let s = stderr_line(&out, "stats:").expect("run stats");
@@ -52,40 +48,9 @@ fn main() {
             wd.push(number_after(&s, "decode").expect("decode"));
         }
     };
-    let mut chained = |warm_up: bool| {
-        let trace = traces.path().join(format!("ask-{asks}.tsv"));
-        asks += 1;
-        let mut args = common.to_vec();
-        let t = trace.to_str().expect("utf-8 path").to_string();
-        args.extend_from_slice(&["--trace-steps", &t]);
-        let out = chain.ask_output(&args, &prompt);
-        let s = stderr_line(&out, "stats:").expect("ask stats");
-        f32_text.get_or_insert_with(|| out.stdout.clone());
-        if !warm_up {
-            ask_traces.push(trace);
-            cp.push(number_after(&s, "prefill").expect("prefill"));
-            cd.push(number_after(&s, "decode").expect("decode"));
-            om.push(number_after(&s, "overhead median").expect("median"));
-            op.push(number_after(&s, "p99").expect("p99"));
-        }
-    };
-    let mut libp2p_asks = 0usize;
-    let mut libp2p = |warm_up: bool| {
-        let trace = traces.path().join(format!("ask-libp2p-{libp2p_asks}.tsv"));
-        libp2p_asks += 1;
-        let mut args = common.to_vec();
-        let t = trace.to_str().expect("utf-8 path").to_string();
-        args.extend_from_slice(&["--trace-steps", &t, "--no-direct"]);
-        let out = chain.ask_output(&args, &prompt);
-        let s = stderr_line(&out, "stats:").expect("ask stats");
-        libp2p_text.get_or_insert_with(|| out.stdout.clone());
-        if !warm_up {
-            libp2p_traces.push(trace);
-            ld.push(number_after(&s, "decode").expect("decode"));
-            lom.push(number_after(&s, "overhead median").expect("median"));
-            lop.push(number_after(&s, "p99").expect("p99"));
-        }
-    };
+    let mut chained = |warm_up: bool| direct.run(&chain, &common, &prompt, traces.path(), warm_up);
+    let mut over_libp2p =
+        |warm_up: bool| libp2p.run(&chain, &common, &prompt, traces.path(), warm_up);
     let mut half = |warm_up: bool| {
         let mut args = common.to_vec();
         args.extend_from_slice(&["--wire", "f16"]);
@@ -98,7 +63,7 @@ fn main() {
     };
     interleaved(
         rounds,
-        &mut [&mut whole, &mut chained, &mut libp2p, &mut half],
+        &mut [&mut whole, &mut chained, &mut over_libp2p, &mut half],
     );
     // The hops write their traces at the end of each session.
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -110,25 +75,30 @@ fn main() {
         files.extend(hop_files.iter().cloned());
         HopBreakdown::of(&read_traces(&files), 3)
     };
-    let breakdown = breakdown_of(&ask_traces);
-    let libp2p_breakdown = breakdown_of(&libp2p_traces);
-    let (wp, wd, cp, cd) = (median(wp), median(wd), median(cp), median(cd));
+    let breakdown = breakdown_of(&direct.traces);
+    let libp2p_breakdown = breakdown_of(&libp2p.traces);
+    let f32_text = direct.text.clone();
+    let (wp, wd) = (median(wp), median(wd));
+    let (cp, cd) = (
+        median(direct.prefill.clone()),
+        median(direct.decode.clone()),
+    );
     println!("chain bench: SmolLM2-135M Q4_1 | {threads} thread(s) per process | {tokens} tokens | {rounds} interleaved rounds, medians");
     println!("whole (1 process)     prefill {wp:>8.1} tok/s   decode {wd:>7.1} tok/s");
     println!("chain (3 processes)   prefill {cp:>8.1} tok/s   decode {cd:>7.1} tok/s");
     println!("ratio                 prefill {:>8.3}x        decode {:>7.3}x   (targets >= 0.95x, >= 0.90x)", cp / wp, cd / wd);
     println!(
         "hop overhead          median {:.3} ms   p99 {:.3} ms   (target median < 0.15 ms; direct links)",
-        median(om),
-        median(op)
+        median(direct.overhead_median),
+        median(direct.overhead_p99)
     );
     println!(
         "chain, libp2p links   decode {:>7.1} tok/s ({:.3}x of direct)   hop overhead median {:.3} ms   p99 {:.3} ms   text {} the direct chain's",
-        median(ld.clone()),
-        median(ld) / cd,
-        median(lom),
-        median(lop),
-        if libp2p_text == f32_text {
+        median(libp2p.decode.clone()),
+        median(libp2p.decode) / cd,
+        median(libp2p.overhead_median),
+        median(libp2p.overhead_p99),
+        if libp2p.text == f32_text {
             "identical to"
         } else {
             "DIFFERS from"
@@ -174,5 +144,69 @@ fn main() {
             quantile(l, 0.5),
             quantile(l, 0.99)
         );
+    }
+}
+
+/// Traced asks of one kind (`--trace-steps` each, plus `extra` flags) and
+/// what their `stats:` lines said.
+struct TracedAsks {
+    /// Trace file names start with this.
+    name: &'static str,
+    extra: Vec<&'static str>,
+    asks: usize,
+    /// The first answer's text.
+    text: Option<Vec<u8>>,
+    /// The measured (not warm-up) asks' trace files.
+    traces: Vec<std::path::PathBuf>,
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    overhead_median: Vec<f64>,
+    overhead_p99: Vec<f64>,
+}
+
+impl TracedAsks {
+    fn new(name: &'static str, extra: &[&'static str]) -> Self {
+        TracedAsks {
+            name,
+            extra: extra.to_vec(),
+            asks: 0,
+            text: None,
+            traces: Vec::new(),
+            prefill: Vec::new(),
+            decode: Vec::new(),
+            overhead_median: Vec::new(),
+            overhead_p99: Vec::new(),
+        }
+    }
+
+    /// One ask through `chain`, its trace written under `dir`.
+    fn run(
+        &mut self,
+        chain: &LocalChain,
+        common: &[&str],
+        prompt: &str,
+        dir: &std::path::Path,
+        warm_up: bool,
+    ) {
+        let trace = dir.join(format!("{}-{}.tsv", self.name, self.asks));
+        self.asks += 1;
+        let t = trace.to_str().expect("utf-8 path").to_string();
+        let mut args = common.to_vec();
+        args.extend_from_slice(&["--trace-steps", &t]);
+        args.extend_from_slice(&self.extra);
+        let out = chain.ask_output(&args, prompt);
+        let s = stderr_line(&out, "stats:").expect("ask stats");
+        self.text.get_or_insert_with(|| out.stdout.clone());
+        if !warm_up {
+            self.traces.push(trace);
+            self.prefill
+                .push(number_after(&s, "prefill").expect("prefill"));
+            self.decode
+                .push(number_after(&s, "decode").expect("decode"));
+            self.overhead_median
+                .push(number_after(&s, "overhead median").expect("median"));
+            self.overhead_p99
+                .push(number_after(&s, "p99").expect("p99"));
+        }
     }
 }

@@ -23,9 +23,28 @@ fn join_args<'a>(
     v
 }
 
-/// Three nodes holding 0..10, 10..20, 20..30, each bootstrapped to the first.
+/// A TCP port free on 127.0.0.1 a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Three nodes holding 0..10, 10..20, 20..30, each bootstrapped to the
+/// first; the first takes direct streams on a port given with
+/// `--direct-port`, the others on any free one.
 fn three_nodes(model: &str, dirs: &[tempfile::TempDir]) -> Vec<Proc> {
-    let a = Proc::join(dirs[0].path(), &join_args(model, "0..10", None, &[]));
+    let port = free_port().to_string();
+    let a = Proc::join(
+        dirs[0].path(),
+        &join_args(model, "0..10", None, &["--direct-port", &port]),
+    );
+    // The first hop listens for direct streams where it was told to.
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok(),
+        "no direct-stream listener on --direct-port {port}"
+    );
     let first = a.addr().to_string();
     let b = Proc::join(
         dirs[1].path(),
