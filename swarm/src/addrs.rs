@@ -1,5 +1,6 @@
-//! Transports of addresses: which are QUIC, the QUIC listen address that
-//! goes with a TCP one, and the order addresses are dialled in.
+//! Transports of addresses: which are QUIC or relayed, the IP they start
+//! with, the QUIC listen address that goes with a TCP one, and the order
+//! addresses are dialled in.
 //!
 //! A node listens on TCP and QUIC (with the `quic` feature, on by
 //! default). [`with_quic_listeners`] turns the listen addresses a user
@@ -17,8 +18,25 @@
 //! first; libp2p dials a peer's addresses concurrently and keeps the
 //! first connection that completes, which is QUIC's when both work.
 
+use std::net::IpAddr;
+
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
+
+/// Whether `addr` goes through a relay (has a `/p2p-circuit` component).
+pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// The IP `addr` starts with (`/ip4/..` or `/ip6/..`; `None` for a DNS
+/// name, `/memory`, or a bare `/p2p/..`).
+pub(crate) fn leading_ip(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
+}
 
 /// Whether `addr` is a QUIC address (`.../udp/<port>/quic-v1`).
 pub fn is_quic(addr: &Multiaddr) -> bool {

@@ -503,7 +503,7 @@ impl Client {
     /// The TCP port this node accepts direct streams on (`None`: no
     /// listener, [`crate::SwarmConfig::direct_port`]).
     pub fn direct_port(&self) -> Option<u16> {
-        self.direct().and_then(|d| d.port())
+        self.direct().map(|d| d.port())
     }
 
     /// This node's direct streams, if it has a listener.

@@ -155,13 +155,8 @@ impl SwarmConfig {
     /// or listen addresses none of which is an IP one: a simulation's
     /// in-memory nodes).
     pub(crate) fn direct_bind(&self) -> Option<std::net::SocketAddr> {
-        use libp2p::multiaddr::Protocol;
         let port = self.direct_port?;
-        let ip = self.listen.iter().find_map(|a| match a.iter().next()? {
-            Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
-            Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
-            _ => None,
-        });
+        let ip = self.listen.iter().find_map(crate::addrs::leading_ip);
         match ip {
             Some(ip) => Some(std::net::SocketAddr::new(ip, port)),
             None if self.listen.is_empty() => {

@@ -179,7 +179,7 @@ impl Client {
     /// Serves [`DIRECT_PROTOCOL`]: answers this node's direct port (`0`
     /// without a listener) and closes the stream.
     pub(crate) fn serve_direct_port(&self) {
-        let port = self.direct().and_then(|d| d.port()).unwrap_or(0);
+        let port = self.direct().map_or(0, |d| d.port());
         let served = self.serve_protocol(
             DIRECT_PROTOCOL,
             DIRECT_PORT_QUERIES_PER_PEER,
@@ -197,7 +197,7 @@ impl Client {
     }
 
     /// A direct stream for `protocol` to `peer`, or `None` when none is to
-    /// be had now (see [`Client::open_direct_stream_with`]).
+    /// be had now (see [`Client::open_link_with`]).
     async fn direct_stream(&self, peer: PeerId, protocol: &StreamProtocol) -> Option<Stream> {
         let direct = self.direct()?;
         if direct.ip(&peer).is_none() {

@@ -106,10 +106,7 @@ const RELAY_RETRY_DELAY: Duration = Duration::from_secs(10);
 /// answered at all.
 const RELAY_FALLBACK_AFTER: Duration = Duration::from_secs(20);
 
-/// Whether `addr` goes through a relay (has a `/p2p-circuit` component).
-pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
-}
+pub(crate) use crate::addrs::is_relayed;
 
 /// A node's reachability: relays it knows of, its reservations, and what
 /// AutoNAT said.

@@ -190,7 +190,7 @@ pub async fn spawn(
             tracing::debug!(%bind, port, "direct streams listening");
             Some(Arc::new(stream::direct::Direct::new(
                 direct_key,
-                Some(port),
+                port,
                 stream.peer_ips(),
                 stream.open_streams(),
             )))

@@ -19,13 +19,14 @@ use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
-use libp2p::multiaddr::Protocol;
 use libp2p::relay;
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 use libp2p::{Multiaddr, PeerId};
+
+use crate::addrs::is_relayed;
 
 /// The relay server, minus its events for relayed connections.
 pub(crate) struct Behaviour {
@@ -55,10 +56,6 @@ impl std::ops::DerefMut for Behaviour {
     fn deref_mut(&mut self) -> &mut relay::Behaviour {
         &mut self.inner
     }
-}
-
-fn is_relayed(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 impl NetworkBehaviour for Behaviour {

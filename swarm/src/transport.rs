@@ -85,11 +85,7 @@ impl TcpRefusals {
 
 /// The peer and IP of a dialled address (`/ip4|ip6/<ip>/.../p2p/<id>`).
 fn peer_ip(addr: &Multiaddr) -> Option<(PeerId, IpAddr)> {
-    let ip = match addr.iter().next()? {
-        Protocol::Ip4(ip) => IpAddr::V4(ip),
-        Protocol::Ip6(ip) => IpAddr::V6(ip),
-        _ => return None,
-    };
+    let ip = crate::addrs::leading_ip(addr)?;
     match addr.iter().last()? {
         Protocol::P2p(peer) => Some((peer, ip)),
         _ => None,

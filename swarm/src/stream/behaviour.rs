@@ -12,7 +12,6 @@ use futures::channel::mpsc;
 use futures::StreamExt;
 use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
-use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
@@ -26,6 +25,7 @@ use super::handler::Handler;
 use super::{
     Accepting, Control, OpenRequest, OpenStreamError, OpenStreams, COMMAND_QUEUE, MAX_PENDING_OPENS,
 };
+use crate::addrs::{is_relayed, leading_ip};
 
 /// One open connection to a peer.
 #[derive(Debug, Clone, Copy)]
@@ -159,20 +159,9 @@ impl Behaviour {
     }
 }
 
-fn is_relayed(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
-}
-
 /// The IP a direct connection's remote address starts with.
 fn direct_ip(addr: &Multiaddr) -> Option<IpAddr> {
-    if is_relayed(addr) {
-        return None;
-    }
-    match addr.iter().next()? {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-        _ => None,
-    }
+    (!is_relayed(addr)).then(|| leading_ip(addr)).flatten()
 }
 
 impl NetworkBehaviour for Behaviour {

@@ -153,20 +153,15 @@ pub(crate) enum DirectError {
 /// it knows of its peers' ports.
 pub(crate) struct Direct {
     key: Keypair,
-    /// This node's direct port (`None`: no listener).
-    port: Option<u16>,
+    /// This node's direct listener's port.
+    port: u16,
     ips: Arc<PeerIps>,
     open: Arc<OpenStreams>,
     known: Mutex<HashMap<PeerId, Known>>,
 }
 
 impl Direct {
-    pub(crate) fn new(
-        key: Keypair,
-        port: Option<u16>,
-        ips: Arc<PeerIps>,
-        open: Arc<OpenStreams>,
-    ) -> Self {
+    pub(crate) fn new(key: Keypair, port: u16, ips: Arc<PeerIps>, open: Arc<OpenStreams>) -> Self {
         Self {
             key,
             port,
@@ -181,7 +176,7 @@ impl Direct {
     }
 
     /// This node's direct port (what [`DIRECT_PROTOCOL`] answers).
-    pub(crate) fn port(&self) -> Option<u16> {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
@@ -206,27 +201,23 @@ impl Direct {
         self.ips.get(peer)
     }
 
-    /// Remembers `peer`'s port (`0`: none).
+    /// Remembers `peer`'s port (`0`: none, as [`Self::mark_unavailable`]).
     pub(crate) fn learn_port(&self, peer: PeerId, port: u16) {
-        let entry = if port == 0 {
-            Known::Unavailable(Instant::now() + DIRECT_RETRY_AFTER)
-        } else {
-            Known::Port(port)
+        let now = Instant::now();
+        let entry = match port {
+            0 => Known::Unavailable(now + DIRECT_RETRY_AFTER),
+            port => Known::Port(port),
         };
-        self.known().insert(peer, entry);
+        let mut known = self.known();
+        known.insert(peer, entry);
         // Bounded by the peers this node opens direct streams to; entries
         // of unavailable peers past their time go here.
-        let now = Instant::now();
-        self.known()
-            .retain(|_, k| !matches!(k, Known::Unavailable(until) if *until <= now));
+        known.retain(|_, k| !matches!(k, Known::Unavailable(until) if *until <= now));
     }
 
     /// No direct stream to `peer` for [`DIRECT_RETRY_AFTER`].
     pub(crate) fn mark_unavailable(&self, peer: PeerId) {
-        self.known().insert(
-            peer,
-            Known::Unavailable(Instant::now() + DIRECT_RETRY_AFTER),
-        );
+        self.learn_port(peer, 0);
     }
 
     /// Opens a direct stream for `protocol` to `peer` at `addr`, within
