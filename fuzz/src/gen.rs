@@ -152,7 +152,7 @@ pub fn failure_report(u: &mut Unstructured<'_>) -> Result<FailureReport> {
 
 /// A [`TokenFrame`].
 pub fn token_frame(u: &mut Unstructured<'_>) -> Result<TokenFrame> {
-    Ok(match u.int_in_range(0..=2u8)? {
+    Ok(match u.int_in_range(0..=3u8)? {
         0 => TokenFrame::Hello {
             session: u.arbitrary()?,
         },
@@ -160,6 +160,9 @@ pub fn token_frame(u: &mut Unstructured<'_>) -> Result<TokenFrame> {
             step: num(u)?,
             token: u.arbitrary()?,
             compute_us: num(u)?,
+        },
+        2 => TokenFrame::Digest {
+            step: num(u)?,
             digest: u.arbitrary()?,
         },
         _ => TokenFrame::Failed { message: text(u)? },

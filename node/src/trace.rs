@@ -13,7 +13,8 @@
 //!   <picked> <computed> <resumed> <encoded> <sent>`: frame read, input
 //!   decoded, engine lock taken, forward done,
 //!   result back on the async task, output encoded (or sampled, at the last
-//!   hop), frame written;
+//!   hop), frame written (the tokens, at the last hop: their digests
+//!   follow, off the step's path);
 //! - the asker: `ask <session> <step> <n_tokens> <start> <sent> <token>`:
 //!   step started, frame written to the first hop, token read.
 //!
@@ -56,7 +57,7 @@ pub struct HopTimes {
     pub resumed: u64,
     /// The output was encoded (hidden states) or sampled (last hop).
     pub encoded: u64,
-    /// The output frame was written.
+    /// The output frame was written (the last hop: its token frames).
     pub sent: u64,
 }
 

@@ -12,8 +12,9 @@
 //!   [`ActReply::Failed`]: a [`FailureReport`] signed by the hop that saw
 //!   the failure, blaming itself or its next hop.
 //! * [`TOKENS_PROTOCOL`] — last hop → asker (over the connection the asker
-//!   already has to it): [`TokenFrame::Hello`] naming the session, then one
-//!   [`TokenFrame::Token`] per step, or [`TokenFrame::Failed`].
+//!   already has to it): [`TokenFrame::Hello`] naming the session, then
+//!   per step its [`TokenFrame::Token`]s followed by as many
+//!   [`TokenFrame::Digest`]s, or [`TokenFrame::Failed`].
 //! * [`VOCAB_PROTOCOL`] — asker → any serving node: [`VocabRequest`] →
 //!   [`VocabResponse`] (the vocabulary-only GGUF, checked by the asker
 //!   against the model id).
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 /// Activation stream protocol id.
 pub const ACT_PROTOCOL: &str = "/nakshatra/act/5";
 /// Token return stream protocol id.
-pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/3";
+pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/4";
 /// Vocabulary fetch protocol id.
 pub const VOCAB_PROTOCOL: &str = "/nakshatra/vocab/1";
 
@@ -365,9 +366,18 @@ pub enum TokenFrame {
         token: i32,
         /// Engine time of all hops on this step, microseconds.
         compute_us: u64,
+    },
+    /// The logits digest of a token already sent: after a step's tokens,
+    /// one per token, in their order (so before the next step's first
+    /// token). Sent after the tokens, not with them, so that hashing the
+    /// logits (~50 µs for a 49,152-token vocabulary) is off the step's
+    /// path: the asker starts its next step meanwhile.
+    Digest {
+        /// The step of the token it belongs to.
+        step: u64,
         /// BLAKE3 of the logits the token was sampled from (f32, little
         /// endian): what `--verify` compares with a replica chain's.
-        /// Sent with every token, so a hop cannot tell which steps are
+        /// Sent for every token, so a hop cannot tell which steps are
         /// checked.
         digest: [u8; 32],
     },

@@ -59,8 +59,9 @@ pub use libp2p_identity::PeerId;
 /// Version of the wire protocol; peers refuse records of another version.
 /// Version 2 added [`ServerInfo::next_rtts`], version 3
 /// [`DeviceInfo::features`], version 4 direct streams (`OpenSession::direct`,
-/// `/nakshatra/act/5`, `/nakshatra/direct/1`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// `/nakshatra/act/5`, `/nakshatra/direct/1`), version 5 the logits digest
+/// in a frame of its own after the token (`/nakshatra/tokens/4`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Most [`NextRtt`] entries one [`ServerInfo`] may carry.
 pub const MAX_NEXT_RTTS: usize = 16;

@@ -146,6 +146,24 @@ async fn out_of_range_sampling_is_refused_by_the_hop() {
 /// abort) and fails with a clear error naming the hop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_id_is_a_clear_error_not_an_abort() {
+    let e = ask_through_a_fake_last_hop(i32::MAX).await;
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}
+
+/// A last hop that sends tokens (valid ones) but never the logits digest
+/// owed after each: the asker refuses the second step's token (the first
+/// step's digest must come before it) and fails with a clear error naming
+/// the hop, instead of keeping tokens it could never verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_hop_withholding_digests_is_a_clear_error() {
+    let e = ask_through_a_fake_last_hop(42).await;
+    assert!(e.contains("unexpected token frame"), "{e}");
+}
+
+/// Runs `node ask` through a node serving 0..20 and a fake last hop
+/// answering every step with `token` and no digest; returns the asker's
+/// stderr after checking it failed cleanly, naming the fake hop.
+async fn ask_through_a_fake_last_hop(token: i32) -> String {
     let model = test_model();
     let model = model.to_str().unwrap().to_string();
     let info = inspect(&model);
@@ -163,7 +181,7 @@ async fn a_bad_token_id_is_a_clear_error_not_an_abort() {
     let f = fake.clone();
     tokio::spawn(async move {
         while let Some((_, s)) = act.next().await {
-            tokio::spawn(serve_garbage_tokens(f.clone(), s));
+            tokio::spawn(serve_garbage_tokens(f.clone(), s, token));
         }
     });
     fake.announce(claim(&info, 20..30, 1000.0, 512))
@@ -178,11 +196,12 @@ async fn a_bad_token_id_is_a_clear_error_not_an_abort() {
     let o = tokio::task::spawn_blocking(move || node_ask(&boot, asker.path(), GREEDY, PROMPT))
         .await
         .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{e}");
-    assert!(e.contains("outside the vocabulary"), "{e}");
     assert!(e.contains(&fake.peer_id().to_string()), "{e}");
     assert!(!e.contains("panicked"), "{e}");
+    drop(node);
+    e
 }
 
 /// Attack 5, in part: a peer announcing the whole model at 10^6 tok/s
@@ -403,9 +422,9 @@ async fn send_open(greedy: &Client, victim: PeerId, open: OpenSession) -> (Strea
     (s, reply)
 }
 
-/// Plays the last hop of a session: ready at once, then a token id far
-/// outside any vocabulary for every step.
-async fn serve_garbage_tokens(fake: Client, s: Stream) {
+/// Plays the last hop of a session: ready at once, then `token` for every
+/// step and no logits digest after it.
+async fn serve_garbage_tokens(fake: Client, s: Stream, token: i32) {
     let (mut r, mut w) = s.split();
     let Ok(ActFrame::Open(open)) = read_message::<_, ActFrame>(&mut r).await else {
         return;
@@ -434,9 +453,8 @@ async fn serve_garbage_tokens(fake: Client, s: Stream) {
     while let Ok((ActFrame::Step(h), _)) = read_frame::<_, ActFrame>(&mut r, 64 << 20).await {
         let t = TokenFrame::Token {
             step: h.step,
-            token: i32::MAX,
+            token,
             compute_us: 0,
-            digest: [0; 32],
         };
         if write_frame(&mut tokens, &t, &[]).await.is_err() {
             return;

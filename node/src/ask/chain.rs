@@ -3,6 +3,7 @@
 //! prompt as one prefill step, then one step per token, each token coming
 //! back on the last hop's token stream.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use futures::io::WriteHalf;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use nakshatra_swarm::protocol::act::{
     tokens_to_bytes, ActFrame, ActReply, FailureReport, HopSpec, OpenSession, StepHeader, StepKind,
-    TokenFrame, ACT_PROTOCOL,
+    TokenFrame, ACT_PROTOCOL, MAX_DRAFT,
 };
 use nakshatra_swarm::{Handshake, Multiaddr, PeerId, Reopen, Stream, StreamProtocol};
 use tokio::sync::mpsc;
@@ -181,11 +182,41 @@ pub(super) struct StepResult {
     pub(super) token: i32,
     /// Engine time the hops reported, microseconds.
     pub(super) compute_us: u64,
-    /// The digest of the logits it was sampled from.
-    pub(super) digest: [u8; 32],
     /// When the step's frame was written to the first hop (microseconds
     /// since the Unix epoch: the step trace's `sent`).
     pub(super) sent_us: u64,
+}
+
+/// A step's token with the digest of the logits it was sampled from
+/// ([`OpenChain::step`]).
+pub(super) struct Settled {
+    /// The token sampled.
+    pub(super) token: i32,
+    /// BLAKE3 of its logits.
+    pub(super) digest: [u8; 32],
+}
+
+/// Most tokens whose digests the last hop may owe at once: a step's
+/// tokens (at most [`MAX_DRAFT`] + 1) until its digests come, which is
+/// before the next step's first token.
+const MAX_OWED_DIGESTS: usize = MAX_DRAFT + 1;
+
+/// Why a frame from the last hop did not come.
+enum ReadFailed {
+    /// A hop failed (or the stream broke).
+    Hop(AskError),
+    /// Nothing within the step's timeout.
+    Timeout(Duration),
+}
+
+impl ReadFailed {
+    /// The error of step `step`.
+    fn at(self, step: u64) -> AskError {
+        match self {
+            ReadFailed::Hop(e) => e,
+            ReadFailed::Timeout(timeout) => AskError::StepTimeout { step, timeout },
+        }
+    }
 }
 
 /// What a resumed run's catch-up did.
@@ -226,6 +257,10 @@ pub(super) struct OpenChain<'a> {
     _open: SessionGuard,
     /// A step failed: the chain broke (no `Close` on drop).
     broken: bool,
+    /// Steps of tokens read whose digests have not come yet, in order.
+    owed: VecDeque<u64>,
+    /// Digests read and not yet taken ([`Self::take_digests`]).
+    digests: Vec<(u64, [u8; 32])>,
 }
 
 /// How long a chain dropped mid-answer keeps its token stream open after
@@ -365,6 +400,8 @@ impl<'a> OpenChain<'a> {
             meters: meters.clone(),
             _open: guard,
             broken: false,
+            owed: VecDeque::new(),
+            digests: Vec::new(),
         })
     }
 
@@ -458,6 +495,13 @@ impl<'a> OpenChain<'a> {
                 Err(e) => return ChainOutcome::Broken(e),
             };
             let pass = t_pass.elapsed();
+            // The digests of the step before, read on the way to this
+            // step's tokens.
+            if let Some(tap) = &tap {
+                for (s, d) in self.take_digests() {
+                    tap.digest(s, d);
+                }
+            }
             let compute_us = results.last().map_or(0, |r| r.compute_us);
             if let (Some(trace), Some(r)) = (&opts.trace, results.first()) {
                 let times = crate::trace::AskTimes {
@@ -493,7 +537,7 @@ impl<'a> OpenChain<'a> {
                     Some(d) => draft.get(d..=d).unwrap_or_default(),
                 };
                 if let Some(tap) = &tap {
-                    tap.stepped(p.next_step, fed, pos + fed.len() as u32, r.digest);
+                    tap.stepped(p.next_step, fed, pos + fed.len() as u32);
                 }
                 pos += fed.len() as u32;
                 p.next_step += 1;
@@ -537,6 +581,17 @@ impl<'a> OpenChain<'a> {
             let _ = on_text(&rest);
         }
         p.text.push_str(&rest);
+        if let Some(tap) = &tap {
+            // The verifier checks the last step always: its digests must
+            // come.
+            if let Err(e) = self.settle(opts.step_timeout).await {
+                self.broken = true;
+                return ChainOutcome::Broken(e);
+            }
+            for (s, d) in self.take_digests() {
+                tap.digest(s, d);
+            }
+        }
         drop(tap);
         self.close().await;
         ChainOutcome::Done(())
@@ -570,7 +625,8 @@ impl<'a> OpenChain<'a> {
                 .step(r.step, r.pos, &r.input, opts.step_timeout)
                 .await?;
             if let Some(tap) = tap {
-                tap.stepped(r.step, &r.input, r.pos + r.input.len() as u32, got.digest);
+                tap.stepped(r.step, &r.input, r.pos + r.input.len() as u32);
+                tap.digest(r.step, got.digest);
             }
             let want = p.tokens.get(r.step as usize).copied();
             if Some(got.token) != want {
@@ -603,18 +659,65 @@ impl<'a> OpenChain<'a> {
     }
 
     /// One step: sends `input` at `pos` into hop 1 and waits for the token
-    /// (or a failure any hop reports). A failed step marks the chain
-    /// broken.
+    /// and its digest (or a failure any hop reports). A failed step marks
+    /// the chain broken.
     pub(super) async fn step(
         &mut self,
         step: u64,
         pos: u32,
         input: &[i32],
         timeout: Duration,
-    ) -> Result<StepResult, AskError> {
-        let mut r = self.verify_step(step, pos, input, &[], timeout).await?;
+    ) -> Result<Settled, AskError> {
         // One token for a step without drafts (checked as it was read).
-        Ok(r.swap_remove(0))
+        let results = self.verify_step(step, pos, input, &[], timeout).await?;
+        let token = results.first().map_or(-1, |r| r.token);
+        let settled = self.settle(timeout).await;
+        self.broken |= settled.is_err();
+        settled?;
+        let digest = self
+            .take_digests()
+            .into_iter()
+            .find_map(|(s, d)| (s == step).then_some(d));
+        match digest {
+            Some(digest) => Ok(Settled { token, digest }),
+            None => {
+                self.broken = true;
+                Err(self.hop_err(self.last(), HopFault::UnexpectedFrame))
+            }
+        }
+    }
+
+    /// Reads the digests the last hop still owes for the tokens read so
+    /// far (see [`TokenFrame::Digest`]); each waits at most `timeout`.
+    pub(super) async fn settle(&mut self, timeout: Duration) -> Result<(), AskError> {
+        while !self.owed.is_empty() {
+            let step = self.owed.front().copied().unwrap_or_default();
+            match self.read_frame(timeout).await.map_err(|e| e.at(step))? {
+                TokenFrame::Digest { step: s, digest } => self.owed_digest(s, digest)?,
+                _ => return Err(self.hop_err(self.last(), HopFault::UnexpectedFrame)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The digests read so far and not yet taken, as (step, digest).
+    pub(super) fn take_digests(&mut self) -> Vec<(u64, [u8; 32])> {
+        std::mem::take(&mut self.digests)
+    }
+
+    /// Takes a digest the last hop sent: it must be for the oldest token
+    /// whose digest is owed.
+    fn owed_digest(&mut self, step: u64, digest: [u8; 32]) -> Result<(), AskError> {
+        if self.owed.front() != Some(&step) {
+            return Err(self.hop_err(self.last(), HopFault::UnexpectedFrame));
+        }
+        self.owed.pop_front();
+        self.digests.push((step, digest));
+        Ok(())
+    }
+
+    fn last(&self) -> u32 {
+        self.hops.len() as u32 - 1
     }
 
     /// A step whose last `draft.len()` input tokens are drafts (see
@@ -661,7 +764,7 @@ impl<'a> OpenChain<'a> {
         // draft's (or the one after the last draft).
         loop {
             let r = self
-                .read_token(step + out.len() as u64, timeout, sent_us)
+                .read_token(step + out.len() as u64, out.is_empty(), timeout, sent_us)
                 .await?;
             let more = draft.get(out.len()) == Some(&r.token);
             out.push(r);
@@ -672,54 +775,76 @@ impl<'a> OpenChain<'a> {
     }
 
     /// Reads the token of step `step` from the last hop's stream (or a
-    /// failure any hop reports).
+    /// failure any hop reports), taking the digests owed before it: all of
+    /// them before a step's `first` token.
     async fn read_token(
         &mut self,
         step: u64,
+        first: bool,
         timeout: Duration,
         sent_us: u64,
     ) -> Result<StepResult, AskError> {
-        let last = self.hops.len() as u32 - 1;
+        let last = self.last();
+        loop {
+            match self.read_frame(timeout).await.map_err(|e| e.at(step))? {
+                TokenFrame::Digest { step: s, digest } => self.owed_digest(s, digest)?,
+                TokenFrame::Token {
+                    step: s,
+                    token,
+                    compute_us,
+                } if s == step
+                    && (!first || self.owed.is_empty())
+                    && self.owed.len() < MAX_OWED_DIGESTS =>
+                {
+                    self.owed.push_back(s);
+                    return Ok(StepResult {
+                        token,
+                        compute_us,
+                        sent_us,
+                    });
+                }
+                TokenFrame::Failed { message } => {
+                    return Err(self.hop_err(
+                        last,
+                        HopFault::Reported {
+                            by: last,
+                            by_peer: self.peer(last),
+                            message,
+                        },
+                    ))
+                }
+                _ => return Err(self.hop_err(last, HopFault::UnexpectedFrame)),
+            }
+        }
+    }
+
+    /// Reads one frame from the last hop's stream (or a failure any hop
+    /// reports).
+    async fn read_frame(&mut self, timeout: Duration) -> Result<TokenFrame, ReadFailed> {
+        let last = self.last();
         let Some(tokens) = self.tokens.as_mut() else {
             let e = FrameError::Io(std::io::ErrorKind::NotConnected.into());
-            return Err(self.hop_err(last, HopFault::TokenStream(e)));
+            return Err(ReadFailed::Hop(
+                self.hop_err(last, HopFault::TokenStream(e)),
+            ));
         };
         let frame = tokio::select! {
             f = tokio::time::timeout(timeout, read_message::<_, TokenFrame>(tokens)) => f,
             Some((index, fault)) = self.failures.recv() => {
-                return Err(self.hop_err(index, fault));
+                return Err(ReadFailed::Hop(self.hop_err(index, fault)));
             }
         };
         match frame {
-            Ok(Ok(TokenFrame::Token {
-                step: s,
-                token,
-                compute_us,
-                digest,
-            })) if s == step => Ok(StepResult {
-                token,
-                compute_us,
-                digest,
-                sent_us,
-            }),
-            Ok(Ok(TokenFrame::Failed { message })) => Err(self.hop_err(
-                last,
-                HopFault::Reported {
-                    by: last,
-                    by_peer: self.peer(last),
-                    message,
-                },
-            )),
-            Ok(Ok(_)) => Err(self.hop_err(last, HopFault::UnexpectedFrame)),
+            Ok(Ok(f)) => Ok(f),
             // The token stream broke: a hop may have said why upstream
             // (its report may be a moment behind, relayed hop by hop).
-            Ok(Err(e)) => Err(
+            Ok(Err(e)) => Err(ReadFailed::Hop(
                 match tokio::time::timeout(REPORT_GRACE, self.failures.recv()).await {
                     Ok(Some((index, fault))) => self.hop_err(index, fault),
                     _ => self.hop_err(last, HopFault::TokenStream(e)),
                 },
-            ),
-            Err(_) => Err(AskError::StepTimeout { step, timeout }),
+            )),
+            Err(_) => Err(ReadFailed::Timeout(timeout)),
         }
     }
 

@@ -36,8 +36,9 @@
 //!   not single one out (several liars, or one that lies only sometimes),
 //!   nobody is banned and the error says so.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nakshatra_swarm::protocol::act::{HopSpec, OpenSession};
 use nakshatra_swarm::{PeerId, PeerView};
@@ -58,15 +59,20 @@ pub(super) struct Stepped {
     input: Vec<i32>,
     /// Position after the step.
     end: u32,
-    /// The chain's logits digest for it.
-    digest: [u8; 32],
+    /// The chain's logits digest for it (`None`: its chain broke before
+    /// the digest came; the step is replayed on the replica, not
+    /// compared).
+    digest: Option<[u8; 32]>,
 }
 
-/// The chain's side of the verifier: every step goes in; a mismatch stops
-/// the chain.
+/// The chain's side of the verifier: every step goes in with its digest
+/// (which the last hop sends after the token); a mismatch stops the
+/// chain.
 pub(super) struct Tap {
     tx: mpsc::UnboundedSender<Stepped>,
     stop: Arc<AtomicBool>,
+    /// Steps whose digests have not come yet, in order.
+    waiting: Mutex<VecDeque<Stepped>>,
 }
 
 impl Tap {
@@ -75,14 +81,36 @@ impl Tap {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Hands one step to the verifier.
-    pub(super) fn stepped(&self, step: u64, input: &[i32], end: u32, digest: [u8; 32]) {
-        let _ = self.tx.send(Stepped {
+    /// One step the chain ran: it goes to the verifier with its digest
+    /// ([`Self::digest`]).
+    pub(super) fn stepped(&self, step: u64, input: &[i32], end: u32) {
+        self.waiting().push_back(Stepped {
             step,
             input: input.to_vec(),
             end,
-            digest,
+            digest: None,
         });
+    }
+
+    /// The digest of step `step`: the step goes to the verifier. Steps
+    /// before it still waiting go without a digest: digests come in
+    /// order, so their chain broke before theirs came.
+    pub(super) fn digest(&self, step: u64, digest: [u8; 32]) {
+        let mut waiting = self.waiting();
+        while let Some(mut s) = waiting.pop_front() {
+            let found = s.step == step;
+            if found {
+                s.digest = Some(digest);
+            }
+            let _ = self.tx.send(s);
+            if found {
+                return;
+            }
+        }
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, VecDeque<Stepped>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -177,6 +205,7 @@ pub(super) fn tap() -> (Tap, mpsc::UnboundedReceiver<Stepped>, Arc<AtomicBool>) 
         Tap {
             tx,
             stop: stop.clone(),
+            waiting: Mutex::new(VecDeque::new()),
         },
         rx,
         stop,
@@ -229,7 +258,7 @@ pub(super) async fn check(
             let Some(s) = queue.iter().find(|s| s.step == r.step) else {
                 continue;
             };
-            if got.digest != s.digest {
+            if s.digest.is_some_and(|d| d != got.digest) {
                 stop.store(true, Ordering::Relaxed);
                 replica.close().await;
                 let upto = inputs
@@ -239,7 +268,7 @@ pub(super) async fn check(
                 return Checked::Differs(Mismatch {
                     step: s.step,
                     steps: inputs.get(..upto).unwrap_or_default().to_vec(),
-                    main: s.digest,
+                    main: s.digest.unwrap_or_default(),
                     replica: got.digest,
                 });
             }

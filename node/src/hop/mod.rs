@@ -821,7 +821,10 @@ async fn step(
     let resumed = now();
     let compute_us = h.compute_us + t0.elapsed().as_micros() as u64;
     held.pos += h.n_tokens;
-    let (sent, encoded) = match (out, down) {
+    // The step's result sent on (`sent`), when it was encoded or sampled,
+    // and when its frames were written (the last hop's digests follow
+    // them, off the step's path).
+    let (sent, encoded, written) = match (out, down) {
         (StepOutput::Hidden(mut hidden), Downstream::Hop(w, _)) => {
             ctx.faults.corrupt_output(&mut hidden);
             held.history.record_hidden(h.pos, &hidden, h.draft.len());
@@ -835,7 +838,7 @@ async fn step(
             let sent = write_frame(w, &ActFrame::Step(next), &bytes)
                 .await
                 .map_err(SessionError::NextHop);
-            (sent, encoded)
+            (sent, encoded, now())
         }
         (StepOutput::Logits(mut logits), Downstream::Asker(s, sampler)) => {
             ctx.faults.corrupt_output(&mut logits);
@@ -847,17 +850,13 @@ async fn step(
             // as one-token steps would sample them, up to the first that
             // is not the draft's.
             let mut frames = Vec::with_capacity(h.rows());
-            let first_end = end - h.rows() as u32 + 1;
-            for (i, row) in logits.chunks_exact(n_vocab.max(1)).enumerate() {
-                let digest = crate::engine::logits_digest(row);
+            let rows = logits.chunks_exact(n_vocab.max(1));
+            for (i, row) in rows.clone().enumerate() {
                 let token = sampler.sample(row, h.step + i as u64)?;
-                held.history
-                    .record_token(first_end + i as u32, token, digest);
                 frames.push(TokenFrame::Token {
                     step: h.step + i as u64,
                     token,
                     compute_us,
-                    digest,
                 });
                 if h.draft.get(i) != Some(&token) {
                     break;
@@ -865,16 +864,25 @@ async fn step(
             }
             let encoded = now();
             ctx.faults.link_delay().await;
-            let mut sent = Ok(());
-            for t in &frames {
-                sent = write_frame(s, t, &[])
-                    .await
-                    .map_err(SessionError::AskerGone);
-                if sent.is_err() {
-                    break;
-                }
+            let mut sent = write_frames(s, &frames).await;
+            // Then the digests, off the step's path: the asker already
+            // has its tokens.
+            let written = now();
+            let first_end = end - h.rows() as u32 + 1;
+            let mut digests = Vec::with_capacity(frames.len());
+            for (i, (row, t)) in rows.zip(&frames).enumerate() {
+                let TokenFrame::Token { step, token, .. } = *t else {
+                    continue;
+                };
+                let digest = crate::engine::logits_digest(row);
+                held.history
+                    .record_token(first_end + i as u32, token, digest);
+                digests.push(TokenFrame::Digest { step, digest });
             }
-            (sent, encoded)
+            if sent.is_ok() {
+                sent = write_frames(s, &digests).await;
+            }
+            (sent, encoded, written)
         }
         _ => return Err(bad("engine output does not match this hop's place")),
     };
@@ -886,11 +894,21 @@ async fn step(
             computed: picked.done,
             resumed,
             encoded,
-            sent: crate::trace::now_us(),
+            sent: written,
         };
         trace.hop(open.session, h.step, h.n_tokens, open.index, &times);
     }
     sent
+}
+
+/// Writes token frames to the asker, each flushed as it goes.
+async fn write_frames(s: &mut Stream, frames: &[TokenFrame]) -> Result<(), SessionError> {
+    for t in frames {
+        write_frame(s, t, &[])
+            .await
+            .map_err(SessionError::AskerGone)?;
+    }
+    Ok(())
 }
 
 /// Answers a step inside what the session holds (the replay of a
@@ -922,15 +940,18 @@ async fn replayed(
             let Some(sampled) = history.token(h.pos + h.n_tokens) else {
                 return Ok(false);
             };
-            let t = TokenFrame::Token {
-                step: h.step,
-                token: sampled.token,
-                compute_us: h.compute_us,
-                digest: sampled.digest,
-            };
-            write_frame(s, &t, &[])
-                .await
-                .map_err(SessionError::AskerGone)?;
+            let frames = [
+                TokenFrame::Token {
+                    step: h.step,
+                    token: sampled.token,
+                    compute_us: h.compute_us,
+                },
+                TokenFrame::Digest {
+                    step: h.step,
+                    digest: sampled.digest,
+                },
+            ];
+            write_frames(s, &frames).await?;
         }
     }
     Ok(true)
