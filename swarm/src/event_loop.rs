@@ -54,6 +54,9 @@ use crate::{
 const MAX_ADDRS_PER_PEER: usize = 8;
 /// Most peers in the address book.
 const MAX_ADDR_BOOK: usize = 4096;
+/// Trimmed peers remembered to count reconnections to them
+/// ([`SwarmStats::reconnections`]); the oldest is forgotten first.
+const TRIMMED_REMEMBERED: usize = 1024;
 /// Dial attempts for a peer found by mDNS before giving up (mDNS reports
 /// it again when its record is refreshed after expiry).
 const MDNS_DIAL_ATTEMPTS: u32 = 3;
@@ -168,6 +171,10 @@ pub struct SwarmStats {
     /// Peers the connection manager disconnected (over the high
     /// watermark, see [`crate::config::Watermarks`]).
     pub connections_trimmed: u64,
+    /// Connections to a peer the connection manager had trimmed (of the
+    /// last 1,024 it trimmed): what trimming a peer the node needs again
+    /// costs (a dial, a noise handshake, identify, gossip subscriptions).
+    pub reconnections: u64,
     /// Peers in the Kademlia routing table now.
     pub routing_table_peers: usize,
     /// Whether this node currently announces.
@@ -418,6 +425,9 @@ pub(crate) struct EventLoop {
     /// asked an info or view request. The connection manager closes the
     /// least recently used first, and none used within its grace.
     last_used: HashMap<PeerId, Instant>,
+    /// Peers the connection manager disconnected, and when (at most
+    /// [`TRIMMED_REMEMBERED`]; for [`SwarmStats::reconnections`]).
+    trimmed: HashMap<PeerId, Instant>,
     /// Streams of ours open per peer (they protect a connection).
     open_streams: Arc<crate::stream::OpenStreams>,
     /// Peers this node relays for: reservations and circuits it serves,
@@ -490,6 +500,7 @@ impl EventLoop {
             bytes_sent,
             forgotten: HashMap::new(),
             mesh_topup: (Instant::now(), 0),
+            trimmed: HashMap::new(),
             conns: HashMap::new(),
             last_used: HashMap::new(),
             open_streams,
@@ -659,8 +670,9 @@ impl EventLoop {
                 self.next_rtts = rtts;
                 if changed {
                     // New next hops: tell askers now, not at the next
-                    // refresh (the info only; provider records are fine).
-                    if let Err(e) = self.publish_info() {
+                    // refresh (the gossip only; provider records and the
+                    // DHT's info record are fine).
+                    if let Err(e) = self.publish_info(false) {
                         tracing::warn!(error = %e, "cannot re-sign the info");
                     }
                 }
@@ -800,7 +812,7 @@ impl EventLoop {
             if let Some(ann) = self.announcement.as_mut() {
                 ann.info = info;
             }
-            return Ok(self.publish_info()?);
+            return Ok(self.publish_info(true)?);
         }
         if let Some(old) = self.announcement.take() {
             for key in old.keys.iter().filter(|k| !new_keys.contains(k)) {
@@ -855,14 +867,24 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Re-signs the info (fresh timestamps, current `next_rtts`) and puts
-    /// it, without re-providing the keys.
-    fn publish_info(&mut self) -> Result<(), RecordError> {
+    /// Re-signs the info (fresh timestamps, current `next_rtts`) and
+    /// gossips it, without re-providing the keys; with `put`, puts it in
+    /// the DHT too. The DHT record is the fallback of an info request the
+    /// peer does not answer ([`crate::Client::info`]); views come from the
+    /// gossip and view syncs. So what only the gossip needs (measured next
+    /// hops, an info gossiped late) is not put: the record is put again at
+    /// each refresh anyway, and each put is a DHT walk that dials the ~20
+    /// peers closest to the key (at 100 nodes the puts of changed next
+    /// hops doubled the walks a node made, and most of the walks' dials
+    /// were reconnections to peers trimmed since: docs/scale.md).
+    fn publish_info(&mut self, put: bool) -> Result<(), RecordError> {
         let Some(ann) = self.announcement.as_ref() else {
             return Ok(());
         };
         let signed = self.sign_fresh(&ann.info, ServerState::Online)?;
-        self.put_info_record(signed.clone());
+        if put {
+            self.put_info_record(signed.clone());
+        }
         self.gossip_info(&signed);
         self.current_signed = Some(signed);
         Ok(())
@@ -1154,7 +1176,7 @@ impl EventLoop {
                 && *topic == gossipsub::IdentTopic::new(keys::INFOS_TOPIC).hash()
                 && self.announcement.is_some()
             {
-                if let Err(e) = self.publish_info() {
+                if let Err(e) = self.publish_info(false) {
                     tracing::warn!(error = %e, "cannot re-sign the info");
                 }
             }
@@ -1531,6 +1553,17 @@ impl EventLoop {
         for (_, peer) in victims.into_iter().take(excess) {
             if self.swarm.disconnect_peer_id(peer).is_ok() {
                 self.stats.connections_trimmed += 1;
+                if self.trimmed.len() >= TRIMMED_REMEMBERED {
+                    let oldest = self
+                        .trimmed
+                        .iter()
+                        .min_by_key(|(_, at)| **at)
+                        .map(|(p, _)| *p);
+                    if let Some(p) = oldest {
+                        self.trimmed.remove(&p);
+                    }
+                }
+                self.trimmed.insert(peer, now);
             }
         }
     }
@@ -1761,6 +1794,9 @@ impl EventLoop {
     /// prefer the direct one (see [`crate::stream`]).
     fn on_connection(&mut self, peer: PeerId, id: ConnectionId, relayed: bool) {
         self.last_used.insert(peer, Instant::now());
+        if self.trimmed.remove(&peer).is_some() {
+            self.stats.reconnections += 1;
+        }
         let conns = self.conns.entry(peer).or_default();
         conns.insert(id, relayed);
         let has_direct = conns.values().any(|r| !r);

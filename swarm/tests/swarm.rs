@@ -192,15 +192,19 @@ async fn graceful_withdraw_uncovers_quickly() {
         client.client.server_info(s1.peer()).await,
         Err(InfoError::NotServing(_))
     ));
-    // Its peers hold the tombstone now.
-    let stored = s0
-        .client
-        .local_record(&protocol::keys::info_key(&s1.peer()))
-        .await
-        .unwrap()
-        .expect("tombstone stored");
-    let v0 = protocol::verify(&stored, Some(&s1.peer()), protocol::now_ms()).unwrap();
-    assert_eq!(v0.info.state, ServerState::Offline);
+    // Its peers hold the tombstone: the withdrawal returns once the put
+    // reached its quorum of one, the other copies land a moment later.
+    let key = protocol::keys::info_key(&s1.peer());
+    wait_for(
+        Duration::from_secs(5),
+        "the tombstone stored at s0",
+        || async {
+            let stored = s0.client.local_record(&key).await.unwrap()?;
+            let v0 = protocol::verify(&stored, Some(&s1.peer()), protocol::now_ms()).unwrap();
+            (v0.info.state == ServerState::Offline).then_some(())
+        },
+    )
+    .await;
 
     // Leave entirely; the stale provider records do not bring it back.
     s1.client.shutdown().await.unwrap();

@@ -179,6 +179,20 @@ pub struct SimReport {
     /// Connections a serving node's connection manager closed per
     /// simulated minute (over its high watermark).
     pub trimmed: Rate,
+    /// Connections a serving node made again to a peer it had trimmed,
+    /// per simulated minute (`SwarmStats::reconnections`).
+    pub reconnections: Rate,
+    /// The simulation process's CPU time (user and system) per node per
+    /// simulated minute, milliseconds: what one stack costs the machine
+    /// (every stack, the fresh nodes and the asker share the process).
+    pub cpu_ms_per_node: f64,
+    /// The process's CPU use over the measured minute, in cores (2 is
+    /// this machine saturated).
+    pub cpu_cores: f64,
+    /// Peers in a serving node's Kademlia routing table at the end of the
+    /// measured minute (kad bootstraps itself whenever a new peer enters a
+    /// table of fewer than 20).
+    pub routing_table: Rate,
     /// Infos a serving node received by gossip per simulated minute
     /// (first copies: gossipsub drops duplicates before they count).
     pub gossip_received: Rate,
@@ -370,6 +384,16 @@ pub fn sim_config(server: bool, bootstrap: Option<Multiaddr>, scale: f64) -> Swa
         .map_or(c.idle_connection_timeout, Duration::from_secs);
     c.idle_connection_timeout = scaled(idle, scale);
     c.connections.grace = scaled(c.connections.grace, scale);
+    // `NAKSHATRA_SIM_WATERMARKS=LOW,HIGH` overrides the connection
+    // manager's watermarks (to compare them: docs/scale.md).
+    if let Some((low, high)) = std::env::var("NAKSHATRA_SIM_WATERMARKS")
+        .ok()
+        .and_then(|v| v.split_once(',').map(|(l, h)| (l.parse(), h.parse())))
+        .and_then(|(l, h)| Some((l.ok()?, h.ok()?)))
+    {
+        c.connections.low = low;
+        c.connections.high = high;
+    }
     c.query_timeout = scaled(c.query_timeout, scale);
     c.ping_interval = scaled(c.ping_interval, scale);
     c.probe_timeout = scaled(c.probe_timeout, scale);
@@ -519,6 +543,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     // 2. One simulated minute of steady state.
     let minute = scaled(Duration::from_secs(60), s);
     let before = all_stats(&nodes).await;
+    let cpu_before = process_cpu();
     let t_window = Instant::now();
     let boot: Vec<Multiaddr> = nodes.iter().map(|n| n.addr.clone()).collect();
     let live = cfg.nodes;
@@ -634,6 +659,12 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     report.requests_in = rate(|s| s.dht_requests_in);
     report.bytes = rate(|s| s.bytes_sent);
     report.trimmed = rate(|s| s.connections_trimmed);
+    report.reconnections = rate(|s| s.reconnections);
+    if let (Some(a), Some(b)) = (process_cpu(), cpu_before) {
+        let cpu = a.saturating_sub(b).as_secs_f64();
+        report.cpu_ms_per_node = cpu * 1000.0 / minutes / live.max(1) as f64;
+        report.cpu_cores = cpu / t_window.elapsed().as_secs_f64();
+    }
     report.gossip_received = rate(|s| s.gossip_received);
     report.gossip_dropped = rate(|s| s.gossip_dropped);
     report.gossip_dropped_control = rate(|s| s.gossip_dropped_control);
@@ -647,6 +678,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     };
     report.gossip_mesh = gauge(|s| s.gossip_mesh);
     report.connected = gauge(|s| s.connected_peers);
+    report.routing_table = gauge(|s| s.routing_table_peers);
 
     let sizes = futures::future::join_all(nodes.iter().map(|n| async {
         n.client
@@ -1058,11 +1090,25 @@ pub fn table_row(r: &SimReport) -> String {
     )
 }
 
+/// This process's CPU time so far, user and system (`/proc/self/stat`;
+/// `None` where it cannot be read).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces), 1-based
+    // from the state field (3): utime is field 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
 /// What else a run measured in steady state, for the line after its
 /// table row.
 pub fn steady_details(r: &SimReport) -> String {
     format!(
-        "time scale {}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, serving caches complete min {:.3} mean {:.3}, gossip received /node/min {:.0} dropped {:.1} (control {:.1}), gossip mesh {:.1}, event loop answers p50 {:.3} s p99 {:.3} s, event loops died {}, failed plans {:?}",
+        "time scale {}, incomplete fresh views {:?}, walks max {:.0}, walks by kind (bootstrap, closest, get record, put record, get providers, provide) {:.1?}, requests in max {:.0}, KiB max {:.1}, connections trimmed /node/min {:.1}, reconnections to trimmed peers /node/min {:.1}, CPU ms /node/min {:.0} ({:.2} cores), routing table mean {:.0} (most {:.0}), serving caches complete min {:.3} mean {:.3}, gossip received /node/min {:.0} dropped {:.1} (control {:.1}), gossip mesh {:.1}, event loop answers p50 {:.3} s p99 {:.3} s, event loops died {}, failed plans {:?}",
         r.time_scale,
         r.coverage_incomplete,
         r.walks.max,
@@ -1070,6 +1116,11 @@ pub fn steady_details(r: &SimReport) -> String {
         r.requests_in.max,
         r.bytes.max / 1024.0,
         r.trimmed.mean,
+        r.reconnections.mean,
+        r.cpu_ms_per_node,
+        r.cpu_cores,
+        r.routing_table.mean,
+        r.routing_table.max,
         r.cache_complete.0,
         r.cache_complete.1,
         r.gossip_received.mean,

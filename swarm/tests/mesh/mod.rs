@@ -101,7 +101,8 @@ async fn idle_connections_outside_the_gossip_mesh_close() {
 /// long idle timeout) fill it up to its high watermark; one more pushes it
 /// past, and it closes the least recently used down to its low watermark:
 /// never the connection of a client with a stream open to it (although
-/// that one is the oldest), nor one within its grace (the newcomer).
+/// that one is the oldest), nor one within its grace (the newcomer). A
+/// trimmed client that connects again is counted as a reconnection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_high_watermark_the_oldest_unprotected_connections_close() {
     use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -192,4 +193,22 @@ async fn past_the_high_watermark_the_oldest_unprotected_connections_close() {
     let mut back = [0u8; 10];
     stream.read_exact(&mut back).await.expect("read");
     assert_eq!(&back, b"still here");
+
+    // A trimmed client coming back counts as a reconnection; nothing
+    // before it did.
+    assert_eq!(stats.reconnections, 0, "{stats:?}");
+    let trimmed = early
+        .iter()
+        .find(|c| !connected.contains(&c.peer()))
+        .expect("a trimmed client");
+    trimmed.client.rtt(hub.peer()).await.expect("reconnects");
+    wait_for(
+        Duration::from_secs(20),
+        "the hub to count the reconnection",
+        || async {
+            let s = hub.client.stats().await.ok()?;
+            (s.reconnections == 1).then_some(())
+        },
+    )
+    .await;
 }
