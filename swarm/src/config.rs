@@ -110,8 +110,8 @@ pub struct SwarmConfig {
 
 /// The connection manager's bounds, as kubo's (IPFS) connection manager
 /// (with higher defaults): once more than `high` peers are connected, the
-/// oldest connections not protected are closed until `low` peers remain. Protected: gossip mesh
-/// peers, peers with a stream of ours open (hop sessions, fetches), relays
+/// oldest connections not protected are closed until `low` peers remain.
+/// Protected: gossip mesh peers, peers with a stream of ours open (hop sessions, fetches), relays
 /// this node holds a reservation on or is reserving, peers being hole
 /// punched, peers reached through a relay, peers this node relays for,
 /// peers it waits on (an RTT, a connection), and any connection made or
@@ -128,8 +128,8 @@ pub struct Watermarks {
     /// peers a node of a swarm of up to ~150 talks to. At kubo's 32 / 96,
     /// a node of a 100-node swarm closed 27 connections a simulated minute
     /// and made 25 of them again within it, for as many connections held
-    /// (76 against 74) and 2.2x the bytes and 9 % more CPU than at 64 /
-    /// 160, which closes none (docs/scale.md).
+    /// (76 against 74-78) and twice the bytes of 64 / 160, which closes
+    /// none (docs/scale.md).
     pub high: usize,
     /// Age under which a connection is never closed by trimming. Default
     /// 20 s (kubo's).

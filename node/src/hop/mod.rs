@@ -849,19 +849,23 @@ async fn step(
             // The token of each drafted position and of the one before,
             // as one-token steps would sample them, up to the first that
             // is not the draft's.
-            let mut frames = Vec::with_capacity(h.rows());
+            let mut tokens = Vec::with_capacity(h.rows());
             let rows = logits.chunks_exact(n_vocab.max(1));
             for (i, row) in rows.clone().enumerate() {
                 let token = sampler.sample(row, h.step + i as u64)?;
-                frames.push(TokenFrame::Token {
-                    step: h.step + i as u64,
-                    token,
-                    compute_us,
-                });
+                tokens.push(token);
                 if h.draft.get(i) != Some(&token) {
                     break;
                 }
             }
+            let frames: Vec<TokenFrame> = (h.step..)
+                .zip(&tokens)
+                .map(|(step, &token)| TokenFrame::Token {
+                    step,
+                    token,
+                    compute_us,
+                })
+                .collect();
             let encoded = now();
             ctx.faults.link_delay().await;
             let mut sent = write_frames(s, &frames).await;
@@ -869,14 +873,10 @@ async fn step(
             // has its tokens.
             let written = now();
             let first_end = end - h.rows() as u32 + 1;
-            let mut digests = Vec::with_capacity(frames.len());
-            for (i, (row, t)) in rows.zip(&frames).enumerate() {
-                let TokenFrame::Token { step, token, .. } = *t else {
-                    continue;
-                };
+            let mut digests = Vec::with_capacity(tokens.len());
+            for ((step, at), (row, &token)) in (h.step..).zip(first_end..).zip(rows.zip(&tokens)) {
                 let digest = crate::engine::logits_digest(row);
-                held.history
-                    .record_token(first_end + i as u32, token, digest);
+                held.history.record_token(at, token, digest);
                 digests.push(TokenFrame::Digest { step, digest });
             }
             if sent.is_ok() {
