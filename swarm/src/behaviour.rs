@@ -262,6 +262,14 @@ pub(crate) const GOSSIP_MAX_MESSAGE: usize = nakshatra_protocol::MAX_RECORD_BYTE
 /// copies.
 const GOSSIP_IDONTWANT_THRESHOLD: usize = 128;
 
+/// Messages one connection's gossip handler may hold queued (gossipsub's
+/// default is 5,000, about 5 MB of infos a connection: at 160 connections
+/// a node could hold most of a gigabyte for slow peers, and the 500-node
+/// simulation ran out of memory that way). A copy dropped here is
+/// redundant (every mesh peer forwards the same info) or repaired by the
+/// anti-entropy view sync.
+const GOSSIP_QUEUE_LEN: usize = 256;
+
 /// The info topic's gossipsub settings: no gossipsub-level signatures
 /// (every message is a signed info, verified by the application before it
 /// is forwarded: `validate_messages`), message ids from the content (the
@@ -283,6 +291,7 @@ fn gossip_config(heartbeat: Duration) -> gossipsub::Config {
         .publish_queue_duration(heartbeat * 5)
         .flood_publish(false)
         .idontwant_message_size_threshold(GOSSIP_IDONTWANT_THRESHOLD)
+        .connection_handler_queue_len(GOSSIP_QUEUE_LEN)
         .validation_mode(gossipsub::ValidationMode::Anonymous)
         .validate_messages()
         .max_transmit_size(GOSSIP_MAX_MESSAGE)
