@@ -5,9 +5,11 @@
 //! CI runs a reduced form (60 nodes, time scaled by 0.25, 4 simulated
 //! minutes: about two real minutes). The full form, 500 nodes for 10
 //! simulated minutes at a quarter speed (the table's time scale for 500
-//! nodes; `NAKSHATRA_SIM_SCALE` overrides it). At scale 6 on 2 cores its
-//! 10 churn minutes took about 100 real minutes, and the process ran out
-//! of memory (24 GiB) in the gap phase that follows: see docs/scale.md.
+//! nodes; `NAKSHATRA_SIM_SCALE` overrides it). At scale 6 on 2 cores it
+//! reached the end of its 10 churn minutes after about 100 real minutes
+//! (start 11, steady state 15, churn 60), then ran out of memory (24 GiB)
+//! in the gap phase that follows, before the gossip queue cap: see
+//! docs/scale.md.
 //!
 //! ```text
 //! NAKSHATRA_SIM_FULL=1 cargo test --release -p nakshatra-e2e --features nakshatra/fault-injection --test scale -- --nocapture
