@@ -516,11 +516,14 @@ struct RunArgs {
 fn main() {
     let cli = Cli::parse();
     // A serving node logs what it does; one-shot commands stay quiet.
+    // gossipsub warns once per message it cannot queue for a slow peer (a
+    // peer that stops reading would flood the log); the swarm counts those
+    // drops instead (`gossip_dropped`).
     let default_filter = match cli.cmd {
         Cmd::Node {
             cmd: NodeCmd::Join(_),
-        } => "info,libp2p_kad=error,llama-cpp-2=error",
-        _ => "warn,libp2p_kad=error,llama-cpp-2=error",
+        } => "info,libp2p_kad=error,libp2p_gossipsub=error,llama-cpp-2=error",
+        _ => "warn,libp2p_kad=error,libp2p_gossipsub=error,llama-cpp-2=error",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -268,7 +268,7 @@ const GOSSIP_IDONTWANT_THRESHOLD: usize = 128;
 /// simulation ran out of memory that way). A copy dropped here is
 /// redundant (every mesh peer forwards the same info) or repaired by the
 /// anti-entropy view sync.
-const GOSSIP_QUEUE_LEN: usize = 256;
+pub const GOSSIP_QUEUE_LEN: usize = 256;
 
 /// The info topic's gossipsub settings: no gossipsub-level signatures
 /// (every message is a signed info, verified by the application before it

@@ -1008,7 +1008,25 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
         }
         let deadline = t_gap + scaled(Duration::from_secs_f64(60.0 * GAP_WAIT_MINUTES), s);
         let mut healed = None;
+        progress(
+            t0,
+            &format!(
+                "gap: {killed} holders of block {GAP_BLOCK} crashed, RSS {:.0} MiB",
+                rss_mib()
+            ),
+        );
+        let mut next_note = t_gap + scaled(Duration::from_secs(60), s);
         while Instant::now() < deadline {
+            if Instant::now() >= next_note {
+                progress(
+                    t0,
+                    &format!(
+                        "gap: block {GAP_BLOCK} still uncovered, RSS {:.0} MiB",
+                        rss_mib()
+                    ),
+                );
+                next_note += scaled(Duration::from_secs(60), s);
+            }
             let covered = state
                 .lock()
                 .expect("churn state")

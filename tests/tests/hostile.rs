@@ -638,9 +638,9 @@ async fn an_open_cannot_make_a_hop_dial_an_address_of_the_askers_choosing() {
 /// served by A and A3, 15..30 by B and B2, all honest. An ask with
 /// `--verify 0.5` checks its chain on the replica and says so. Then L
 /// joins, serving 0..15 and announcing a great rate, and returns wrong
-/// hidden states. An ask with `--verify 1` through L finds the mismatch,
-/// replays hop by hop, names and bans L; the next ask leaves L out and
-/// gives the whole model's text.
+/// hidden states. An ask with `--verify 1` (through L, or past it with L
+/// as the replica) finds the mismatch, replays hop by hop, names and bans
+/// L; the next ask leaves L out and gives the whole model's text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_catches_and_bans_a_hop_returning_wrong_results() {
     let model = test_model();
@@ -685,15 +685,23 @@ async fn verify_catches_and_bans_a_hop_returning_wrong_results() {
     let o = ask(&["--verify", "1"]).await.unwrap();
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "{e}");
-    assert!(chain_line(&e).contains(&liar.peer_id()), "{e}");
     assert!(e.contains("verification failed at step 0"), "{e}");
-    assert!(
-        e.contains(&format!(
+    // L announces the best rate, so it is planned into the chain, unless
+    // its probe was late (3 s; a loaded 2-core machine): then the chain
+    // is honest and L is the replica it is checked against. Either way
+    // the hybrids and the third peer must name L, on its side.
+    let finding = if chain_line(&e).contains(&liar.peer_id()) {
+        format!(
             "hop 0 ({}) of the chain returned wrong results; banned",
             liar.peer_id()
-        )),
-        "{e}"
-    );
+        )
+    } else {
+        format!(
+            "the replica of hop 0 ({}) returned wrong results; banned",
+            liar.peer_id()
+        )
+    };
+    assert!(e.contains(&finding), "{e}");
 
     let o = ask(&[]).await.unwrap();
     let e = String::from_utf8_lossy(&o.stderr).into_owned();

@@ -25,8 +25,13 @@ fn churn_keeps_the_map_true_and_the_nodes_bounded() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(4.0);
+        // A shorter run (the gap phase sooner): NAKSHATRA_SIM_CHURN_MINUTES.
+        let churn_minutes = std::env::var("NAKSHATRA_SIM_CHURN_MINUTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10);
         SimConfig {
-            churn_minutes: 10,
+            churn_minutes,
             gap_phase: true,
             fresh_nodes: 2,
             plans: 5,

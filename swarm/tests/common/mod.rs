@@ -15,8 +15,9 @@ pub const TTL: Duration = Duration::from_secs(6);
 pub const REFRESH: Duration = Duration::from_secs(2);
 
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,nakshatra_swarm=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,libp2p_gossipsub=error,nakshatra_swarm=info")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()

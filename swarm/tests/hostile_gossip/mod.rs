@@ -3,7 +3,8 @@
 //! request with, infos that are forged, tampered, expired, oversized,
 //! impossible, junk, or a Sybil's. Honest nodes must keep only what
 //! verifies, never forward the rest, keep the honest view intact, and not
-//! panic.
+//! panic. And a peer that stops reading costs a node a bounded gossip
+//! queue.
 
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use nakshatra_swarm::{
         rpc::{ViewResponse, VIEW_PROTOCOL},
         SignedServerInfo,
     },
-    signing_key, IdentityKeypair, Role, ViewCodec,
+    signing_key, IdentityKeypair, Role, ViewCodec, GOSSIP_QUEUE_LEN,
 };
 
 use crate::common::*;
@@ -82,13 +83,11 @@ fn bad_infos(model: &str) -> (Vec<Vec<u8>>, Vec<u8>, PeerId) {
     (bad, sybil_info, sybil)
 }
 
-/// Starts the hostile node connected to `targets`; it publishes every bad
-/// info on the topic every 300 ms and answers view requests with all of
-/// them (and the Sybil's). Returns its address.
-async fn spawn_evil(targets: Vec<Multiaddr>, model: String) -> (Multiaddr, PeerId) {
+/// A bare libp2p swarm (not our code) speaking the info topic, the view
+/// protocol and identify, on TCP.
+fn bare_swarm() -> libp2p::Swarm<Evil> {
     let key = IdentityKeypair::generate_ed25519();
-    let me = key.public().to_peer_id();
-    let mut swarm = SwarmBuilder::with_existing_identity(key)
+    SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -123,7 +122,15 @@ async fn spawn_evil(targets: Vec<Multiaddr>, model: String) -> (Multiaddr, PeerI
             }
         })
         .unwrap()
-        .build();
+        .build()
+}
+
+/// Starts the hostile node connected to `targets`; it publishes every bad
+/// info on the topic every 300 ms and answers view requests with all of
+/// them (and the Sybil's). Returns its address.
+async fn spawn_evil(targets: Vec<Multiaddr>, model: String) -> (Multiaddr, PeerId) {
+    let mut swarm = bare_swarm();
+    let me = *swarm.local_peer_id();
     swarm
         .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
         .unwrap();
@@ -218,4 +225,138 @@ async fn hostile_gossip_and_view_answers_change_nothing() {
     for n in [&s0, &s1, &client] {
         assert!(!n.task.is_finished());
     }
+}
+
+/// A valid info for blocks 0..5 of `model` in a fresh identity's name:
+/// every one is news to a node, so it is accepted and forwarded.
+fn fresh_sybil_info(model: &str) -> Vec<u8> {
+    let key = IdentityKeypair::generate_ed25519();
+    let now = now_ms();
+    let mut s = fake_info(model, 0, 5);
+    s.issued_at_ms = now;
+    s.expires_at_ms = now + 60_000;
+    protocol::sign(&signing_key(&key).unwrap(), &s)
+        .unwrap()
+        .to_bytes()
+}
+
+/// A peer in a node's gossip mesh that stops reading (a stopped process,
+/// a saturated link) costs the node a bounded queue: what the node would
+/// forward to it beyond [`GOSSIP_QUEUE_LEN`] messages and what the
+/// stream's flow-control window let through is dropped and counted, never
+/// held. (gossipsub's default queue, 5,000 messages a connection, is what
+/// ran the 500-node simulation out of memory: see docs/scale.md.) A
+/// flooder publishes valid infos of fresh identities through the node,
+/// each one news that the node forwards to its mesh, the stalled peer
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_gossip_peer_costs_a_node_a_bounded_queue() {
+    /// Infos flooded through the node once the peer stalls: far more than
+    /// the queue and the stream window together hold.
+    const FLOOD: usize = 3000;
+    init_tracing();
+    let model = model_id(0x5a);
+    let node = start(Role::Server, vec![]).await;
+    let target = node.addr.clone().unwrap();
+    let topic = gossipsub::IdentTopic::new(INFOS_TOPIC);
+
+    // The flooder publishes what it is told to, 50 infos every 10 ms.
+    let (flood, mut to_flood) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let mut flooder = bare_swarm();
+    flooder.behaviour_mut().gossip.subscribe(&topic).unwrap();
+    flooder.dial(target.clone()).unwrap();
+    {
+        let (model, topic) = (model.clone(), topic.clone());
+        tokio::spawn(async move {
+            let mut pending = 0usize;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                tokio::select! {
+                    Some(n) = to_flood.recv() => pending += n,
+                    _ = tick.tick() => {
+                        let n = pending.min(50);
+                        for _ in 0..n {
+                            let _ = flooder
+                                .behaviour_mut()
+                                .gossip
+                                .publish(topic.clone(), fresh_sybil_info(&model));
+                        }
+                        pending -= n;
+                    }
+                    _ = flooder.select_next_some() => {}
+                }
+            }
+        });
+    }
+
+    // The stalled peer takes forwarded infos for a while (so that it is
+    // in the node's mesh: grafted within a heartbeat of subscribing),
+    // then is never polled again: it reads nothing more, acknowledges
+    // nothing, and its connection stays open.
+    let mut stalled = bare_swarm();
+    stalled.behaviour_mut().gossip.subscribe(&topic).unwrap();
+    stalled.dial(target).unwrap();
+    let mut got = 0;
+    let mut prod = tokio::time::interval(Duration::from_millis(200));
+    let warm = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(warm);
+    let mut first: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = &mut warm => panic!("the stalled peer got no forwarded info in 20 s"),
+            _ = prod.tick() => {
+                let _ = flood.send(1);
+                // Three heartbeats after the first forwarded info.
+                if first.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
+                    break;
+                }
+            }
+            e = stalled.select_next_some() => {
+                if let SwarmEvent::Behaviour(EvilEvent::Gossip(gossipsub::Event::Message { .. })) = e {
+                    got += 1;
+                    first.get_or_insert_with(tokio::time::Instant::now);
+                }
+            }
+        }
+    }
+    assert!(got > 0);
+    let before = node.client.stats().await.unwrap();
+
+    flood.send(FLOOD).unwrap();
+    let data_dropped = |s: &nakshatra_swarm::SwarmStats| {
+        (s.gossip_dropped - s.gossip_dropped_control)
+            - (before.gossip_dropped - before.gossip_dropped_control)
+    };
+    // Every flooded info reached the node; its drops are counted at its
+    // next heartbeat (1 s).
+    wait_for(
+        Duration::from_secs(60),
+        "the flood through the node",
+        || async {
+            let s = node.client.stats().await.unwrap();
+            (s.gossip_received >= before.gossip_received + FLOOD as u64).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = node.client.stats().await.unwrap();
+    let dropped = data_dropped(&s) as usize;
+    // What is not dropped is queued for the peer or in its stream's
+    // flow-control window (yamux: 256 KiB a stream, no more without the
+    // reader's acknowledgement).
+    let info_bytes = fresh_sybil_info(&model).len();
+    let window = 256 * 1024 / info_bytes + 1;
+    let held = FLOOD.saturating_sub(dropped);
+    eprintln!(
+        "stalled peer: {FLOOD} infos of {info_bytes} bytes forwarded to it, {dropped} dropped, \
+         {held} held (queue cap {GOSSIP_QUEUE_LEN}, window about {window} infos)"
+    );
+    assert!(
+        held <= GOSSIP_QUEUE_LEN + window,
+        "the node holds {held} infos for a peer that reads nothing \
+         (cap {GOSSIP_QUEUE_LEN} + window {window})"
+    );
+    // The node still answers, and its loop is alive.
+    assert!(!node.task.is_finished());
+    drop(stalled);
 }
