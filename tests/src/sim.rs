@@ -139,6 +139,21 @@ pub struct Rate {
     pub max: f64,
 }
 
+/// The serving node whose info cache was the least complete.
+#[derive(Debug, Clone, Default)]
+pub struct LeastCache {
+    /// Infos in its cache for the model.
+    pub infos: usize,
+    /// Its peers connected at the end of the measured minute.
+    pub connected: usize,
+    /// Its routing-table entries then.
+    pub routing_table: usize,
+    /// Its gossip mesh peers then.
+    pub gossip_mesh: usize,
+    /// Gossip infos it received during the measured minute.
+    pub gossip_received: u64,
+}
+
 /// What [`run`] measured.
 #[derive(Debug, Clone, Default)]
 pub struct SimReport {
@@ -213,6 +228,10 @@ pub struct SimReport {
     /// the end of the measured minute: the least complete node's, and the
     /// mean (what a fresh node's view sync can get from it).
     pub cache_complete: (f64, f64),
+    /// The serving node with the least complete cache at the end of the
+    /// measured minute: what it looked like then (to tell an isolated
+    /// node from one that lost its infos).
+    pub least_cache: Option<LeastCache>,
     /// Churn: nodes crashed.
     pub crashed: usize,
     /// Churn: longest time a crashed node stayed in the observer's view
@@ -695,6 +714,21 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
         share.iter().copied().fold(1.0, f64::min),
         share.iter().sum::<f64>() / share.len().max(1) as f64,
     );
+    report.least_cache =
+        sizes
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, &k)| k)
+            .and_then(|(i, &infos)| {
+                let (a, b) = (after.get(i)?.as_ref()?, before.get(i)?.as_ref()?);
+                Some(LeastCache {
+                    infos,
+                    connected: a.connected_peers,
+                    routing_table: a.routing_table_peers,
+                    gossip_mesh: a.gossip_mesh,
+                    gossip_received: a.gossip_received - b.gossip_received,
+                })
+            });
     progress(t0, "measured the steady-state minute");
     eprintln!("{}\n  ({})", table_row(&report), steady_details(&report));
     report.loops_died = nodes.iter().filter(|n| n.task.is_finished()).count();
@@ -730,12 +764,15 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
         }
     }
     let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
-    let stop = Arc::new(tokio::sync::Notify::new());
+    // Set once at the end; every task sees it whenever it looks (a
+    // `Notify` only wakes tasks waiting at that instant, and a rebalancing
+    // round of a 500-node run on 2 cores can outlast any wait for it).
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
 
     // The observer: its view every few (simulated) seconds.
     let observer = {
         let state = state.clone();
-        let stop = stop.clone();
+        let mut stop = stop.clone();
         let b = nodes.lock().await[0].addr.clone();
         let period = scaled(Duration::from_secs(3), s);
         tokio::spawn(async move {
@@ -755,7 +792,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 let now = Instant::now();
                 let view = tokio::select! {
                     v = c.model_view_with(MODEL, &sh) => v,
-                    _ = stop.notified() => break,
+                    _ = stop.wait_for(|s| *s) => break,
                 };
                 let Ok(view) = view else { continue };
                 {
@@ -795,7 +832,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     // The asker: plans and checks them against the crashes.
     let asker = {
         let state = state.clone();
-        let stop = stop.clone();
+        let mut stop = stop.clone();
         let b = nodes.lock().await[1].addr.clone();
         let period = scaled(Duration::from_secs(2), s);
         tokio::spawn(async move {
@@ -809,7 +846,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             loop {
                 let chain = tokio::select! {
                     c = c.plan(MODEL, &opts) => c,
-                    _ = stop.notified() => break,
+                    _ = stop.wait_for(|s| *s) => break,
                 };
                 if let Ok(chain) = chain {
                     total += 1;
@@ -836,7 +873,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     let rebalance = {
         let nodes = nodes.clone();
         let state = state.clone();
-        let stop = stop.clone();
+        let mut stop = stop.clone();
         let period = scaled(Duration::from_secs(1), s);
         tokio::spawn(async move {
             let mut rng = Lcg::new(0x5eed);
@@ -844,7 +881,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
-                    _ = stop.notified() => break,
+                    _ = stop.wait_for(|s| *s) => break,
                 }
                 // The nodes' lock is never held across a call to a node:
                 // the churn and the joins need it too, and an event loop
@@ -860,6 +897,9 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                         .collect()
                 };
                 for client in picked {
+                    if *stop.borrow() {
+                        break;
+                    }
                     let Ok(infos) = client.cached_infos(Some(MODEL)).await else {
                         continue;
                     };
@@ -1053,15 +1093,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             .samples
             .push((cfg.churn_minutes, live, rss_mib(), tasks));
     }
-    stop.notify_waiters();
-    // `notify_waiters` only wakes tasks waiting now: repeat until both end.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !(observer.is_finished() && asker.is_finished() && rebalance.is_finished())
-        && Instant::now() < deadline
-    {
-        stop.notify_waiters();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _ = stop_tx.send(true);
     let (max_seen, seen, max_hidden, max_bare) = observer.await.expect("observer task");
     let (total, dead) = asker.await.expect("asker task");
     report.moves = rebalance.await.expect("rebalance task");
@@ -1149,7 +1181,12 @@ pub fn steady_details(r: &SimReport) -> String {
         r.loop_lag.p99,
         r.loops_died,
         r.plan_errors
-    )
+    ) + &r.least_cache.as_ref().map_or(String::new(), |l| {
+        format!(
+            ", least complete cache: {} infos, that node {} peers connected, {} in its routing table, gossip mesh {}, {} infos received in the minute",
+            l.infos, l.connected, l.routing_table, l.gossip_mesh, l.gossip_received
+        )
+    })
 }
 
 /// The table's header.
