@@ -8,8 +8,9 @@
 //! nodes; `NAKSHATRA_SIM_SCALE` overrides it). At scale 6 on 2 cores it
 //! reached the end of its 10 churn minutes after about 100 real minutes
 //! (start 11, steady state 15, churn 60), then ran out of memory (24 GiB)
-//! in the gap phase that follows, before the gossip queue cap: see
-//! docs/scale.md.
+//! in the gap phase that follows, before the gossip queue cap; with it,
+//! memory stayed flat through churn and gap (13.1 GiB): see
+//! docs/scale.md. `NAKSHATRA_SIM_CHURN_MINUTES` shortens the churn.
 //!
 //! ```text
 //! NAKSHATRA_SIM_FULL=1 cargo test --release -p nakshatra-e2e --features nakshatra/fault-injection --test scale -- --nocapture
