@@ -58,6 +58,14 @@ pub const MAX_EDGE_PROBES: usize = 16;
 /// Plans a [`Client::plan`] makes at most when chosen middle hops do not
 /// answer their probe (each round leaves those out).
 const PLAN_ROUNDS: usize = 4;
+/// How long a peer that did not answer this node's last RTT probe of it
+/// stays out of [`Client::plan`]'s chains (unless no chain can be made
+/// without it). A crashed peer stays in every view until its info
+/// expires (one record TTL); without this memory each plan in that time
+/// would choose it again, wait for its probe and plan again, and after
+/// [`PLAN_ROUNDS`] of that return a chain through whichever dead peer
+/// it had not probed yet (the simulator's churn: 5-6 of 35-38 chains).
+pub const SILENT_PEER_MEMORY: Duration = Duration::from_secs(60);
 
 /// How a view measures each peer's RTT.
 #[derive(Clone, Copy)]
@@ -578,8 +586,51 @@ impl Client {
     /// tokens back from them as last hop), so an unreachable range shows
     /// up as [`PlanError::Uncovered`], like a range whose holders are all
     /// excluded. [`PlanError::NoModel`]: nobody announces the model.
+    ///
+    /// Peers whose last probe from this node got no answer, less than
+    /// [`SILENT_PEER_MEMORY`] ago, are left out as if excluded; if no
+    /// chain can be made without them, the plan is made again with them.
     pub async fn plan(&self, model_id: &str, opts: &PlanOptions) -> Result<Chain, PlanError> {
         validate_model_id(model_id).map_err(LookupError::from)?;
+        let silent: HashSet<PeerId> = self
+            .recently_silent(SILENT_PEER_MEMORY)
+            .into_iter()
+            .filter(|p| !opts.exclude.contains(p))
+            .collect();
+        if !silent.is_empty() {
+            let mut without = opts.clone();
+            without.exclude.extend(silent.iter().copied());
+            match self.plan_probing(model_id, &without).await {
+                Err(PlanError::Uncovered { .. }) => tracing::debug!(
+                    ?silent,
+                    "no chain without the peers silent lately; planning with them"
+                ),
+                done => return done,
+            }
+        }
+        self.plan_probing(model_id, opts).await
+    }
+
+    /// Peers whose last probe from this node, less than `within` ago, got
+    /// no answer (a probe under way counts as not known).
+    fn recently_silent(&self, within: Duration) -> Vec<PeerId> {
+        let slots = self
+            .streams
+            .probe_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .filter_map(|(peer, slot)| match *slot.try_lock().ok()? {
+                Some((at, None)) if at.elapsed() < within => Some(*peer),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// [`Client::plan`] with `opts` as given: the view, the probes, and
+    /// up to [`PLAN_ROUNDS`] plans.
+    async fn plan_probing(&self, model_id: &str, opts: &PlanOptions) -> Result<Chain, PlanError> {
         let mut infos = HashMap::new();
         let (view, rtts) = self
             .model_view_impl(

@@ -4,6 +4,10 @@ mod common;
 mod hostile;
 mod hostile_gossip;
 mod mesh;
+// One test binary with the rest: each binary compiles its own copy of
+// the event loop's async code (about a minute of CI's build).
+#[cfg(feature = "fault-injection")]
+mod streams;
 
 use std::time::Duration;
 

@@ -312,32 +312,3 @@ pub fn quantile(v: &[f64], p: f64) -> f64 {
     }
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_traced_step_splits_into_its_stages() {
-        let dir = tempfile::tempdir().unwrap();
-        let hop = dir.path().join("hop.tsv");
-        let ask = dir.path().join("ask.tsv");
-        std::fs::write(
-            &hop,
-            "# header\nhop\t7\t1\t1\t0\t110\t111\t113\t213\t215\t216\t220\nhop\t7\t1\t1\t1\t250\t251\t253\t353\t355\t356\t360\nhop\t7\t2\t1",
-        )
-        .unwrap();
-        std::fs::write(&ask, "ask\t7\t1\t1\t100\t105\t400\n").unwrap();
-        let lines = read_traces(&[hop, ask]);
-        assert_eq!(lines.len(), 3, "the line cut short is skipped");
-        let b = HopBreakdown::of(&lines, 2);
-        let got: Vec<(String, f64)> = b.stages.iter().map(|(n, v)| (n.clone(), v[0])).collect();
-        assert_eq!(got[0], ("asker: encode + write".into(), 5.0));
-        assert_eq!(got[1], ("link asker → hop 0".into(), 5.0));
-        assert_eq!(got[4], ("hop 0: compute".into(), 100.0));
-        assert_eq!(got[8], ("link hop 0 → hop 1".into(), 30.0));
-        assert_eq!(got.last().unwrap(), &("link hop 1 → asker".into(), 40.0));
-        assert_eq!(b.steps, vec![(300.0, 200.0)]);
-        assert_eq!(b.overheads(), vec![50.0]);
-    }
-}

@@ -248,6 +248,13 @@ pub struct SimReport {
     /// Churn: chains planned, and those through a node crashed before the
     /// plan returned.
     pub chains: (usize, usize),
+    /// Churn: of the chains through a dead node, those through one that
+    /// had crashed before the plan began (its view was stale: the info
+    /// not expired yet, and the probe did not catch it); the rest met
+    /// only nodes that crashed while the plan was being made.
+    pub chains_dead_before: usize,
+    /// Churn: how long each plan took, real seconds.
+    pub churn_plan: Pct,
     /// Churn: (simulated minute, live nodes, process RSS MiB, alive tokio
     /// tasks) each minute.
     pub samples: Vec<(u32, usize, f64, usize)>,
@@ -842,28 +849,47 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 shape: Some(shape()),
                 ..PlanOptions::default()
             };
-            let (mut total, mut dead) = (0usize, 0usize);
+            let (mut total, mut dead, mut dead_before) = (0usize, 0usize, 0usize);
+            let mut took = Vec::new();
             loop {
+                let began = Instant::now();
                 let chain = tokio::select! {
                     c = c.plan(MODEL, &opts) => c,
                     _ = stop.wait_for(|s| *s) => break,
                 };
+                took.push(began.elapsed().as_secs_f64());
                 if let Ok(chain) = chain {
                     total += 1;
-                    let st = state.lock().expect("churn state");
-                    if chain
-                        .hops
-                        .iter()
-                        .any(|h| st.crashed.contains_key(&h.peer_id))
-                    {
+                    // How long before the plan began each dead hop
+                    // crashed (negative: while planning).
+                    let dead_hops: Vec<f64> = {
+                        let st = state.lock().expect("churn state");
+                        chain
+                            .hops
+                            .iter()
+                            .filter_map(|h| {
+                                st.crashed.get(&h.peer_id).map(|at| {
+                                    if *at < began {
+                                        began.duration_since(*at).as_secs_f64()
+                                    } else {
+                                        -at.duration_since(began).as_secs_f64()
+                                    }
+                                })
+                            })
+                            .collect()
+                    };
+                    if !dead_hops.is_empty() {
                         dead += 1;
+                    }
+                    if dead_hops.iter().any(|age| *age > 0.0) {
+                        dead_before += 1;
                     }
                 }
                 tokio::time::sleep(period).await;
             }
             let _ = c.shutdown().await;
             task.abort();
-            (total, dead)
+            (total, dead, dead_before, took)
         })
     };
 
@@ -1095,7 +1121,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     }
     let _ = stop_tx.send(true);
     let (max_seen, seen, max_hidden, max_bare) = observer.await.expect("observer task");
-    let (total, dead) = asker.await.expect("asker task");
+    let (total, dead, dead_before, took) = asker.await.expect("asker task");
     report.moves = rebalance.await.expect("rebalance task");
     {
         let ns = nodes.lock().await;
@@ -1108,6 +1134,8 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     report.max_hidden_block = max_hidden / s;
     report.max_uncovered_block = max_bare / s;
     report.chains = (total, dead);
+    report.chains_dead_before = dead_before;
+    report.churn_plan = Pct::of(took);
     for j in joins {
         j.abort();
     }

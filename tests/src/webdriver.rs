@@ -484,8 +484,9 @@ fn http(
     Ok((status, String::from_utf8_lossy(&payload).into_owned()))
 }
 
-/// The body of a `Transfer-Encoding: chunked` message.
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+/// The body of a `Transfer-Encoding: chunked` message (`None`: cut short
+/// or malformed).
+pub fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let eol = b.windows(2).position(|w| w == b"\r\n")?;
@@ -501,8 +502,9 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Standard base64 (with or without padding; whitespace ignored).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
+/// Standard base64 (with or without padding; whitespace ignored; `None`:
+/// a byte outside the alphabet).
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() / 4 * 3);
     let mut acc: u32 = 0;
     let mut bits = 0;
@@ -526,28 +528,4 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_round_trips_known_values() {
-        assert_eq!(base64_decode("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
-        assert_eq!(base64_decode("aGVsbG8h").as_deref(), Some(&b"hello!"[..]));
-        assert_eq!(base64_decode("aA==").as_deref(), Some(&b"h"[..]));
-        assert_eq!(
-            base64_decode("iVBORw0KGgo=").as_deref(),
-            Some(&b"\x89PNG\r\n\x1a\n"[..])
-        );
-        assert_eq!(base64_decode("a*b"), None);
-    }
-
-    #[test]
-    fn dechunks() {
-        let body = b"4\r\nWiki\r\n6;x=y\r\npedia \r\n0\r\n\r\n";
-        assert_eq!(dechunk(body).as_deref(), Some(&b"Wikipedia "[..]));
-        assert_eq!(dechunk(b"5\r\nab"), None);
-    }
 }

@@ -1,12 +1,11 @@
 //! Raw streams (`nakshatra_swarm::stream`), the `/nakshatra/probe/1` RTT probe with the
 //! test-only link delay, next-hop RTTs in the signed infos, and chain
-//! planning over a real swarm on 127.0.0.1.
-
-mod common;
+//! planning over a real swarm on 127.0.0.1. Needs the test-only link
+//! delay (`fault-injection`).
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use nakshatra_swarm::{
     plan::{PlanError, PlanOptions},
@@ -322,6 +321,98 @@ async fn next_rtts_are_announced_and_steer_the_plan() {
         asker.client.plan("nope", &PlanOptions::default()).await,
         Err(PlanError::Lookup(_))
     ));
+}
+
+/// Peers that did not answer the asker's probe stay out of its next plans
+/// (`SILENT_PEER_MEMORY`): six crashed holders of the middle range,
+/// announcing a hundred times the live holder's speed, are still in the
+/// view (their infos have not expired). One plan probes at most
+/// `PLAN_ROUNDS` of them; the next starts without those and reaches the
+/// live holder. With the live one excluded too, the plan is made with
+/// the silent peers rather than refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_silent_to_probes_stay_out_of_later_plans() {
+    init_tracing();
+    let model = model_id(0x64);
+    // Long enough that no info expires during the test.
+    let cfg = |role, boot: Vec<nakshatra_swarm::Multiaddr>| {
+        let mut c = config(role, boot);
+        c.record_ttl = Duration::from_secs(120);
+        c
+    };
+    let a = start_cfg(cfg(Role::Server, vec![])).await;
+    let boot = vec![a.addr.clone().unwrap()];
+    let d = start_cfg(cfg(Role::Server, boot.clone())).await;
+    let live = start_cfg(cfg(Role::Server, boot.clone())).await;
+    let mut dead = Vec::new();
+    for _ in 0..6 {
+        dead.push(start_cfg(cfg(Role::Server, boot.clone())).await);
+    }
+    a.client.announce(fake_info(&model, 0, 10)).await.unwrap();
+    d.client.announce(fake_info(&model, 20, 30)).await.unwrap();
+    live.client
+        .announce(fake_info(&model, 10, 20))
+        .await
+        .unwrap();
+    for n in &dead {
+        let mut i = fake_info(&model, 10, 20);
+        i.throughput = 2000.0;
+        n.client.announce(i).await.unwrap();
+    }
+    let asker = start_cfg(cfg(Role::Client, boot.clone())).await;
+    wait_for(Duration::from_secs(30), "all nine in the view", || async {
+        let v = asker.client.model_view(&model).await.ok()?;
+        (v.peers.len() == 9).then_some(())
+    })
+    .await;
+    let dead_ids: Vec<PeerId> = dead.iter().map(|n| n.peer()).collect();
+    for n in &dead {
+        n.task.abort();
+    }
+    let middle = |c: &nakshatra_swarm::plan::Chain| {
+        c.hops
+            .iter()
+            .find(|h| h.start == 10)
+            .map(|h| h.peer_id)
+            .expect("a hop runs block 10")
+    };
+
+    let first = asker
+        .client
+        .plan(&model, &PlanOptions::default())
+        .await
+        .unwrap();
+    let first_mid = middle(&first);
+    eprintln!(
+        "first plan: middle hop {} ({})",
+        first_mid,
+        if dead_ids.contains(&first_mid) {
+            "crashed"
+        } else {
+            "live"
+        }
+    );
+    let second = asker
+        .client
+        .plan(&model, &PlanOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        middle(&second),
+        live.peer(),
+        "the second plan still went through a crashed peer"
+    );
+    let v = asker.client.model_view(&model).await.unwrap();
+    assert_eq!(v.peers.len(), 9, "the crashed peers' infos are still shown");
+
+    // Without the live holder, only silent peers hold 10..20: planned
+    // with them (opening the chain tells), not refused.
+    let opts = PlanOptions {
+        exclude: [live.peer()].into_iter().collect(),
+        ..PlanOptions::default()
+    };
+    let third = asker.client.plan(&model, &opts).await.unwrap();
+    assert!(dead_ids.contains(&middle(&third)));
 }
 
 /// A stream opened on a relayed connection outlives the direct connection
