@@ -860,28 +860,19 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 took.push(began.elapsed().as_secs_f64());
                 if let Ok(chain) = chain {
                     total += 1;
-                    // How long before the plan began each dead hop
-                    // crashed (negative: while planning).
-                    let dead_hops: Vec<f64> = {
+                    // When each dead hop crashed.
+                    let crashes: Vec<Instant> = {
                         let st = state.lock().expect("churn state");
                         chain
                             .hops
                             .iter()
-                            .filter_map(|h| {
-                                st.crashed.get(&h.peer_id).map(|at| {
-                                    if *at < began {
-                                        began.duration_since(*at).as_secs_f64()
-                                    } else {
-                                        -at.duration_since(began).as_secs_f64()
-                                    }
-                                })
-                            })
+                            .filter_map(|h| st.crashed.get(&h.peer_id).copied())
                             .collect()
                     };
-                    if !dead_hops.is_empty() {
+                    if !crashes.is_empty() {
                         dead += 1;
                     }
-                    if dead_hops.iter().any(|age| *age > 0.0) {
+                    if crashes.iter().any(|at| *at < began) {
                         dead_before += 1;
                     }
                 }
