@@ -67,6 +67,16 @@ const PLAN_ROUNDS: usize = 4;
 /// it had not probed yet (the simulator's churn: 5-6 of 35-38 chains).
 pub const SILENT_PEER_MEMORY: Duration = Duration::from_secs(60);
 
+/// Counters of [`Client::probe_rtt`] since the node started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProbeStats {
+    /// Probes made (an answer reused from a probe of the same peer less
+    /// than 500 ms before is not a probe).
+    pub made: u64,
+    /// Of those, the ones that got no answer in time.
+    pub silent: u64,
+}
+
 /// How a view measures each peer's RTT.
 #[derive(Clone, Copy)]
 enum RttMode<'a> {
@@ -86,6 +96,11 @@ pub(crate) struct StreamShared {
     test_link_delay: Option<Duration>,
     /// [`crate::SwarmConfig::probe_timeout`].
     probe_timeout: Duration,
+    /// Probes this node made (answers reused within
+    /// [`crate::probe::PROBE_REUSE`] not counted), and of those, the ones
+    /// that got no answer: [`Client::probe_stats`].
+    probes_made: std::sync::atomic::AtomicU64,
+    probes_silent: std::sync::atomic::AtomicU64,
     /// Direct streams (`None`: [`crate::SwarmConfig::direct_port`] off).
     pub(crate) direct: Option<Arc<crate::stream::direct::Direct>>,
 }
@@ -146,6 +161,8 @@ impl Client {
                 probe_slots: Mutex::new(HashMap::new()),
                 test_link_delay,
                 probe_timeout,
+                probes_made: Default::default(),
+                probes_silent: Default::default(),
                 direct,
             }),
         }
@@ -500,6 +517,17 @@ impl Client {
         probe::probe_rtt(self, peer).await
     }
 
+    /// How many RTT probes this node has made, and how many of them got
+    /// no answer within the probe timeout (diagnostics: what planning
+    /// costs in probes, and in probe timeouts waited out).
+    pub fn probe_stats(&self) -> ProbeStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        ProbeStats {
+            made: self.streams.probes_made.load(Relaxed),
+            silent: self.streams.probes_silent.load(Relaxed),
+        }
+    }
+
     /// This node's simulated link delay
     /// ([`crate::SwarmConfig::test_link_delay`]): the node applies it to
     /// its activation frames too. Test builds only.
@@ -527,6 +555,15 @@ impl Client {
             tokio::time::timeout(OPEN_STREAM_TIMEOUT, connect).await,
             Ok(Ok(Ok(())))
         )
+    }
+
+    /// Counts a probe made for [`Client::probe_stats`].
+    pub(crate) fn count_probe(&self, answered: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.streams.probes_made.fetch_add(1, Relaxed);
+        if !answered {
+            self.streams.probes_silent.fetch_add(1, Relaxed);
+        }
     }
 
     /// [`crate::SwarmConfig::probe_timeout`].
@@ -578,7 +615,11 @@ impl Client {
     /// the [`MAX_EDGE_PROBES`] fastest of each end: their RTTs are link
     /// costs), runs [`crate::plan::plan_chain`], then probes the chosen
     /// middle hops and plans again without any that stays silent (up to
-    /// four rounds). A plan's probes do not grow with the swarm.
+    /// [`PLAN_ROUNDS`] rounds); with a silent hop, the other holders of
+    /// its blocks not probed yet ([`MAX_EDGE_PROBES`] of them, fastest
+    /// announced first) are probed in the same round, so that holders
+    /// that died together cost one probe timeout rather than a round
+    /// each. A plan's probes do not grow with the swarm.
     ///
     /// First and last hops that do not answer the probe within the probe
     /// timeout ([`crate::SwarmConfig::probe_timeout`]) are
@@ -654,20 +695,18 @@ impl Client {
                 .filter(|p| (p.range[0] == 0 || p.range[1] == n) && !rtts.contains_key(&p.peer_id))
                 .map(|p| p.peer_id),
         );
+        // Middle hops that answered a probe in an earlier round.
+        let mut answered: HashSet<PeerId> = HashSet::new();
         for _ in 0..PLAN_ROUNDS {
             let chain = plan_chain(&view, &rtts, &opts)?;
             let unprobed: Vec<PeerId> = chain
                 .hops
                 .iter()
                 .map(|h| h.peer_id)
-                .filter(|p| !rtts.contains_key(p))
+                .filter(|p| !rtts.contains_key(p) && !answered.contains(p))
                 .collect();
-            let silent: Vec<PeerId> = stream::iter(unprobed)
-                .map(|p| async move { (p, self.probe_rtt(p).await) })
-                .buffer_unordered(CONCURRENCY)
-                .filter_map(|(p, r)| async move { r.is_none().then_some(p) })
-                .collect()
-                .await;
+            let (ok, silent) = self.probe_all(unprobed).await;
+            answered.extend(ok);
             if silent.is_empty() {
                 return Ok(chain);
             }
@@ -675,11 +714,60 @@ impl Client {
                 ?silent,
                 "chosen middle hops did not answer the probe; planning again"
             );
+            // The other holders of their blocks are probed now, at once
+            // (the fastest MAX_EDGE_PROBES not probed yet): peers that
+            // crashed together would otherwise be met one round, and one
+            // probe timeout, at a time, and the last round's chain could
+            // still go through one.
+            let lost: Vec<[u32; 2]> = chain
+                .hops
+                .iter()
+                .filter(|h| silent.contains(&h.peer_id))
+                .map(|h| [h.start, h.end])
+                .collect();
+            opts.exclude.extend(silent);
+            let mut others: Vec<&crate::view::PeerView> = view
+                .peers
+                .iter()
+                .filter(|p| {
+                    !opts.exclude.contains(&p.peer_id)
+                        && !rtts.contains_key(&p.peer_id)
+                        && !answered.contains(&p.peer_id)
+                        && lost.iter().any(|r| p.range[0] < r[1] && r[0] < p.range[1])
+                })
+                .collect();
+            others.sort_by(|a, b| {
+                b.throughput
+                    .total_cmp(&a.throughput)
+                    .then(a.peer_id.cmp(&b.peer_id))
+            });
+            let others: Vec<PeerId> = others
+                .into_iter()
+                .take(MAX_EDGE_PROBES)
+                .map(|p| p.peer_id)
+                .collect();
+            let (ok, silent) = self.probe_all(others).await;
+            answered.extend(ok);
             opts.exclude.extend(silent);
         }
         // Silent hops in every round: plan without them once more (an
         // unprobed middle hop may remain; opening the chain tells).
         plan_chain(&view, &rtts, &opts)
+    }
+
+    /// Probes `peers` concurrently: those that answered, and those that
+    /// did not.
+    async fn probe_all(&self, peers: Vec<PeerId>) -> (Vec<PeerId>, Vec<PeerId>) {
+        let results: Vec<(PeerId, bool)> = stream::iter(peers)
+            .map(|p| async move { (p, self.probe_rtt(p).await.is_some()) })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let (ok, silent): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, ok)| *ok);
+        (
+            ok.into_iter().map(|(p, _)| p).collect(),
+            silent.into_iter().map(|(p, _)| p).collect(),
+        )
     }
 
     /// Treats `peer` as dead for `period`: its connections are closed, it

@@ -102,7 +102,7 @@ pub use behaviour::{
     RELAY_MAX_CIRCUITS_PER_PEER, RELAY_MAX_CIRCUIT_BYTES, RELAY_MAX_CIRCUIT_DURATION,
     RELAY_MAX_RESERVATIONS, RELAY_MAX_RESERVATIONS_PER_PEER,
 };
-pub use client::{Client, MAX_EDGE_PROBES, SILENT_PEER_MEMORY, VIEW_SYNC_MAX_AGE};
+pub use client::{Client, ProbeStats, MAX_EDGE_PROBES, SILENT_PEER_MEMORY, VIEW_SYNC_MAX_AGE};
 pub use codec::{Frame, FrameCodec, InfoCodec, ViewCodec};
 pub use config::{Role, SwarmConfig, Watermarks};
 pub use connect::{Handshake, OpenError, Reopen, WaitError};

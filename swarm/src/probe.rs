@@ -137,6 +137,7 @@ pub(crate) async fn probe_rtt(client: &Client, peer: PeerId) -> Option<Duration>
     let mut best: Option<Duration> = None;
     let _ = tokio::time::timeout_at(deadline, probe_rounds(client, peer, &mut best)).await;
     *last = Some((Instant::now(), best));
+    client.count_probe(best.is_some());
     best
 }
 

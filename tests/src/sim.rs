@@ -255,6 +255,9 @@ pub struct SimReport {
     pub chains_dead_before: usize,
     /// Churn: how long each plan took, real seconds.
     pub churn_plan: Pct,
+    /// Churn: the asker's RTT probes over all its plans (made, of which
+    /// silent), from [`nakshatra_swarm::Client::probe_stats`].
+    pub churn_probes: (u64, u64),
     /// Churn: (simulated minute, live nodes, process RSS MiB, alive tokio
     /// tasks) each minute.
     pub samples: Vec<(u32, usize, f64, usize)>,
@@ -851,6 +854,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             };
             let (mut total, mut dead, mut dead_before) = (0usize, 0usize, 0usize);
             let mut took = Vec::new();
+            let probes0 = c.probe_stats();
             loop {
                 let began = Instant::now();
                 let chain = tokio::select! {
@@ -878,9 +882,11 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 }
                 tokio::time::sleep(period).await;
             }
+            let probes = c.probe_stats();
+            let probes = (probes.made - probes0.made, probes.silent - probes0.silent);
             let _ = c.shutdown().await;
             task.abort();
-            (total, dead, dead_before, took)
+            (total, dead, dead_before, took, probes)
         })
     };
 
@@ -1112,7 +1118,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     }
     let _ = stop_tx.send(true);
     let (max_seen, seen, max_hidden, max_bare) = observer.await.expect("observer task");
-    let (total, dead, dead_before, took) = asker.await.expect("asker task");
+    let (total, dead, dead_before, took, probes) = asker.await.expect("asker task");
     report.moves = rebalance.await.expect("rebalance task");
     {
         let ns = nodes.lock().await;
@@ -1127,6 +1133,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     report.chains = (total, dead);
     report.chains_dead_before = dead_before;
     report.churn_plan = Pct::of(took);
+    report.churn_probes = probes;
     for j in joins {
         j.abort();
     }

@@ -58,7 +58,7 @@ fn churn_keeps_the_map_true_and_the_nodes_bounded() {
         "churn: {} crashed, {} of them seen after their crash, longest {:.1} s (TTL {:.0} s); \
          longest a held block was missing from the view {:.1} s; longest a block had no live \
          holder {:.1} s; chains {} of which {} through a dead node ({} through one crashed before \
-         the plan began; plans took p50 {:.1} s p99 {:.1} s real); {} moves (at most {} by one \
+         the plan began; plans took p50 {:.1} s p99 {:.1} s real, {} probes, {} of them silent); {} moves (at most {} by one \
          node); replicas per block at the end {}-{}, weakest block {:.1} tok/s (mean {:.1})",
         r.crashed,
         r.seen_after_crash,
@@ -71,6 +71,8 @@ fn churn_keeps_the_map_true_and_the_nodes_bounded() {
         r.chains_dead_before,
         r.churn_plan.p50,
         r.churn_plan.p99,
+        r.churn_probes.0,
+        r.churn_probes.1,
         r.moves,
         r.max_moves_per_node,
         r.end_replicas_min_max.0,

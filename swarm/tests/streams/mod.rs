@@ -323,13 +323,14 @@ async fn next_rtts_are_announced_and_steer_the_plan() {
     ));
 }
 
-/// Peers that did not answer the asker's probe stay out of its next plans
-/// (`SILENT_PEER_MEMORY`): six crashed holders of the middle range,
-/// announcing a hundred times the live holder's speed, are still in the
-/// view (their infos have not expired). One plan probes at most
-/// `PLAN_ROUNDS` of them; the next starts without those and reaches the
-/// live holder. With the live one excluded too, the plan is made with
-/// the silent peers rather than refused.
+/// Six crashed holders of the middle range, announcing 400 times the
+/// live holder's speed, are still in the view (their infos have not
+/// expired). A plan that meets one probes the other holders of its blocks
+/// at once and goes through the live holder; peers that did not answer
+/// stay out of the next plans without being probed again
+/// (`SILENT_PEER_MEMORY`, counted by `Client::probe_stats`). With the
+/// live one excluded too, the silent peers are asked again before the
+/// blocks are reported uncovered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_silent_to_probes_stay_out_of_later_plans() {
     init_tracing();
@@ -350,10 +351,11 @@ async fn peers_silent_to_probes_stay_out_of_later_plans() {
     }
     a.client.announce(fake_info(&model, 0, 10)).await.unwrap();
     d.client.announce(fake_info(&model, 20, 30)).await.unwrap();
-    live.client
-        .announce(fake_info(&model, 10, 20))
-        .await
-        .unwrap();
+    // Slow enough that a crashed holder is preferred even when the first
+    // hop's next-hop RTTs no longer list it (an unknown link costs 50 ms).
+    let mut slow = fake_info(&model, 10, 20);
+    slow.throughput = 5.0;
+    live.client.announce(slow).await.unwrap();
     for n in &dead {
         let mut i = fake_info(&model, 10, 20);
         i.throughput = 2000.0;
@@ -365,7 +367,6 @@ async fn peers_silent_to_probes_stay_out_of_later_plans() {
         (v.peers.len() == 9).then_some(())
     })
     .await;
-    let dead_ids: Vec<PeerId> = dead.iter().map(|n| n.peer()).collect();
     for n in &dead {
         n.task.abort();
     }
@@ -377,42 +378,58 @@ async fn peers_silent_to_probes_stay_out_of_later_plans() {
             .expect("a hop runs block 10")
     };
 
+    // The first plan meets a crashed holder of 10..20 (they announce
+    // more throughput than the live one), and probes every other holder
+    // of those blocks at once: each crashed peer once, one round of probe
+    // timeouts, and the chain goes through the live one.
     let first = asker
         .client
         .plan(&model, &PlanOptions::default())
         .await
         .unwrap();
-    let first_mid = middle(&first);
-    eprintln!(
-        "first plan: middle hop {} ({})",
-        first_mid,
-        if dead_ids.contains(&first_mid) {
-            "crashed"
-        } else {
-            "live"
-        }
+    assert_eq!(
+        middle(&first),
+        live.peer(),
+        "the first plan went through a crashed peer"
     );
+    let after_first = asker.client.probe_stats();
+    assert_eq!(
+        after_first.silent, 6,
+        "each crashed peer is probed once: {after_first:?}"
+    );
+    // Past the probe's reuse window (500 ms), so that a probe made again
+    // would be a new one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let second = asker
         .client
         .plan(&model, &PlanOptions::default())
         .await
         .unwrap();
+    assert_eq!(middle(&second), live.peer());
     assert_eq!(
-        middle(&second),
-        live.peer(),
-        "the second plan still went through a crashed peer"
+        asker.client.probe_stats().silent,
+        after_first.silent,
+        "the second plan probed the crashed peers again"
     );
     let v = asker.client.model_view(&model).await.unwrap();
     assert_eq!(v.peers.len(), 9, "the crashed peers' infos are still shown");
 
-    // Without the live holder, only silent peers hold 10..20: planned
-    // with them (opening the chain tells), not refused.
+    // Without the live holder, only silent peers hold 10..20: they are
+    // asked again (one may have come back), and the blocks are reported
+    // as not served by any reachable peer.
     let opts = PlanOptions {
         exclude: [live.peer()].into_iter().collect(),
         ..PlanOptions::default()
     };
-    let third = asker.client.plan(&model, &opts).await.unwrap();
-    assert!(dead_ids.contains(&middle(&third)));
+    match asker.client.plan(&model, &opts).await {
+        Err(PlanError::Uncovered { missing, .. }) => assert_eq!(missing, vec![[10, 20]]),
+        other => panic!("expected blocks 10..20 uncovered, got {other:?}"),
+    }
+    assert_eq!(
+        asker.client.probe_stats().silent,
+        after_first.silent + 6,
+        "the silent peers were not asked again"
+    );
 }
 
 /// A stream opened on a relayed connection outlives the direct connection
