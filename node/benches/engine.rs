@@ -51,6 +51,7 @@ fn main() {
         max_sessions: 1,
         n_ubatch: 512,
         gpu_layers: -1,
+        device: None,
     };
     let load = |paths: &[PathBuf]| {
         LocalChain::new(

@@ -131,6 +131,14 @@ enum NodeCmd {
     Join(Box<JoinArgs>),
     /// Ask the swarm: generate text with a model no single node holds.
     Ask(Box<AskArgs>),
+    /// The devices llama.cpp sees on this host (names for `--device`),
+    /// with their memory and the CPU features this build uses.
+    Devices {
+        /// One JSON array, as nodes announce them (`devices` of
+        /// `swarm status --json`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -222,6 +230,43 @@ impl DirectArgs {
 }
 
 /// Speculative decoding flags of `node ask` and `api`.
+/// Where llama.cpp runs the layers (GPU builds: `--features cuda`, ...).
+#[derive(Args, Debug)]
+struct OffloadArgs {
+    /// The device to run the layers on, as llama.cpp names it (`CUDA0`,
+    /// `Vulkan1`, `Metal`, `CPU`: no offload); default: every GPU, the
+    /// layers split between them. A host with several GPUs can run one
+    /// node per GPU instead, each with its own `--device`, `--data-dir`
+    /// and range. `nakshatra swarm status` shows each node's devices.
+    #[arg(long, value_name = "NAME")]
+    device: Option<String>,
+    /// Layers offloaded to the GPU: a number, or `all` (default). The rest
+    /// run on the CPU. Ignored by CPU-only builds.
+    #[arg(long, value_name = "N|all", default_value = "all", value_parser = parse_gpu_layers)]
+    gpu_layers: i32,
+}
+
+impl OffloadArgs {
+    /// `cfg` with these settings.
+    fn apply(&self, cfg: EngineConfig) -> EngineConfig {
+        EngineConfig {
+            gpu_layers: self.gpu_layers,
+            device: self.device.clone(),
+            ..cfg
+        }
+    }
+}
+
+/// `all` (-1: llama.cpp offloads every layer) or a layer count.
+fn parse_gpu_layers(s: &str) -> Result<i32, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(-1);
+    }
+    s.parse::<u16>()
+        .map(i32::from)
+        .map_err(|_| format!("expected a layer count or `all`, got {s:?}"))
+}
+
 #[derive(Args, Debug)]
 struct DraftArgs {
     /// Speculative decoding: a small model with the same vocabulary (a
@@ -390,6 +435,8 @@ struct JoinArgs {
     /// split the cores between them.
     #[arg(long)]
     threads: Option<u32>,
+    #[command(flatten)]
+    offload: OffloadArgs,
     /// Sessions served at once.
     #[arg(long, default_value_t = 8)]
     max_sessions: u32,
@@ -509,6 +556,8 @@ struct RunArgs {
     /// Physical micro-batch.
     #[arg(long, default_value_t = 512)]
     ubatch: u32,
+    #[command(flatten)]
+    offload: OffloadArgs,
     /// The prompt.
     prompt: String,
 }
@@ -590,6 +639,31 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Node {
             cmd: NodeCmd::Ask(args),
         } => runtime()?.block_on(ask(data_dir, *args)),
+        Cmd::Node {
+            cmd: NodeCmd::Devices { json },
+        } => {
+            let devices = nakshatra_node::serve::device_infos(None);
+            if json {
+                out!("{}", serde_json::to_string(&devices)?);
+                return Ok(());
+            }
+            for d in devices {
+                out!(
+                    "{}\t{}\t{}\t{} MiB free of {} MiB{}",
+                    d.name,
+                    d.backend,
+                    d.description,
+                    d.memory_free >> 20,
+                    d.memory_total >> 20,
+                    if d.features.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\t{}", d.features.join(" "))
+                    }
+                );
+            }
+            Ok(())
+        }
         Cmd::Api(args) => runtime()?.block_on(api(data_dir, args)),
         Cmd::Swarm {
             cmd:
@@ -839,14 +913,14 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
         relays: a.relay,
         data_dir: data_dir.clone(),
         mdns: !a.no_mdns,
-        engine: EngineConfig {
+        engine: a.offload.apply(EngineConfig {
             threads: a
                 .threads
                 .unwrap_or_else(nakshatra_node::engine::default_threads),
             ctx_per_session: a.ctx_size,
             max_sessions: a.max_sessions,
             ..EngineConfig::default()
-        },
+        }),
         record_ttl: std::time::Duration::from_secs(a.record_ttl),
         refresh: std::time::Duration::from_secs(a.refresh),
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
@@ -1000,7 +1074,7 @@ fn run(data_dir: &DataDir, a: RunArgs) -> Result<()> {
     let info = nakshatra_slicer::inspect(&a.model)
         .with_context(|| format!("reading {}", a.model.display()))?;
     let ranges = layers::split_ranges(&a.split, info.n_layers)?;
-    let cfg = EngineConfig {
+    let cfg = a.offload.apply(EngineConfig {
         threads: a
             .threads
             .unwrap_or_else(nakshatra_node::engine::default_threads),
@@ -1008,7 +1082,7 @@ fn run(data_dir: &DataDir, a: RunArgs) -> Result<()> {
         max_sessions: 1,
         n_ubatch: a.ubatch,
         ..EngineConfig::default()
-    };
+    });
     let tok = Tokenizer::load(&a.model)?;
     let text = if a.gen.raw {
         a.prompt.clone()

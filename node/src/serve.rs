@@ -311,10 +311,13 @@ pub fn load_identity(data_dir: &DataDir) -> Result<IdentityKeypair, JoinError> {
     )?)
 }
 
-/// The devices llama.cpp sees, as the swarm announces them.
-pub fn device_infos() -> Vec<DeviceInfo> {
+/// The devices llama.cpp sees, as the swarm announces them: with a
+/// device chosen (`--device`), that one and the CPU only (the other GPUs
+/// of the host are other nodes' to announce).
+pub fn device_infos(chosen: Option<&str>) -> Vec<DeviceInfo> {
     engine::devices()
         .into_iter()
+        .filter(|d| chosen.is_none_or(|c| d.name.eq_ignore_ascii_case(c) || d.backend == "CPU"))
         .map(|d| DeviceInfo {
             features: if d.backend == "CPU" {
                 engine::cpu_features()
@@ -328,6 +331,24 @@ pub fn device_infos() -> Vec<DeviceInfo> {
             memory_free: d.memory_free as u64,
         })
         .collect()
+}
+
+/// What `--layers auto` may take without `--max-memory`: a share
+/// ([`AUTO_MEMORY_TENTHS`]) of the free memory of the GPUs every layer is
+/// offloaded to, or of the host's when layers stay on the CPU (some or
+/// all of them: a partial offload is sized as if none were).
+fn default_budget(cfg: &EngineConfig) -> Option<u64> {
+    let gpus = if cfg.gpu_layers < 0 {
+        engine::offload_devices(cfg).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let free = if gpus.is_empty() {
+        available_memory()?
+    } else {
+        gpus.iter().map(|d| d.memory_free as u64).sum()
+    };
+    Some(free / 10 * AUTO_MEMORY_TENTHS)
 }
 
 /// Free memory of this host (`MemAvailable`), if it can be read.
@@ -416,6 +437,9 @@ pub async fn start(opts: JoinOptions) -> Result<ServingNode, JoinError> {
 /// header and the range against it (the weights are hashed later, once),
 /// or the model id's form.
 fn check_input(opts: &JoinOptions) -> Result<(), JoinError> {
+    if let Some(name) = &opts.engine.device {
+        engine::find_device(name)?;
+    }
     match &opts.source {
         ModelSource::File(path) => {
             let n_layers = nakshatra_slicer::model_layers(path)
@@ -483,7 +507,7 @@ async fn prepare(
 ) -> Result<Prepared, JoinError> {
     let budget = opts
         .max_memory
-        .or_else(|| available_memory().map(|m| m / 10 * AUTO_MEMORY_TENTHS))
+        .or_else(|| default_budget(&opts.engine))
         .unwrap_or(u64::MAX);
     match &opts.source {
         ModelSource::File(path) => {
@@ -796,7 +820,7 @@ async fn prepare_and_announce(
         p.range.clone(),
         m.n_embd,
     );
-    si.devices = device_infos();
+    si.devices = device_infos(opts.engine.device.as_deref());
     si.throughput = opts.faults.announced_throughput(throughput);
     si.free_sessions = engine.free_sessions() as u32;
     si.max_sessions = engine.max_sessions() as u32;

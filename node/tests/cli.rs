@@ -286,3 +286,82 @@ fn run_bad_input_is_a_clear_error() {
         "/nonexistent/model.gguf",
     );
 }
+
+/// `--device` and `--gpu-layers`: `node devices` names what llama.cpp
+/// sees (the CPU at least, with the features this build uses); choosing
+/// the CPU by name (any case) with no layer offloaded gives the default's
+/// text; an unknown device is refused before anything loads or joins,
+/// naming the devices there are; a bad layer count is a usage error.
+#[test]
+fn devices_are_listed_and_chosen_by_name() {
+    let _g = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let m = model();
+    let m = m.to_str().unwrap();
+
+    let o = nakshatra(d.path(), &["node", "devices", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let devices: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("a JSON array");
+    let cpu = devices
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .find(|d| d["backend"] == "CPU")
+        .unwrap_or_else(|| panic!("no CPU device: {devices}"));
+    let cpu_name = cpu["name"].as_str().expect("a name").to_string();
+    assert!(
+        cpu["features"].as_array().is_some_and(|f| !f.is_empty()),
+        "the CPU's features are missing: {cpu}"
+    );
+    let o = nakshatra(d.path(), &["node", "devices"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with(&format!("{cpu_name}\tCPU\t"))),
+        "{}",
+        stdout(&o)
+    );
+
+    let default = nakshatra(d.path(), &run_args(m, &["--split", "10,20"]));
+    assert!(default.status.success(), "{}", stderr(&default));
+    let lower = cpu_name.to_lowercase();
+    let on_cpu = nakshatra(
+        d.path(),
+        &run_args(
+            m,
+            &["--split", "10,20", "--device", &lower, "--gpu-layers", "0"],
+        ),
+    );
+    assert!(on_cpu.status.success(), "{}", stderr(&on_cpu));
+    assert_eq!(stdout(&on_cpu), stdout(&default));
+
+    let bad = nakshatra(d.path(), &run_args(m, &["--device", "NoSuchGpu7"]));
+    assert_clean_error(&bad, "no device named \"NoSuchGpu7\"");
+    assert!(stderr(&bad).contains(&cpu_name), "{}", stderr(&bad));
+    let join = nakshatra(
+        d.path(),
+        &[
+            "node",
+            "join",
+            "--model",
+            m,
+            "--layers",
+            "0..10",
+            "--device",
+            "NoSuchGpu7",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
+    );
+    assert_clean_error(&join, "no device named \"NoSuchGpu7\"");
+
+    let o = nakshatra(d.path(), &run_args(m, &["--gpu-layers", "many"]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("expected a layer count or `all`"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -48,6 +48,12 @@ pub enum FfiError {
         /// logs the reason through `tracing`).
         path: String,
     },
+    /// No backend device has this index.
+    #[error("no backend device {index}")]
+    NoDevice {
+        /// The index asked for (`ggml_backend_dev_get`'s order).
+        index: usize,
+    },
     /// llama.cpp refused to create a context.
     #[error("llama.cpp could not create a context (n_ctx {n_ctx}, sessions {n_seq})")]
     NewContext {
@@ -122,17 +128,54 @@ unsafe impl Sync for RawModel {}
 
 impl RawModel {
     /// Loads a GGUF with llama.cpp. `n_gpu_layers` < 0 offloads every layer
-    /// that a GPU backend can take (none on a CPU build).
-    pub fn load(path: &Path, n_gpu_layers: i32) -> Result<Self, FfiError> {
+    /// that a GPU backend can take (none on a CPU build). `device`: the
+    /// index (in `ggml_backend_dev_get`'s order, as
+    /// [`super::devices`] lists them) of the one GPU to offload to;
+    /// `None`: llama.cpp's choice (every GPU, layers split between them).
+    /// A CPU device means no offload.
+    pub fn load(path: &Path, n_gpu_layers: i32, device: Option<usize>) -> Result<Self, FfiError> {
         let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| FfiError::Nul)?;
+        let mut devices: [sys::ggml_backend_dev_t; 2] = [std::ptr::null_mut(); 2];
+        let mut n_gpu_layers = n_gpu_layers;
+        if let Some(i) = device {
+            // SAFETY: `ggml_backend_dev_count` and `ggml_backend_dev_get`
+            // only read the registry of backends, built once by
+            // `init_backend` (the engine initialises the backend before it
+            // loads a model); an index past the count is refused before
+            // `ggml_backend_dev_get` sees it, and the device it returns
+            // lives as long as the process.
+            let dev = unsafe {
+                if i >= sys::ggml_backend_dev_count() {
+                    return Err(FfiError::NoDevice { index: i });
+                }
+                sys::ggml_backend_dev_get(i)
+            };
+            if dev.is_null() {
+                return Err(FfiError::NoDevice { index: i });
+            }
+            // SAFETY: `dev` is a live device of the registry (above).
+            let kind = unsafe { sys::ggml_backend_dev_type(dev) };
+            if kind == sys::GGML_BACKEND_DEVICE_TYPE_CPU
+                || kind == sys::GGML_BACKEND_DEVICE_TYPE_ACCEL
+            {
+                n_gpu_layers = 0;
+            } else {
+                devices[0] = dev;
+            }
+        }
         // SAFETY: `llama_model_default_params` takes nothing and returns a
         // plain struct by value (its pointer fields are null or static).
-        // `cpath` is a NUL-terminated string that lives until the end of this
-        // function; llama.cpp only reads it during the call and does not
-        // keep it. A failed load returns null, checked below.
+        // `cpath` is a NUL-terminated string and `devices` a null-terminated
+        // list of registry devices, both living until the end of this
+        // function; llama.cpp only reads them during the call (it copies
+        // the device list into the model) and does not keep them. A failed
+        // load returns null, checked below.
         let ptr = unsafe {
             let mut params = sys::llama_model_default_params();
             params.n_gpu_layers = n_gpu_layers;
+            if !devices[0].is_null() {
+                params.devices = devices.as_mut_ptr();
+            }
             sys::llama_model_load_from_file(cpath.as_ptr(), params)
         };
         NonNull::new(ptr)

@@ -47,6 +47,14 @@ pub enum EngineError {
     /// llama.cpp refused the file or the context.
     #[error(transparent)]
     Llama(#[from] FfiError),
+    /// `--device` names no device llama.cpp sees on this host.
+    #[error("no device named {name:?} on this host; llama.cpp sees: {known}")]
+    UnknownDevice {
+        /// The name asked for.
+        name: String,
+        /// The devices there are (`NAME (description)`, comma-separated).
+        known: String,
+    },
     /// The file's metadata does not describe a usable slice.
     #[error("{path}: {reason}")]
     BadSlice {
@@ -120,6 +128,12 @@ pub struct EngineConfig {
     pub n_ubatch: u32,
     /// Layers offloaded to a GPU backend (`-1`: all; ignored on CPU builds).
     pub gpu_layers: i32,
+    /// The backend device the layers are offloaded to, by name as
+    /// [`devices`] lists them (`CUDA0`, `Vulkan1`, `CPU`: no offload);
+    /// `None`: llama.cpp's choice, every GPU with the layers split between
+    /// them. A host with several GPUs runs one node per GPU, each with its
+    /// own device and range.
+    pub device: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -130,6 +144,7 @@ impl Default for EngineConfig {
             max_sessions: 8,
             n_ubatch: 512,
             gpu_layers: -1,
+            device: None,
         }
     }
 }
@@ -350,6 +365,58 @@ pub fn devices() -> Vec<llama_cpp_2::LlamaBackendDevice> {
     llama_cpp_2::list_llama_ggml_backend_devices()
 }
 
+/// The device llama.cpp calls `name` (case does not matter), or
+/// [`EngineError::UnknownDevice`] listing the devices there are.
+pub fn find_device(name: &str) -> Result<llama_cpp_2::LlamaBackendDevice, EngineError> {
+    let all = devices();
+    let known = all
+        .iter()
+        .map(|d| format!("{} ({})", d.name, d.description))
+        .collect::<Vec<_>>()
+        .join(", ");
+    all.into_iter()
+        .find(|d| d.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| EngineError::UnknownDevice {
+            name: name.to_string(),
+            known,
+        })
+}
+
+/// The GPUs `cfg` offloads a slice's weights to: none when it offloads no
+/// layer or names a CPU device, its device when it names one, else every
+/// GPU llama.cpp sees (its default: layers split between them). What
+/// `--layers auto` sizes a range by when it offloads everything.
+pub fn offload_devices(
+    cfg: &EngineConfig,
+) -> Result<Vec<llama_cpp_2::LlamaBackendDevice>, EngineError> {
+    use llama_cpp_2::LlamaBackendDeviceType as T;
+    let is_gpu =
+        |d: &llama_cpp_2::LlamaBackendDevice| matches!(d.device_type, T::Gpu | T::IntegratedGpu);
+    if cfg.gpu_layers == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(match cfg.device.as_deref() {
+        Some(name) => Some(find_device(name)?)
+            .filter(|d| is_gpu(d))
+            .into_iter()
+            .collect(),
+        None => {
+            // As llama.cpp: integrated GPUs only where there is no other.
+            let all = devices();
+            let gpus: Vec<_> = all
+                .iter()
+                .filter(|d| matches!(d.device_type, T::Gpu))
+                .cloned()
+                .collect();
+            if gpus.is_empty() {
+                all.into_iter().filter(|d| is_gpu(d)).collect()
+            } else {
+                gpus
+            }
+        }
+    })
+}
+
 /// llama.cpp's build and CPU feature summary.
 pub fn system_info() -> String {
     // Computed once: `llama_print_system_info` rewrites a static buffer and
@@ -458,7 +525,12 @@ impl SliceEngine {
             ));
         }
 
-        let model = Arc::new(RawModel::load(path, cfg.gpu_layers)?);
+        let device = cfg.device.as_deref().map(find_device).transpose()?;
+        let model = Arc::new(RawModel::load(
+            path,
+            cfg.gpu_layers,
+            device.map(|d| d.index),
+        )?);
         let layout = Layout {
             start,
             end,

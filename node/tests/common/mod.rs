@@ -39,6 +39,7 @@ pub fn cfg(max_sessions: u32, n_ubatch: u32) -> EngineConfig {
         max_sessions,
         n_ubatch,
         gpu_layers: 0,
+        device: None,
     }
 }
 
