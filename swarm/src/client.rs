@@ -730,7 +730,7 @@ impl Client {
                 .peers
                 .iter()
                 .filter(|p| {
-                    !opts.exclude.contains(&p.peer_id)
+                    crate::plan::usable(p, n, &opts)
                         && !rtts.contains_key(&p.peer_id)
                         && !answered.contains(&p.peer_id)
                         && lost.iter().any(|r| p.range[0] < r[1] && r[0] < p.range[1])

@@ -242,7 +242,7 @@ fn hop_cost(p: &PeerView, opts: &PlanOptions) -> f64 {
 }
 
 /// Whether a chain may use `p` at all.
-fn usable(p: &PeerView, n_layers: u32, opts: &PlanOptions) -> bool {
+pub(crate) fn usable(p: &PeerView, n_layers: u32, opts: &PlanOptions) -> bool {
     p.state == ServerState::Online
         && p.throughput.is_finite()
         && p.throughput > 0.0
