@@ -229,7 +229,6 @@ impl DirectArgs {
     }
 }
 
-/// Speculative decoding flags of `node ask` and `api`.
 /// Where llama.cpp runs the layers (GPU builds: `--features cuda`, ...).
 #[derive(Args, Debug)]
 struct OffloadArgs {
@@ -267,6 +266,7 @@ fn parse_gpu_layers(s: &str) -> Result<i32, String> {
         .map_err(|_| format!("expected a layer count or `all`, got {s:?}"))
 }
 
+/// Speculative decoding flags of `node ask` and `api`.
 #[derive(Args, Debug)]
 struct DraftArgs {
     /// Speculative decoding: a small model with the same vocabulary (a

@@ -403,16 +403,12 @@ pub fn offload_devices(
         None => {
             // As llama.cpp: integrated GPUs only where there is no other.
             let all = devices();
-            let gpus: Vec<_> = all
-                .iter()
-                .filter(|d| matches!(d.device_type, T::Gpu))
-                .cloned()
-                .collect();
-            if gpus.is_empty() {
-                all.into_iter().filter(|d| is_gpu(d)).collect()
+            let kind = if all.iter().any(|d| d.device_type == T::Gpu) {
+                T::Gpu
             } else {
-                gpus
-            }
+                T::IntegratedGpu
+            };
+            all.into_iter().filter(|d| d.device_type == kind).collect()
         }
     })
 }
