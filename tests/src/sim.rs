@@ -39,6 +39,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -270,6 +271,13 @@ pub struct SimReport {
     pub moves: usize,
     /// Churn: the most moves one node made.
     pub max_moves_per_node: u32,
+    /// Churn: rebalancing checks run, timed out (the node's event loop did
+    /// not hand over its cache in time) and skipped (the node's previous
+    /// check still running), all nodes together.
+    pub rebalance_checks: (usize, usize, usize),
+    /// Churn: rebalancing checks run per node per simulated minute (the
+    /// simulator aims at `CHECKS_PER_MINUTE`).
+    pub checks_per_node_minute: f64,
     /// Churn: fewest and most holders of a block at the end.
     pub end_replicas_min_max: (usize, usize),
     /// Churn: weakest block's throughput and the mean at the end.
@@ -329,6 +337,79 @@ const GAP_WAIT_MINUTES: f64 = 6.0;
 /// simulated minutes (the product's [`nakshatra_node::placement::MIN_DWELL`]
 /// is 30 minutes, longer than a whole simulated run).
 const SIM_DWELL_MINUTES: f64 = 2.0;
+
+/// Longest a rebalancing check waits for its node's event loop to hand
+/// over the info cache, simulated seconds (then it is counted as timed out
+/// and the node checks again later).
+const REBALANCE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the simulator's rebalancing checks did, counted across nodes.
+#[derive(Debug, Default)]
+struct RebalanceCounts {
+    /// Checks that ran the node's rebalancer.
+    done: AtomicUsize,
+    /// Checks whose node did not hand over its cache in time.
+    timed_out: AtomicUsize,
+    /// Picks skipped because the node's previous check was still running.
+    skipped: AtomicUsize,
+    /// Moves made.
+    moves: AtomicUsize,
+}
+
+/// One rebalancing check of the node behind `client`: its own cached view,
+/// its rebalancer, and the move (a new announcement) if it says so.
+async fn check_once(
+    client: Client,
+    answer_within: Duration,
+    nodes: &tokio::sync::Mutex<Vec<Node>>,
+    state: &Mutex<ChurnState>,
+    counts: &RebalanceCounts,
+) {
+    let infos = match tokio::time::timeout(answer_within, client.cached_infos(Some(MODEL))).await {
+        Ok(Ok(infos)) => infos,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            counts.timed_out.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let view =
+        nakshatra_swarm::build_model_view_with(MODEL, Some(&shape()), &infos, &HashMap::new());
+    let tput = block_throughput(BLOCKS, &view.peers, None);
+    let peer = client.peer_id();
+    let decision = {
+        let mut ns = nodes.lock().await;
+        // Crashed since it was picked: nothing to do.
+        let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) else {
+            return;
+        };
+        counts.done.fetch_add(1, Ordering::Relaxed);
+        let d = node.rebalancer.check(
+            Instant::now(),
+            node.range.clone(),
+            node.tput,
+            &tput,
+            |a, b| u64::from(b.saturating_sub(a)),
+            u64::from(node.budget),
+            None,
+        );
+        match d {
+            Rebalance::Move { to, .. } => Some((to, node.tput)),
+            _ => None,
+        }
+    };
+    let Some((to, t)) = decision else { return };
+    if client.announce(info_for(&to, t)).await.is_err() {
+        return;
+    }
+    let mut ns = nodes.lock().await;
+    if let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) {
+        node.range = to.clone();
+        node.moves += 1;
+        counts.moves.fetch_add(1, Ordering::Relaxed);
+        state.lock().expect("churn state").live.insert(peer, to);
+    }
+}
 
 fn rebalancer(scale: f64) -> Rebalancer {
     Rebalancer::with(
@@ -893,19 +974,31 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     // Rebalancing: every node checks about CHECKS_PER_MINUTE times a
     // simulated minute, from its own info cache (no network traffic), and
     // moves (re-announces another range) when its rebalancer says so.
+    // The checks run side by side, as every node of a real swarm checks on
+    // its own clock: one after another, a 500-node run whose event loops
+    // answer in seconds made one check every few real seconds, so that a
+    // node was checked about once in nine simulated minutes and none ever
+    // reached its three confirmations (the gap stayed open).
+    let checks = Arc::new(RebalanceCounts::default());
+    let t_checks = Instant::now();
     let rebalance = {
         let nodes = nodes.clone();
         let state = state.clone();
+        let checks = checks.clone();
         let mut stop = stop.clone();
         let period = scaled(Duration::from_secs(1), s);
+        let answer_within = scaled(REBALANCE_CHECK_TIMEOUT, s);
         tokio::spawn(async move {
             let mut rng = Lcg::new(0x5eed);
-            let mut moves = 0usize;
+            let mut running = tokio::task::JoinSet::new();
+            // Nodes with a check under way: a node checks one at a time.
+            let busy: Arc<Mutex<HashSet<PeerId>>> = Arc::default();
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
                     _ = stop.wait_for(|s| *s) => break,
                 }
+                while running.try_join_next().is_some() {}
                 // The nodes' lock is never held across a call to a node:
                 // the churn and the joins need it too, and an event loop
                 // may take seconds to answer on a loaded machine.
@@ -920,54 +1013,21 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                         .collect()
                 };
                 for client in picked {
-                    if *stop.borrow() {
-                        break;
-                    }
-                    let Ok(infos) = client.cached_infos(Some(MODEL)).await else {
-                        continue;
-                    };
-                    let view = nakshatra_swarm::build_model_view_with(
-                        MODEL,
-                        Some(&shape()),
-                        &infos,
-                        &HashMap::new(),
-                    );
-                    let tput = block_throughput(BLOCKS, &view.peers, None);
                     let peer = client.peer_id();
-                    let decision = {
-                        let mut ns = nodes.lock().await;
-                        // Crashed since it was picked: nothing to do.
-                        let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) else {
-                            continue;
-                        };
-                        let d = node.rebalancer.check(
-                            Instant::now(),
-                            node.range.clone(),
-                            node.tput,
-                            &tput,
-                            |a, b| u64::from(b.saturating_sub(a)),
-                            u64::from(node.budget),
-                            None,
-                        );
-                        match d {
-                            Rebalance::Move { to, .. } => Some((to, node.tput)),
-                            _ => None,
-                        }
-                    };
-                    let Some((to, t)) = decision else { continue };
-                    if client.announce(info_for(&to, t)).await.is_err() {
+                    if !busy.lock().expect("busy set").insert(peer) {
+                        checks.skipped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    let mut ns = nodes.lock().await;
-                    if let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) {
-                        node.range = to.clone();
-                        node.moves += 1;
-                        moves += 1;
-                        state.lock().expect("churn state").live.insert(peer, to);
-                    }
+                    let (nodes, state, checks, busy) =
+                        (nodes.clone(), state.clone(), checks.clone(), busy.clone());
+                    running.spawn(async move {
+                        let c = &checks;
+                        check_once(client, answer_within, &nodes, &state, c).await;
+                        busy.lock().expect("busy set").remove(&peer);
+                    });
                 }
             }
-            moves
+            running.shutdown().await;
         })
     };
 
@@ -1084,8 +1144,13 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 progress(
                     t0,
                     &format!(
-                        "gap: block {GAP_BLOCK} still uncovered, RSS {:.0} MiB",
-                        rss_mib()
+                        "gap: block {GAP_BLOCK} still uncovered, RSS {:.0} MiB; rebalancing \
+                         checks {} run, {} timed out, {} skipped; {} moves",
+                        rss_mib(),
+                        checks.done.load(Ordering::Relaxed),
+                        checks.timed_out.load(Ordering::Relaxed),
+                        checks.skipped.load(Ordering::Relaxed),
+                        checks.moves.load(Ordering::Relaxed),
                     ),
                 );
                 next_note += scaled(Duration::from_secs(60), s);
@@ -1119,7 +1184,15 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     let _ = stop_tx.send(true);
     let (max_seen, seen, max_hidden, max_bare) = observer.await.expect("observer task");
     let (total, dead, dead_before, took, probes) = asker.await.expect("asker task");
-    report.moves = rebalance.await.expect("rebalance task");
+    rebalance.await.expect("rebalance task");
+    report.checks_per_node_minute = checks.done.load(Ordering::Relaxed) as f64
+        / (cfg.nodes as f64 * t_checks.elapsed().as_secs_f64() / minute.as_secs_f64()).max(1e-9);
+    report.moves = checks.moves.load(Ordering::Relaxed);
+    report.rebalance_checks = (
+        checks.done.load(Ordering::Relaxed),
+        checks.timed_out.load(Ordering::Relaxed),
+        checks.skipped.load(Ordering::Relaxed),
+    );
     {
         let ns = nodes.lock().await;
         report.max_moves_per_node = ns.iter().map(|n| n.moves).max().unwrap_or(0);
