@@ -256,6 +256,11 @@ pub struct SimReport {
     pub chains_dead_before: usize,
     /// Churn: how long each plan took, real seconds.
     pub churn_plan: Pct,
+    /// Churn: why the asker's plans failed, each distinct error with its
+    /// count (at most [`MAX_DISTINCT_ERRORS`], then "other").
+    pub churn_plan_errors: Vec<(String, usize)>,
+    /// Churn: fewest peers the asker was connected to after a plan.
+    pub churn_asker_least_connected: usize,
     /// Churn: the asker's RTT probes over all its plans (made, of which
     /// silent), from [`nakshatra_swarm::Client::probe_stats`].
     pub churn_probes: (u64, u64),
@@ -310,6 +315,29 @@ impl Lcg {
     pub fn below(&mut self, n: usize) -> usize {
         self.next_bits() % n.max(1)
     }
+}
+
+/// Most distinct plan errors a report keeps (an error names its blocks,
+/// so a churning swarm could make many).
+const MAX_DISTINCT_ERRORS: usize = 8;
+
+/// Counts `e` among `errors`, keeping at most [`MAX_DISTINCT_ERRORS`].
+fn count_error(errors: &mut Vec<(String, usize)>, e: String) {
+    let e = if errors.len() >= MAX_DISTINCT_ERRORS && !errors.iter().any(|(m, _)| *m == e) {
+        "other".to_string()
+    } else {
+        e
+    };
+    match errors.iter_mut().find(|(m, _)| *m == e) {
+        Some((_, n)) => *n += 1,
+        None => errors.push((e, 1)),
+    }
+}
+
+/// What the churn's asker saw besides its chains.
+struct AskerReport {
+    errors: Vec<(String, usize)>,
+    least_connected: usize,
 }
 
 /// One simulated serving node.
@@ -714,13 +742,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
                 let t = Instant::now();
                 match c.plan(MODEL, &opts).await {
                     Ok(_) => times.push(t.elapsed().as_secs_f64()),
-                    Err(e) => {
-                        let e = e.to_string();
-                        match errors.iter_mut().find(|(m, _)| *m == e) {
-                            Some((_, n)) => *n += 1,
-                            None => errors.push((e, 1)),
-                        }
-                    }
+                    Err(e) => count_error(&mut errors, e.to_string()),
                 }
             }
             let _ = c.shutdown().await;
@@ -935,6 +957,8 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             };
             let (mut total, mut dead, mut dead_before) = (0usize, 0usize, 0usize);
             let mut took = Vec::new();
+            let mut errors: Vec<(String, usize)> = Vec::new();
+            let mut least_connected = usize::MAX;
             let probes0 = c.probe_stats();
             loop {
                 let began = Instant::now();
@@ -943,6 +967,12 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     _ = stop.wait_for(|s| *s) => break,
                 };
                 took.push(began.elapsed().as_secs_f64());
+                if let Ok(peers) = c.connected_peers().await {
+                    least_connected = least_connected.min(peers.len());
+                }
+                if let Err(e) = &chain {
+                    count_error(&mut errors, e.to_string());
+                }
                 if let Ok(chain) = chain {
                     total += 1;
                     // When each dead hop crashed.
@@ -967,7 +997,11 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             let probes = (probes.made - probes0.made, probes.silent - probes0.silent);
             let _ = c.shutdown().await;
             task.abort();
-            (total, dead, dead_before, took, probes)
+            let asker = AskerReport {
+                errors,
+                least_connected,
+            };
+            (total, dead, dead_before, took, probes, asker)
         })
     };
 
@@ -1183,7 +1217,9 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     }
     let _ = stop_tx.send(true);
     let (max_seen, seen, max_hidden, max_bare) = observer.await.expect("observer task");
-    let (total, dead, dead_before, took, probes) = asker.await.expect("asker task");
+    let (total, dead, dead_before, took, probes, asker) = asker.await.expect("asker task");
+    report.churn_plan_errors = asker.errors;
+    report.churn_asker_least_connected = asker.least_connected;
     rebalance.await.expect("rebalance task");
     report.checks_per_node_minute = checks.done.load(Ordering::Relaxed) as f64
         / (cfg.nodes as f64 * t_checks.elapsed().as_secs_f64() / minute.as_secs_f64()).max(1e-9);
