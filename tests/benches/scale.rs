@@ -7,7 +7,9 @@
 //! about 20 minutes on 2 cores), or
 //! `NAKSHATRA_SIM_NODES=50,100 cargo bench -p nakshatra-e2e --bench scale`.
 //! `NAKSHATRA_SIM_SCALE=2` forces one time scale for every size (default:
-//! [`default_scale`]).
+//! [`default_scale`]); `NAKSHATRA_SIM_WARMUP=4` measures 4 refreshes after
+//! the announcements instead of 1 (the start's Kademlia bootstraps then
+//! fall outside the window: docs/scale.md).
 
 use nakshatra_e2e::sim::{run, steady_details, table_row, SimConfig, TABLE_HEADER};
 

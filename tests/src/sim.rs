@@ -77,14 +77,19 @@ pub struct SimConfig {
     /// After the churn, crash every holder of [`GAP_BLOCK`] with nobody
     /// joining, and time how long rebalancing takes to cover it again.
     pub gap_phase: bool,
+    /// Refreshes (simulated) between the announcements and the
+    /// steady-state minute: the start's transients (Kademlia's bootstraps
+    /// while routing tables fill) end in the warm-up, not in the window.
+    pub warmup_refreshes: u32,
     /// Seed of every random choice.
     pub seed: u64,
 }
 
 impl SimConfig {
     /// The steady-state measurement for `nodes` nodes.
-    /// `NAKSHATRA_SIM_FRESH` and `NAKSHATRA_SIM_PLANS` override the
-    /// fresh nodes (3) and plans (20) timed.
+    /// `NAKSHATRA_SIM_FRESH`, `NAKSHATRA_SIM_PLANS` and
+    /// `NAKSHATRA_SIM_WARMUP` override the fresh nodes (3) and plans (20)
+    /// timed and the warm-up refreshes (1).
     pub fn steady(nodes: usize, time_scale: f64) -> Self {
         let env = |k: &str, d: usize| {
             std::env::var(k)
@@ -100,6 +105,7 @@ impl SimConfig {
             churn_minutes: 0,
             churn_per_minute: 0.10,
             gap_phase: false,
+            warmup_refreshes: env("NAKSHATRA_SIM_WARMUP", 1) as u32,
             seed: 0x2545_f491_4f6c_dd1d ^ nodes as u64,
         }
     }
@@ -676,7 +682,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     }))
     .await;
     progress(t0, "announced");
-    tokio::time::sleep(scaled(SwarmConfig::server().refresh, s)).await;
+    tokio::time::sleep(scaled(SwarmConfig::server().refresh, s) * cfg.warmup_refreshes).await;
 
     // 2. One simulated minute of steady state.
     let minute = scaled(Duration::from_secs(60), s);
