@@ -265,8 +265,9 @@ pub struct SimReport {
     /// Churn: why the asker's plans failed, each distinct error with its
     /// count (at most [`MAX_DISTINCT_ERRORS`], then "other").
     pub churn_plan_errors: Vec<(String, usize)>,
-    /// Churn: fewest peers the asker was connected to after a plan.
-    pub churn_asker_least_connected: usize,
+    /// Churn: fewest peers the asker was connected to after a plan
+    /// (`None`: no plan returned).
+    pub churn_asker_least_connected: Option<usize>,
     /// Churn: the asker's RTT probes over all its plans (made, of which
     /// silent), from [`nakshatra_swarm::Client::probe_stats`].
     pub churn_probes: (u64, u64),
@@ -286,8 +287,8 @@ pub struct SimReport {
     /// not hand over its cache in time) and skipped (the node's previous
     /// check still running), all nodes together.
     pub rebalance_checks: (usize, usize, usize),
-    /// Churn: rebalancing checks run per node per simulated minute (the
-    /// simulator aims at `CHECKS_PER_MINUTE`).
+    /// Churn: rebalancing checks run per node (of the configured count)
+    /// per simulated minute (the simulator aims at `CHECKS_PER_MINUTE`).
     pub checks_per_node_minute: f64,
     /// Churn: fewest and most holders of a block at the end.
     pub end_replicas_min_max: (usize, usize),
@@ -343,7 +344,7 @@ fn count_error(errors: &mut Vec<(String, usize)>, e: String) {
 /// What the churn's asker saw besides its chains.
 struct AskerReport {
     errors: Vec<(String, usize)>,
-    least_connected: usize,
+    least_connected: Option<usize>,
 }
 
 /// One simulated serving node.
@@ -964,7 +965,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             let (mut total, mut dead, mut dead_before) = (0usize, 0usize, 0usize);
             let mut took = Vec::new();
             let mut errors: Vec<(String, usize)> = Vec::new();
-            let mut least_connected = usize::MAX;
+            let mut least_connected: Option<usize> = None;
             let probes0 = c.probe_stats();
             loop {
                 let began = Instant::now();
@@ -974,7 +975,8 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 };
                 took.push(began.elapsed().as_secs_f64());
                 if let Ok(peers) = c.connected_peers().await {
-                    least_connected = least_connected.min(peers.len());
+                    least_connected =
+                        Some(least_connected.map_or(peers.len(), |l| l.min(peers.len())));
                 }
                 if let Err(e) = &chain {
                     count_error(&mut errors, e.to_string());
@@ -1061,8 +1063,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     let (nodes, state, checks, busy) =
                         (nodes.clone(), state.clone(), checks.clone(), busy.clone());
                     running.spawn(async move {
-                        let c = &checks;
-                        check_once(client, answer_within, &nodes, &state, c).await;
+                        check_once(client, answer_within, &nodes, &state, &checks).await;
                         busy.lock().expect("busy set").remove(&peer);
                     });
                 }

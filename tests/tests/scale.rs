@@ -88,7 +88,7 @@ fn churn_keeps_the_map_true_and_the_nodes_bounded() {
         r.gap.and_then(|g| g.1)
     );
     println!(
-        "churn asker: plan errors {:?}; fewest peers connected after a plan {}",
+        "churn asker: plan errors {:?}; fewest peers connected after a plan {:?}",
         r.churn_plan_errors, r.churn_asker_least_connected
     );
     println!(
