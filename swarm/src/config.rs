@@ -59,6 +59,11 @@ pub struct SwarmConfig {
     /// first or last hop that stays silent this long is left out of a
     /// plan. Default 3 s.
     pub probe_timeout: Duration,
+    /// Longest a connection may take from dial (or accept) to a ready
+    /// noise + yamux session, on TCP and the in-process transport (a host
+    /// that drops SYNs would otherwise hold a dial for minutes). Default
+    /// 10 s.
+    pub dial_timeout: Duration,
     /// How long an idle connection is kept open. Default 60 s.
     pub idle_connection_timeout: Duration,
     /// Gossipsub's heartbeat (mesh upkeep, gossip of message ids to
@@ -186,6 +191,7 @@ impl SwarmConfig {
             request_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
             probe_timeout: Duration::from_secs(3),
+            dial_timeout: crate::transport::TCP_DIAL_TIMEOUT,
             idle_connection_timeout: Duration::from_secs(60),
             gossip_heartbeat: Duration::from_secs(1),
             connections: Watermarks::default(),
@@ -220,6 +226,7 @@ impl SwarmConfig {
             ("request_timeout", self.request_timeout),
             ("ping_interval", self.ping_interval),
             ("probe_timeout", self.probe_timeout),
+            ("dial_timeout", self.dial_timeout),
             ("gossip_heartbeat", self.gossip_heartbeat),
             ("mdns_query_interval", self.mdns_query_interval),
             ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),

@@ -227,6 +227,7 @@ fn build_swarm(
     // raw TCP dials watched for refusals that end QUIC dials early
     // (`transport.rs`).
     use libp2p::core::Transport as _;
+    let dial_timeout = config.dial_timeout;
     let refusals = transport::TcpRefusals::default();
     let bytes_sent_memory = bytes_sent.clone();
     let tcp_refusals = refusals.clone();
@@ -244,7 +245,7 @@ fn build_swarm(
                 .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                 .authenticate(noise)
                 .multiplex(yamux::Config::default())
-                .timeout(transport::TCP_DIAL_TIMEOUT))
+                .timeout(dial_timeout))
         })
         .map_err(|e| transport_err(&e))?;
     // `/memory/N`, only when asked for (simulations).
@@ -265,7 +266,7 @@ fn build_swarm(
                 .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                 .authenticate(noise)
                 .multiplex(yamux::Config::default())
-                .timeout(transport::TCP_DIAL_TIMEOUT))
+                .timeout(dial_timeout))
         })
         .map_err(|e| transport_err(&e))?;
     #[cfg(feature = "quic")]

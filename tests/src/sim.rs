@@ -341,6 +341,20 @@ fn count_error(errors: &mut Vec<(String, usize)>, e: String) {
     }
 }
 
+/// The churn's asker as it goes, for the progress lines (a 500-node run
+/// takes two hours; its closing figures come only at the end).
+#[derive(Default)]
+struct AskerLive {
+    ok: usize,
+    failed: usize,
+    last_error: Option<String>,
+    /// Peers connected after the last plan.
+    connected: usize,
+    /// Serving peers in the asker's info cache after the last plan, and
+    /// how many of them hold the first and the last block.
+    cached: (usize, usize, usize),
+}
+
 /// What the churn's asker saw besides its chains.
 struct AskerReport {
     errors: Vec<(String, usize)>,
@@ -541,7 +555,16 @@ pub fn sim_config(server: bool, bootstrap: Option<Multiaddr>, scale: f64) -> Swa
     }
     c.query_timeout = scaled(c.query_timeout, scale);
     c.ping_interval = scaled(c.ping_interval, scale);
-    c.probe_timeout = scaled(c.probe_timeout, scale);
+    // A dial and a probe wait on the machine (every stack's event loop
+    // shares two cores), not on the simulated network, which has no
+    // latency: their timeouts follow a slower clock but are never
+    // shortened below the product's. The dial timeout unscaled, 10 s real
+    // against event loops answering in 6-13 s at 500 nodes, failed most
+    // of the churn asker's dials (two peers connected after six minutes)
+    // and every plan with them; the probe timeout at 0.75 s real (time
+    // scale 0.25) left live edge holders "unreachable".
+    c.probe_timeout = scaled(c.probe_timeout, scale.max(1.0));
+    c.dial_timeout = scaled(c.dial_timeout, scale.max(1.0));
     c.gossip_heartbeat = scaled(c.gossip_heartbeat, scale);
     c.request_timeout = scaled(c.request_timeout, scale);
     c
@@ -950,8 +973,10 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     };
 
     // The asker: plans and checks them against the crashes.
+    let asker_live: Arc<Mutex<AskerLive>> = Arc::default();
     let asker = {
         let state = state.clone();
+        let live = asker_live.clone();
         let mut stop = stop.clone();
         let b = nodes.lock().await[1].addr.clone();
         let period = scaled(Duration::from_secs(2), s);
@@ -974,12 +999,29 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     _ = stop.wait_for(|s| *s) => break,
                 };
                 took.push(began.elapsed().as_secs_f64());
+                let mut connected = 0;
                 if let Ok(peers) = c.connected_peers().await {
+                    connected = peers.len();
                     least_connected =
                         Some(least_connected.map_or(peers.len(), |l| l.min(peers.len())));
                 }
                 if let Err(e) = &chain {
                     count_error(&mut errors, e.to_string());
+                }
+                {
+                    let cached = c.cached_infos(Some(MODEL)).await.unwrap_or_default();
+                    let first = cached.iter().filter(|(_, i)| i.start == 0).count();
+                    let last = cached.iter().filter(|(_, i)| i.end == BLOCKS).count();
+                    let mut l = live.lock().expect("asker progress");
+                    match &chain {
+                        Ok(_) => l.ok += 1,
+                        Err(e) => {
+                            l.failed += 1;
+                            l.last_error = Some(e.to_string());
+                        }
+                    }
+                    l.connected = connected;
+                    l.cached = (cached.len(), first, last);
                 }
                 if let Ok(chain) = chain {
                     total += 1;
@@ -1078,7 +1120,17 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     let mut joins: Vec<JoinHandle<()>> = Vec::new();
     let t0 = Instant::now();
     for m in 0..cfg.churn_minutes {
-        progress(t0, &format!("churn: simulated minute {m}"));
+        {
+            let l = asker_live.lock().expect("asker progress");
+            progress(
+                t0,
+                &format!(
+                    "churn: simulated minute {m}; asker: {} chains, {} failed (last: {:?}), \
+                     {} peers connected, {} infos cached ({} first-block, {} last-block holders)",
+                    l.ok, l.failed, l.last_error, l.connected, l.cached.0, l.cached.1, l.cached.2
+                ),
+            );
+        }
         {
             let live = state.lock().expect("churn state").live.len();
             let tasks = tokio::runtime::Handle::current()

@@ -22,6 +22,14 @@ use nakshatra_e2e::sim::{run, steady_details, table_row, SimConfig, GAP_BLOCK, T
 
 #[test]
 fn churn_keeps_the_map_true_and_the_nodes_bounded() {
+    // RUST_LOG set: every stack's logs on stderr (for example
+    // `nakshatra_swarm::probe=debug` says why probes went unanswered).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let full = std::env::var("NAKSHATRA_SIM_FULL").is_ok_and(|v| v == "1");
     let cfg = if full {
         let scale = std::env::var("NAKSHATRA_SIM_SCALE")
