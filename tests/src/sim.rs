@@ -1125,9 +1125,20 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             progress(
                 t0,
                 &format!(
-                    "churn: simulated minute {m}; asker: {} chains, {} failed (last: {:?}), \
-                     {} peers connected, {} infos cached ({} first-block, {} last-block holders)",
-                    l.ok, l.failed, l.last_error, l.connected, l.cached.0, l.cached.1, l.cached.2
+                    "churn: simulated minute {m}, RSS {:.0} MiB, {} tasks; asker: {} chains, {} \
+                     failed (last: {:?}), {} peers connected, {} infos cached ({} first-block, {} \
+                     last-block holders)",
+                    rss_mib(),
+                    tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks(),
+                    l.ok,
+                    l.failed,
+                    l.last_error,
+                    l.connected,
+                    l.cached.0,
+                    l.cached.1,
+                    l.cached.2
                 ),
             );
         }
