@@ -30,11 +30,12 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 /// Longest a TCP connection may take from dial to a ready noise + yamux
-/// session, by default ([`crate::SwarmConfig::dial_timeout`]). A host that drops SYNs (a NAT router with nothing forwarded,
-/// a firewall) would otherwise hold the dial for the kernel's SYN retries
-/// (minutes): an AutoNAT dial-back to such an address would never report
-/// it unreachable, and a node behind that router would never reserve a
-/// relay slot. QUIC has its own handshake timeout (5 s).
+/// session, by default ([`crate::SwarmConfig::dial_timeout`]). A host
+/// that drops SYNs (a NAT router with nothing forwarded, a firewall) would
+/// otherwise hold the dial for the kernel's SYN retries (minutes): an
+/// AutoNAT dial-back to such an address would never report it
+/// unreachable, and a node behind that router would never reserve a relay
+/// slot. QUIC has its own handshake timeout (5 s).
 pub(crate) const TCP_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a pending QUIC dial checks for a refusal of its TCP twin.

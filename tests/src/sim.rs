@@ -1005,9 +1005,6 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     least_connected =
                         Some(least_connected.map_or(peers.len(), |l| l.min(peers.len())));
                 }
-                if let Err(e) = &chain {
-                    count_error(&mut errors, e.to_string());
-                }
                 {
                     let cached = c.cached_infos(Some(MODEL)).await.unwrap_or_default();
                     let first = cached.iter().filter(|(_, i)| i.start == 0).count();
@@ -1016,8 +1013,10 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     match &chain {
                         Ok(_) => l.ok += 1,
                         Err(e) => {
+                            let e = e.to_string();
+                            count_error(&mut errors, e.clone());
                             l.failed += 1;
-                            l.last_error = Some(e.to_string());
+                            l.last_error = Some(e);
                         }
                     }
                     l.connected = connected;
@@ -1121,33 +1120,23 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     let t0 = Instant::now();
     for m in 0..cfg.churn_minutes {
         {
-            let l = asker_live.lock().expect("asker progress");
-            progress(
-                t0,
-                &format!(
-                    "churn: simulated minute {m}, RSS {:.0} MiB, {} tasks; asker: {} chains, {} \
-                     failed (last: {:?}), {} peers connected, {} infos cached ({} first-block, {} \
-                     last-block holders)",
-                    rss_mib(),
-                    tokio::runtime::Handle::current()
-                        .metrics()
-                        .num_alive_tasks(),
-                    l.ok,
-                    l.failed,
-                    l.last_error,
-                    l.connected,
-                    l.cached.0,
-                    l.cached.1,
-                    l.cached.2
-                ),
-            );
-        }
-        {
+            // One sample for the report and the progress line.
             let live = state.lock().expect("churn state").live.len();
             let tasks = tokio::runtime::Handle::current()
                 .metrics()
                 .num_alive_tasks();
-            report.samples.push((m, live, rss_mib(), tasks));
+            let rss = rss_mib();
+            report.samples.push((m, live, rss, tasks));
+            let l = asker_live.lock().expect("asker progress");
+            progress(
+                t0,
+                &format!(
+                    "churn: simulated minute {m}, RSS {rss:.0} MiB, {tasks} tasks; asker: {} \
+                     chains, {} failed (last: {:?}), {} peers connected, {} infos cached ({} \
+                     first-block, {} last-block holders)",
+                    l.ok, l.failed, l.last_error, l.connected, l.cached.0, l.cached.1, l.cached.2
+                ),
+            );
         }
         for _ in 0..per_minute {
             // Crash a random live node.
