@@ -279,6 +279,9 @@ pub struct SimReport {
     /// Serving nodes whose event loop ended on its own (a panic inside
     /// libp2p, say) before the simulation stopped or crashed it.
     pub loops_died: usize,
+    /// Churn: joins placed and announced, and joins given up (not placed
+    /// within [`JOIN_DEADLINE`], or their announcement failed).
+    pub joins: (usize, usize),
     /// Churn: rebalancing moves in all, and the most by one node.
     pub moves: usize,
     /// Churn: the most moves one node made.
@@ -392,6 +395,28 @@ const SIM_DWELL_MINUTES: f64 = 2.0;
 /// and the node checks again later).
 const REBALANCE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest a joining node may take from its start to its announcement,
+/// simulated seconds. Past it the join is given up (its stack stopped) and
+/// counted: a join that never ends would keep a stack running outside the
+/// node list, neither crashed by the churn nor counted live, and on a
+/// saturated machine such stacks could pile up.
+const JOIN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Longest the churn's minute line waits for a node's stats, simulated
+/// seconds (a node that does not answer is left out of it).
+const MINUTE_STATS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The churn's joins, counted as they go.
+#[derive(Debug, Default)]
+struct JoinCounts {
+    /// Started, not placed or given up yet.
+    in_flight: AtomicUsize,
+    /// Placed and announced.
+    done: AtomicUsize,
+    /// Given up at [`JOIN_DEADLINE`] or failed to announce.
+    failed: AtomicUsize,
+}
+
 /// What the simulator's rebalancing checks did, counted across nodes.
 #[derive(Debug, Default)]
 struct RebalanceCounts {
@@ -403,6 +428,8 @@ struct RebalanceCounts {
     skipped: AtomicUsize,
     /// Moves made.
     moves: AtomicUsize,
+    /// Checks under way now.
+    running: AtomicUsize,
 }
 
 /// One rebalancing check of the node behind `client`: its own cached view,
@@ -410,7 +437,7 @@ struct RebalanceCounts {
 async fn check_once(
     client: Client,
     answer_within: Duration,
-    nodes: &tokio::sync::Mutex<Vec<Node>>,
+    nodes: &Mutex<Vec<Node>>,
     state: &Mutex<ChurnState>,
     counts: &RebalanceCounts,
 ) {
@@ -427,7 +454,7 @@ async fn check_once(
     let tput = block_throughput(BLOCKS, &view.peers, None);
     let peer = client.peer_id();
     let decision = {
-        let mut ns = nodes.lock().await;
+        let mut ns = nodes.lock().expect("node list");
         // Crashed since it was picked: nothing to do.
         let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) else {
             return;
@@ -451,7 +478,7 @@ async fn check_once(
     if client.announce(info_for(&to, t)).await.is_err() {
         return;
     }
-    let mut ns = nodes.lock().await;
+    let mut ns = nodes.lock().expect("node list");
     if let Some(node) = ns.iter_mut().find(|n| n.client.peer_id() == peer) {
         node.range = to.clone();
         node.moves += 1;
@@ -906,7 +933,12 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             st.live.insert(n.client.peer_id(), n.range.clone());
         }
     }
-    let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
+    // A plain mutex, never held across an await: tokio's fair one hands
+    // the lock from waiter to waiter, each handover waiting for the next
+    // waiter's turn on the runtime, and at 500 nodes on 2 cores (a turn
+    // takes seconds) the churn driver queued behind every rebalancing
+    // check of the minute.
+    let nodes = Arc::new(Mutex::new(nodes));
     // Set once at the end; every task sees it whenever it looks (a
     // `Notify` only wakes tasks waiting at that instant, and a rebalancing
     // round of a 500-node run on 2 cores can outlast any wait for it).
@@ -916,7 +948,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     let observer = {
         let state = state.clone();
         let mut stop = stop.clone();
-        let b = nodes.lock().await[0].addr.clone();
+        let b = nodes.lock().expect("node list")[0].addr.clone();
         let period = scaled(Duration::from_secs(3), s);
         tokio::spawn(async move {
             let (c, task, _) = start_stack(false, Some(b), s).await;
@@ -978,7 +1010,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
         let state = state.clone();
         let live = asker_live.clone();
         let mut stop = stop.clone();
-        let b = nodes.lock().await[1].addr.clone();
+        let b = nodes.lock().expect("node list")[1].addr.clone();
         let period = scaled(Duration::from_secs(2), s);
         tokio::spawn(async move {
             let (c, task, _) = start_stack(false, Some(b), s).await;
@@ -1086,7 +1118,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 // the churn and the joins need it too, and an event loop
                 // may take seconds to answer on a loaded machine.
                 let picked: Vec<Client> = {
-                    let ns = nodes.lock().await;
+                    let ns = nodes.lock().expect("node list");
                     // Each node checks with probability
                     // CHECKS_PER_MINUTE/60 per simulated second.
                     let k = ((ns.len() as f64 * CHECKS_PER_MINUTE / 60.0).round() as usize).max(1);
@@ -1103,9 +1135,11 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     }
                     let (nodes, state, checks, busy) =
                         (nodes.clone(), state.clone(), checks.clone(), busy.clone());
+                    checks.running.fetch_add(1, Ordering::Relaxed);
                     running.spawn(async move {
                         check_once(client, answer_within, &nodes, &state, &checks).await;
                         busy.lock().expect("busy set").remove(&peer);
+                        checks.running.fetch_sub(1, Ordering::Relaxed);
                     });
                 }
             }
@@ -1115,6 +1149,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
 
     // The churn itself: one crash and one join every `tick`.
     let per_minute = ((cfg.nodes as f64 * cfg.churn_per_minute).round() as usize).max(1);
+    let join_counts = Arc::new(JoinCounts::default());
     let tick = minute.div_f64(per_minute as f64);
     let mut joins: Vec<JoinHandle<()>> = Vec::new();
     let t0 = Instant::now();
@@ -1131,17 +1166,71 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             progress(
                 t0,
                 &format!(
-                    "churn: simulated minute {m}, RSS {rss:.0} MiB, {tasks} tasks; asker: {} \
-                     chains, {} failed (last: {:?}), {} peers connected, {} infos cached ({} \
-                     first-block, {} last-block holders)",
-                    l.ok, l.failed, l.last_error, l.connected, l.cached.0, l.cached.1, l.cached.2
+                    "churn: simulated minute {m}, RSS {rss:.0} MiB, {tasks} tasks, {live} live \
+                     nodes, joins {} under way ({} placed, {} given up), {} rebalancing checks \
+                     under way; asker: {} chains, {} failed (last: {:?}), {} peers connected, {} \
+                     infos cached ({} first-block, {} last-block holders)",
+                    join_counts.in_flight.load(Ordering::Relaxed),
+                    join_counts.done.load(Ordering::Relaxed),
+                    join_counts.failed.load(Ordering::Relaxed),
+                    checks.running.load(Ordering::Relaxed),
+                    l.ok,
+                    l.failed,
+                    l.last_error,
+                    l.connected,
+                    l.cached.0,
+                    l.cached.1,
+                    l.cached.2
                 ),
             );
+        }
+        // The nodes' own figures, off the driver's path (500 event loops
+        // take seconds to answer): connections and how far behind the
+        // loops run.
+        {
+            let clients: Vec<Client> = nodes
+                .lock()
+                .expect("node list")
+                .iter()
+                .map(|n| n.client.clone())
+                .collect();
+            let within = scaled(MINUTE_STATS_TIMEOUT, s);
+            tokio::spawn(async move {
+                let answers = futures::future::join_all(clients.iter().map(|c| async {
+                    let t = Instant::now();
+                    let st = tokio::time::timeout(within, c.stats()).await;
+                    (st.ok().and_then(Result::ok), t.elapsed().as_secs_f64())
+                }))
+                .await;
+                let lag = Pct::of(answers.iter().map(|a| a.1).collect());
+                let conns: Vec<usize> = answers
+                    .iter()
+                    .filter_map(|a| a.0.as_ref().map(|st| st.connected_peers))
+                    .collect();
+                let stored: usize = answers
+                    .iter()
+                    .filter_map(|a| a.0.as_ref().map(|st| st.stored_records))
+                    .sum();
+                progress(
+                    t0,
+                    &format!(
+                        "churn: simulated minute {m}, nodes' figures: {} of {} answered (one crashed since does not), event \
+                         loops answer p50 {:.1} s p99 {:.1} s; peers connected mean {:.0} most \
+                         {}; DHT records stored {stored}",
+                        conns.len(),
+                        clients.len(),
+                        lag.p50,
+                        lag.p99,
+                        conns.iter().sum::<usize>() as f64 / conns.len().max(1) as f64,
+                        conns.iter().max().copied().unwrap_or(0),
+                    ),
+                );
+            });
         }
         for _ in 0..per_minute {
             // Crash a random live node.
             {
-                let mut ns = nodes.lock().await;
+                let mut ns = nodes.lock().expect("node list");
                 if !ns.is_empty() {
                     let i = rng.below(ns.len());
                     let victim = ns.swap_remove(i);
@@ -1158,30 +1247,53 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
             }
             // And start a new one, which places itself from its own view.
             let boot = {
-                let ns = nodes.lock().await;
+                let ns = nodes.lock().expect("node list");
                 ns[rng.below(ns.len())].addr.clone()
             };
             let (budget, t) = hardware(rng);
             let nodes2 = nodes.clone();
             let state2 = state.clone();
+            let counts = join_counts.clone();
+            // Never under a real minute: a join's dials and probes wait on
+            // the machine, which the simulated clock does not speed up.
+            let deadline = scaled(JOIN_DEADLINE, s).max(Duration::from_secs(60));
+            counts.in_flight.fetch_add(1, Ordering::Relaxed);
             joins.push(tokio::spawn(async move {
                 let (client, task, addr) = start_stack(true, Some(boot), s).await;
-                let _ = client.wait_connected(Duration::from_secs(10)).await;
-                let view = client
-                    .model_view_with(MODEL, &shape())
-                    .await
-                    .unwrap_or_default();
-                let tput = nakshatra_node::placement::block_throughput(BLOCKS, &view.peers, None);
-                let tput = if tput.len() == BLOCKS as usize {
-                    tput
-                } else {
-                    vec![0.0; BLOCKS as usize]
-                };
-                let range = place(&tput, budget);
-                if client.announce(info_for(&range, t)).await.is_err() {
+                let placed = tokio::time::timeout(deadline, async {
+                    let _ = client.wait_connected(Duration::from_secs(10)).await;
+                    let view = client
+                        .model_view_with(MODEL, &shape())
+                        .await
+                        .unwrap_or_default();
+                    let tput =
+                        nakshatra_node::placement::block_throughput(BLOCKS, &view.peers, None);
+                    let tput = if tput.len() == BLOCKS as usize {
+                        tput
+                    } else {
+                        vec![0.0; BLOCKS as usize]
+                    };
+                    let range = place(&tput, budget);
+                    client.announce(info_for(&range, t)).await.ok()?;
+                    Some(range)
+                })
+                .await;
+                counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let Ok(Some(range)) = placed else {
+                    // Given up: the stack stops (a `JoinHandle` dropped
+                    // would leave its event loop running, unseen).
+                    // Its announcement may have gone out: to the views
+                    // it is a node that crashed now.
+                    counts.failed.fetch_add(1, Ordering::Relaxed);
                     task.abort();
+                    state2
+                        .lock()
+                        .expect("churn state")
+                        .crashed
+                        .insert(client.peer_id(), Instant::now());
                     return;
-                }
+                };
+                counts.done.fetch_add(1, Ordering::Relaxed);
                 state2
                     .lock()
                     .expect("churn state")
@@ -1189,7 +1301,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                     .insert(client.peer_id(), range.clone());
                 nodes2
                     .lock()
-                    .await
+                    .expect("node list")
                     .push(Node::new(client, task, addr, budget, t, range, s));
             }));
             tokio::time::sleep(tick).await;
@@ -1202,7 +1314,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
         let t_gap = Instant::now();
         let mut killed = 0;
         {
-            let mut ns = nodes.lock().await;
+            let mut ns = nodes.lock().expect("node list");
             let mut st = state.lock().expect("churn state");
             let mut i = 0;
             while i < ns.len() {
@@ -1283,13 +1395,17 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     report.checks_per_node_minute = checks.done.load(Ordering::Relaxed) as f64
         / (cfg.nodes as f64 * t_checks.elapsed().as_secs_f64() / minute.as_secs_f64()).max(1e-9);
     report.moves = checks.moves.load(Ordering::Relaxed);
+    report.joins = (
+        join_counts.done.load(Ordering::Relaxed),
+        join_counts.failed.load(Ordering::Relaxed),
+    );
     report.rebalance_checks = (
         checks.done.load(Ordering::Relaxed),
         checks.timed_out.load(Ordering::Relaxed),
         checks.skipped.load(Ordering::Relaxed),
     );
     {
-        let ns = nodes.lock().await;
+        let ns = nodes.lock().expect("node list");
         report.max_moves_per_node = ns.iter().map(|n| n.moves).max().unwrap_or(0);
         (report.end_replicas_min_max, report.end_weakest_block_tput) =
             balance(ns.iter().map(|n| (&n.range, n.tput)));
@@ -1305,7 +1421,7 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
     for j in joins {
         j.abort();
     }
-    for n in nodes.lock().await.drain(..) {
+    for n in nodes.lock().expect("node list").drain(..) {
         if n.task.is_finished() {
             report.loops_died += 1;
         }

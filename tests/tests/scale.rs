@@ -107,11 +107,25 @@ fn churn_keeps_the_map_true_and_the_nodes_bounded() {
          (the node's previous check still running)",
         r.rebalance_checks.0, r.checks_per_node_minute, r.rebalance_checks.1, r.rebalance_checks.2
     );
+    println!(
+        "joins: {} placed and announced, {} given up (not placed within the join deadline)",
+        r.joins.0, r.joins.1
+    );
     for (m, live, rss, tasks) in &r.samples {
         println!("minute {m}: {live} live nodes, RSS {rss:.0} MiB, {tasks} tasks");
     }
 
     assert!(r.crashed > 0, "nothing crashed: the churn did not run");
+    // The swarm must stay the size it was: a join that cannot place
+    // itself (no view, no announcement) within its deadline is the
+    // simulator falling behind, and more than a few would shrink the swarm
+    // under the churn.
+    assert!(
+        r.joins.1 * 10 <= r.joins.0 + r.joins.1,
+        "{} of {} joins were given up",
+        r.joins.1,
+        r.joins.0 + r.joins.1
+    );
     assert_eq!(r.loops_died, 0, "event loops ended on their own (a panic?)");
     // Slack for the observer's own period (3 simulated seconds) and one
     // view's time.
