@@ -96,6 +96,8 @@ pub(crate) struct StreamShared {
     test_link_delay: Option<Duration>,
     /// [`crate::SwarmConfig::probe_timeout`].
     probe_timeout: Duration,
+    /// [`crate::SwarmConfig::silent_peer_memory`].
+    silent_peer_memory: Duration,
     /// Probes this node made (answers reused within
     /// [`crate::probe::PROBE_REUSE`] not counted), and of those, the ones
     /// that got no answer: [`Client::probe_stats`].
@@ -150,6 +152,7 @@ impl Client {
         control: Control,
         test_link_delay: Option<Duration>,
         probe_timeout: Duration,
+        silent_peer_memory: Duration,
         direct: Option<Arc<crate::stream::direct::Direct>>,
     ) -> Self {
         Client {
@@ -161,6 +164,7 @@ impl Client {
                 probe_slots: Mutex::new(HashMap::new()),
                 test_link_delay,
                 probe_timeout,
+                silent_peer_memory,
                 probes_made: Default::default(),
                 probes_silent: Default::default(),
                 direct,
@@ -629,12 +633,13 @@ impl Client {
     /// excluded. [`PlanError::NoModel`]: nobody announces the model.
     ///
     /// Peers whose last probe from this node got no answer, less than
-    /// [`SILENT_PEER_MEMORY`] ago, are left out as if excluded; if no
+    /// [`crate::SwarmConfig::silent_peer_memory`] ago
+    /// ([`SILENT_PEER_MEMORY`] by default), are left out as if excluded; if no
     /// chain can be made without them, the plan is made again with them.
     pub async fn plan(&self, model_id: &str, opts: &PlanOptions) -> Result<Chain, PlanError> {
         validate_model_id(model_id).map_err(LookupError::from)?;
         let silent: HashSet<PeerId> = self
-            .recently_silent(SILENT_PEER_MEMORY)
+            .recently_silent(self.streams.silent_peer_memory)
             .into_iter()
             .filter(|p| !opts.exclude.contains(p))
             .collect();

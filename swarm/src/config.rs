@@ -64,6 +64,10 @@ pub struct SwarmConfig {
     /// that drops SYNs would otherwise hold a dial for minutes). Default
     /// 10 s.
     pub dial_timeout: Duration,
+    /// How long a peer that did not answer this node's last RTT probe
+    /// stays out of its plans ([`crate::Client::plan`]). Default
+    /// [`crate::SILENT_PEER_MEMORY`] (60 s).
+    pub silent_peer_memory: Duration,
     /// How long an idle connection is kept open. Default 60 s.
     pub idle_connection_timeout: Duration,
     /// Gossipsub's heartbeat (mesh upkeep, gossip of message ids to
@@ -192,6 +196,7 @@ impl SwarmConfig {
             ping_interval: Duration::from_secs(15),
             probe_timeout: Duration::from_secs(3),
             dial_timeout: crate::transport::TCP_DIAL_TIMEOUT,
+            silent_peer_memory: crate::client::SILENT_PEER_MEMORY,
             idle_connection_timeout: Duration::from_secs(60),
             gossip_heartbeat: Duration::from_secs(1),
             connections: Watermarks::default(),
@@ -227,6 +232,7 @@ impl SwarmConfig {
             ("ping_interval", self.ping_interval),
             ("probe_timeout", self.probe_timeout),
             ("dial_timeout", self.dial_timeout),
+            ("silent_peer_memory", self.silent_peer_memory),
             ("gossip_heartbeat", self.gossip_heartbeat),
             ("mdns_query_interval", self.mdns_query_interval),
             ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),

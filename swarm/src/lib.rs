@@ -204,6 +204,7 @@ pub async fn spawn(
         control.clone(),
         config.link_delay(),
         config.probe_timeout,
+        config.silent_peer_memory,
         direct,
     );
     client.serve_direct_port();
