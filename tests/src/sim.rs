@@ -678,17 +678,26 @@ fn rss_mib() -> f64 {
 }
 
 async fn all_stats(nodes: &[Node]) -> Vec<Option<SwarmStats>> {
-    all_stats_timed(nodes).await.0
+    all_stats_timed(nodes.iter().map(|n| &n.client), None)
+        .await
+        .0
 }
 
 /// Every node's stats, and how long each event loop took to answer (a
 /// command waits behind everything the loop has queued: on an overloaded
-/// machine this grows, and the time scale is too small).
-async fn all_stats_timed(nodes: &[Node]) -> (Vec<Option<SwarmStats>>, Vec<f64>) {
-    futures::future::join_all(nodes.iter().map(|n| async {
+/// machine this grows, and the time scale is too small). With `within`, a
+/// node that has not answered by then counts as `None`.
+async fn all_stats_timed<'a>(
+    clients: impl IntoIterator<Item = &'a Client>,
+    within: Option<Duration>,
+) -> (Vec<Option<SwarmStats>>, Vec<f64>) {
+    futures::future::join_all(clients.into_iter().map(|c| async move {
         let t = Instant::now();
-        let s = n.client.stats().await.ok();
-        (s, t.elapsed().as_secs_f64())
+        let s = match within {
+            Some(w) => tokio::time::timeout(w, c.stats()).await.ok(),
+            None => Some(c.stats().await),
+        };
+        (s.and_then(Result::ok), t.elapsed().as_secs_f64())
     }))
     .await
     .into_iter()
@@ -819,7 +828,7 @@ pub async fn run(cfg: &SimConfig) -> SimReport {
     if let Some(left) = minute.checked_sub(t_window.elapsed()) {
         tokio::time::sleep(left).await;
     }
-    let (after, lags) = all_stats_timed(&nodes).await;
+    let (after, lags) = all_stats_timed(nodes.iter().map(|n| &n.client), None).await;
     report.loop_lag = Pct::of(lags);
     let minutes = t_window.elapsed().as_secs_f64() / minute.as_secs_f64();
     report.coverage = Pct::of(fresh_times);
@@ -1201,27 +1210,17 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 .collect();
             let within = scaled(MINUTE_STATS_TIMEOUT, s);
             tokio::spawn(async move {
-                let answers = futures::future::join_all(clients.iter().map(|c| async {
-                    let t = Instant::now();
-                    let st = tokio::time::timeout(within, c.stats()).await;
-                    (st.ok().and_then(Result::ok), t.elapsed().as_secs_f64())
-                }))
-                .await;
-                let lag = Pct::of(answers.iter().map(|a| a.1).collect());
-                let conns: Vec<usize> = answers
-                    .iter()
-                    .filter_map(|a| a.0.as_ref().map(|st| st.connected_peers))
-                    .collect();
-                let stored: usize = answers
-                    .iter()
-                    .filter_map(|a| a.0.as_ref().map(|st| st.stored_records))
-                    .sum();
+                let (stats, lags) = all_stats_timed(&clients, Some(within)).await;
+                let lag = Pct::of(lags);
+                let stats: Vec<&SwarmStats> = stats.iter().flatten().collect();
+                let conns: Vec<usize> = stats.iter().map(|st| st.connected_peers).collect();
+                let stored: usize = stats.iter().map(|st| st.stored_records).sum();
                 progress(
                     t0,
                     &format!(
-                        "churn: simulated minute {m}, nodes' figures: {} of {} answered (one crashed since does not), event \
-                         loops answer p50 {:.1} s p99 {:.1} s; peers connected mean {:.0} most \
-                         {}; DHT records stored {stored}",
+                        "churn: simulated minute {m}, nodes' figures: {} of {} answered (those \
+                         crashed since do not), event loops answer p50 {:.1} s p99 {:.1} s; \
+                         peers connected mean {:.0} most {}; DHT records stored {stored}",
                         conns.len(),
                         clients.len(),
                         lag.p50,
@@ -1286,9 +1285,9 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 counts.in_flight.fetch_sub(1, Ordering::Relaxed);
                 let Ok(Some(range)) = placed else {
                     // Given up: the stack stops (a `JoinHandle` dropped
-                    // would leave its event loop running, unseen).
-                    // Its announcement may have gone out: to the views
-                    // it is a node that crashed now.
+                    // would leave its event loop running, unseen). Its
+                    // announcement may have gone out: to the views it is
+                    // a node that crashed now.
                     counts.failed.fetch_add(1, Ordering::Relaxed);
                     task.abort();
                     state2
