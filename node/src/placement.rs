@@ -184,6 +184,57 @@ pub fn choose_range_by(
     })
 }
 
+/// How long `--layers auto` keeps reading the model's view while it shows
+/// no server although peers are known to serve the model (they served the
+/// manifest): a joining node's first view sync can come back empty while
+/// its connections still identify. A few view syncs.
+pub const VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How often it reads the view meanwhile (each read is a view sync with
+/// the connected peers).
+pub const VIEW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The view `--layers auto` places a joining node from.
+///
+/// When `served` (peers are known to serve the model: they answered for
+/// its manifest, or hold its provider record), a view with no server is
+/// the swarm not having answered yet, not a model nobody serves: placing
+/// from it would put the node on the first blocks, and every node joining
+/// in such a moment on the same ones. So the view is read again every
+/// `poll` until it shows a server or `wait` has passed; after that the
+/// last view is used as it is (a warning says so). A model nobody is known
+/// to serve (`served` false: a seeder with the file) is placed from the
+/// first view.
+pub async fn view_for_placement(
+    swarm: &nakshatra_swarm::Client,
+    model_id: &str,
+    shape: &nakshatra_swarm::ModelShape,
+    served: bool,
+    wait: std::time::Duration,
+    poll: std::time::Duration,
+) -> Result<nakshatra_swarm::ModelView, nakshatra_swarm::LookupError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut reads = 0u32;
+    loop {
+        let view = swarm.model_view_with(model_id, shape).await?;
+        reads += 1;
+        if !served || !view.peers.is_empty() {
+            if reads > 1 {
+                tracing::info!(reads, "the model's servers appeared in the view");
+            }
+            return Ok(view);
+        }
+        if tokio::time::Instant::now() + poll > deadline {
+            tracing::warn!(
+                reads,
+                "peers serve this model but the view shows none of them: placing from an empty view"
+            );
+            return Ok(view);
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Petals' balance threshold: a node moves when the swarm's weakest block
 /// would be this much faster or more with it elsewhere (the current
 /// minimum below 0.75 of the one after the move).

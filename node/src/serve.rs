@@ -521,7 +521,16 @@ async fn prepare(
                     })?;
             let range = match &opts.layers {
                 LayerChoice::Range(r) => r.clone(),
-                LayerChoice::Auto => auto_range(swarm, &manifest, &vocab, budget).await?,
+                LayerChoice::Auto => {
+                    // A node with the file may join a swarm that serves
+                    // the model already: its providers say so.
+                    let me = swarm.peer_id();
+                    let served = swarm
+                        .model_peers(&manifest.model_id)
+                        .await
+                        .is_ok_and(|peers| peers.iter().any(|p| *p != me));
+                    auto_range(swarm, &manifest, &vocab, budget, served).await?
+                }
             };
             let (dir, p, r) = (opts.data_dir.clone(), path.clone(), range.clone());
             let (id, hashes) = (manifest.model_id.clone(), manifest.hashes());
@@ -591,7 +600,8 @@ async fn prepare_fetched(
             }
             r.clone()
         }
-        LayerChoice::Auto => auto_range(swarm, &manifest, &vocab, budget).await?,
+        // `peers` served the manifest: the model is served.
+        LayerChoice::Auto => auto_range(swarm, &manifest, &vocab, budget, true).await?,
     };
     let slice = fetch_slice(opts, swarm, &peers, &manifest, &vocab, &range).await?;
     let serve_files = slice_files(&slice, &range, manifest.n_layers);
@@ -654,16 +664,28 @@ fn range_rules(manifest: &Manifest, vocab: &[u8]) -> Option<nakshatra_slicer::Ra
         .ok()
 }
 
+/// `--layers auto`'s range, from the swarm's view of the model (read
+/// again while it shows no server if `served`:
+/// [`placement::view_for_placement`]).
 async fn auto_range(
     swarm: &nakshatra_swarm::Client,
     manifest: &Manifest,
     vocab: &[u8],
     budget: u64,
+    served: bool,
 ) -> Result<Range<u32>, JoinError> {
     // The layer count is the verified manifest's: announcements that
     // disagree are left out, however many.
     let shape = fetch::shape_of(manifest);
-    let view = swarm.model_view_with(&manifest.model_id, &shape).await?;
+    let view = placement::view_for_placement(
+        swarm,
+        &manifest.model_id,
+        &shape,
+        served,
+        placement::VIEW_WAIT,
+        placement::VIEW_POLL,
+    )
+    .await?;
     let rules = range_rules(manifest, vocab);
     let (range, why) = placement::choose_range(manifest, &view, budget, rules.as_ref())?;
     tracing::info!(

@@ -1266,10 +1266,20 @@ async fn churn(cfg: &SimConfig, rng: &mut Lcg, nodes: Vec<Node>, report: &mut Si
                 let (client, task, addr) = start_stack(true, Some(boot), s).await;
                 let placed = tokio::time::timeout(deadline, async {
                     let _ = client.wait_connected(Duration::from_secs(10)).await;
-                    let view = client
-                        .model_view_with(MODEL, &shape())
-                        .await
-                        .unwrap_or_default();
+                    // As `--layers auto` does: the bootstrap peer serves
+                    // the model, so an empty view is read again. Its wait
+                    // is the product's, unscaled: a view waits on the
+                    // machine, not on the simulated network.
+                    let view = nakshatra_node::placement::view_for_placement(
+                        &client,
+                        MODEL,
+                        &shape(),
+                        true,
+                        nakshatra_node::placement::VIEW_WAIT,
+                        nakshatra_node::placement::VIEW_POLL,
+                    )
+                    .await
+                    .unwrap_or_default();
                     let tput =
                         nakshatra_node::placement::block_throughput(BLOCKS, &view.peers, None);
                     let tput = if tput.len() == BLOCKS as usize {

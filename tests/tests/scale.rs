@@ -184,3 +184,117 @@ fn churn_keeps_the_map_true_and_the_nodes_bounded() {
         "tokio tasks grew from {tasks0} to {tasks1}"
     );
 }
+
+/// `--layers auto` (and the simulator's joins) place a node from the
+/// model's view; a joining node's first view can come back empty while
+/// its peers serve the model, and placing from it put such joins on the
+/// first blocks (block 0 held by 237 nodes at the end of a 500-node
+/// churn). [`view_for_placement`] reads the view again while peers are
+/// known to serve the model and it shows none, within its wait; a model
+/// nobody is known to serve is placed from the first view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_waits_for_the_servers_it_knows_of_before_placing() {
+    use std::time::{Duration, Instant};
+
+    use nakshatra_e2e::sim::{sim_config, MODEL};
+    use nakshatra_node::placement::view_for_placement;
+    use nakshatra_swarm::{spawn, IdentityKeypair, ModelShape, ServerInfo};
+
+    let shape = ModelShape {
+        n_layers: 80,
+        arch: "llama".into(),
+    };
+    let (server, server_task) = spawn(
+        IdentityKeypair::generate_ed25519(),
+        sim_config(true, None, 1.0),
+    )
+    .await
+    .expect("server stack");
+    let addr = server.listen_addrs().await.expect("listen addrs")[0].clone();
+    let boot = format!("{addr}/p2p/{}", server.peer_id())
+        .parse()
+        .expect("multiaddr");
+    let (joiner, joiner_task) = spawn(
+        IdentityKeypair::generate_ed25519(),
+        sim_config(true, Some(boot), 1.0),
+    )
+    .await
+    .expect("joining stack");
+    joiner
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected");
+
+    // Nobody serves it yet: not known to be served, the first view is
+    // used as it is; known to be served, it is read again for the wait
+    // and then used (empty) all the same.
+    let t = Instant::now();
+    let view = view_for_placement(
+        &joiner,
+        MODEL,
+        &shape,
+        false,
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+    )
+    .await
+    .expect("view");
+    assert!(view.peers.is_empty(), "{:?}", view.peers);
+    let first_view = t.elapsed();
+    let t = Instant::now();
+    let view = view_for_placement(
+        &joiner,
+        MODEL,
+        &shape,
+        true,
+        Duration::from_secs(1),
+        Duration::from_millis(100),
+    )
+    .await
+    .expect("view");
+    assert!(view.peers.is_empty(), "{:?}", view.peers);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < first_view + Duration::from_secs(5),
+        "an empty view of a served model is read again for the wait (1 s), then given up: took {waited:?}"
+    );
+
+    // The server announces 1.5 s into a join's wait: the join places from
+    // a view that shows it, not from the empty one it read first.
+    let announcer = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let mut info = ServerInfo::new(MODEL, "llama", 80, 0..40, 8192);
+            info.throughput = 10.0;
+            server.announce(info).await
+        })
+    };
+    let t = Instant::now();
+    let view = view_for_placement(
+        &joiner,
+        MODEL,
+        &shape,
+        true,
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+    )
+    .await
+    .expect("view");
+    let took = t.elapsed();
+    announcer.await.expect("announcer").expect("announce");
+    let holders: Vec<_> = view.peers.iter().map(|p| p.peer_id).collect();
+    assert_eq!(holders, vec![server.peer_id()], "took {took:?}");
+    assert_eq!(view.coverage[39], vec![server.peer_id()]);
+    assert!(view.coverage[40].is_empty());
+    assert!(
+        took >= Duration::from_millis(1400),
+        "placed before the server announced: {took:?}"
+    );
+    eprintln!("empty first view: {first_view:?}; gave up after {waited:?}; the server's announcement seen after {took:?}");
+
+    let _ = joiner.shutdown().await;
+    let _ = server.shutdown().await;
+    joiner_task.abort();
+    server_task.abort();
+}
