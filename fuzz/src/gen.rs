@@ -5,7 +5,7 @@
 use arbitrary::{Result, Unstructured};
 use ed25519_dalek::SigningKey;
 use nakshatra_swarm::protocol::act::{
-    ActFrame, ActReply, FailureReport, HopSpec, OpenSession, Sampling, StepHeader, StepKind,
+    ActFrame, ActReply, FailureReport, HopSpec, OpenSession, Ring, Sampling, StepHeader, StepKind,
     TokenFrame, VocabRequest, VocabResponse, WireDtype,
 };
 use nakshatra_swarm::protocol::fetch::{
@@ -94,6 +94,15 @@ pub fn open_session(u: &mut Unstructured<'_>) -> Result<OpenSession> {
             WireDtype::F32
         },
         asker: text(u)?,
+        ring: if u.arbitrary()? {
+            Some(Ring {
+                max_steps: num(u)?,
+                max_pos: num(u)?,
+                eog: list(u, 3, num)?,
+            })
+        } else {
+            None
+        },
     })
 }
 
@@ -113,6 +122,7 @@ pub fn step_header(u: &mut Unstructured<'_>) -> Result<StepHeader> {
             let n = u.int_in_range(0..=3u8)?;
             (0..n).map(|_| num(u)).collect::<Result<_>>()?
         },
+        ring: u.arbitrary()?,
     })
 }
 
@@ -132,7 +142,10 @@ pub fn act_reply(u: &mut Unstructured<'_>) -> Result<ActReply> {
         let kept = (0..n)
             .map(|_| u.arbitrary())
             .collect::<Result<Vec<u32>>>()?;
-        ActReply::Ready { kept }
+        ActReply::Ready {
+            kept,
+            ring: u.arbitrary()?,
+        }
     } else {
         ActReply::Failed(failure_report(u)?)
     })

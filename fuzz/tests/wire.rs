@@ -410,8 +410,8 @@ fn decode_worst_cases() {
             &vec![0u8; present],
             &[0],
             &sampling,
-            // wire (F32), asker (""), direct (true)
-            &[0, 0, 1],
+            // wire (F32), asker (""), direct (true), ring (None)
+            &[0, 0, 1, 0],
         ]);
         run::<OpenSession>(
             "OpenSession with empty addresses",

@@ -68,6 +68,10 @@ pub enum Fault {
     /// signed, that it ended (a link that broke while both hops live on,
     /// as a relayed connection closing under a chain did).
     BreakNextLink,
+    /// As the last hop of a ring, feed hop 1 every step at the position
+    /// before the one it belongs at (a last hop that would roll hop 1's
+    /// cache back); announce [`OVERCLAIMED_TPS`] too, to be planned.
+    RewindRing,
 }
 
 /// The step at which a [`Fault::BreakNextLink`] node breaks its link to
@@ -104,7 +108,7 @@ impl Faults {
         #[cfg(feature = "fault-injection")]
         if matches!(
             self.fault,
-            Some(Fault::Overclaim | Fault::ForgeBlame | Fault::CorruptOutput)
+            Some(Fault::Overclaim | Fault::ForgeBlame | Fault::CorruptOutput | Fault::RewindRing)
         ) {
             return OVERCLAIMED_TPS;
         }
@@ -152,6 +156,16 @@ impl Faults {
             )));
         }
         None
+    }
+
+    /// The position a last hop feeds hop 1 the ring's next step at:
+    /// `end`, or the one before with [`Fault::RewindRing`].
+    pub fn ring_pos(&self, end: u32) -> u32 {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::RewindRing) {
+            return end.saturating_sub(1);
+        }
+        end
     }
 
     /// With [`Fault::BreakNextLink`], whether to break the link to the

@@ -164,6 +164,12 @@ struct AskArgs {
     /// Hidden states between hops: f32 (exact) or f16 (half the bytes).
     #[arg(long, value_enum, default_value_t = Wire::F32)]
     wire: Wire,
+    /// Send every decode step from here: the last hop streams each token
+    /// back and waits for the next step, instead of feeding the token to
+    /// the first hop itself (the ring, one link less per token; off
+    /// anyway with --draft, --verify or a one-hop chain).
+    #[arg(long)]
+    no_ring: bool,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -786,6 +792,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         fresh_recovery: false,
         trace: step_trace(a.trace_steps.as_deref())?,
         draft: a.draft.load(1)?,
+        ring: !a.no_ring,
     };
     let json = a.json;
     let stdout = std::io::stdout();
@@ -818,7 +825,7 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "stats: prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s | hop overhead median {:.3} ms, p99 {:.3} ms | setup {:.2} s | links direct {}, libp2p {}",
+        "stats: prompt {} tokens, prefill {:.1} tok/s | {} tokens, decode {:.1} tok/s | hop overhead median {:.3} ms, p99 {:.3} ms | setup {:.2} s | links direct {}, libp2p {} | ring {} steps",
         t.prompt_tokens,
         t.prefill_tps,
         out.tokens.len(),
@@ -827,7 +834,8 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         t.hop_overhead_p99_ms,
         t.setup_s,
         t.links_direct,
-        t.links_libp2p
+        t.links_libp2p,
+        t.ring_steps
     );
     if let Some(s) = &t.speculative {
         eprintln!(

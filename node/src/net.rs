@@ -341,6 +341,7 @@ mod tests {
             kind: StepKind::Hidden,
             compute_us: 5,
             draft: vec![],
+            ring: false,
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &step, &[1, 2, 3, 4]).await.unwrap();

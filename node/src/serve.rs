@@ -897,7 +897,7 @@ async fn serve_range(
     };
     let mut servers = Vec::from(fetch::spawn_piece_servers(swarm, Arc::new(store))?);
     let sessions = Arc::new(hop::SessionTable::default());
-    servers.push(hop::spawn_server(Arc::new(HopContext {
+    servers.extend(hop::spawn_servers(Arc::new(HopContext {
         engine: engine.clone(),
         swarm: swarm.clone(),
         model_id: manifest.model_id.clone(),
@@ -912,6 +912,7 @@ async fn serve_range(
         resumable: Arc::new(hop::Resumable::default()),
         park_grace: hop::PARK_GRACE,
         trace: opts.trace.clone(),
+        rings: Arc::new(hop::Rings::default()),
     }))?);
     Ok((sessions, servers))
 }

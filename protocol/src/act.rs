@@ -15,6 +15,10 @@
 //!   already has to it): [`TokenFrame::Hello`] naming the session, then
 //!   per step its [`TokenFrame::Token`]s followed by as many
 //!   [`TokenFrame::Digest`]s, or [`TokenFrame::Failed`].
+//! * [`RING_PROTOCOL`] — last hop → hop 1, for a session opened with a
+//!   [`Ring`]: [`RingHello`] naming the session, then one
+//!   [`ActFrame::Step`] per token the last hop sampled, which hop 1 runs as
+//!   the asker's next step would be (see [`Ring`]).
 //! * [`VOCAB_PROTOCOL`] — asker → any serving node: [`VocabRequest`] →
 //!   [`VocabResponse`] (the vocabulary-only GGUF, checked by the asker
 //!   against the model id).
@@ -29,9 +33,11 @@
 use serde::{Deserialize, Serialize};
 
 /// Activation stream protocol id.
-pub const ACT_PROTOCOL: &str = "/nakshatra/act/5";
+pub const ACT_PROTOCOL: &str = "/nakshatra/act/6";
 /// Token return stream protocol id.
 pub const TOKENS_PROTOCOL: &str = "/nakshatra/tokens/4";
+/// Ring stream protocol id (last hop → hop 1, see [`Ring`]).
+pub const RING_PROTOCOL: &str = "/nakshatra/ring/1";
 /// Vocabulary fetch protocol id.
 pub const VOCAB_PROTOCOL: &str = "/nakshatra/vocab/1";
 
@@ -47,6 +53,47 @@ pub const MAX_HOPS: usize = 64;
 /// that the logits rows a last hop keeps for a step stay bounded
 /// (`(MAX_DRAFT + 1) × n_vocab` floats).
 pub const MAX_DRAFT: usize = 32;
+
+/// Most end-of-generation tokens a [`Ring`] may name (models have a few:
+/// `<|im_end|>`, `<|endoftext|>`, `<eos>`, ...).
+pub const MAX_RING_EOG: usize = 64;
+
+/// The ring: the chain decodes by itself. After each step the asker marked
+/// [`StepHeader::ring`], the last hop sends the token it sampled straight
+/// to hop 1 on a [`RING_PROTOCOL`] stream, as the next one-token step
+/// (step + 1, at the position after the step's), before it streams the
+/// token to the asker; hop 1 runs it as it would the asker's. A token then
+/// costs the hops' links only: the asker's link to hop 1 carries the
+/// prefill and `Close`, and its token stream is off the decode's path.
+/// The last hop stops feeding where the asker would stop asking: after an
+/// end-of-generation token, once `max_steps` steps ran, or at the context
+/// limit; the asker sends `Close` for anything else (a stop string). Steps
+/// the asker drives itself (a resumed chain's replay, drafts, `--verify`)
+/// do not ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ring {
+    /// Steps in all, the prefill included (the asker's `max_tokens`): no
+    /// step `max_steps` or later is fed.
+    pub max_steps: u64,
+    /// Context limit: a step whose input would sit at `max_pos` or past it
+    /// is not fed.
+    pub max_pos: u32,
+    /// The model's end-of-generation tokens (at most [`MAX_RING_EOG`]): a
+    /// token among them ends the generation.
+    pub eog: Vec<i32>,
+}
+
+/// First frame on a [`RING_PROTOCOL`] stream: which session it feeds. Hop
+/// 1 takes the stream only from the peer the session's chain names as its
+/// last hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingHello {
+    /// The session's asker (base58 peer id): sessions are keyed by asker
+    /// and id.
+    pub asker: String,
+    /// The session id ([`OpenSession::session`]).
+    pub session: u64,
+}
 
 /// Encoding of hidden states on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -125,6 +172,10 @@ pub struct OpenSession {
     /// link's own, noise, no yamux), or always as libp2p streams
     /// (`node ask --no-direct`). The bytes on the link are the same.
     pub direct: bool,
+    /// The chain decodes by itself (see [`Ring`]); `None`: every step
+    /// comes from the asker (`node ask --no-ring`, drafts, `--verify`, a
+    /// one-hop chain).
+    pub ring: Option<Ring>,
 }
 
 /// What a step's payload holds.
@@ -162,6 +213,10 @@ pub struct StepHeader {
     /// [`TokenFrame::Token`] each). The rows past it are dropped by the
     /// next step, which starts after the last accepted position.
     pub draft: Vec<i32>,
+    /// The last hop feeds this step's token to hop 1 as the next step (a
+    /// session with a [`Ring`], a step without drafts). Carried down the
+    /// chain with the step.
+    pub ring: bool,
 }
 
 impl StepHeader {
@@ -200,6 +255,11 @@ pub enum ActReply {
         /// answers steps inside them from its history, without computing
         /// (see [`OpenSession::session`]). At most [`MAX_HOPS`] entries.
         kept: Vec<u32>,
+        /// The last hop opened its ring stream to hop 1 (a session with
+        /// [`OpenSession::ring`]): the chain can feed itself. `false`: the
+        /// asker sends every step (no ring asked for, or the last hop
+        /// could not reach hop 1).
+        ring: bool,
     },
     /// A hop failed (at open or later), in a report signed by the hop that
     /// saw it; hops upstream relay it unchanged.
@@ -314,7 +374,8 @@ impl FailureReport {
     }
 
     /// Checks the report against the chain of `session`: the reporter is a
-    /// hop, it blames itself or its next hop, and the signature is the key
+    /// hop, it blames itself or its next hop (hop 1 also the last hop,
+    /// which feeds it in a [`Ring`]), and the signature is the key
     /// of the reporter's peer id.
     pub fn check(&self, session: u64, hops: &[HopSpec]) -> Result<(), ReportError> {
         if self.session != session {
@@ -326,9 +387,12 @@ impl FailureReport {
         let reporter = hops
             .get(self.reporter as usize)
             .ok_or(ReportError::NoSuchReporter(self.reporter))?;
+        // Hop 1 also takes the last hop's ring stream (see [`Ring`]): it
+        // may blame the last hop for what came on it.
         let blamed_ok = self.blamed == self.reporter
             || (self.blamed == self.reporter.saturating_add(1)
-                && (self.blamed as usize) < hops.len());
+                && (self.blamed as usize) < hops.len())
+            || (self.reporter == 0 && self.blamed as usize + 1 == hops.len());
         if !blamed_ok {
             return Err(ReportError::BlamesTooFar {
                 reporter: self.reporter,
@@ -441,7 +505,7 @@ mod tests {
 
     #[test]
     fn failure_reports_name_only_what_the_reporter_can_show() {
-        let keys: Vec<_> = (1..=3u8)
+        let keys: Vec<_> = (1..=4u8)
             .map(|i| ed25519_dalek::SigningKey::from_bytes(&[i; 32]))
             .collect();
         let hops: Vec<HopSpec> = keys.iter().map(hop).collect();
@@ -458,6 +522,18 @@ mod tests {
                 blamed: 2
             })
         );
+        // Hop 0 may blame the last hop (it feeds hop 0 in a ring), no
+        // other hop may.
+        let ring = FailureReport::sign(&keys[0], 9, 0, 3, "bad ring step".into());
+        assert_eq!(ring.check(9, &hops), Ok(()));
+        let not_first = FailureReport::sign(&keys[1], 9, 1, 3, "x".into());
+        assert_eq!(
+            not_first.check(9, &hops),
+            Err(ReportError::BlamesTooFar {
+                reporter: 1,
+                blamed: 3
+            })
+        );
         // ...and so is hop 0 signing in hop 1's name, or a changed message,
         // another session, a reporter past the chain, blame past its end.
         let forged = FailureReport::sign(&keys[0], 9, 1, 2, "hop 2 died".into());
@@ -469,9 +545,9 @@ mod tests {
             own.check(10, &hops),
             Err(ReportError::OtherSession { .. })
         ));
-        let past = FailureReport::sign(&keys[2], 9, 3, 3, "x".into());
-        assert_eq!(past.check(9, &hops), Err(ReportError::NoSuchReporter(3)));
-        let off_end = FailureReport::sign(&keys[2], 9, 2, 3, "x".into());
+        let past = FailureReport::sign(&keys[3], 9, 4, 4, "x".into());
+        assert_eq!(past.check(9, &hops), Err(ReportError::NoSuchReporter(4)));
+        let off_end = FailureReport::sign(&keys[3], 9, 3, 4, "x".into());
         assert!(matches!(
             off_end.check(9, &hops),
             Err(ReportError::BlamesTooFar { .. })
@@ -506,6 +582,11 @@ mod tests {
             wire: WireDtype::F16,
             direct: true,
             asker: "a".into(),
+            ring: Some(Ring {
+                max_steps: 64,
+                max_pos: 4096,
+                eog: vec![2, 49152],
+            }),
         });
         let b = crate::encode(&open).unwrap();
         assert_eq!(

@@ -60,8 +60,10 @@ pub use libp2p_identity::PeerId;
 /// Version 2 added [`ServerInfo::next_rtts`], version 3
 /// [`DeviceInfo::features`], version 4 direct streams (`OpenSession::direct`,
 /// `/nakshatra/act/5`, `/nakshatra/direct/1`), version 5 the logits digest
-/// in a frame of its own after the token (`/nakshatra/tokens/4`).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// in a frame of its own after the token (`/nakshatra/tokens/4`), version 6
+/// the ring (`OpenSession::ring`, `StepHeader::ring`, `/nakshatra/act/6`,
+/// `/nakshatra/ring/1`).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Most [`NextRtt`] entries one [`ServerInfo`] may carry.
 pub const MAX_NEXT_RTTS: usize = 16;

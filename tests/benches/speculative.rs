@@ -1,9 +1,10 @@
 //! Speculative decoding over slow links: a 3-process chain whose every
 //! leg (the last hop's tokens included) is slowed by the nodes' test-only
-//! delay, asked the same greedy question without a draft and with
-//! `--draft` at K = 2, 4, 8 and adaptive, in interleaved rounds (medians
-//! of decode tokens/s, ratios to the plain ask measured in the same
-//! rounds). Drafts: the model itself (every draft right: the ceiling), an
+//! delay, asked the same greedy question without a draft (the asker
+//! sending every step, `--no-ring`, and the chain feeding itself, the
+//! ring) and with `--draft` at K = 2, 4, 8 and adaptive, in interleaved
+//! rounds (medians of decode tokens/s, ratios to the plain `--no-ring`
+//! ask measured in the same rounds). Drafts: the model itself (every draft right: the ceiling), an
 //! early-exit draft of its first 27 blocks (`nakshatra model draft`), and
 //! a generated 6-block model with random weights sharing its tokenizer
 //! (every draft wrong: the floor). Every answer is checked byte for byte
@@ -40,7 +41,10 @@ fn main() {
     let prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle.";
     let common = ["--json", "--temperature", "0", "--max-tokens", &tokens];
     let arms: Vec<(String, Vec<String>)> = {
-        let mut v = vec![("plain".to_string(), vec![])];
+        let mut v = vec![
+            ("plain".to_string(), vec!["--no-ring".to_string()]),
+            ("ring".to_string(), vec![]),
+        ];
         for k in ["2", "4", "8", "auto"] {
             v.push((
                 format!("self K={k}"),

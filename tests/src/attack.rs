@@ -76,6 +76,7 @@ pub fn lying_frames() -> [(&'static str, Vec<u8>); 4] {
         kind: StepKind::Tokens,
         compute_us: 0,
         draft: vec![],
+        ring: false,
     });
     let model_id = "ab".repeat(32);
     [

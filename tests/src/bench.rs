@@ -293,6 +293,90 @@ impl HopBreakdown {
         }
     }
 
+    /// [`HopBreakdown::of`] for chains that feed themselves (the ring: the
+    /// last hop sends each token to hop 0, the asker sends nothing after
+    /// the first step). A step's wall time runs from hop 0 reading it to
+    /// hop 0 reading the next; the last hop's stages are its own but for
+    /// the sample, which includes writing the token to hop 0, and its
+    /// write of the token to the asker, off the step's path; the last
+    /// stage is the ring's link back to hop 0.
+    /// Only the sessions of the asks among `lines` count (the hops' files
+    /// hold every session they served).
+    pub fn of_ring(lines: &[TraceLine], hops: usize) -> HopBreakdown {
+        let asked: std::collections::HashSet<u64> = lines
+            .iter()
+            .filter(|l| l.role == "ask")
+            .map(|l| l.session)
+            .collect();
+        let mut by_step: HashMap<(u64, u64), Vec<&TraceLine>> = HashMap::new();
+        for l in lines.iter().filter(|l| {
+            l.role == "hop" && l.step >= 1 && l.n_tokens == 1 && asked.contains(&l.session)
+        }) {
+            by_step.entry((l.session, l.step)).or_default().push(l);
+        }
+        let last = hops.saturating_sub(1);
+        let mut names: Vec<String> = Vec::new();
+        for i in 0..hops {
+            if i > 0 {
+                names.push(format!("link hop {} → hop {i}", i - 1));
+            }
+            let (sample, write) = if i == last {
+                ("sample + write to hop 0", "write to the asker (off path)")
+            } else {
+                ("encode / sample", "write")
+            };
+            for s in [
+                "decode input",
+                "queue to engine",
+                "compute",
+                "back from engine",
+                sample,
+                write,
+            ] {
+                names.push(format!("hop {i}: {s}"));
+            }
+        }
+        names.push(format!("link hop {last} → hop 0 (ring)"));
+        let mut stages: Vec<(String, Vec<f64>)> =
+            names.into_iter().map(|n| (n, Vec::new())).collect();
+        let mut steps = Vec::new();
+        let d = |a: u64, b: u64| b as f64 - a as f64;
+        for (&(session, step), ls) in &by_step {
+            let hop: Vec<Option<&&TraceLine>> = (0..hops as u32)
+                .map(|i| ls.iter().find(|l| l.index == i))
+                .collect();
+            let next = by_step
+                .get(&(session, step + 1))
+                .and_then(|n| n.iter().find(|l| l.index == 0));
+            let (Some(next), false) = (next, hop.iter().any(Option::is_none)) else {
+                continue;
+            };
+            let hop: Vec<&TraceLine> = hop.into_iter().flatten().copied().collect();
+            let mut v = Vec::new();
+            let mut compute = 0.0;
+            for (i, h) in hop.iter().enumerate() {
+                let t = &h.times;
+                if i > 0 {
+                    v.push(d(hop[i - 1].times[6], t[0]));
+                }
+                for k in 0..6 {
+                    v.push(d(t[k], t[k + 1]));
+                }
+                compute += d(t[2], t[3]);
+            }
+            v.push(d(hop[last].times[5], next.times[0]));
+            for (s, x) in stages.iter_mut().zip(v) {
+                s.1.push(x);
+            }
+            steps.push((d(hop[0].times[0], next.times[0]), compute));
+        }
+        HopBreakdown {
+            stages,
+            steps,
+            hops,
+        }
+    }
+
     /// Per-hop overhead of each step (wall time less engine time, over
     /// the hops), µs.
     pub fn overheads(&self) -> Vec<f64> {

@@ -139,6 +139,16 @@ fn chain_gives_the_whole_models_text_and_more() {
     assert_eq!(v["tokens"].as_array().map(Vec::len), Some(32));
     assert_eq!(v["chain"].as_array().map(Vec::len), Some(3));
     assert!(v["timings"]["decode_tps"].as_f64().unwrap() > 0.0);
+    // The chain fed itself every decode step (the ring: the last hop sent
+    // each token to hop 1); with --no-ring the asker sends each step, and
+    // the text is the same.
+    assert_eq!(v["timings"]["ring_steps"], 31, "{}", v["timings"]);
+    j.push("--no-ring");
+    let o = ask(&boot, asker.path(), &j, PROMPT);
+    assert!(o.status.success(), "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(format!("{}\n", v["text"].as_str().unwrap()), want);
+    assert_eq!(v["timings"]["ring_steps"], 0, "{}", v["timings"]);
 
     // f16 on the wire: still a sensible answer.
     let mut h = GREEDY.to_vec();

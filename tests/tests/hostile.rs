@@ -275,6 +275,7 @@ async fn a_greedy_asker_gets_its_share_of_sessions_not_all() {
         wire: WireDtype::F32,
         asker,
         direct: true,
+        ring: None,
     };
     let me = greedy.peer_id().to_string();
     let mut held = Vec::new();
@@ -345,6 +346,7 @@ fn whole_model_open(model_id: &str, victim: PeerId, asker: PeerId) -> OpenSessio
         wire: WireDtype::F32,
         asker: asker.to_string(),
         direct: true,
+        ring: None,
     }
 }
 
@@ -429,9 +431,16 @@ async fn serve_garbage_tokens(fake: Client, s: Stream, token: i32) {
     let Ok(ActFrame::Open(open)) = read_message::<_, ActFrame>(&mut r).await else {
         return;
     };
-    if write_frame(&mut w, &ActReply::Ready { kept: vec![0] }, &[])
-        .await
-        .is_err()
+    if write_frame(
+        &mut w,
+        &ActReply::Ready {
+            kept: vec![0],
+            ring: false,
+        },
+        &[],
+    )
+    .await
+    .is_err()
     {
         return;
     }

@@ -356,6 +356,67 @@ fn a_broken_link_to_the_only_holder_is_reopened_token_identical() {
     );
 }
 
+/// A hostile last hop in the ring (the chain feeding itself: the last hop
+/// sends each token to hop 1 as the next step) feeds hop 1 its steps one
+/// position back, which would roll hop 1's cache back. Hop 1 refuses the
+/// first such step and reports the last hop, the asker goes on without it
+/// through the honest holder of its blocks, and the answer is the whole
+/// model's.
+/// The liar announces a great rate, so it is planned first.
+#[test]
+fn a_last_hop_rewinding_the_ring_is_blamed_and_replaced() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY_64, PROMPT);
+    let fault: &[&str] = &["--fault", "rewind-ring"];
+    let swarm = Swarm::start_nodes(
+        &model,
+        &[
+            ("0..10", &[]),
+            ("10..20", &[]),
+            ("20..30", fault),
+            ("20..30", &[]),
+        ],
+        "4",
+        LINK_DELAY_MS,
+    );
+    swarm.wait_covered(&[(0, 1), (15, 1), (25, 2)]);
+    let liar = swarm.nodes[2].1.peer_id();
+    let honest = swarm.nodes[3].1.peer_id();
+    let asker_dir = tempfile::tempdir().unwrap();
+    let asker = Asker::start(&swarm.boot, asker_dir.path(), GREEDY_64);
+    let chain = asker.chain(Duration::from_secs(60));
+    assert_eq!(
+        chain.get(2),
+        Some(&liar),
+        "the liar was not planned: {chain:?}"
+    );
+    let (ok, out, err) = asker.finish(Duration::from_secs(120));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim_end(), want.trim_end(), "{err}");
+    // Hop 1's report, as the asker heard it, blames the liar. It may come
+    // before the prefill's token (the liar feeds hop 1 before it streams
+    // the token): another chain is tried; or after: the chain is repaired.
+    let report = err
+        .lines()
+        .find(|l| l.contains("the last hop's ring"))
+        .unwrap_or_else(|| panic!("no ring failure reported: {err}"));
+    assert!(report.contains(&format!("hop 2 ({liar})")), "{err}");
+    match err.lines().find(|l| l.starts_with("recovered:")) {
+        Some(recovered) => assert!(
+            recovered.starts_with(&format!(
+                "recovered: lost {liar} [20..30), replaced by {honest} [20..30)"
+            )),
+            "{err}"
+        ),
+        None => {
+            let last = err.lines().rfind(|l| l.starts_with("chain:"));
+            let last = last.unwrap_or_default();
+            assert!(last.contains(&honest) && !last.contains(&liar), "{err}");
+        }
+    }
+}
+
 #[test]
 fn with_no_replica_the_error_names_the_lost_blocks() {
     let model = test_model();

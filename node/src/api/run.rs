@@ -68,6 +68,7 @@ pub async fn start(st: &AppState, req: &GenRequest) -> Result<Running, ApiError>
         fresh_recovery: false,
         trace: None,
         draft: st.0.draft.clone(),
+        ring: true,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let svc = st.0.svc.clone();

@@ -261,6 +261,8 @@ pub(super) struct OpenChain<'a> {
     owed: VecDeque<u64>,
     /// Digests read and not yet taken ([`Self::take_digests`]).
     digests: Vec<(u64, [u8; 32])>,
+    /// The session was opened with a ring ([`OpenSession::ring`]).
+    ring: bool,
 }
 
 /// How long a chain dropped mid-answer keeps its token stream open after
@@ -282,15 +284,20 @@ impl Drop for OpenChain<'_> {
             rt.spawn(async move {
                 let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
                 let _ = w.close().await;
-                if let Some(mut t) = tokens {
-                    let mut sink = [0u8; 4096];
-                    let drain =
-                        async { while matches!(t.read(&mut sink).await, Ok(n) if n > 0) {} };
-                    let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+                if let Some(t) = tokens {
+                    drain(t).await;
                 }
             });
         }
     }
+}
+
+/// Reads the token stream to its end, for at most [`CLOSE_LINGER`], after
+/// `Close` was sent.
+async fn drain(mut t: Metered<Stream>) {
+    let mut sink = [0u8; 4096];
+    let read_all = async { while matches!(t.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(CLOSE_LINGER, read_all).await;
 }
 
 impl<T> ChainOutcome<T> {
@@ -340,7 +347,7 @@ impl<'a> OpenChain<'a> {
             .collect();
         swarm.wait_for_hole_punches(&ends, PUNCH_WAIT).await;
         let open = &open;
-        let (r, to_first, kept, first_direct) = swarm
+        let (r, to_first, kept, ring, first_direct) = swarm
             .open_link_with(
                 first_peer,
                 StreamProtocol::new(ACT_PROTOCOL),
@@ -358,7 +365,7 @@ impl<'a> OpenChain<'a> {
                     )
                     .await;
                     match ready {
-                        Ok(Ok(ActReply::Ready { kept })) => Ok((r, w, kept, direct)),
+                        Ok(Ok(ActReply::Ready { kept, ring })) => Ok((r, w, kept, ring, direct)),
                         Ok(Ok(ActReply::Failed(report))) => {
                             Err(Handshake::Failed(ChainSetup::Failed(report)))
                         }
@@ -402,6 +409,8 @@ impl<'a> OpenChain<'a> {
             broken: false,
             owed: VecDeque::new(),
             digests: Vec::new(),
+            // Asked for, and the last hop reached hop 1.
+            ring: open.ring.is_some() && ring,
         })
     }
 
@@ -443,6 +452,10 @@ impl<'a> OpenChain<'a> {
             },
             None => None,
         };
+        // The ring where the asker has no say in each step: the first step
+        // of this run goes out marked, and the chain feeds itself the rest.
+        let ring = self.ring && drafter.is_none() && tap.is_none();
+        let mut fed = false;
         'steps: while p.next_step < u64::from(opts.max_tokens) {
             let step = p.next_step;
             if tap.as_ref().is_some_and(Tap::stopped) {
@@ -486,14 +499,22 @@ impl<'a> OpenChain<'a> {
             let mut step_input = input.clone();
             step_input.extend_from_slice(&draft);
             let t_pass = Instant::now();
-            let results = match self
-                .verify_step(step, pos, &step_input, &draft, timeout)
-                .await
-            {
+            let results = if fed {
+                self.ring_step(step, timeout).await.map(|r| vec![r])
+            } else {
+                let ring = ring && draft.is_empty();
+                self.verify_step(step, pos, &step_input, &draft, ring, timeout)
+                    .await
+            };
+            let results = match results {
                 Ok(r) => r,
                 Err(e) if p.tokens.is_empty() => return ChainOutcome::NotStarted(e),
                 Err(e) => return ChainOutcome::Broken(e),
             };
+            if fed {
+                p.timings.ring_steps += 1;
+            }
+            fed = ring && draft.is_empty();
             let pass = t_pass.elapsed();
             // The digests of the step before, read on the way to this
             // step's tokens.
@@ -650,11 +671,18 @@ impl<'a> OpenChain<'a> {
         Ok((vec![last], replayed as u32))
     }
 
-    /// Ends the session at every hop.
+    /// Ends the session at every hop. In a ring the chain may be a step
+    /// ahead of the asker (a stop string): the token stream is drained
+    /// meanwhile, so that the last hop's write does not find it gone.
     pub(super) async fn close(mut self) {
         if let Some(mut w) = self.to_first.take() {
             let _ = write_frame(&mut w, &ActFrame::Close, &[]).await;
             let _ = w.close().await;
+        }
+        if self.ring {
+            if let Some(t) = self.tokens.take() {
+                tokio::spawn(drain(t));
+            }
         }
     }
 
@@ -669,7 +697,9 @@ impl<'a> OpenChain<'a> {
         timeout: Duration,
     ) -> Result<Settled, AskError> {
         // One token for a step without drafts (checked as it was read).
-        let results = self.verify_step(step, pos, input, &[], timeout).await?;
+        let results = self
+            .verify_step(step, pos, input, &[], false, timeout)
+            .await?;
         let token = results.first().map_or(-1, |r| r.token);
         let settled = self.settle(timeout).await;
         self.broken |= settled.is_err();
@@ -722,17 +752,30 @@ impl<'a> OpenChain<'a> {
 
     /// A step whose last `draft.len()` input tokens are drafts (see
     /// [`StepHeader::draft`]): the tokens the chain accepted, then its own
-    /// next one (one token when `draft` is empty). A failed step marks the
-    /// chain broken.
+    /// next one (one token when `draft` is empty). `ring`: the chain feeds
+    /// itself the steps after this one ([`StepHeader::ring`]). A failed
+    /// step marks the chain broken.
     pub(super) async fn verify_step(
         &mut self,
         step: u64,
         pos: u32,
         input: &[i32],
         draft: &[i32],
+        ring: bool,
         timeout: Duration,
     ) -> Result<Vec<StepResult>, AskError> {
-        let r = self.step_once(step, pos, input, draft, timeout).await;
+        let r = self.step_once(step, pos, input, draft, ring, timeout).await;
+        self.broken |= r.is_err();
+        r
+    }
+
+    /// The token of step `step`, which the chain fed itself (the ring):
+    /// nothing to send, its token to read. A failure marks the chain
+    /// broken.
+    async fn ring_step(&mut self, step: u64, timeout: Duration) -> Result<StepResult, AskError> {
+        let r = self
+            .read_token(step, true, timeout, crate::trace::now_us())
+            .await;
         self.broken |= r.is_err();
         r
     }
@@ -743,6 +786,7 @@ impl<'a> OpenChain<'a> {
         pos: u32,
         input: &[i32],
         draft: &[i32],
+        ring: bool,
         timeout: Duration,
     ) -> Result<Vec<StepResult>, AskError> {
         let header = StepHeader {
@@ -752,6 +796,7 @@ impl<'a> OpenChain<'a> {
             kind: StepKind::Tokens,
             compute_us: 0,
             draft: draft.to_vec(),
+            ring,
         };
         let sent = match self.to_first.as_mut() {
             Some(w) => write_frame(w, &ActFrame::Step(header), &tokens_to_bytes(input)).await,

@@ -16,7 +16,9 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use nakshatra_swarm::plan::{Chain, PlanError, PlanOptions};
-use nakshatra_swarm::protocol::act::{HopSpec, OpenSession, Sampling, WireDtype};
+use nakshatra_swarm::protocol::act::{
+    HopSpec, OpenSession, Ring, Sampling, WireDtype, MAX_RING_EOG,
+};
 use nakshatra_swarm::PeerId;
 use serde::Serialize;
 
@@ -323,6 +325,11 @@ pub struct AskOptions {
     pub trace: Option<std::sync::Arc<crate::trace::StepTrace>>,
     /// Speculative decoding: the draft model and its K (`--draft`).
     pub draft: Option<draft::Draft>,
+    /// Let the chain decode by itself (the ring: the last hop feeds each
+    /// token to hop 1, see [`Ring`]) where the asker needs no say in each
+    /// step (no `--draft`, no `--verify`, two hops or more); `false`:
+    /// every step from the asker (`--no-ring`).
+    pub ring: bool,
 }
 
 /// The text to continue.
@@ -398,6 +405,10 @@ pub struct AskTimings {
     /// The same links that ran on libp2p streams (`--no-direct`, or no
     /// direct stream to be had).
     pub links_libp2p: u32,
+    /// Decode steps the chain fed itself (the ring: the last hop sent the
+    /// token to hop 1, the asker sent nothing); 0 with `--no-ring`,
+    /// drafts, `--verify` or a one-hop chain.
+    pub ring_steps: usize,
 }
 
 impl AskTimings {
@@ -761,6 +772,22 @@ impl Asker<'_> {
         ev: &mut AskEvents<'_>,
         on_replay: &mut (dyn FnMut(Replay) + Send),
     ) -> ChainOutcome<Option<verify::VerifyReport>> {
+        let check = match self.verify_plan(model_id, &planned.hops).await {
+            Ok(c) => c,
+            Err(e) => return ChainOutcome::Broken(e),
+        };
+        // The ring where the asker needs no say in each step: not with
+        // drafts (the asker proposes them) or a replica to check against.
+        let ring = (self.opts.ring
+            && planned.hops.len() >= 2
+            && self.opts.draft.is_none()
+            && check.is_none())
+        .then(|| Ring {
+            max_steps: u64::from(self.opts.max_tokens),
+            max_pos: planned.limit,
+            eog: planned.tokenizer.eog_tokens(),
+        })
+        .filter(|r| r.eog.len() <= MAX_RING_EOG);
         let open = OpenSession {
             session: p.session,
             model_id: model_id.to_string(),
@@ -770,10 +797,7 @@ impl Asker<'_> {
             wire: self.opts.wire,
             asker: self.swarm.peer_id().to_string(),
             direct: self.opts.direct,
-        };
-        let check = match self.verify_plan(model_id, &planned.hops).await {
-            Ok(c) => c,
-            Err(e) => return ChainOutcome::Broken(e),
+            ring,
         };
         let chain = match OpenChain::open(
             self.swarm,
@@ -814,6 +838,7 @@ impl Asker<'_> {
         };
         let mut ro = open.clone();
         ro.session = rand::random();
+        ro.ring = None;
         ro.hops = c.replica.clone();
         let replica = match OpenChain::open(
             self.swarm,

@@ -110,6 +110,14 @@ impl Tokenizer {
         self.model.vocab().is_eog(LlamaToken(token))
     }
 
+    /// Every end-of-generation token of the vocabulary (a few), ascending.
+    pub fn eog_tokens(&self) -> Vec<i32> {
+        (0..self.n_vocab())
+            .filter_map(|t| i32::try_from(t).ok())
+            .filter(|&t| self.is_eog(t))
+            .collect()
+    }
+
     /// Context length the model was trained with, in tokens (from the
     /// GGUF metadata).
     pub fn n_ctx_train(&self) -> u32 {

@@ -1,9 +1,10 @@
-//! The serving side of a chain (`/nakshatra/act/3`): a hop takes a
+//! The serving side of a chain (`/nakshatra/act/6`): a hop takes a
 //! session's steps from upstream (the asker or the previous hop), runs its
 //! range, and pushes the hidden states to the next hop — or, at the last
 //! hop, samples and streams the token to the asker
-//! (`/nakshatra/tokens/2`). A session whose chain broke is parked for a
-//! replacement chain to resume ([`resume`]).
+//! (`/nakshatra/tokens/4`) and, in a ring ([`ring`]), feeds it to hop 1 as
+//! the next step. A session whose chain broke is parked for a replacement
+//! chain to resume ([`resume`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,16 +12,19 @@ use std::time::{Duration, Instant};
 use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use nakshatra_swarm::protocol::act::{
-    tokens_from_bytes, ActFrame, ActReply, FailureReport, OpenSession, ReportError, StepHeader,
-    StepKind, TokenFrame, ACT_PROTOCOL, MAX_HOPS, TOKENS_PROTOCOL,
+    tokens_from_bytes, tokens_to_bytes, ActFrame, ActReply, FailureReport, OpenSession,
+    ReportError, StepHeader, StepKind, TokenFrame, ACT_PROTOCOL, MAX_HOPS, MAX_RING_EOG,
+    TOKENS_PROTOCOL,
 };
 use nakshatra_swarm::{Handshake, PeerId, PeerQuota, Reopen, Stream, StreamProtocol};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 
 pub mod resume;
+pub mod ring;
 mod sessions;
 
 pub use resume::{Resumable, PARK_GRACE};
+pub use ring::Rings;
 pub use sessions::{SessionTable, SlotGuard, EVICT_WAIT, OPEN_QUEUE_WAIT, QUEUE_PER_SLOT};
 
 use resume::{Held, History};
@@ -66,6 +70,8 @@ pub struct HopContext {
     pub park_grace: Duration,
     /// Where each step's timings go (`--trace-steps`), if anywhere.
     pub trace: Option<Arc<crate::trace::StepTrace>>,
+    /// Ring streams this node's sessions (as hop 1) wait for.
+    pub rings: Arc<Rings>,
 }
 
 /// Sessions one asker may hold on a node with `max_sessions`: half of them
@@ -155,6 +161,16 @@ pub enum SessionError {
     /// A replacement chain took the session over.
     #[error("taken over by a replacement chain")]
     Preempted,
+    /// The last hop's ring stream to hop 1 broke.
+    #[error("ring stream to the first hop: {0}")]
+    RingGone(#[source] FrameError),
+    /// No ring stream to hop 1 could be opened.
+    #[error("ring stream to the first hop: {0}")]
+    NoRingStream(#[source] nakshatra_swarm::stream::OpenStreamError),
+    /// The last hop fed hop 1 something it did not ask for (hop 1 blames
+    /// the last hop).
+    #[error("the last hop's ring: {0}")]
+    BadRing(String),
 }
 
 impl SessionError {
@@ -174,15 +190,17 @@ impl SessionError {
     }
 }
 
-/// Serves activation streams until the swarm stops; one task per
-/// session. A peer holds at most as many activation streams as the node
+/// Serves activation streams until the swarm stops, one task per session,
+/// and the ring streams last hops open to this node's sessions
+/// ([`ring`]). A peer holds at most as many activation streams as the node
 /// has sessions.
-pub fn spawn_server(
+pub fn spawn_servers(
     ctx: Arc<HopContext>,
-) -> Result<nakshatra_swarm::Served, nakshatra_swarm::stream::AlreadyRegistered> {
+) -> Result<Vec<nakshatra_swarm::Served>, nakshatra_swarm::stream::AlreadyRegistered> {
+    let ring = ring::spawn_server(ctx.clone())?;
     let per_peer = ctx.engine.max_sessions();
     let swarm = ctx.swarm.clone();
-    swarm.serve_protocol(
+    let act = swarm.serve_protocol(
         StreamProtocol::new(ACT_PROTOCOL),
         per_peer,
         move |peer, stream| {
@@ -193,7 +211,8 @@ pub fn spawn_server(
                 }
             }
         },
-    )
+    )?;
+    Ok(vec![act, ring])
 }
 
 /// This hop's signed report of `e`: blaming the next hop for what
@@ -201,6 +220,7 @@ pub fn spawn_server(
 fn failed(ctx: &HopContext, open: &OpenSession, e: &SessionError) -> ActReply {
     let blamed = match e {
         SessionError::NextHop(_) => open.index + 1,
+        SessionError::BadRing(_) => open.hops.len().saturating_sub(1) as u32,
         _ => open.index,
     };
     let busy = matches!(
@@ -310,6 +330,13 @@ fn check_open(ctx: &HopContext, upstream: &PeerId, o: &OpenSession) -> Result<()
             "sampling parameters out of range (temperature must be finite, top_p in 0..=1)",
         ));
     }
+    if let Some(ring) = &o.ring {
+        if o.hops.len() < 2 || ring.eog.len() > MAX_RING_EOG {
+            return Err(SessionError::Refused(
+                "a ring needs two hops or more and at most MAX_RING_EOG end tokens",
+            ));
+        }
+    }
     let is_last = o.index as usize + 1 == o.hops.len();
     if is_last != l.is_last() {
         return Err(SessionError::Refused(
@@ -356,8 +383,9 @@ enum Downstream {
     /// The next hop's activation stream, and the task relaying its
     /// replies upstream.
     Hop(WriteHalf<Stream>, AbortOnDrop),
-    /// The asker's token stream (last hop), and the session's sampler.
-    Asker(Stream, Box<Sampler>),
+    /// The asker's token stream (last hop), the session's sampler, and
+    /// the ring stream to hop 1 if the session rings.
+    Asker(Stream, Box<Sampler>, Option<Box<Stream>>),
 }
 
 /// The write half of the upstream stream, shared with the task that
@@ -371,18 +399,21 @@ async fn reply(up: &Upstream, r: &ActReply) {
     }
 }
 
-/// Sets up the rest of the chain from this hop: returns where results go
-/// and what the hops after this one kept of the session (see
-/// [`ActReply::Ready`]). `Err` is the reply to send upstream.
+/// Sets up the rest of the chain from this hop: returns where results go,
+/// what the hops after this one kept of the session and whether the ring
+/// is up (see [`ActReply::Ready`]). `Err` is the reply to send upstream.
 async fn connect_downstream(
     ctx: &HopContext,
     open: &OpenSession,
     up: &Upstream,
-) -> Result<(Downstream, Vec<u32>), ActReply> {
+) -> Result<(Downstream, Vec<u32>, bool), ActReply> {
     let index = open.index;
     if (index as usize) + 1 == open.hops.len() {
         return match to_asker(ctx, open).await {
-            Ok(d) => Ok((d, Vec::new())),
+            Ok(d) => {
+                let ring = matches!(&d, Downstream::Asker(_, _, Some(_)));
+                Ok((d, Vec::new(), ring))
+            }
             Err(e) => Err(failed(ctx, open, &e)),
         };
     }
@@ -425,8 +456,8 @@ async fn connect_downstream(
         })
         .await;
     let (mut down_r, down_w, first) = opened.map_err(|e| fail_next(e.to_string()))?;
-    let mut kept = match first {
-        ActReply::Ready { kept } => kept,
+    let (mut kept, ring) = match first {
+        ActReply::Ready { kept, ring } => (kept, ring),
         other => return Err(checked_from_next(&ctx.signer, open, other)),
     };
     // One entry per later hop (informational: a wrong list misleads
@@ -448,7 +479,7 @@ async fn connect_downstream(
         let gone = format!("the next hop's stream ended: {e}");
         reply(&up, &report(&signer, &open, open.index + 1, gone)).await;
     });
-    Ok((Downstream::Hop(down_w, AbortOnDrop(relay)), kept))
+    Ok((Downstream::Hop(down_w, AbortOnDrop(relay)), kept, ring))
 }
 
 /// The last hop's token stream back to the asker, over the connection the
@@ -489,7 +520,20 @@ async fn to_asker(ctx: &HopContext, open: &OpenSession) -> Result<Downstream, Se
             nakshatra_swarm::OpenError::Handshake(e) => SessionError::AskerGone(e),
             nakshatra_swarm::OpenError::Open(e) => SessionError::NoTokenStream(e),
         })?;
-    Ok(Downstream::Asker(s, Box::new(sampler)))
+    // The ring's stream, before `Ready` goes up (which says whether it is
+    // open): the asker's first step may ring. A last hop that cannot
+    // reach hop 1 still serves the session, the asker driving every step.
+    let ring = match &open.ring {
+        Some(_) => match ring::open(ctx, open).await {
+            Ok(s) => Some(Box::new(s)),
+            Err(e) => {
+                tracing::warn!(session = open.session, "no ring: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    Ok(Downstream::Asker(s, Box::new(sampler), ring))
 }
 
 async fn serve_session(
@@ -516,11 +560,32 @@ async fn serve_session(
     };
     let (live, preempt) = ctx.resumable.live(key);
     tracing::debug!(%peer, session = open.session, index, kept = held.pos, "session open");
+    // Hop 1 of a ring waits for the last hop's stream, which the last hop
+    // opens while the chain is set up below.
+    let last = open
+        .hops
+        .last()
+        .and_then(|h| h.peer_id.parse::<PeerId>().ok());
+    let frames = match (&open.ring, last) {
+        (Some(_), Some(last)) if index == 0 => {
+            let expected = ctx.rings.expect(key, last);
+            let cps = ctx.engine.ctx_per_session();
+            let limit = move |f: &ActFrame| first_hop_payload(f, cps);
+            let (up, up_task) = ring::spawn_reader(up_r, limit);
+            Frames::Ring {
+                up,
+                _up_task: up_task,
+                ring: RingIn::Waiting(expected),
+                next: None,
+            }
+        }
+        _ => Frames::Upstream(up_r),
+    };
     let r = match connect_downstream(&ctx, &open, &up).await {
-        Ok((mut down, mut kept)) => {
+        Ok((mut down, mut kept, ring)) => {
             kept.insert(0, held.pos);
-            reply(&up, &ActReply::Ready { kept }).await;
-            let r = run_steps(&ctx, &open, &mut held, preempt, &mut up_r, &up, &mut down).await;
+            reply(&up, &ActReply::Ready { kept, ring }).await;
+            let r = run_steps(&ctx, &open, &mut held, preempt, frames, &up, &mut down).await;
             let keep = r.as_ref().err().is_some_and(SessionError::keeps_session);
             held.linger = close_downstream(down, r.as_ref().err(), keep).await;
             r
@@ -640,8 +705,8 @@ async fn close_downstream(
             let _ = w.close().await;
             None
         }
-        Downstream::Asker(s, _) if kept => Some(s),
-        Downstream::Asker(mut s, _) => {
+        Downstream::Asker(s, _, _) if kept => Some(s),
+        Downstream::Asker(mut s, _, _) => {
             // Upstream gone is not this hop's failure, and the hop before
             // reports its next hop itself: the stream just ends.
             if let Some(e) = error.filter(|e| !matches!(e, SessionError::UpstreamGone(_))) {
@@ -656,6 +721,156 @@ async fn close_downstream(
     }
 }
 
+/// Where a session's frames come from.
+enum Frames {
+    /// Upstream's stream, read in place (every session but hop 1's in a
+    /// ring: the step's path has no task hand-off).
+    Upstream(ReadHalf<Stream>),
+    /// Hop 1 of a ring: upstream's frames and the last hop's, each read by
+    /// a task of its own ([`ring::spawn_reader`]), so that waiting on both
+    /// never drops a half-read frame.
+    Ring {
+        /// Upstream's frames.
+        up: mpsc::Receiver<ring::Incoming>,
+        /// The task reading them.
+        _up_task: AbortOnDrop,
+        /// The last hop's.
+        ring: RingIn,
+        /// The step and position the last hop's next frame must have: the
+        /// step after the last one run that rang (`None`: none may come).
+        next: Option<(u64, u32)>,
+    },
+}
+
+/// Hop 1's ring stream.
+enum RingIn {
+    /// Not opened by the last hop yet.
+    Waiting(ring::Expected),
+    /// Read by a task.
+    Reading {
+        /// Its frames.
+        rx: mpsc::Receiver<ring::Incoming>,
+        /// The task.
+        _task: AbortOnDrop,
+    },
+    /// Ended (the last hop's session ended, or its link broke: the hops
+    /// on the chain's path report that themselves).
+    Ended,
+}
+
+/// Who sent a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Upstream,
+    Ring,
+}
+
+impl Frames {
+    /// The next frame (its payload in `payload`), and who sent it.
+    async fn next(
+        &mut self,
+        payload: &mut Vec<u8>,
+        limit: impl FnOnce(&ActFrame) -> usize,
+    ) -> (Origin, Result<(ActFrame, usize), FrameError>) {
+        let (up, ring) = match self {
+            Frames::Upstream(r) => {
+                return (Origin::Upstream, read_frame_into(r, payload, limit).await);
+            }
+            Frames::Ring { up, ring, .. } => (up, ring),
+        };
+        let taken = |item: Option<ring::Incoming>, payload: &mut Vec<u8>| match item {
+            Some(Ok((frame, bytes))) => {
+                *payload = bytes;
+                Ok((frame, payload.len()))
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        };
+        loop {
+            enum Got {
+                Up(Option<ring::Incoming>),
+                Opened(Option<Stream>),
+                Ring(Option<ring::Incoming>),
+            }
+            let got = match ring {
+                RingIn::Waiting(expected) => tokio::select! {
+                    item = up.recv() => Got::Up(item),
+                    s = &mut expected.rx => Got::Opened(s.ok()),
+                },
+                RingIn::Reading { rx, .. } => tokio::select! {
+                    item = up.recv() => Got::Up(item),
+                    item = rx.recv() => Got::Ring(item),
+                },
+                RingIn::Ended => Got::Up(up.recv().await),
+            };
+            match got {
+                Got::Up(item) => return (Origin::Upstream, taken(item, payload)),
+                Got::Opened(Some(s)) => {
+                    let limit = |f: &ActFrame| match f {
+                        ActFrame::Step(h) if h.n_tokens == 1 => std::mem::size_of::<i32>(),
+                        _ => 0,
+                    };
+                    let (rx, task) = ring::spawn_reader(ring::read_half(s), limit);
+                    *ring = RingIn::Reading { rx, _task: task };
+                }
+                Got::Opened(None) => *ring = RingIn::Ended,
+                Got::Ring(Some(Ok((frame, bytes)))) => {
+                    *payload = bytes;
+                    return (Origin::Ring, Ok((frame, payload.len())));
+                }
+                Got::Ring(end) => {
+                    if let Some(Err(e)) = end {
+                        tracing::debug!("ring stream ended: {e}");
+                    }
+                    *ring = RingIn::Ended;
+                }
+            }
+        }
+    }
+
+    /// Checks a frame the last hop fed: the one-token step after the last
+    /// one run that rang, at the position after it.
+    fn check_ring(&self, frame: &ActFrame, max_steps: u64) -> Result<(), SessionError> {
+        let Frames::Ring { next, .. } = self else {
+            return Err(SessionError::BadRing("no ring on this session".into()));
+        };
+        let ActFrame::Step(h) = frame else {
+            return Err(SessionError::BadRing("a frame that is not a step".into()));
+        };
+        let want = *next;
+        let ok = h.ring
+            && h.kind == StepKind::Tokens
+            && h.n_tokens == 1
+            && h.draft.is_empty()
+            && h.step < max_steps
+            && want == Some((h.step, h.pos));
+        if ok {
+            Ok(())
+        } else {
+            Err(SessionError::BadRing(format!(
+                "step {} at {} ({} tokens, ring {}), expected {want:?}",
+                h.step, h.pos, h.n_tokens, h.ring
+            )))
+        }
+    }
+
+    /// Notes a step run (`(step, end, rang)`: its number, the position
+    /// after its input, whether it rang): the last hop's next frame is the
+    /// step after it if it rang.
+    fn ran(&mut self, (step, end, rang): (u64, u32, bool)) {
+        if let Frames::Ring { next, .. } = self {
+            *next = rang.then(|| (step.saturating_add(1), end));
+        }
+    }
+}
+
+/// The payload a frame from upstream may carry at hop 1: a step's tokens
+/// (i32), at most a context's worth (`ctx_per_session`).
+fn first_hop_payload(frame: &ActFrame, ctx_per_session: u32) -> usize {
+    let ActFrame::Step(h) = frame else { return 0 };
+    (h.n_tokens.min(ctx_per_session) as usize).saturating_mul(std::mem::size_of::<i32>())
+}
+
 /// Runs the session's steps until `Close`; a failing step is reported
 /// upstream (`ActReply::Failed`) and ends the session.
 async fn run_steps(
@@ -663,16 +878,17 @@ async fn run_steps(
     open: &OpenSession,
     held: &mut Held,
     mut preempt: tokio::sync::oneshot::Receiver<()>,
-    up_r: &mut ReadHalf<Stream>,
+    mut frames: Frames,
     up: &Upstream,
     down: &mut Downstream,
 ) -> Result<(), SessionError> {
     let mut payload = Vec::new();
     let (slot, mut evicted) = ctx.sessions.register();
+    let max_steps = open.ring.as_ref().map_or(0, |r| r.max_steps);
     loop {
         let limit = |f: &ActFrame| step_bytes(ctx, open, f);
         let frame = tokio::select! {
-            f = tokio::time::timeout(ctx.idle_timeout, read_frame_into(up_r, &mut payload, limit)) => f,
+            f = tokio::time::timeout(ctx.idle_timeout, frames.next(&mut payload, limit)) => f,
             Ok(()) = &mut evicted => {
                 // Upstream hears why (it may still be there, just idle).
                 let e = SessionError::Evicted(ctx.evict_idle_after);
@@ -689,8 +905,15 @@ async fn run_steps(
                 reply(up, &failed(ctx, open, &e)).await;
                 return Err(e);
             }
-            Ok(Err(e)) => return Err(SessionError::UpstreamGone(e)),
-            Ok(Ok(f)) => f,
+            Ok((_, Err(e))) => return Err(SessionError::UpstreamGone(e)),
+            Ok((Origin::Ring, Ok((f, n)))) => {
+                if let Err(e) = frames.check_ring(&f, max_steps) {
+                    reply(up, &failed(ctx, open, &e)).await;
+                    return Err(e);
+                }
+                (f, n)
+            }
+            Ok((Origin::Upstream, Ok(f))) => f,
         };
         let frame_in = ctx.trace.as_ref().map_or(0, |_| crate::trace::now_us());
         slot.touch();
@@ -716,8 +939,13 @@ async fn run_steps(
                 "fault injection: broke the link to the next hop",
             ))));
         }
+        let ran = (
+            h.step,
+            h.pos.saturating_add(h.n_tokens),
+            h.ring && h.draft.is_empty(),
+        );
         match step(ctx, open, held, h, payload, down, frame_in).await {
-            Ok(()) => {}
+            Ok(()) => frames.ran(ran),
             // The asker is gone: nobody upstream to tell.
             Err(e @ SessionError::AskerGone(_)) => return Err(e),
             Err(e) => {
@@ -792,7 +1020,8 @@ async fn step(
     // Whatever precedes this step is the chain's own: drafts it starts
     // past were accepted.
     held.history.confirm(h.pos);
-    if h.draft.is_empty() && end <= held.pos && replayed(open, &held.history, &h, down).await? {
+    if h.draft.is_empty() && end <= held.pos && replayed(ctx, open, &held.history, &h, down).await?
+    {
         return Ok(());
     }
     // A step may restart from an earlier position (a retry, a replay, or
@@ -840,7 +1069,7 @@ async fn step(
                 .map_err(SessionError::NextHop);
             (sent, encoded, now())
         }
-        (StepOutput::Logits(mut logits), Downstream::Asker(s, sampler)) => {
+        (StepOutput::Logits(mut logits), Downstream::Asker(s, sampler, ring)) => {
             ctx.faults.corrupt_output(&mut logits);
             let n_vocab = ctx.engine.n_vocab();
             if logits.len() != h.rows() * n_vocab {
@@ -866,6 +1095,11 @@ async fn step(
                     compute_us,
                 })
                 .collect();
+            // The ring's next step first: it is on the decode's path, the
+            // asker's token is not.
+            if let Some(&token) = tokens.first() {
+                feed_ring(ctx, open, &h, end, token, ring.as_deref_mut()).await?;
+            }
             let encoded = now();
             ctx.faults.link_delay().await;
             let mut sent = write_frames(s, &frames).await;
@@ -901,6 +1135,37 @@ async fn step(
     sent
 }
 
+/// At the last hop of a ring, after step `h` (input ending at `end`)
+/// sampled `token`: sends hop 1 the next step, unless the step did not
+/// ring or the generation ends here ([`ring::feeds`]).
+async fn feed_ring(
+    ctx: &HopContext,
+    open: &OpenSession,
+    h: &StepHeader,
+    end: u32,
+    token: i32,
+    ring: Option<&mut Stream>,
+) -> Result<(), SessionError> {
+    let (Some(spec), Some(w)) = (&open.ring, ring) else {
+        return Ok(());
+    };
+    if !h.ring || !h.draft.is_empty() || !ring::feeds(spec, h.step, end, token) {
+        return Ok(());
+    }
+    let next = StepHeader {
+        step: h.step + 1,
+        pos: ctx.faults.ring_pos(end),
+        n_tokens: 1,
+        kind: StepKind::Tokens,
+        compute_us: 0,
+        draft: Vec::new(),
+        ring: true,
+    };
+    write_frame(w, &ActFrame::Step(next), &tokens_to_bytes(&[token]))
+        .await
+        .map_err(SessionError::RingGone)
+}
+
 /// Writes token frames to the asker, each flushed as it goes.
 async fn write_frames(s: &mut Stream, frames: &[TokenFrame]) -> Result<(), SessionError> {
     for t in frames {
@@ -917,6 +1182,7 @@ async fn write_frames(s: &mut Stream, frames: &[TokenFrame]) -> Result<(), Sessi
 /// step's end. Returns `false` when the history does not hold them (the
 /// step is then computed).
 async fn replayed(
+    ctx: &HopContext,
     open: &OpenSession,
     history: &History,
     h: &StepHeader,
@@ -936,10 +1202,12 @@ async fn replayed(
                 .await
                 .map_err(SessionError::NextHop)?;
         }
-        Downstream::Asker(s, _) => {
-            let Some(sampled) = history.token(h.pos + h.n_tokens) else {
+        Downstream::Asker(s, _, ring) => {
+            let end = h.pos + h.n_tokens;
+            let Some(sampled) = history.token(end) else {
                 return Ok(false);
             };
+            feed_ring(ctx, open, h, end, sampled.token, ring.as_deref_mut()).await?;
             let frames = [
                 TokenFrame::Token {
                     step: h.step,
