@@ -72,6 +72,10 @@ pub enum Fault {
     /// before the one it belongs at (a last hop that would roll hop 1's
     /// cache back); announce [`OVERCLAIMED_TPS`] too, to be planned.
     RewindRing,
+    /// As the last hop of a ring, never open the ring stream to hop 1 (as
+    /// when hop 1 is unreachable from it): its `Ready` says the ring is
+    /// not up.
+    NoRing,
 }
 
 /// The step at which a [`Fault::BreakNextLink`] node breaks its link to
@@ -166,6 +170,16 @@ impl Faults {
             return end.saturating_sub(1);
         }
         end
+    }
+
+    /// With [`Fault::NoRing`], whether the last hop skips opening its ring
+    /// stream.
+    pub fn no_ring(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if self.fault == Some(Fault::NoRing) {
+            return true;
+        }
+        false
     }
 
     /// With [`Fault::BreakNextLink`], whether to break the link to the

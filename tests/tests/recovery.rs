@@ -417,6 +417,39 @@ fn a_last_hop_rewinding_the_ring_is_blamed_and_replaced() {
     }
 }
 
+/// A last hop that cannot open its ring stream to hop 1 (here by fault
+/// injection; on the internet, hop 1 unreachable from it) serves the
+/// session all the same and says so in `Ready`: the asker sends every
+/// step itself, and the answer is the whole model's.
+#[test]
+fn a_last_hop_that_cannot_reach_hop_1_leaves_the_steps_to_the_asker() {
+    let model = test_model();
+    let model = model.to_str().unwrap().to_string();
+    let want = run_reference(&model, GREEDY_64, PROMPT);
+    let fault: &[&str] = &["--fault", "no-ring"];
+    let swarm = Swarm::start_nodes(
+        &model,
+        &[("0..10", &[]), ("10..20", &[]), ("20..30", fault)],
+        "4",
+        "0",
+    );
+    swarm.wait_covered(&[(0, 1), (15, 1), (25, 1)]);
+    let asker_dir = tempfile::tempdir().unwrap();
+    let asker = Asker::start(&swarm.boot, asker_dir.path(), GREEDY_64);
+    let (ok, out, err) = asker.finish(Duration::from_secs(120));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim_end(), want.trim_end(), "{err}");
+    let stats = err
+        .lines()
+        .find(|l| l.starts_with("stats:"))
+        .unwrap_or_default();
+    assert!(stats.contains("ring 0 steps"), "{err}");
+    assert!(
+        !err.contains("recovered:") && !err.contains("failed"),
+        "{err}"
+    );
+}
+
 #[test]
 fn with_no_replica_the_error_names_the_lost_blocks() {
     let model = test_model();

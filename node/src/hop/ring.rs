@@ -156,6 +156,11 @@ pub(super) fn spawn_reader(
 
 /// The last hop's ring stream to hop 1 of `open`'s chain, hello sent.
 pub(super) async fn open(ctx: &HopContext, open: &OpenSession) -> Result<Stream, SessionError> {
+    if ctx.faults.no_ring() {
+        return Err(SessionError::Refused(
+            "fault injection: no ring stream to the first hop",
+        ));
+    }
     let first = open
         .hops
         .first()
