@@ -67,9 +67,10 @@ pub const MAX_RING_EOG: usize = 64;
 /// prefill and `Close`, and its token stream is off the decode's path.
 /// The last hop stops feeding where the asker would stop asking: after an
 /// end-of-generation token, once `max_steps` steps ran, or at the context
-/// limit; the asker sends `Close` for anything else (a stop string). Steps
-/// the asker drives itself (a resumed chain's replay, drafts, `--verify`)
-/// do not ring.
+/// limit; the asker sends `Close` for anything else (a stop string). The
+/// only hop of a one-hop chain feeds itself, without a stream. Steps the
+/// asker drives itself (a resumed chain's replay, drafts, `--verify`) do
+/// not ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ring {
     /// Steps in all, the prefill included (the asker's `max_tokens`): no
@@ -173,8 +174,8 @@ pub struct OpenSession {
     /// (`node ask --no-direct`). The bytes on the link are the same.
     pub direct: bool,
     /// The chain decodes by itself (see [`Ring`]); `None`: every step
-    /// comes from the asker (`node ask --no-ring`, drafts, `--verify`, a
-    /// one-hop chain).
+    /// comes from the asker (`node ask --no-ring`, drafts, `--verify`).
+    /// A one-hop chain's hop feeds itself.
     pub ring: Option<Ring>,
 }
 

@@ -4,11 +4,13 @@
 //! sending every step, `--no-ring`, and the chain feeding itself, the
 //! ring) and with `--draft` at K = 2, 4, 8 and adaptive, in interleaved
 //! rounds (medians of decode tokens/s, ratios to the plain `--no-ring`
-//! ask measured in the same rounds). Drafts: the model itself (every draft right: the ceiling), an
-//! early-exit draft of its first 27 blocks (`nakshatra model draft`), and
-//! a generated 6-block model with random weights sharing its tokenizer
-//! (every draft wrong: the floor). Every answer is checked byte for byte
-//! against the plain one.
+//! ask measured in the same rounds). Drafts: the model itself (every
+//! draft right: the ceiling), an early-exit draft of its first 27 blocks
+//! (`nakshatra model draft`), and a generated 6-block model with random
+//! weights sharing its tokenizer (every draft wrong: the floor). Every
+//! answer is checked byte for byte against the plain one. Then one node
+//! with the whole model, the same delay: asker-driven against the ring
+//! (the node feeds itself).
 //!
 //! `cargo bench -p nakshatra-e2e --features nakshatra/fault-injection
 //! --bench speculative` (after `cargo build --release --features
@@ -135,4 +137,54 @@ fn main() {
         );
         assert!(same, "{name}: the answer differs from the plain ask's");
     }
+    drop(chain);
+
+    // One node with the whole model, 20 ms between it and the asker: in
+    // the ring the node feeds itself, and the asker's distance is paid
+    // once, not per token.
+    let one = LocalChain::start(
+        model,
+        &["0..30"],
+        30,
+        &["--threads", "1", "--test-link-delay-ms", &link_ms],
+    );
+    let no_ring: Vec<&str> = common.iter().copied().chain(["--no-ring"]).collect();
+    let (mut plain, mut ring): ((Vec<f64>, _), (Vec<f64>, _)) = ((vec![], None), (vec![], None));
+    {
+        let mut a = |warm_up: bool| {
+            let (tps, text) = decode_of(&one, &no_ring, prompt);
+            plain.1 = text;
+            if !warm_up {
+                plain.0.push(tps);
+            }
+        };
+        let mut b = |warm_up: bool| {
+            let (tps, text) = decode_of(&one, &common, prompt);
+            ring.1 = text;
+            if !warm_up {
+                ring.0.push(tps);
+            }
+        };
+        interleaved(rounds, &mut [&mut a, &mut b]);
+    }
+    let (plain_text, ring_text) = (plain.1, ring.1);
+    let (plain, ring) = (plain.0, ring.0);
+    let (p, r) = (median(plain), median(ring));
+    println!(
+        "one hop (the whole model on one node), {link_ms} ms to the asker: asker-driven {p:.1} tok/s, ring {r:.1} tok/s ({:.2}x), text {}",
+        r / p,
+        if ring_text == plain_text { "identical" } else { "DIFFERS" }
+    );
+    assert_eq!(ring_text, plain_text, "the one-hop ring's answer differs");
+}
+
+/// Decode tokens/s and text of one `node ask --json` through `chain`.
+fn decode_of(chain: &LocalChain, args: &[&str], prompt: &str) -> (f64, Option<String>) {
+    let o = chain.ask_output(args, prompt);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("node ask --json");
+    (
+        v["timings"]["decode_tps"].as_f64().unwrap_or(0.0),
+        v["text"].as_str().map(str::to_string),
+    )
 }

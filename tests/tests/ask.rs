@@ -191,6 +191,39 @@ fn chain_gives_the_whole_models_text_and_more() {
     assert!(!err(&o).contains("panicked"));
 }
 
+/// One node with the whole model: its session feeds itself (the ring
+/// without a stream), the asker sends the prompt and reads; the text is
+/// the whole model's, as with `--no-ring`.
+#[test]
+fn a_one_hop_chain_feeds_itself() {
+    let model = test_model();
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Proc::join(dir.path(), &join_args(model, "0..30", None, &[]));
+    let boot = node.addr().to_string();
+    let want = reference(model, GREEDY, PROMPT);
+    let asker = tempfile::tempdir().unwrap();
+    for (extra, rang) in [(&[][..], 31), (&["--no-ring"][..], 0)] {
+        let mut args = GREEDY.to_vec();
+        args.push("--json");
+        args.extend_from_slice(extra);
+        let o = ask(&boot, asker.path(), &args, PROMPT);
+        assert!(o.status.success(), "{extra:?}: {}", err(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(
+            format!("{}\n", v["text"].as_str().unwrap()),
+            want,
+            "{extra:?}"
+        );
+        assert_eq!(v["chain"].as_array().map(Vec::len), Some(1));
+        assert_eq!(
+            v["timings"]["ring_steps"], rang,
+            "{extra:?}: {}",
+            v["timings"]
+        );
+    }
+}
+
 #[test]
 fn eight_concurrent_asks_each_match_their_reference() {
     let model = test_model();

@@ -327,7 +327,7 @@ pub struct AskOptions {
     pub draft: Option<draft::Draft>,
     /// Let the chain decode by itself (the ring: the last hop feeds each
     /// token to hop 1, see [`Ring`]) where the asker needs no say in each
-    /// step (no `--draft`, no `--verify`, two hops or more); `false`:
+    /// step (no `--draft`, no `--verify`); `false`:
     /// every step from the asker (`--no-ring`).
     pub ring: bool,
 }
@@ -407,7 +407,7 @@ pub struct AskTimings {
     pub links_libp2p: u32,
     /// Decode steps the chain fed itself (the ring: the last hop sent the
     /// token to hop 1, the asker sent nothing); 0 with `--no-ring`,
-    /// drafts, `--verify` or a one-hop chain.
+    /// drafts or `--verify`.
     pub ring_steps: usize,
 }
 
@@ -778,16 +778,13 @@ impl Asker<'_> {
         };
         // The ring where the asker needs no say in each step: not with
         // drafts (the asker proposes them) or a replica to check against.
-        let ring = (self.opts.ring
-            && planned.hops.len() >= 2
-            && self.opts.draft.is_none()
-            && check.is_none())
-        .then(|| Ring {
-            max_steps: u64::from(self.opts.max_tokens),
-            max_pos: planned.limit,
-            eog: planned.tokenizer.eog_tokens(),
-        })
-        .filter(|r| r.eog.len() <= MAX_RING_EOG);
+        let ring = (self.opts.ring && self.opts.draft.is_none() && check.is_none())
+            .then(|| Ring {
+                max_steps: u64::from(self.opts.max_tokens),
+                max_pos: planned.limit,
+                eog: planned.tokenizer.eog_tokens(),
+            })
+            .filter(|r| r.eog.len() <= MAX_RING_EOG);
         let open = OpenSession {
             session: p.session,
             model_id: model_id.to_string(),

@@ -330,12 +330,10 @@ fn check_open(ctx: &HopContext, upstream: &PeerId, o: &OpenSession) -> Result<()
             "sampling parameters out of range (temperature must be finite, top_p in 0..=1)",
         ));
     }
-    if let Some(ring) = &o.ring {
-        if o.hops.len() < 2 || ring.eog.len() > MAX_RING_EOG {
-            return Err(SessionError::Refused(
-                "a ring needs two hops or more and at most MAX_RING_EOG end tokens",
-            ));
-        }
+    if o.ring.as_ref().is_some_and(|r| r.eog.len() > MAX_RING_EOG) {
+        return Err(SessionError::Refused(
+            "a ring names more than MAX_RING_EOG end tokens",
+        ));
     }
     let is_last = o.index as usize + 1 == o.hops.len();
     if is_last != l.is_last() {
@@ -384,8 +382,17 @@ enum Downstream {
     /// replies upstream.
     Hop(WriteHalf<Stream>, AbortOnDrop),
     /// The asker's token stream (last hop), the session's sampler, and
-    /// the ring stream to hop 1 if the session rings.
-    Asker(Stream, Box<Sampler>, Option<Box<Stream>>),
+    /// where the ring feeds hop 1 if the session rings.
+    Asker(Stream, Box<Sampler>, Option<Box<RingOut>>),
+}
+
+/// Where the last hop feeds the ring's next step.
+enum RingOut {
+    /// The ring stream to hop 1.
+    Stream(Stream),
+    /// Itself: the only hop of a one-hop chain, whose session reads the
+    /// other end of this channel as its ring.
+    Local(mpsc::Sender<ring::Incoming>),
 }
 
 /// The write half of the upstream stream, shared with the task that
@@ -406,10 +413,11 @@ async fn connect_downstream(
     ctx: &HopContext,
     open: &OpenSession,
     up: &Upstream,
+    local_ring: Option<mpsc::Sender<ring::Incoming>>,
 ) -> Result<(Downstream, Vec<u32>, bool), ActReply> {
     let index = open.index;
     if (index as usize) + 1 == open.hops.len() {
-        return match to_asker(ctx, open).await {
+        return match to_asker(ctx, open, local_ring).await {
             Ok(d) => {
                 let ring = matches!(&d, Downstream::Asker(_, _, Some(_)));
                 Ok((d, Vec::new(), ring))
@@ -483,8 +491,13 @@ async fn connect_downstream(
 }
 
 /// The last hop's token stream back to the asker, over the connection the
-/// asker has to it, and the session's sampler.
-async fn to_asker(ctx: &HopContext, open: &OpenSession) -> Result<Downstream, SessionError> {
+/// asker has to it, the session's sampler, and the ring's way to hop 1
+/// (`local_ring` when this hop is hop 1 too).
+async fn to_asker(
+    ctx: &HopContext,
+    open: &OpenSession,
+    local_ring: Option<mpsc::Sender<ring::Incoming>>,
+) -> Result<Downstream, SessionError> {
     let spec = SamplerSpec {
         temperature: open.sampling.temperature,
         top_k: open.sampling.top_k,
@@ -523,15 +536,16 @@ async fn to_asker(ctx: &HopContext, open: &OpenSession) -> Result<Downstream, Se
     // The ring's stream, before `Ready` goes up (which says whether it is
     // open): the asker's first step may ring. A last hop that cannot
     // reach hop 1 still serves the session, the asker driving every step.
-    let ring = match &open.ring {
-        Some(_) => match ring::open(ctx, open).await {
-            Ok(s) => Some(Box::new(s)),
+    let ring = match (&open.ring, local_ring) {
+        (Some(_), Some(tx)) => Some(Box::new(RingOut::Local(tx))),
+        (Some(_), None) => match ring::open(ctx, open).await {
+            Ok(s) => Some(Box::new(RingOut::Stream(s))),
             Err(e) => {
                 tracing::warn!(session = open.session, "no ring: {e}");
                 None
             }
         },
-        None => None,
+        (None, _) => None,
     };
     Ok(Downstream::Asker(s, Box::new(sampler), ring))
 }
@@ -566,22 +580,29 @@ async fn serve_session(
         .hops
         .last()
         .and_then(|h| h.peer_id.parse::<PeerId>().ok());
-    let frames = match (&open.ring, last) {
+    // The only hop of a one-hop chain feeds itself through a channel.
+    let (frames, local_ring) = match (&open.ring, last) {
         (Some(_), Some(last)) if index == 0 => {
-            let expected = ctx.rings.expect(key, last);
             let cps = ctx.engine.ctx_per_session();
             let limit = move |f: &ActFrame| first_hop_payload(f, cps);
             let (up, up_task) = ring::spawn_reader(up_r, limit);
-            Frames::Ring {
+            let (ring, local) = if open.hops.len() == 1 {
+                let (tx, rx) = mpsc::channel(ring::READ_AHEAD);
+                (RingIn::Reading { rx, _task: None }, Some(tx))
+            } else {
+                (RingIn::Waiting(ctx.rings.expect(key, last)), None)
+            };
+            let frames = Frames::Ring {
                 up,
                 _up_task: up_task,
-                ring: RingIn::Waiting(expected),
+                ring,
                 next: None,
-            }
+            };
+            (frames, local)
         }
-        _ => Frames::Upstream(up_r),
+        _ => (Frames::Upstream(up_r), None),
     };
-    let r = match connect_downstream(&ctx, &open, &up).await {
+    let r = match connect_downstream(&ctx, &open, &up, local_ring).await {
         Ok((mut down, mut kept, ring)) => {
             kept.insert(0, held.pos);
             reply(&up, &ActReply::Ready { kept, ring }).await;
@@ -746,12 +767,12 @@ enum Frames {
 enum RingIn {
     /// Not opened by the last hop yet.
     Waiting(ring::Expected),
-    /// Read by a task.
+    /// Read by a task (none for a one-hop chain's own channel).
     Reading {
         /// Its frames.
         rx: mpsc::Receiver<ring::Incoming>,
         /// The task.
-        _task: AbortOnDrop,
+        _task: Option<AbortOnDrop>,
     },
     /// Ended (the last hop's session ended, or its link broke: the hops
     /// on the chain's path report that themselves).
@@ -811,7 +832,10 @@ impl Frames {
                         _ => 0,
                     };
                     let (rx, task) = ring::spawn_reader(ring::read_half(s), limit);
-                    *ring = RingIn::Reading { rx, _task: task };
+                    *ring = RingIn::Reading {
+                        rx,
+                        _task: Some(task),
+                    };
                 }
                 Got::Opened(None) => *ring = RingIn::Ended,
                 Got::Ring(Some(Ok((frame, bytes)))) => {
@@ -899,7 +923,7 @@ async fn run_steps(
             // chain is over (its asker gave up on it).
             Ok(()) = &mut preempt => return Err(SessionError::Preempted),
         };
-        let (frame, n) = match frame {
+        let (frame, n, over_link) = match frame {
             Err(_) => {
                 let e = SessionError::Idle(ctx.idle_timeout);
                 reply(up, &failed(ctx, open, &e)).await;
@@ -911,14 +935,17 @@ async fn run_steps(
                     reply(up, &failed(ctx, open, &e)).await;
                     return Err(e);
                 }
-                (f, n)
+                // A one-hop chain feeds itself over no link.
+                (f, n, open.hops.len() > 1)
             }
-            Ok((Origin::Upstream, Ok(f))) => f,
+            Ok((Origin::Upstream, Ok((f, n)))) => (f, n, true),
         };
         let frame_in = ctx.trace.as_ref().map_or(0, |_| crate::trace::now_us());
         slot.touch();
         let payload = payload.get(..n).unwrap_or_default();
-        ctx.faults.link_delay().await;
+        if over_link {
+            ctx.faults.link_delay().await;
+        }
         let h = match frame {
             ActFrame::Close => return Ok(()),
             ActFrame::Open(_) => return Err(SessionError::SecondOpen),
@@ -1144,9 +1171,9 @@ async fn feed_ring(
     h: &StepHeader,
     end: u32,
     token: i32,
-    ring: Option<&mut Stream>,
+    ring: Option<&mut RingOut>,
 ) -> Result<(), SessionError> {
-    let (Some(spec), Some(w)) = (&open.ring, ring) else {
+    let (Some(spec), Some(out)) = (&open.ring, ring) else {
         return Ok(());
     };
     if !h.ring || !h.draft.is_empty() || !ring::feeds(spec, h.step, end, token) {
@@ -1161,9 +1188,19 @@ async fn feed_ring(
         draft: Vec::new(),
         ring: true,
     };
-    write_frame(w, &ActFrame::Step(next), &tokens_to_bytes(&[token]))
-        .await
-        .map_err(SessionError::RingGone)
+    let payload = tokens_to_bytes(&[token]);
+    match out {
+        RingOut::Stream(w) => write_frame(w, &ActFrame::Step(next), &payload)
+            .await
+            .map_err(SessionError::RingGone),
+        // One step is fed at a time and read before the next is computed:
+        // the channel is never full; closed, the session is ending.
+        RingOut::Local(tx) => tx
+            .try_send(Ok((ActFrame::Step(next), payload)))
+            .map_err(|_| {
+                SessionError::RingGone(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()))
+            }),
+    }
 }
 
 /// Writes token frames to the asker, each flushed as it goes.

@@ -23,7 +23,7 @@ use crate::net::{read_frame_into, read_message, write_frame, FrameError};
 
 /// Frames a reader task may hold read ahead of the session (the last hop
 /// feeds one step at a time: more would be a peer racing ahead).
-const READ_AHEAD: usize = 4;
+pub(super) const READ_AHEAD: usize = 4;
 
 /// A frame read by a reader task, with its payload, or why the stream
 /// ended.
