@@ -167,7 +167,7 @@ struct AskArgs {
     /// Send every decode step from here: the last hop streams each token
     /// back and waits for the next step, instead of feeding the token to
     /// the first hop itself (the ring, one link less per token; off
-    /// anyway with --draft or --verify).
+    /// anyway with --draft).
     #[arg(long)]
     no_ring: bool,
     /// Print one JSON object at the end instead of streaming text.

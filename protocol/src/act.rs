@@ -69,8 +69,8 @@ pub const MAX_RING_EOG: usize = 64;
 /// end-of-generation token, once `max_steps` steps ran, or at the context
 /// limit; the asker sends `Close` for anything else (a stop string). The
 /// only hop of a one-hop chain feeds itself, without a stream. Steps the
-/// asker drives itself (a resumed chain's replay, drafts, `--verify`) do
-/// not ring.
+/// asker drives itself (a resumed chain's replay, drafts, `--verify`'s
+/// replica and replays) do not ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ring {
     /// Steps in all, the prefill included (the asker's `max_tokens`): no
@@ -174,7 +174,7 @@ pub struct OpenSession {
     /// (`node ask --no-direct`). The bytes on the link are the same.
     pub direct: bool,
     /// The chain decodes by itself (see [`Ring`]); `None`: every step
-    /// comes from the asker (`node ask --no-ring`, drafts, `--verify`).
+    /// comes from the asker (`node ask --no-ring`, drafts).
     /// A one-hop chain's hop feeds itself.
     pub ring: Option<Ring>,
 }

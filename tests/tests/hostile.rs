@@ -683,6 +683,12 @@ async fn verify_catches_and_bans_a_hop_returning_wrong_results() {
         e.contains("against a replica chain") && e.contains("all equal"),
         "{e}"
     );
+    // The chain checked rang (fed itself every step after the first).
+    let stats = e
+        .lines()
+        .find(|l| l.starts_with("stats:"))
+        .unwrap_or_default();
+    assert!(stats.contains("ring 7 steps"), "{e}");
 
     let mut liar_args = join_args(&model, "0..15", Some(&boot));
     liar_args.extend_from_slice(&["--fault", "corrupt-output"]);

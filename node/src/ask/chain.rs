@@ -452,9 +452,10 @@ impl<'a> OpenChain<'a> {
             },
             None => None,
         };
-        // The ring where the asker has no say in each step: the first step
-        // of this run goes out marked, and the chain feeds itself the rest.
-        let ring = self.ring && drafter.is_none() && tap.is_none();
+        // The ring where the asker has no say in each step (no drafts):
+        // the first step of this run goes out marked, and the chain feeds
+        // itself the rest.
+        let ring = self.ring && drafter.is_none();
         let mut fed = false;
         'steps: while p.next_step < u64::from(opts.max_tokens) {
             let step = p.next_step;

@@ -327,7 +327,7 @@ pub struct AskOptions {
     pub draft: Option<draft::Draft>,
     /// Let the chain decode by itself (the ring: the last hop feeds each
     /// token to hop 1, see [`Ring`]) where the asker needs no say in each
-    /// step (no `--draft`, no `--verify`); `false`:
+    /// step (no `--draft`); `false`:
     /// every step from the asker (`--no-ring`).
     pub ring: bool,
 }
@@ -406,8 +406,8 @@ pub struct AskTimings {
     /// direct stream to be had).
     pub links_libp2p: u32,
     /// Decode steps the chain fed itself (the ring: the last hop sent the
-    /// token to hop 1, the asker sent nothing); 0 with `--no-ring`,
-    /// drafts or `--verify`.
+    /// token to hop 1, the asker sent nothing); 0 with `--no-ring` or
+    /// drafts.
     pub ring_steps: usize,
 }
 
@@ -777,8 +777,10 @@ impl Asker<'_> {
             Err(e) => return ChainOutcome::Broken(e),
         };
         // The ring where the asker needs no say in each step: not with
-        // drafts (the asker proposes them) or a replica to check against.
-        let ring = (self.opts.ring && self.opts.draft.is_none() && check.is_none())
+        // drafts (the asker proposes them). With `--verify` the chain
+        // rings and the tap still sees every step, token and digest in
+        // order; the replica and the blame replays are driven.
+        let ring = (self.opts.ring && self.opts.draft.is_none())
             .then(|| Ring {
                 max_steps: u64::from(self.opts.max_tokens),
                 max_pos: planned.limit,
