@@ -225,35 +225,26 @@ async fn a_join_waits_for_the_servers_it_knows_of_before_placing() {
         .await
         .expect("connected");
 
+    // A view for placement, and how long it took.
+    let timed_view = |served: bool, wait: Duration, poll: Duration| {
+        let (joiner, shape) = (&joiner, &shape);
+        async move {
+            let t = Instant::now();
+            let view = view_for_placement(joiner, MODEL, shape, served, wait, poll)
+                .await
+                .expect("view");
+            (view, t.elapsed())
+        }
+    };
+
     // Nobody serves it yet: not known to be served, the first view is
     // used as it is; known to be served, it is read again for the wait
     // and then used (empty) all the same.
-    let t = Instant::now();
-    let view = view_for_placement(
-        &joiner,
-        MODEL,
-        &shape,
-        false,
-        Duration::from_secs(5),
-        Duration::from_millis(100),
-    )
-    .await
-    .expect("view");
+    let poll = Duration::from_millis(100);
+    let (view, first_view) = timed_view(false, Duration::from_secs(5), poll).await;
     assert!(view.peers.is_empty(), "{:?}", view.peers);
-    let first_view = t.elapsed();
-    let t = Instant::now();
-    let view = view_for_placement(
-        &joiner,
-        MODEL,
-        &shape,
-        true,
-        Duration::from_secs(1),
-        Duration::from_millis(100),
-    )
-    .await
-    .expect("view");
+    let (view, waited) = timed_view(true, Duration::from_secs(1), poll).await;
     assert!(view.peers.is_empty(), "{:?}", view.peers);
-    let waited = t.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited < first_view + Duration::from_secs(5),
         "an empty view of a served model is read again for the wait (1 s), then given up: took {waited:?}"
@@ -270,18 +261,7 @@ async fn a_join_waits_for_the_servers_it_knows_of_before_placing() {
             server.announce(info).await
         })
     };
-    let t = Instant::now();
-    let view = view_for_placement(
-        &joiner,
-        MODEL,
-        &shape,
-        true,
-        Duration::from_secs(20),
-        Duration::from_millis(250),
-    )
-    .await
-    .expect("view");
-    let took = t.elapsed();
+    let (view, took) = timed_view(true, Duration::from_secs(20), Duration::from_millis(250)).await;
     announcer.await.expect("announcer").expect("announce");
     let holders: Vec<_> = view.peers.iter().map(|p| p.peer_id).collect();
     assert_eq!(holders, vec![server.peer_id()], "took {took:?}");

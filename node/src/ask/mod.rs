@@ -784,7 +784,7 @@ impl Asker<'_> {
             .then(|| Ring {
                 max_steps: u64::from(self.opts.max_tokens),
                 max_pos: planned.limit,
-                eog: planned.tokenizer.eog_tokens(),
+                eog: planned.tokenizer.eog_tokens().to_vec(),
             })
             .filter(|r| r.eog.len() <= MAX_RING_EOG);
         let open = OpenSession {

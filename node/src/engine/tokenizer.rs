@@ -31,6 +31,9 @@ impl ChatMessage {
 /// A model's vocabulary, special tokens and chat template.
 pub struct Tokenizer {
     model: LlamaModel,
+    /// The vocabulary's end-of-generation tokens, ascending (found once,
+    /// at load: a chain's ring names them in every `Open`).
+    eog: Vec<i32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -56,7 +59,10 @@ impl Tokenizer {
                 path.display()
             )));
         }
-        Ok(Self { model })
+        let eog = (0..model.n_vocab())
+            .filter(|&t| model.vocab().is_eog(LlamaToken(t)))
+            .collect();
+        Ok(Self { model, eog })
     }
 
     /// Tokens in the vocabulary.
@@ -111,11 +117,8 @@ impl Tokenizer {
     }
 
     /// Every end-of-generation token of the vocabulary (a few), ascending.
-    pub fn eog_tokens(&self) -> Vec<i32> {
-        (0..self.n_vocab())
-            .filter_map(|t| i32::try_from(t).ok())
-            .filter(|&t| self.is_eog(t))
-            .collect()
+    pub fn eog_tokens(&self) -> &[i32] {
+        &self.eog
     }
 
     /// Context length the model was trained with, in tokens (from the

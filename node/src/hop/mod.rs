@@ -512,22 +512,7 @@ async fn to_asker(
     let hello = TokenFrame::Hello {
         session: open.session,
     };
-    let hello = &hello;
-    let s = ctx
-        .swarm
-        .open_link_with(
-            asker,
-            StreamProtocol::new(TOKENS_PROTOCOL),
-            Reopen::DEFAULT,
-            open.direct,
-            |mut s| async move {
-                // A write into a stream the asker dropped fails: retried.
-                write_frame(&mut s, hello, &[])
-                    .await
-                    .map_err(Handshake::Dropped)?;
-                Ok(s)
-            },
-        )
+    let s = open_with_hello(ctx, asker, TOKENS_PROTOCOL, open.direct, &hello)
         .await
         .map_err(|e| match e {
             nakshatra_swarm::OpenError::Handshake(e) => SessionError::AskerGone(e),
@@ -548,6 +533,33 @@ async fn to_asker(
         (None, _) => None,
     };
     Ok(Downstream::Asker(s, Box::new(sampler), ring))
+}
+
+/// A stream of `protocol` to `peer` on the session's kind of link
+/// (`direct`), its first frame `hello` written. A write into a stream the
+/// peer dropped at open fails and is retried on a fresh one
+/// ([`Reopen::DEFAULT`]).
+async fn open_with_hello<H: serde::Serialize + Sync>(
+    ctx: &HopContext,
+    peer: PeerId,
+    protocol: &'static str,
+    direct: bool,
+    hello: &H,
+) -> Result<Stream, nakshatra_swarm::OpenError<FrameError>> {
+    ctx.swarm
+        .open_link_with(
+            peer,
+            StreamProtocol::new(protocol),
+            Reopen::DEFAULT,
+            direct,
+            |mut s| async move {
+                write_frame(&mut s, hello, &[])
+                    .await
+                    .map_err(Handshake::Dropped)?;
+                Ok(s)
+            },
+        )
+        .await
 }
 
 async fn serve_session(

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use futures::io::ReadHalf;
 use futures::AsyncReadExt;
 use nakshatra_swarm::protocol::act::{ActFrame, OpenSession, Ring, RingHello, RING_PROTOCOL};
-use nakshatra_swarm::{Handshake, PeerId, Reopen, Stream, StreamProtocol};
+use nakshatra_swarm::{PeerId, Stream, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{HopContext, SessionError, OPEN_TIMEOUT};
-use crate::net::{read_frame_into, read_message, write_frame, FrameError};
+use crate::net::{read_frame_into, read_message, FrameError};
 
 /// Frames a reader task may hold read ahead of the session (the last hop
 /// feeds one step at a time: more would be a peer racing ahead).
@@ -179,20 +179,7 @@ pub(super) async fn open(ctx: &HopContext, open: &OpenSession) -> Result<Stream,
         asker: open.asker.clone(),
         session: open.session,
     };
-    let hello = &hello;
-    ctx.swarm
-        .open_link_with(
-            first,
-            StreamProtocol::new(RING_PROTOCOL),
-            Reopen::DEFAULT,
-            open.direct,
-            |mut s| async move {
-                write_frame(&mut s, hello, &[])
-                    .await
-                    .map_err(Handshake::Dropped)?;
-                Ok(s)
-            },
-        )
+    super::open_with_hello(ctx, first, RING_PROTOCOL, open.direct, &hello)
         .await
         .map_err(|e| match e {
             nakshatra_swarm::OpenError::Handshake(e) => SessionError::RingGone(e),
