@@ -308,6 +308,9 @@ pub fn server_info(u: &mut Unstructured<'_>, now_ms: u64) -> Result<ServerInfo> 
                 rtt_ms: f32::from(u.int_in_range(0..=500u16)?),
             })
         })?,
+        model_name: u
+            .choose(&["", "smollm2:135m-q4_1", "gemma-3:270m-q4_k_m", "x"])?
+            .to_string(),
     })
 }
 

@@ -156,7 +156,11 @@ struct AskArgs {
     /// opened on the asker's router. An ephemeral port by default.
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
     listen: Vec<Multiaddr>,
-    /// Model id (default: the only model the swarm serves).
+    /// The model: its id, its name as `swarm status` shows it
+    /// (`smollm2:135m-q4_1`), the name's base (`smollm2`) when only one
+    /// model has it, or an id prefix of 8+ characters (default: the only
+    /// model the swarm serves). Names are announced by the servers, not
+    /// verified: give the id to pin a model
     #[arg(long)]
     model: Option<String>,
     #[command(flatten)]
@@ -1055,6 +1059,7 @@ fn inspect(path: &std::path::Path, json: bool) -> Result<()> {
         return Ok(());
     }
     out!("id:         {}", info.id);
+    out!("name:       {}", info.name);
     out!("arch:       {}", info.arch);
     out!("family:     {family_line}");
     out!("splits:     {splits_line}");

@@ -847,6 +847,7 @@ async fn prepare_and_announce(
     si.free_sessions = engine.free_sessions() as u32;
     si.max_sessions = engine.max_sessions() as u32;
     si.context_per_session = engine.ctx_per_session();
+    si.model_name = model_name_of(&p.vocab, &m.arch);
     opts.faults.lie_about_shape(&mut si);
     swarm.announce(si.clone()).await?;
     Ok(Up {
@@ -858,6 +859,22 @@ async fn prepare_and_announce(
         servers,
         moving: Some((p.manifest, p.vocab, p.budget)),
     })
+}
+
+/// The human name this node announces for its model
+/// ([`ServerInfo::model_name`]), from the `general.*` entries of its
+/// verified vocabulary file; empty when the file does not parse or the
+/// name would not pass the record's checks.
+fn model_name_of(vocab: &[u8], arch: &str) -> String {
+    match nakshatra_slicer::Gguf::from_bytes(vocab.to_vec(), "the vocabulary") {
+        Ok(g) => Some(nakshatra_slicer::model_name(g.metadata(), arch))
+            .filter(|n| nakshatra_swarm::protocol::is_valid_model_name(n))
+            .unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!("announcing no model name: {e}");
+            String::new()
+        }
+    }
 }
 
 /// Loads the slice and times [`MEASURE_STEPS`] decode steps (the

@@ -51,9 +51,14 @@ pub fn render(view: &SwarmView) -> String {
     }
     for m in &view.models {
         let covered = m.coverage.iter().filter(|c| !c.is_empty()).count();
+        let name = if m.name.is_empty() {
+            String::new()
+        } else {
+            format!("{}, ", m.name)
+        };
         let _ = writeln!(
             s,
-            "model {} ({}, {} layers): {covered}/{} blocks covered",
+            "model {} ({name}{}, {} layers): {covered}/{} blocks covered",
             m.id, m.arch, m.n_layers, m.n_layers
         );
         for g in &m.gaps {

@@ -215,6 +215,7 @@ fn gemma3_270m_inspects_and_slices() {
         String::from_utf8_lossy(&o.stderr)
     );
     for want in [
+        "name:       gemma-3:270m-q4_k_m",
         "arch:       gemma3",
         "family:     Gemma 3 (dense)",
         "splits:     exact",

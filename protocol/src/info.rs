@@ -139,6 +139,11 @@ pub struct ServerInfo {
     /// next hops); empty for a node holding the last block, or before its
     /// first measurement. At most [`MAX_NEXT_RTTS`] entries.
     pub next_rtts: Vec<NextRtt>,
+    /// The model's human name, `base:tag` (`smollm2:135m-q4_1`), from its
+    /// `general.*` metadata, which the model id does not cover: a hint for
+    /// people and API clients, never an identity (any peer may announce any
+    /// name; [`is_valid_model_name`] bounds it). Empty: none.
+    pub model_name: String,
 }
 
 impl ServerInfo {
@@ -283,6 +288,16 @@ impl ServerInfo {
                 format!("{} entries, at most {MAX_NEXT_RTTS}", self.next_rtts.len()),
             ));
         }
+        if !self.model_name.is_empty() && !is_valid_model_name(&self.model_name) {
+            return Err(bad(
+                "model_name",
+                format!(
+                    "{:?} is not a model name (at most {MAX_MODEL_NAME_LEN} bytes of \
+                     a-z 0-9 . _ -, one `:` between base and tag)",
+                    self.model_name.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
         for r in &self.next_rtts {
             if r.peer_id.len() > MAX_PEER_ID_LEN || r.peer().is_none() {
                 return Err(bad(
@@ -301,6 +316,28 @@ impl ServerInfo {
             }
         }
         Ok(())
+    }
+}
+
+/// Longest [`ServerInfo::model_name`], bytes.
+pub const MAX_MODEL_NAME_LEN: usize = 128;
+
+/// Whether `name` is a well-formed model name: non-empty, at most
+/// [`MAX_MODEL_NAME_LEN`] bytes of ASCII lowercase letters, digits, `.`,
+/// `_` and `-`, with at most one `:` (between a non-empty base and a
+/// non-empty tag), as `nakshatra_slicer::model_name` writes them.
+pub fn is_valid_model_name(name: &str) -> bool {
+    if name.is_empty() || name.len() > MAX_MODEL_NAME_LEN {
+        return false;
+    }
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    };
+    match name.split_once(':') {
+        None => part(name),
+        Some((base, tag)) => part(base) && part(tag),
     }
 }
 

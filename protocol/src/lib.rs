@@ -45,7 +45,10 @@ mod record;
 pub mod rpc;
 mod wire;
 
-pub use info::{validate_model_id, DeviceInfo, NextRtt, ServerInfo, ServerState};
+pub use info::{
+    is_valid_model_name, validate_model_id, DeviceInfo, NextRtt, ServerInfo, ServerState,
+    MAX_MODEL_NAME_LEN,
+};
 pub use record::{
     ed25519_key_of, now_ms, peer_id_of, sign, verify, verify_with, RecordError, SignedServerInfo,
     VerifiedServerInfo, VerifyLimits,
@@ -62,8 +65,9 @@ pub use libp2p_identity::PeerId;
 /// `/nakshatra/act/5`, `/nakshatra/direct/1`), version 5 the logits digest
 /// in a frame of its own after the token (`/nakshatra/tokens/4`), version 6
 /// the ring (`OpenSession::ring`, `StepHeader::ring`, `/nakshatra/act/6`,
-/// `/nakshatra/ring/1`).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// `/nakshatra/ring/1`), version 7 the model's human name
+/// ([`ServerInfo::model_name`]).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Most [`NextRtt`] entries one [`ServerInfo`] may carry.
 pub const MAX_NEXT_RTTS: usize = 16;

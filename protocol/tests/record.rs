@@ -5,8 +5,8 @@
 use ed25519_dalek::SigningKey;
 use nakshatra_protocol::{
     peer_id_of, sign, verify, DeviceInfo, NextRtt, PeerId, RecordError, ServerInfo, ServerState,
-    SignedServerInfo, MAX_CLOCK_SKEW_MS, MAX_NEXT_RTTS, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME_MS,
-    PROTOCOL_VERSION,
+    SignedServerInfo, MAX_CLOCK_SKEW_MS, MAX_MODEL_NAME_LEN, MAX_NEXT_RTTS, MAX_RECORD_BYTES,
+    MAX_RECORD_LIFETIME_MS, PROTOCOL_VERSION,
 };
 
 const NOW: u64 = 1_750_000_000_000;
@@ -34,6 +34,7 @@ fn info() -> ServerInfo {
     i.max_sessions = 4;
     i.context_per_session = 4096;
     i.listen_addrs = vec!["/ip4/127.0.0.1/tcp/4001".into()];
+    i.model_name = "smollm2:135m-q4_1".into();
     i.issued_at_ms = NOW;
     i.expires_at_ms = NOW + 90_000;
     i
@@ -247,6 +248,8 @@ fn oversized_is_refused() {
             rtt_ms: 1234.5,
         })
         .collect();
+    i.model_name = format!("{}:{}", "b".repeat(63), "t".repeat(64));
+    assert_eq!(i.model_name.len(), MAX_MODEL_NAME_LEN);
     assert!(sign(&k, &i).is_ok(), "the largest valid record fits");
     // A hand-made record over the limit (validly signed).
     let payload = vec![0u8; MAX_RECORD_BYTES];
@@ -329,6 +332,52 @@ fn bad_fields_are_refused_even_when_signed() {
                     e,
                     RecordError::BadField {
                         field: "devices.features",
+                        ..
+                    }
+                )
+            },
+        ),
+        // A model name with spaces, capitals, two colons or over the limit.
+        (
+            ServerInfo {
+                model_name: "SmolLM2 135M".into(),
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "model_name",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                model_name: "a:b:c".into(),
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "model_name",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            ServerInfo {
+                model_name: "a".repeat(MAX_MODEL_NAME_LEN + 1),
+                ..info()
+            },
+            |e| {
+                matches!(
+                    e,
+                    RecordError::BadField {
+                        field: "model_name",
                         ..
                     }
                 )

@@ -20,6 +20,9 @@ pub struct ModelInfo {
     pub id: String,
     /// `general.architecture`, e.g. `"llama"`.
     pub arch: String,
+    /// The model's human name, `base:tag` (`smollm2:135m-q4_1`), from its
+    /// `general.*` metadata ([`crate::model_name`]); not covered by the id.
+    pub name: String,
     /// Number of transformer blocks in this file (`{arch}.block_count`).
     pub n_layers: u32,
     /// Hidden size (`{arch}.embedding_length`).
@@ -326,6 +329,7 @@ pub(crate) fn model_info_of(g: &Gguf, groups: &Groups<'_>) -> Result<ModelInfo, 
         globals_hash: globals_hash.to_hex().to_string(),
         file_bytes: g.file_len(),
         slice: slice_meta(g)?,
+        name: crate::model_name(g.metadata(), &groups.arch),
         arch: groups.arch.clone(),
     })
 }

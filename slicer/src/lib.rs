@@ -50,6 +50,7 @@ mod error;
 mod gguf;
 pub mod hash;
 mod info;
+mod name;
 pub mod pieces;
 mod slice;
 mod vocab;
@@ -62,6 +63,7 @@ pub use gguf::value::{MetaArray, MetaValue, ValueType};
 pub use gguf::write::{write_gguf, NewTensor, TensorData, WRITE_VERSION};
 pub use gguf::{DEFAULT_ALIGNMENT, MAX_DIMS};
 pub use info::{header_layers, inspect, model_layers, HeaderLayers, ModelInfo, SliceMeta};
+pub use name::model_name;
 pub use pieces::{
     manifest, manifest_and_vocab, piece_segments, pieces_held, write_slice_from_pieces, Manifest,
     Piece, PieceHasher, PieceId, PieceTensor, MAX_PIECES_ALIGNMENT,

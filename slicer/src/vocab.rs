@@ -62,6 +62,9 @@ pub struct VocabInfo {
     pub n_embd: u32,
     /// `{arch}.vocab_size`, else the length of `tokenizer.ggml.tokens`.
     pub n_vocab: u32,
+    /// The model's human name ([`crate::model_name`]; the vocabulary file
+    /// keeps the model's `general.*` entries, which its id does not cover).
+    pub name: String,
 }
 
 /// Builds, in memory, the vocabulary file of the model at `src`: a GGUF v3
@@ -275,6 +278,7 @@ pub fn verify_vocab(
         }
     }
     Ok(VocabInfo {
+        name: crate::model_name(g.metadata(), &arch),
         arch,
         n_layers,
         n_embd,

@@ -29,6 +29,7 @@ fn smol_expected() -> VocabInfo {
         n_layers: 30,
         n_embd: 576,
         n_vocab: 49152,
+        name: "smollm2:135m-8k-lc100k-mix1-ep2-q4_1".into(),
     }
 }
 
@@ -567,7 +568,8 @@ fn synthetic_untied_model_round_trip() {
             arch: "qwen2".into(),
             n_layers: 2,
             n_embd: 4,
-            n_vocab: 6
+            n_vocab: 6,
+            name: "qwen2".into(),
         }
     );
     // Without tensors, the data section is empty: no padding.

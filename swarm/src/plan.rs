@@ -508,6 +508,7 @@ mod tests {
             coverage: Vec::new(),
             peers,
             gaps: Vec::new(),
+            ..ModelView::default()
         }
     }
 

@@ -42,6 +42,12 @@ pub struct ModelView {
     /// caller knew it, else the majority of its servers' announcements (0
     /// when no server announced it).
     pub n_layers: u32,
+    /// The model's human name (`smollm2:135m-q4_1`) as most of its servers
+    /// announce it (ties: the first in byte order); empty when none does.
+    /// A hint, not an identity: any peer may announce any name (see
+    /// [`ServerInfo::model_name`]).
+    #[serde(default)]
+    pub name: String,
     /// `coverage[b]`: peers holding block `b` (online, verified), sorted.
     pub coverage: Vec<Vec<PeerId>>,
     /// Serving peers of this model, sorted by range start then peer id.
@@ -116,6 +122,106 @@ impl ModelView {
     /// Whether every block has at least one holder.
     pub fn is_fully_covered(&self) -> bool {
         self.n_layers > 0 && self.gaps.is_empty()
+    }
+
+    /// `id (name)`, or the id alone when the model has no name: how an
+    /// error lists the models a name could mean.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            self.id.clone()
+        } else {
+            format!("{} ({})", self.id, self.name)
+        }
+    }
+}
+
+/// Why [`SwarmView::resolve`] found no one model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// Nothing is announced, and no model was named.
+    #[error("no model is announced in this swarm")]
+    NoModel,
+    /// No model was named, and the swarm serves several.
+    #[error("the swarm serves several models; name one: {}", .0.join(", "))]
+    NoneNamed(Vec<String>),
+    /// The name fits several models, all as covered as each other.
+    #[error("`{name}` names several models; give the id: {}", .candidates.join(", "))]
+    Ambiguous {
+        /// The name as given.
+        name: String,
+        /// `id (name)` of each model it fits.
+        candidates: Vec<String>,
+    },
+    /// Nothing in the view answers to the name.
+    #[error("the model `{0}` is not served in this swarm")]
+    Unknown(String),
+}
+
+/// Shortest id prefix [`SwarmView::resolve`] takes.
+pub const MIN_ID_PREFIX: usize = 8;
+
+impl SwarmView {
+    /// The id of the model `name`d; `None`: the swarm's only model.
+    ///
+    /// A name is, in this order: a whole id (64 hex, any case; one not in
+    /// the view yet is taken as it is, for the planner to look up); a
+    /// model's name as its servers announce it (`smollm2:135m-q4_1`, any
+    /// case), or its base alone (`smollm2`, also `smollm2:latest`); a
+    /// prefix of an id of [`MIN_ID_PREFIX`] characters or more. Where a
+    /// name fits several models, the fully covered ones are preferred (an
+    /// announcement of a few blocks under a known name does not take the
+    /// name over); if that still leaves several, it is
+    /// [`ResolveError::Ambiguous`]. Names are announced, not verified: the
+    /// id is the only way to pin a model.
+    pub fn resolve(&self, name: Option<&str>) -> Result<String, ResolveError> {
+        let Some(name) = name.map(str::trim).filter(|n| !n.is_empty()) else {
+            return match self.models.as_slice() {
+                [] => Err(ResolveError::NoModel),
+                [one] => Ok(one.id.clone()),
+                many => Err(ResolveError::NoneNamed(
+                    many.iter().map(ModelView::label).collect(),
+                )),
+            };
+        };
+        let name = name.to_ascii_lowercase();
+        let is_hex = name.bytes().all(|b| b.is_ascii_hexdigit());
+        if name.len() == 64 && is_hex {
+            return Ok(name);
+        }
+        let base = name.strip_suffix(":latest").unwrap_or(&name);
+        let by_name: Vec<&ModelView> = self
+            .models
+            .iter()
+            .filter(|m| !m.name.is_empty())
+            .filter(|m| {
+                m.name == name || (!base.contains(':') && m.name.split(':').next() == Some(base))
+            })
+            .collect();
+        // An exact name beats a base that several names share.
+        let exact: Vec<&ModelView> = by_name.iter().copied().filter(|m| m.name == name).collect();
+        let found = if exact.is_empty() { by_name } else { exact };
+        let found = if found.is_empty() && name.len() >= MIN_ID_PREFIX && is_hex {
+            self.models
+                .iter()
+                .filter(|m| m.id.starts_with(&name))
+                .collect()
+        } else {
+            found
+        };
+        let covered: Vec<&ModelView> = found
+            .iter()
+            .copied()
+            .filter(|m| m.is_fully_covered())
+            .collect();
+        let found = if covered.is_empty() { found } else { covered };
+        match found.as_slice() {
+            [] => Err(ResolveError::Unknown(name)),
+            [one] => Ok(one.id.clone()),
+            many => Err(ResolveError::Ambiguous {
+                candidates: many.iter().map(|m| m.label()).collect(),
+                name,
+            }),
+        }
     }
 }
 
@@ -245,10 +351,31 @@ pub fn build_model_view_with(
         id: model_id.to_string(),
         arch: arch.to_string(),
         n_layers,
+        name: majority_name(
+            mine.iter()
+                .filter(|(_, i)| i.n_layers_total == n_layers && i.arch == arch)
+                .map(|(_, i)| i.model_name.as_str()),
+        ),
         gaps: gaps(&coverage),
         coverage,
         peers,
     }
+}
+
+/// The name most of `names` say (empty ones left out; ties: the first in
+/// byte order); empty when none is given.
+fn majority_name<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let mut votes: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in names.filter(|n| !n.is_empty()) {
+        *votes.entry(n).or_default() += 1;
+    }
+    // `max_by_key` keeps the last of equal keys: reversed, the first.
+    votes
+        .iter()
+        .rev()
+        .max_by_key(|(_, count)| **count)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_default()
 }
 
 /// Maximal runs of empty entries, half-open.
@@ -325,6 +452,111 @@ mod tests {
         assert_eq!(p0["range"], serde_json::json!([0, 3]));
         assert_eq!(m0["coverage"][0], serde_json::json!([p1.to_base58()]));
         assert_eq!(m0["gaps"], serde_json::json!([[5, 10]]));
+    }
+
+    #[test]
+    fn the_name_is_what_most_servers_announce() {
+        let m = "ab".repeat(32);
+        let named = |a, b, name: &str| {
+            let mut i = info(&m, 10, a, b);
+            i.model_name = name.into();
+            i
+        };
+        let mut infos = vec![
+            (peer(1), named(0, 5, "smollm2:135m-q4_1")),
+            (peer(2), named(5, 10, "smollm2:135m-q4_1")),
+            (peer(3), named(0, 10, "liar:1t")),
+            (peer(4), named(0, 10, "")),
+        ];
+        let v = build_model_view(&m, &infos, &HashMap::new());
+        assert_eq!(v.name, "smollm2:135m-q4_1");
+        // A tie goes to the first in byte order, whoever announced first.
+        infos[1].1.model_name = "zz".into();
+        infos[3].1.model_name = "zz".into();
+        assert_eq!(build_model_view(&m, &infos, &HashMap::new()).name, "zz");
+        infos[3].1.model_name = String::new();
+        assert_eq!(
+            build_model_view(&m, &infos, &HashMap::new()).name,
+            "liar:1t"
+        );
+        // Nobody names it.
+        for (_, i) in &mut infos {
+            i.model_name = String::new();
+        }
+        assert_eq!(build_model_view(&m, &infos, &HashMap::new()).name, "");
+    }
+
+    #[test]
+    fn models_are_named_by_id_name_base_or_id_prefix() {
+        let model = |id: String, name: &str, covered: bool| ModelView {
+            id,
+            name: name.into(),
+            n_layers: 2,
+            gaps: if covered { vec![] } else { vec![[1, 2]] },
+            ..ModelView::default()
+        };
+        let a = format!("abcdef01{}", "0".repeat(56));
+        let b = format!("abcdef02{}", "1".repeat(56));
+        let c = format!("0123abcd{}", "2".repeat(56));
+        let v = SwarmView {
+            models: vec![
+                model(a.clone(), "smollm2:135m-q4_1", true),
+                model(b.clone(), "smollm2:135m-q8_0", true),
+                model(c.clone(), "gemma-3:270m-q4_k_m", true),
+            ],
+        };
+        let r = |n: &str| v.resolve(Some(n));
+        assert_eq!(r(&a), Ok(a.clone()));
+        assert_eq!(r(&b.to_uppercase()), Ok(b.clone()));
+        assert_eq!(r("SmolLM2:135M-Q8_0"), Ok(b.clone()));
+        assert_eq!(r("gemma-3"), Ok(c.clone()));
+        assert_eq!(r("gemma-3:latest"), Ok(c.clone()));
+        assert_eq!(r("abcdef02"), Ok(b.clone()));
+        // A whole id nobody announces yet goes to the planner.
+        assert_eq!(r(&"e".repeat(64)), Ok("e".repeat(64)));
+        // Two models share the base.
+        let Err(ResolveError::Ambiguous { candidates, .. }) = r("smollm2") else {
+            panic!("{:?}", r("smollm2"));
+        };
+        assert_eq!(
+            candidates,
+            vec![
+                format!("{a} (smollm2:135m-q4_1)"),
+                format!("{b} (smollm2:135m-q8_0)")
+            ]
+        );
+        assert!(matches!(r("abcdef0"), Err(ResolveError::Unknown(_))));
+        assert!(matches!(r("abcdef"), Err(ResolveError::Unknown(_))));
+        assert!(matches!(r("llama"), Err(ResolveError::Unknown(_))));
+        assert!(matches!(r("135m-q4_1"), Err(ResolveError::Unknown(_))));
+        assert!(matches!(
+            v.resolve(None),
+            Err(ResolveError::NoneNamed(l)) if l.len() == 3
+        ));
+        assert!(matches!(
+            SwarmView::default().resolve(Some("  ")),
+            Err(ResolveError::NoModel)
+        ));
+
+        // Someone announces a few blocks of another model under the
+        // covered model's name: the name stays with the covered one.
+        let squat = format!("feed0000{}", "3".repeat(56));
+        let mut w = v.clone();
+        w.models
+            .push(model(squat.clone(), "gemma-3:270m-q4_k_m", false));
+        assert_eq!(w.resolve(Some("gemma-3:270m-q4_k_m")), Ok(c.clone()));
+        // Both covered: nobody can tell, and the error says which ids.
+        w.models[3].gaps.clear();
+        let e = w.resolve(Some("gemma-3")).unwrap_err();
+        assert!(
+            e.to_string().contains(&squat) && e.to_string().contains(&c),
+            "{e}"
+        );
+        // Only one model: no name needed.
+        let one = SwarmView {
+            models: vec![v.models[2].clone()],
+        };
+        assert_eq!(one.resolve(None), Ok(c.clone()));
     }
 
     #[test]

@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 const PROMPT: &str = "What is the capital of France?";
 /// What `/v1/completions` continues (no template).
 const RAW_PROMPT: &str = "The capital of France is";
+/// The test model's name, as its servers announce it (from its GGUF's
+/// `general.basename`, `size_label`, `finetune` and `file_type`).
+const MODEL_NAME: &str = "smollm2:135m-8k-lc100k-mix1-ep2-q4_1";
 
 /// `node join` flags for one test node holding `layers`.
 fn join_args<'a>(
@@ -276,6 +279,7 @@ fn openai_and_ollama_clients_get_node_asks_text() {
                 v["models"]
             )
         });
+    check_eq!(c, listed["name"], MODEL_NAME, "{listed}");
     check_eq!(c, listed["coverage"]["covered"], 30, "{listed}");
     check_eq!(c, listed["coverage"]["total"], 30, "{listed}");
     check_eq!(
@@ -398,15 +402,16 @@ fn openai_and_ollama_clients_get_node_asks_text() {
         "/v1/completions vs node ask --raw"
     );
 
-    // The ollama client (a model prefix of 12 hex digits names it too).
-    let prefix = &model_id[..12];
-    let o = py::run_json("ollama_check.py", &[&api.base, prefix, PROMPT, "24"]);
+    // The ollama client, naming the model as people do: by the base of
+    // the name its servers announce (`smollm2`, from the GGUF's
+    // `general.*` entries), which /api/tags lists whole.
+    let o = py::run_json("ollama_check.py", &[&api.base, "smollm2", PROMPT, "24"]);
     eprintln!("ollama_check.py: {:.1?}", t0.elapsed());
     check!(
         c,
         o["tags"]
             .as_array()
-            .is_some_and(|t| t.iter().any(|n| n == model_id.as_str())),
+            .is_some_and(|t| t.iter().any(|n| n == MODEL_NAME)),
         "/api/tags via ollama: {}",
         o["tags"]
     );

@@ -184,6 +184,14 @@ fn page_in_headless_chromium() {
         on.len() == 30 && off.is_empty()
     });
     eprintln!("page shows full coverage after {:?}", t0.elapsed());
+    // The model's heading names it as its servers announce it.
+    let heading = browser
+        .find(&format!("article[data-model-id=\"{model_id}\"] h3"))
+        .and_then(|e| browser.text(&e))
+        .unwrap_or_default();
+    if !heading.contains("smollm2:135m-") || !heading.contains(&model_id[..12]) {
+        page.fail(&format!("the model's heading says {heading:?}"));
+    }
     // The three peers, each row with what it must show (RTT and `via` come
     // from the API's own pings and connections: give them a few views).
     let mut expected: Vec<(String, String)> = ranges

@@ -150,6 +150,31 @@ fn chain_gives_the_whole_models_text_and_more() {
     assert_eq!(format!("{}\n", v["text"].as_str().unwrap()), want);
     assert_eq!(v["timings"]["ring_steps"], 0, "{}", v["timings"]);
 
+    // The model by name: `swarm status` shows the name its servers
+    // announce (from the GGUF's `general.*` entries), and `--model` takes
+    // it, its base alone, or an id prefix; a name nobody serves is a clear
+    // error.
+    let id = inspect_model_id(model);
+    let st = nakshatra(&["swarm", "status", "--no-mdns", "--bootstrap", &boot]);
+    let line = format!("model {id} (smollm2:135m-8k-lc100k-mix1-ep2-q4_1, llama, 30 layers)");
+    assert!(text(&st).contains(&line), "{}", text(&st));
+    for name in ["smollm2:135m-8k-lc100k-mix1-ep2-q4_1", "SmolLM2", &id[..10]] {
+        let mut n = GREEDY.to_vec();
+        n.extend_from_slice(&["--model", name]);
+        let o = ask(&boot, asker.path(), &n, PROMPT);
+        assert!(o.status.success(), "--model {name}: {}", err(&o));
+        assert_eq!(text(&o), want, "--model {name}");
+    }
+    let mut n = GREEDY.to_vec();
+    n.extend_from_slice(&["--model", "llama3.2"]);
+    let o = ask(&boot, asker.path(), &n, PROMPT);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(
+        err(&o).contains("the model `llama3.2` is not served in this swarm"),
+        "{}",
+        err(&o)
+    );
+
     // f16 on the wire: still a sensible answer.
     let mut h = GREEDY.to_vec();
     h.extend_from_slice(&["--wire", "f16"]);

@@ -148,11 +148,16 @@ impl From<AskError> for ApiError {
                 param: Some("model".into()),
                 ..status(StatusCode::NOT_FOUND, "model_not_found")
             },
-            AskError::Plan(_) | AskError::NoPeers(_) | AskError::NoModel => {
+            AskError::Plan(_)
+            | AskError::NoPeers(_)
+            | AskError::Model(nakshatra_swarm::ResolveError::NoModel) => {
                 ApiError::unavailable(message)
             }
             e if e.is_busy() => ApiError::unavailable(message),
-            AskError::SeveralModels(_) => ApiError {
+            AskError::Model(nakshatra_swarm::ResolveError::Unknown(name)) => {
+                ApiError::unknown_model(name)
+            }
+            AskError::Model(_) => ApiError {
                 param: Some("model".into()),
                 ..status(StatusCode::BAD_REQUEST, "invalid_value")
             },

@@ -207,8 +207,9 @@ impl AppState {
         }
     }
 
-    /// The full id of the model `name`d: an id, or a unique prefix of 8
-    /// or more characters; none: the swarm's only model.
+    /// The full id of the model `name`d: an id, the model's name (or its
+    /// base), or a unique id prefix of 8 or more characters
+    /// ([`SwarmView::resolve`]); none: the swarm's only model.
     pub async fn resolve_model(&self, name: Option<&str>) -> Result<String, ApiError> {
         let snap = self
             .snapshot()
@@ -227,43 +228,15 @@ impl AppState {
     }
 }
 
-/// See [`AppState::resolve_model`].
+/// See [`AppState::resolve_model`]: [`SwarmView::resolve`], its errors
+/// as the API answers them.
 fn resolve(view: &SwarmView, name: Option<&str>) -> Result<String, ApiError> {
-    let ids: Vec<&str> = view.models.iter().map(|m| m.id.as_str()).collect();
-    let Some(name) = name else {
-        return match ids.as_slice() {
-            [] => Err(ApiError::unavailable("no model is announced in this swarm")),
-            [one] => Ok(one.to_string()),
-            many => Err(ApiError::bad_param(
-                "model",
-                format!(
-                    "the swarm serves several models; name one: {}",
-                    many.join(", ")
-                ),
-            )),
-        };
-    };
-    let name = name.to_ascii_lowercase();
-    if ids.contains(&name.as_str()) {
-        return Ok(name);
-    }
-    let matches: Vec<&&str> = if name.len() >= 8 {
-        ids.iter().filter(|id| id.starts_with(&name)).collect()
-    } else {
-        Vec::new()
-    };
-    match matches.as_slice() {
-        [one] => Ok(one.to_string()),
-        [] if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            // Announced since the last refresh, maybe: the planner says.
-            Ok(name)
-        }
-        [] => Err(ApiError::unknown_model(&name)),
-        _ => Err(ApiError::bad_param(
-            "model",
-            format!("`{name}` names several models; give more of the id"),
-        )),
-    }
+    use nakshatra_swarm::ResolveError as R;
+    view.resolve(name).map_err(|e| match e {
+        R::NoModel => ApiError::unavailable(e.to_string()),
+        R::Unknown(name) => ApiError::unknown_model(&name),
+        R::NoneNamed(_) | R::Ambiguous { .. } => ApiError::bad_param("model", e.to_string()),
+    })
 }
 
 /// Refreshes the shared view every [`VIEW_REFRESH`].

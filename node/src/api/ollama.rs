@@ -37,9 +37,17 @@ pub async fn tags(State(st): State<AppState>) -> Response {
         .models
         .iter()
         .map(|m| {
+            // The model's name where it names this model and no other (so
+            // that a client sending it back gets this one), else the id.
+            let name =
+                if !m.name.is_empty() && snap.view.resolve(Some(&m.name)).as_ref() == Ok(&m.id) {
+                    &m.name
+                } else {
+                    &m.id
+                };
             json!({
-                "name": m.id,
-                "model": m.id,
+                "name": name,
+                "model": name,
                 "modified_at": "1970-01-01T00:00:00Z",
                 "size": 0,
                 "digest": m.id,

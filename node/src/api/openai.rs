@@ -42,6 +42,7 @@ pub async fn models(State(st): State<AppState>) -> Response {
             let covered = m.coverage.iter().filter(|h| !h.is_empty()).count();
             json!({
                 "id": m.id,
+                "name": m.name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "nakshatra",

@@ -87,12 +87,10 @@ pub enum AskError {
     /// Nobody answered.
     #[error(transparent)]
     NoPeers(#[from] nakshatra_swarm::WaitError),
-    /// No model is announced at all.
-    #[error("no model is announced in this swarm")]
-    NoModel,
-    /// Several models, and `--model` did not pick one.
-    #[error("the swarm serves several models; pick one with --model: {}", .0.join(", "))]
-    SeveralModels(Vec<String>),
+    /// `--model` named no one model (or was left out where the swarm
+    /// serves none, or several).
+    #[error(transparent)]
+    Model(#[from] nakshatra_swarm::ResolveError),
     /// No chain covers the model.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -291,7 +289,9 @@ pub enum HopFault {
 /// [`AskerService`]'s).
 #[derive(Debug, Clone)]
 pub struct AskOptions {
-    /// Model id; `None`: the only model in the swarm.
+    /// The model: its id, its name (`smollm2:135m-q4_1`), the name's base
+    /// (`smollm2`) or an id prefix of 8 or more characters; `None`: the
+    /// only model in the swarm.
     pub model: Option<String>,
     /// The prompt.
     pub prompt: Prompt,
@@ -964,19 +964,18 @@ impl Asker<'_> {
         }
     }
 
-    /// The model asked for, or the only one the swarm serves.
+    /// The id of the model asked for (an id, a name, a name's base or an
+    /// id prefix: [`nakshatra_swarm::SwarmView::resolve`]), or of the only
+    /// one the swarm serves.
     async fn model_id(&self) -> Result<String, AskError> {
-        if let Some(m) = &self.opts.model {
-            return Ok(m.clone());
+        let name = self.opts.model.as_deref().map(str::trim);
+        if let Some(id) = name.filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            // A whole id needs no view.
+            return Ok(id.to_ascii_lowercase());
         }
         let view = self.swarm.swarm_view().await?;
-        match view.models.as_slice() {
-            [] => Err(AskError::NoModel),
-            [m] => Ok(m.id.clone()),
-            many => Err(AskError::SeveralModels(
-                many.iter().map(|m| m.id.clone()).collect(),
-            )),
-        }
+        Ok(view.resolve(name)?)
     }
 
     /// Plans a chain without the `exclude`d peers (with them, when they

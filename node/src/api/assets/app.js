@@ -284,7 +284,7 @@
             holders.map(shortPeer).join(", ") + ")");
     });
     sec.kind.textContent =
-      " " + (m.arch || "?") + " · " + sec.n + " blocks";
+      " " + (m.name ? m.name + " · " : "") + (m.arch || "?") + " · " + sec.n + " blocks";
     const gaps = Array.isArray(m.gaps) ? m.gaps : [];
     let text = covered + " of " + sec.n + " blocks covered";
     if (gaps.length) text += " · gaps " + gaps.map(range).join(", ");
@@ -338,6 +338,13 @@
     el.peers.replaceChildren(...rows);
   }
 
+  // A model as people read it: its announced name and the start of its
+  // id (names are hints; the id is what the chat asks for).
+  function modelLabel(m) {
+    const id = shortId(String(m.id || ""), 12);
+    return m.name ? String(m.name) + " · " + id : id;
+  }
+
   function renderModelPicker(models) {
     const ids = models.map((m) => String(m.id || ""));
     if (state.modelIds && ids.join(",") === state.modelIds.join(",")) return;
@@ -345,12 +352,12 @@
     const chosen = el.model.value;
     const options = [];
     if (ids.length <= 1) {
-      options.push(make("option", { value: "" }, ids.length ? shortId(ids[0], 12) : "none announced"));
+      options.push(make("option", { value: "" }, ids.length ? modelLabel(models[0]) : "none announced"));
     } else {
       for (const m of models) {
         const full = Array.isArray(m.gaps) && m.gaps.length === 0;
         options.push(
-          make("option", { value: m.id }, shortId(m.id, 12) + " (" + (m.arch || "?") + (full ? "" : ", partly covered") + ")")
+          make("option", { value: m.id }, modelLabel(m) + " (" + (m.arch || "?") + (full ? "" : ", partly covered") + ")")
         );
       }
     }
