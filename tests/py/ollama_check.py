@@ -33,6 +33,23 @@ def main():
         out["tags"] = exception(e)
 
     try:
+        s = client.show(model)
+        out["show"] = {
+            "details": s.details.model_dump() if s.details else None,
+            "model_info": dict(s.modelinfo or {}),
+            "capabilities": s.capabilities,
+        }
+    except Exception as e:
+        out["show"] = exception(e)
+
+    try:
+        out["ps"] = [
+            {"model": m.model, "context_length": m.context_length} for m in client.ps().models
+        ]
+    except Exception as e:
+        out["ps"] = exception(e)
+
+    try:
         r = httpx.get(base + "/api/version", timeout=30)
         out["version"] = {"status": r.status_code, "body": r.json()}
     except Exception as e:

@@ -43,6 +43,11 @@ def main():
         out["models"] = exception(e)
 
     try:
+        out["retrieved"] = client.models.retrieve(model).model_dump()
+    except Exception as e:
+        out["retrieved"] = exception(e)
+
+    try:
         r = client.chat.completions.create(
             model=model, messages=messages, temperature=0, max_tokens=max_tokens
         )

@@ -280,6 +280,17 @@ fn openai_and_ollama_clients_get_node_asks_text() {
             )
         });
     check_eq!(c, listed["name"], MODEL_NAME, "{listed}");
+    // Each of the three nodes gives a session 512 tokens (`--ctx-size`).
+    check_eq!(c, listed["context_length"], 512, "{listed}");
+    // One model, retrieved as any request names it (here the id).
+    check_eq!(
+        c,
+        v["retrieved"]["id"],
+        model_id.as_str(),
+        "{}",
+        v["retrieved"]
+    );
+    check_eq!(c, v["retrieved"]["name"], MODEL_NAME, "{}", v["retrieved"]);
     check_eq!(c, listed["coverage"]["covered"], 30, "{listed}");
     check_eq!(c, listed["coverage"]["total"], 30, "{listed}");
     check_eq!(
@@ -414,6 +425,33 @@ fn openai_and_ollama_clients_get_node_asks_text() {
             .is_some_and(|t| t.iter().any(|n| n == MODEL_NAME)),
         "/api/tags via ollama: {}",
         o["tags"]
+    );
+    // /api/show and /api/ps, as Ollama clients read them.
+    let info = &o["show"]["model_info"];
+    check_eq!(c, info["general.architecture"], "llama", "{}", o["show"]);
+    check_eq!(c, info["general.name"], MODEL_NAME, "{}", o["show"]);
+    check_eq!(c, info["llama.block_count"], 30, "{}", o["show"]);
+    check_eq!(c, info["llama.context_length"], 512, "{}", o["show"]);
+    check_eq!(
+        c,
+        info["nakshatra.model_id"],
+        model_id.as_str(),
+        "{}",
+        o["show"]
+    );
+    check_eq!(c, o["show"]["details"]["family"], "llama", "{}", o["show"]);
+    check_eq!(
+        c,
+        o["show"]["capabilities"],
+        json!(["completion"]),
+        "{}",
+        o["show"]
+    );
+    check_eq!(
+        c,
+        o["ps"],
+        json!([{"model": MODEL_NAME, "context_length": 512}]),
+        "/api/ps via ollama"
     );
     check_eq!(
         c,

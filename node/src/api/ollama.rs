@@ -1,6 +1,6 @@
-//! Ollama's protocol: `GET /api/tags`, `GET /api/version`, and
-//! `POST /api/chat` / `POST /api/generate`, streamed as NDJSON (one JSON
-//! object a line) unless `"stream": false`.
+//! Ollama's protocol: `GET /api/tags`, `GET /api/ps`, `POST /api/show`,
+//! `GET /api/version`, and `POST /api/chat` / `POST /api/generate`,
+//! streamed as NDJSON (one JSON object a line) unless `"stream": false`.
 
 use std::convert::Infallible;
 use std::time::Instant;
@@ -11,6 +11,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
+use nakshatra_swarm::{ModelView, PeerId, SwarmView};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
@@ -36,27 +37,118 @@ pub async fn tags(State(st): State<AppState>) -> Response {
         .view
         .models
         .iter()
+        .map(|m| listed(&snap.view, m))
+        .collect();
+    Json(json!({ "models": models })).into_response()
+}
+
+/// `GET /api/ps`: the models this API can answer with now (every block
+/// covered), as Ollama lists its loaded models. The weights are the
+/// swarm's, so sizes are 0 and nothing expires.
+pub async fn ps(State(st): State<AppState>) -> Response {
+    let Some(snap) = st.snapshot().await else {
+        return ApiError::unavailable("no view of the swarm yet").ollama();
+    };
+    let models: Vec<Value> = snap
+        .view
+        .models
+        .iter()
+        .filter(|m| m.is_fully_covered())
         .map(|m| {
-            // The model's name where it names this model and no other (so
-            // that a client sending it back gets this one), else the id.
-            let name =
-                if !m.name.is_empty() && snap.view.resolve(Some(&m.name)).as_ref() == Ok(&m.id) {
-                    &m.name
-                } else {
-                    &m.id
-                };
-            json!({
-                "name": name,
-                "model": name,
-                "modified_at": "1970-01-01T00:00:00Z",
-                "size": 0,
-                "digest": m.id,
-                "details": {"format": "gguf", "family": m.arch, "families": [m.arch],
-                            "parameter_size": "", "quantization_level": ""},
-            })
+            let mut v = listed(&snap.view, m);
+            v["expires_at"] = json!(NEVER);
+            v["size_vram"] = json!(0);
+            v["context_length"] = json!(served_context(m));
+            v
         })
         .collect();
     Json(json!({ "models": models })).into_response()
+}
+
+/// `POST /api/show`: one model, named as any request names it: its
+/// details, and in `model_info` its architecture, layers, name, id and
+/// the context a chain can give (see [`served_context`]).
+pub async fn show(State(st): State<AppState>, body: Bytes) -> Response {
+    let name = match params::ollama_show(&body) {
+        Ok(n) => n,
+        Err(e) => return e.ollama(),
+    };
+    let id = match st.resolve_model(name.as_deref()).await {
+        Ok(id) => id,
+        Err(e) => return e.ollama(),
+    };
+    let Some(snap) = st.snapshot().await else {
+        return ApiError::unavailable("no view of the swarm yet").ollama();
+    };
+    let Some(m) = snap.view.models.iter().find(|m| m.id == id) else {
+        // Announced since the last view: ask again in a moment.
+        return ApiError::unknown_model(&id).ollama();
+    };
+    let arch = &m.arch;
+    let covered = m.coverage.iter().filter(|h| !h.is_empty()).count();
+    Json(json!({
+        "license": "",
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": details(m),
+        "model_info": {
+            "general.architecture": arch,
+            "general.name": m.name,
+            format!("{arch}.block_count"): m.n_layers,
+            format!("{arch}.context_length"): served_context(m),
+            "nakshatra.model_id": m.id,
+            "nakshatra.blocks_covered": covered,
+        },
+        "capabilities": ["completion"],
+        "modified_at": EPOCH,
+    }))
+    .into_response()
+}
+
+/// What Ollama says for "never" (its zero time).
+const NEVER: &str = "0001-01-01T00:00:00Z";
+/// `modified_at` of every model: the swarm's models have no file date.
+const EPOCH: &str = "1970-01-01T00:00:00Z";
+
+/// A model as `/api/tags` and `/api/ps` list it: `name` and `model` are
+/// its name where that names this model and no other (so that a client
+/// sending it back gets this one), else its id; `digest` is the id.
+fn listed(view: &SwarmView, m: &ModelView) -> Value {
+    let name = if !m.name.is_empty() && view.resolve(Some(&m.name)).as_ref() == Ok(&m.id) {
+        &m.name
+    } else {
+        &m.id
+    };
+    json!({
+        "name": name,
+        "model": name,
+        "modified_at": EPOCH,
+        "size": 0,
+        "digest": m.id,
+        "details": details(m),
+    })
+}
+
+/// Ollama's `details` of a model.
+fn details(m: &ModelView) -> Value {
+    json!({"parent_model": "", "format": "gguf", "family": m.arch, "families": [m.arch],
+           "parameter_size": "", "quantization_level": ""})
+}
+
+/// The longest context a chain of `m`'s servers can give a session: for
+/// each block the most any online holder gives, the least of those over
+/// the blocks (0 while a block has no holder).
+pub(super) fn served_context(m: &ModelView) -> u32 {
+    let best_holder = |holders: &Vec<PeerId>| {
+        m.peers
+            .iter()
+            .filter(|p| holders.contains(&p.peer_id))
+            .map(|p| p.context_per_session)
+            .max()
+            .unwrap_or(0)
+    };
+    m.coverage.iter().map(best_holder).min().unwrap_or(0)
 }
 
 /// Which endpoint: `message` objects or `response` text.

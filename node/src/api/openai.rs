@@ -1,10 +1,11 @@
-//! OpenAI's protocol: `GET /v1/models`, `POST /v1/chat/completions` and
+//! OpenAI's protocol: `GET /v1/models`, `GET /v1/models/{model}`,
+//! `POST /v1/chat/completions` and
 //! `POST /v1/completions`, whole or streamed as server-sent events.
 
 use std::convert::Infallible;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -34,25 +35,42 @@ pub async fn models(State(st): State<AppState>) -> Response {
     let Some(snap) = st.snapshot().await else {
         return ApiError::unavailable("no view of the swarm yet").openai();
     };
-    let data: Vec<Value> = snap
-        .view
-        .models
-        .iter()
-        .map(|m| {
-            let covered = m.coverage.iter().filter(|h| !h.is_empty()).count();
-            json!({
-                "id": m.id,
-                "name": m.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "nakshatra",
-                "arch": m.arch,
-                "n_layers": m.n_layers,
-                "coverage": {"covered": covered, "total": m.n_layers, "gaps": m.gaps},
-            })
-        })
-        .collect();
+    let data: Vec<Value> = snap.view.models.iter().map(model_object).collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{model}`: one model, named as any request names it
+/// (id, name, a name's base, id prefix).
+pub async fn model(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    let id = match st.resolve_model(Some(&name)).await {
+        Ok(id) => id,
+        Err(e) => return e.openai(),
+    };
+    let Some(snap) = st.snapshot().await else {
+        return ApiError::unavailable("no view of the swarm yet").openai();
+    };
+    match snap.view.models.iter().find(|m| m.id == id) {
+        Some(m) => Json(model_object(m)).into_response(),
+        // Announced since the last view: ask again in a moment.
+        None => ApiError::unknown_model(&id).openai(),
+    }
+}
+
+/// A model as OpenAI's model object, with the swarm's extras: its name,
+/// architecture, layers, coverage and the context a chain can give.
+fn model_object(m: &nakshatra_swarm::ModelView) -> Value {
+    let covered = m.coverage.iter().filter(|h| !h.is_empty()).count();
+    json!({
+        "id": m.id,
+        "name": m.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "nakshatra",
+        "arch": m.arch,
+        "n_layers": m.n_layers,
+        "context_length": super::ollama::served_context(m),
+        "coverage": {"covered": covered, "total": m.n_layers, "gaps": m.gaps},
+    })
 }
 
 /// `POST /v1/chat/completions`.

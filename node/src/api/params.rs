@@ -358,6 +358,18 @@ pub fn ollama_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
     })
 }
 
+/// `POST /api/show`: the model named by `model` (older clients: `name`).
+pub fn ollama_show(body: &[u8]) -> Result<Option<String>, ApiError> {
+    let m = object(body)?;
+    Ok(match model(&m)? {
+        Some(name) => Some(name),
+        None => string(&m, "name")?
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from),
+    })
+}
+
 /// `POST /api/generate`: the template applied to `system` and `prompt`,
 /// unless `raw`.
 pub fn ollama_generate(body: &[u8]) -> Result<GenRequest, ApiError> {
