@@ -166,7 +166,8 @@ impl SwarmView {
     /// A name is, in this order: a whole id (64 hex, any case; one not in
     /// the view yet is taken as it is, for the planner to look up); a
     /// model's name as its servers announce it (`smollm2:135m-q4_1`, any
-    /// case), or its base alone (`smollm2`, also `smollm2:latest`); a
+    /// case), its base alone (`smollm2`, also `smollm2:latest`) or the
+    /// name cut at a `-` of its tag (`smollm2:135m`); a
     /// prefix of an id of [`MIN_ID_PREFIX`] characters or more. Where a
     /// name fits several models, the fully covered ones are preferred (an
     /// announcement of a few blocks under a known name does not take the
@@ -194,7 +195,16 @@ impl SwarmView {
             .iter()
             .filter(|m| !m.name.is_empty())
             .filter(|m| {
-                m.name == name || (!base.contains(':') && m.name.split(':').next() == Some(base))
+                m.name == name
+                    || if base.contains(':') {
+                        // A tag cut at a `-`: `smollm2:135m` for
+                        // `smollm2:135m-instruct-q4_1`.
+                        m.name
+                            .strip_prefix(base)
+                            .is_some_and(|rest| rest.starts_with('-'))
+                    } else {
+                        m.name.split(':').next() == Some(base)
+                    }
             })
             .collect();
         // An exact name beats a base that several names share.
@@ -511,6 +521,15 @@ mod tests {
         assert_eq!(r("SmolLM2:135M-Q8_0"), Ok(b.clone()));
         assert_eq!(r("gemma-3"), Ok(c.clone()));
         assert_eq!(r("gemma-3:latest"), Ok(c.clone()));
+        // The tag cut at a `-`: both smollm2 models have `135m`, only one
+        // `135m-q8`; a cut inside a part names nothing.
+        assert!(matches!(
+            r("smollm2:135m"),
+            Err(ResolveError::Ambiguous { .. })
+        ));
+        assert_eq!(r("smollm2:135m-q8_0"), Ok(b.clone()));
+        assert_eq!(r("gemma-3:270m"), Ok(c.clone()));
+        assert!(matches!(r("gemma-3:270"), Err(ResolveError::Unknown(_))));
         assert_eq!(r("abcdef02"), Ok(b.clone()));
         // A whole id nobody announces yet goes to the planner.
         assert_eq!(r(&"e".repeat(64)), Ok("e".repeat(64)));

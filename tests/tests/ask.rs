@@ -158,7 +158,12 @@ fn chain_gives_the_whole_models_text_and_more() {
     let st = nakshatra(&["swarm", "status", "--no-mdns", "--bootstrap", &boot]);
     let line = format!("model {id} (smollm2:135m-8k-lc100k-mix1-ep2-q4_1, llama, 30 layers)");
     assert!(text(&st).contains(&line), "{}", text(&st));
-    for name in ["smollm2:135m-8k-lc100k-mix1-ep2-q4_1", "SmolLM2", &id[..10]] {
+    for name in [
+        "smollm2:135m-8k-lc100k-mix1-ep2-q4_1",
+        "SmolLM2",
+        "smollm2:135m",
+        &id[..10],
+    ] {
         let mut n = GREEDY.to_vec();
         n.extend_from_slice(&["--model", name]);
         let o = ask(&boot, asker.path(), &n, PROMPT);
