@@ -46,9 +46,12 @@ pub struct ModelChoice {
     pub reason: ChoiceReason,
 }
 
-/// Why [`choose_model`] chose a model.
+/// Why [`choose_model`] chose a model (or why `node join` serves it).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChoiceReason {
+    /// `--model-id` gave a name (or an id prefix), and this is the model
+    /// it names in the swarm's view.
+    Named(String),
     /// It is the only model announced.
     Only,
     /// It is the least covered of `n_models` (see the module doc).
@@ -66,6 +69,7 @@ impl std::fmt::Display for ModelChoice {
     /// `<id> (chosen: ...)`, the line `node join` prints.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.reason {
+            ChoiceReason::Named(name) => write!(f, "{} (named: {name})", self.model_id),
             ChoiceReason::Only => write!(
                 f,
                 "{} (chosen: the only model in the swarm)",

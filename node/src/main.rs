@@ -404,7 +404,11 @@ struct JoinArgs {
     /// most (the least covered), fetched from peers.
     #[arg(long, conflicts_with = "model_id")]
     model: Option<PathBuf>,
-    /// Model id (64 hex) to fetch from peers, verified piece by piece.
+    /// The model to fetch from peers, verified piece by piece: its id (64
+    /// hex), or its name as `swarm status` shows it (`smollm2:135m-q4_1`,
+    /// the base `smollm2`, the tag cut at a `-`: `smollm2:135m`) or an id
+    /// prefix, looked up in the swarm. Names are announced, not verified:
+    /// the id pins the model
     #[arg(long)]
     model_id: Option<String>,
     /// Layers to serve, half-open (`0..10`), or `auto`: the blocks the swarm
@@ -910,7 +914,10 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
     let trace = step_trace(a.trace_steps.as_deref())?;
     let source = match (a.model, a.model_id) {
         (Some(p), _) => serve::ModelSource::File(p),
-        (None, Some(id)) => serve::ModelSource::Id(id),
+        (None, Some(id)) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            serve::ModelSource::Id(id.to_ascii_lowercase())
+        }
+        (None, Some(name)) => serve::ModelSource::Named(name),
         (None, None) => serve::ModelSource::Swarm,
     };
     let opts = serve::JoinOptions {

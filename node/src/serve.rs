@@ -54,6 +54,9 @@ const AUTO_MEMORY_TENTHS: u64 = 8;
 /// Errors of `node join`, each a clear message for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
+    /// `--model-id` named no one model in the swarm.
+    #[error(transparent)]
+    Named(#[from] nakshatra_swarm::ResolveError),
     /// The model file could not be read.
     #[error("cannot read model {path}: {source}")]
     Model {
@@ -254,6 +257,11 @@ pub enum ModelSource {
     File(PathBuf),
     /// Only a model id (`--model-id`): the pieces are fetched from peers.
     Id(String),
+    /// A model named as `swarm status` shows it (`--model-id
+    /// smollm2:135m`: a name, a name's base, an id prefix;
+    /// [`nakshatra_swarm::SwarmView::resolve`]), then as
+    /// [`ModelSource::Id`].
+    Named(String),
     /// Nothing named: the model the swarm needs most
     /// ([`choose::choose_model`]), then as [`ModelSource::Id`].
     Swarm,
@@ -468,7 +476,7 @@ fn check_input(opts: &JoinOptions) -> Result<(), JoinError> {
                 }
             })?;
         }
-        ModelSource::Swarm => {}
+        ModelSource::Named(_) | ModelSource::Swarm => {}
     }
     Ok(())
 }
@@ -549,6 +557,13 @@ async fn prepare(
             })
         }
         ModelSource::Id(id) => prepare_fetched(opts, swarm, id, budget).await,
+        ModelSource::Named(name) => {
+            let choice = resolve_from_swarm(swarm, name).await?;
+            tracing::info!("model: {choice}");
+            let mut p = prepare_fetched(opts, swarm, &choice.model_id, budget).await?;
+            p.chosen = Some(choice);
+            Ok(p)
+        }
         ModelSource::Swarm => {
             let choice = choose_from_swarm(swarm).await?;
             tracing::info!("model: {choice}");
@@ -569,6 +584,33 @@ async fn choose_from_swarm(swarm: &nakshatra_swarm::Client) -> Result<ModelChoic
         let view = swarm.swarm_view().await?;
         match choose::choose_model(&view.models) {
             Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(CHOOSE_POLL).await,
+        }
+    }
+}
+
+/// [`ModelSource::Named`]: waits up to [`PEER_WAIT`] for a first peer,
+/// then reads the swarm's view every [`CHOOSE_POLL`] until the name names
+/// one model or [`CHOOSE_WAIT`] passed (a name that fits several models
+/// is an error at once: waiting will not tell them apart).
+async fn resolve_from_swarm(
+    swarm: &nakshatra_swarm::Client,
+    name: &str,
+) -> Result<ModelChoice, JoinError> {
+    use nakshatra_swarm::ResolveError;
+    swarm.wait_connected(PEER_WAIT).await?;
+    let deadline = Instant::now() + CHOOSE_WAIT;
+    loop {
+        let view = swarm.swarm_view().await?;
+        match view.resolve(Some(name)) {
+            Ok(model_id) => {
+                return Ok(ModelChoice {
+                    model_id,
+                    reason: choose::ChoiceReason::Named(name.to_string()),
+                })
+            }
+            Err(e @ ResolveError::Ambiguous { .. }) => return Err(e.into()),
             Err(e) if Instant::now() >= deadline => return Err(e.into()),
             Err(_) => tokio::time::sleep(CHOOSE_POLL).await,
         }
@@ -1045,7 +1087,7 @@ impl ServingNode {
                 .await??;
                 (slice, vec![path.clone()])
             }
-            ModelSource::Id(_) | ModelSource::Swarm => {
+            ModelSource::Id(_) | ModelSource::Named(_) | ModelSource::Swarm => {
                 let peers = model_sources(&self.swarm, &id).await?;
                 let slice =
                     fetch_slice(&m.opts, &self.swarm, &peers, &m.manifest, &m.vocab, &to).await?;

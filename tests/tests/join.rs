@@ -183,7 +183,8 @@ fn bootstrap_alone_serves_the_blocks_the_only_model_lacks() {
 }
 
 /// Two nodes that listen on QUIC only (0..15 and 15..30, the second
-/// bootstrapped from the first's `/udp/.../quic-v1` address) serve a
+/// bootstrapped from the first's `/udp/.../quic-v1` address, with no model
+/// file: it names the model and fetches its blocks from the first) serve a
 /// chain, and an ask bootstrapped from a QUIC address gets the whole
 /// model's text. The asker's log shows every connection it made, and
 /// each is QUIC.
@@ -201,9 +202,20 @@ fn nodes_reached_only_over_quic_serve_and_answer() {
         a.addrs
     );
     let boot = a.addr().to_string();
-    let mut args = seed_args(model, "15..30", QUIC_LOOPBACK);
-    args.extend_from_slice(&["--bootstrap", &boot]);
-    let b = Proc::join(dirs[1].path(), &args);
+    // The second node has no model file: it names the model as people do
+    // (the tag cut at a `-` of the name `a` announces) and fetches its
+    // blocks from `a`.
+    let mut args = loopback_args(Some(&boot));
+    args[1] = QUIC_LOOPBACK;
+    args.extend_from_slice(&["--model-id", "smollm2:135m", "--layers", "15..30"]);
+    let b = join_slow(dirs[1].path(), &args);
+    let id = model_id(model);
+    let e = b.stderr();
+    assert!(
+        e.lines()
+            .any(|l| l == format!("model: {id} (named: smollm2:135m)")),
+        "no `model:` line naming it; stderr:\n{e}"
+    );
     assert!(
         b.addrs.iter().all(|x| x.contains("/quic-v1/")),
         "{:?}",
