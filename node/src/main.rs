@@ -211,8 +211,20 @@ struct AskArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     test_fresh_recovery: bool,
-    /// The prompt.
-    prompt: String,
+    /// A system message before the prompt (the chat template's `system`
+    /// role).
+    #[arg(long, conflicts_with = "raw")]
+    system: Option<String>,
+    /// A conversation: read one user turn a line from standard input
+    /// (PROMPT, if given, is the first), answer each with the whole
+    /// conversation so far, until end of input. Each answer ends with a
+    /// newline on stdout and a `stats:` line on stderr; a turn that fails
+    /// is reported and left out of the conversation.
+    #[arg(long, conflicts_with_all = ["raw", "json"])]
+    chat: bool,
+    /// The prompt (with --chat: the first turn, optional).
+    #[arg(required_unless_present = "chat")]
+    prompt: Option<String>,
 }
 
 /// Direct streams (`node join`, `node ask`, `api`).
@@ -767,12 +779,20 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         data_dir,
         connect_wait: std::time::Duration::from_secs(a.wait),
     };
+    let mut history: Vec<ChatMessage> = a
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
+    let first = a.prompt.unwrap_or_default();
     let opts = AskOptions {
         model: a.model,
         prompt: if a.gen.raw {
-            Prompt::Raw(a.prompt)
+            Prompt::Raw(first.clone())
         } else {
-            Prompt::Chat(vec![ChatMessage::new("user", &a.prompt)])
+            let mut m = history.clone();
+            m.push(ChatMessage::new("user", &first));
+            Prompt::Chat(m)
         },
         max_tokens: a.gen.max_tokens,
         sampling: {
@@ -802,6 +822,10 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         draft: a.draft.load(1)?,
         ring: !a.no_ring,
     };
+    if a.chat {
+        let first = Some(first).filter(|p| !p.trim().is_empty());
+        return chat(cfg, opts, history.split_off(0), first).await;
+    }
     let json = a.json;
     let stdout = std::io::stdout();
     let out = nakshatra_node::ask::ask(
@@ -818,12 +842,103 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         |r| eprintln!("{}", recovery_line(r)),
     )
     .await?;
-    let t = &out.timings;
     if json {
         out!("{}", serde_json::to_string(&out)?);
     } else {
         out!();
     }
+    print_stats(&out);
+    Ok(())
+}
+
+/// `node ask --chat`: one asker for the whole conversation; each line of
+/// standard input is a user turn, answered with the conversation so far
+/// (`history`: the system message, if any; `first`: a first turn).
+async fn chat(
+    cfg: nakshatra_node::ask::AskerConfig,
+    mut opts: nakshatra_node::ask::AskOptions,
+    mut history: Vec<nakshatra_node::engine::tokenizer::ChatMessage>,
+    first: Option<String>,
+) -> Result<()> {
+    use nakshatra_node::ask::{chain_line, recovery_line, AskEvents, AskerService, Prompt};
+    use nakshatra_node::engine::tokenizer::ChatMessage;
+    use std::io::{BufRead, IsTerminal};
+    use std::ops::ControlFlow;
+    let svc = AskerService::start(cfg).await?;
+    // Standard input is read on a thread of its own (a blocking read);
+    // one line at a time, so that a turn is read only when asked for.
+    let (tx, mut lines) = tokio::sync::mpsc::channel::<String>(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(l) = line else { break };
+            if tx.blocking_send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let tty = std::io::stdin().is_terminal();
+    let (mut pending, mut failed) = (first, 0usize);
+    loop {
+        let line = match pending.take() {
+            Some(p) => p,
+            None => {
+                if tty {
+                    eprint!("> ");
+                }
+                match lines.recv().await {
+                    Some(l) => l,
+                    None => break,
+                }
+            }
+        };
+        let turn = line.trim();
+        if turn.is_empty() {
+            continue;
+        }
+        history.push(ChatMessage::new("user", turn));
+        opts.prompt = Prompt::Chat(history.clone());
+        let stdout = std::io::stdout();
+        let r = svc
+            .ask(
+                &opts,
+                AskEvents {
+                    chain: &mut |chain| eprintln!("{}", chain_line(chain)),
+                    text: &mut |text| {
+                        let mut o = stdout.lock();
+                        let _ = o.write_all(text.as_bytes());
+                        let _ = o.flush();
+                        ControlFlow::Continue(())
+                    },
+                    recovery: &mut |r| eprintln!("{}", recovery_line(r)),
+                },
+            )
+            .await;
+        out!();
+        match r {
+            Ok(out) => {
+                print_stats(&out);
+                history.push(ChatMessage::new("assistant", &out.text));
+            }
+            Err(e) => {
+                // The turn is left out: the next one goes on from the
+                // conversation before it.
+                eprintln!("error: {e}");
+                history.pop();
+                failed += 1;
+            }
+        }
+    }
+    svc.shutdown().await;
+    if failed > 0 {
+        bail!("{failed} turn(s) of the conversation failed");
+    }
+    Ok(())
+}
+
+/// The `verify:`, `stats:` and `speculative:` lines an answer ends with
+/// (stderr).
+fn print_stats(out: &nakshatra_node::ask::AskOutcome) {
+    let t = &out.timings;
     if let Some(v) = &out.verify {
         eprintln!(
             "verify: {} of {} steps checked against a replica chain ({}): all equal",
@@ -856,7 +971,6 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
             s.tokens_per_step
         );
     }
-    Ok(())
 }
 
 fn parse_layers(s: &str) -> Result<LayerChoice> {

@@ -246,6 +246,24 @@ pub fn nakshatra(args: &[&str]) -> Output {
         .expect("run nakshatra")
 }
 
+/// Runs `nakshatra ARGS` to completion with `input` on its standard
+/// input (closed after it).
+pub fn nakshatra_with_input(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(nakshatra_bin())
+        .args(args)
+        .env("RUST_LOG", one_shot_log())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nakshatra");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for nakshatra")
+}
+
 /// `nakshatra swarm status --json` through `bootstrap` (mDNS off).
 pub fn status_json(bootstrap: &str) -> Option<serde_json::Value> {
     status_json_in(&[], bootstrap)

@@ -213,6 +213,83 @@ fn chain_gives_the_whole_models_text_and_more() {
     assert_eq!(text(&a), text(&b));
     assert_eq!(text(&a), reference(model, &sampled, PROMPT));
 
+    // A conversation (--chat): a turn a line on stdin, each answered with
+    // the conversation so far. The first answer is the one-shot chat
+    // answer; the second turn's prompt holds the first turn and its answer
+    // (more tokens than both together, the template's markers included); a
+    // turn too long for the context is reported and left out, and the
+    // conversation goes on. Both runs start with the same system message
+    // (--system).
+    let one_shot = ask(
+        &boot,
+        asker.path(),
+        &[
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--system",
+            "You are terse.",
+        ],
+        "What is the capital of France?",
+    );
+    assert!(one_shot.status.success(), "{}", err(&one_shot));
+    let d = asker.path().to_str().unwrap();
+    let turns = format!(
+        "What is the capital of France?\n{}\nAnd what is the capital of Italy?\n",
+        "word ".repeat(700)
+    );
+    let o = nakshatra_with_input(
+        &[
+            "--data-dir",
+            d,
+            "node",
+            "ask",
+            "--no-mdns",
+            "--bootstrap",
+            &boot,
+            "--chat",
+            "--system",
+            "You are terse.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ],
+        &turns,
+    );
+    let (out, e) = (text(&o), err(&o));
+    assert_eq!(o.status.code(), Some(1), "one turn failed: {e}");
+    assert!(e.contains("longer than the context"), "{e}");
+    assert!(e.contains("1 turn(s) of the conversation failed"), "{e}");
+    assert!(
+        out.starts_with(&text(&one_shot)),
+        "first answer {out:?}, one-shot {:?}",
+        text(&one_shot)
+    );
+    let stats: Vec<&str> = e.lines().filter(|l| l.starts_with("stats:")).collect();
+    assert_eq!(stats.len(), 2, "{e}");
+    let tokens = |l: &str, key: &str| {
+        l.split(key)
+            .next()
+            .and_then(|h| h.split_whitespace().last())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no `{key}` count in {l:?}"))
+    };
+    let (p1, p2) = (
+        tokens(stats[0], " tokens, prefill"),
+        tokens(stats[1], " tokens, prefill"),
+    );
+    let a1 = tokens(
+        stats[0].split('|').nth(1).unwrap_or_default(),
+        " tokens, decode",
+    );
+    assert!(
+        p2 > p1 + a1,
+        "second prompt {p2} tokens, first {p1} + answer {a1}"
+    );
+    assert!(out.lines().count() >= 2, "{out:?}");
+
     // A prompt longer than the hops' context: a clear error.
     let long = "word ".repeat(700);
     let o = ask(&boot, asker.path(), GREEDY, &long);
