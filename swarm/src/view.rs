@@ -142,7 +142,7 @@ pub enum ResolveError {
     #[error("no model is announced in this swarm")]
     NoModel,
     /// No model was named, and the swarm serves several.
-    #[error("the swarm serves several models; name one: {}", .0.join(", "))]
+    #[error("the swarm serves several models; name one (`--model`, or a request's `model`): {}", .0.join(", "))]
     NoneNamed(Vec<String>),
     /// The name fits several models, all as covered as each other.
     #[error("`{name}` names several models; give the id: {}", .candidates.join(", "))]
