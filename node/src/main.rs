@@ -1,6 +1,6 @@
 //! `nakshatra`: the command-line front of the node library.
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -222,7 +222,8 @@ struct AskArgs {
     /// is reported and left out of the conversation.
     #[arg(long, conflicts_with_all = ["raw", "json"])]
     chat: bool,
-    /// The prompt (with --chat: the first turn, optional).
+    /// The prompt; `-` reads it from standard input (to its end). With
+    /// --chat: the first turn, optional.
     #[arg(required_unless_present = "chat")]
     prompt: Option<String>,
 }
@@ -784,7 +785,18 @@ async fn ask(data_dir: DataDir, a: AskArgs) -> Result<()> {
         .iter()
         .map(|s| ChatMessage::new("system", s))
         .collect();
-    let first = a.prompt.unwrap_or_default();
+    let first = match a.prompt {
+        // `-`: the prompt is the whole of standard input (a document, a
+        // long question), as read at once.
+        Some(p) if p == "-" && !a.chat => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| anyhow::anyhow!("cannot read the prompt from standard input: {e}"))?;
+            text
+        }
+        p => p.unwrap_or_default(),
+    };
     let opts = AskOptions {
         model: a.model,
         prompt: if a.gen.raw {
@@ -862,7 +874,7 @@ async fn chat(
 ) -> Result<()> {
     use nakshatra_node::ask::{chain_line, recovery_line, AskEvents, AskerService, Prompt};
     use nakshatra_node::engine::tokenizer::ChatMessage;
-    use std::io::{BufRead, IsTerminal};
+    use std::io::BufRead;
     use std::ops::ControlFlow;
     let svc = AskerService::start(cfg).await?;
     // Standard input is read on a thread of its own (a blocking read);

@@ -235,6 +235,28 @@ fn chain_gives_the_whole_models_text_and_more() {
     );
     assert!(one_shot.status.success(), "{}", err(&one_shot));
     let d = asker.path().to_str().unwrap();
+    // `-` takes the prompt from standard input, to its end.
+    let piped = nakshatra_with_input(
+        &[
+            "--data-dir",
+            d,
+            "node",
+            "ask",
+            "--no-mdns",
+            "--bootstrap",
+            &boot,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--system",
+            "You are terse.",
+            "-",
+        ],
+        "What is the capital of France?",
+    );
+    assert!(piped.status.success(), "{}", err(&piped));
+    assert_eq!(text(&piped), text(&one_shot), "the prompt from stdin");
     let turns = format!(
         "What is the capital of France?\n{}\nAnd what is the capital of Italy?\n",
         "word ".repeat(700)
