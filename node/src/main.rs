@@ -1040,10 +1040,10 @@ async fn join(data_dir: DataDir, a: JoinArgs) -> Result<()> {
     let trace = step_trace(a.trace_steps.as_deref())?;
     let source = match (a.model, a.model_id) {
         (Some(p), _) => serve::ModelSource::File(p),
-        (None, Some(id)) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            serve::ModelSource::Id(id.to_ascii_lowercase())
-        }
-        (None, Some(name)) => serve::ModelSource::Named(name),
+        (None, Some(name)) => match nakshatra_swarm::whole_model_id(&name) {
+            Some(id) => serve::ModelSource::Id(id),
+            None => serve::ModelSource::Named(name),
+        },
         (None, None) => serve::ModelSource::Swarm,
     };
     let opts = serve::JoinOptions {

@@ -112,8 +112,8 @@ pub use identity::{load_or_create_identity, signing_key, IdentityError};
 pub use inbound::{PeerQuota, QuotaPermit, Served};
 pub use plan::{plan_chain, Chain, Hop, PlanError, PlanOptions};
 pub use view::{
-    build_model_view, build_model_view_with, ModelShape, ModelView, PeerView, ResolveError,
-    SwarmView, Via, MIN_ID_PREFIX,
+    build_model_view, build_model_view_with, whole_model_id, ModelShape, ModelView, PeerView,
+    ResolveError, SwarmView, Via, MIN_ID_PREFIX,
 };
 
 /// The name of a stream protocol (`StreamProtocol::new("/nakshatra/act/2")`).

@@ -160,6 +160,15 @@ pub enum ResolveError {
 /// Shortest id prefix [`SwarmView::resolve`] takes.
 pub const MIN_ID_PREFIX: usize = 8;
 
+/// `name` as a model id if it is a whole one (64 hex digits, any case,
+/// surrounding blanks ignored), lowercased; `None` for anything else (a
+/// name, a prefix). A whole id names its model without any view.
+pub fn whole_model_id(name: &str) -> Option<String> {
+    let name = name.trim();
+    (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| name.to_ascii_lowercase())
+}
+
 impl SwarmView {
     /// The id of the model `name`d; `None`: the swarm's only model.
     ///
@@ -184,11 +193,11 @@ impl SwarmView {
                 )),
             };
         };
+        if let Some(id) = whole_model_id(name) {
+            return Ok(id);
+        }
         let name = name.to_ascii_lowercase();
         let is_hex = name.bytes().all(|b| b.is_ascii_hexdigit());
-        if name.len() == 64 && is_hex {
-            return Ok(name);
-        }
         let base = name.strip_suffix(":latest").unwrap_or(&name);
         let by_name: Vec<&ModelView> = self
             .models

@@ -722,6 +722,24 @@ pub fn run_reference(model: &str, extra: &[&str], prompt: &str) -> String {
 /// `nakshatra node ask` through `bootstrap` (mDNS off), with its own data
 /// dir.
 pub fn node_ask(bootstrap: &str, data_dir: &Path, extra: &[&str], prompt: &str) -> Output {
+    let mut args = node_ask_args(bootstrap, data_dir, extra);
+    args.push(prompt);
+    nakshatra(&args)
+}
+
+/// [`node_ask`] with `input` on its standard input and no prompt argument
+/// (`extra` says what to do with the input: `-`, `--chat`).
+pub fn node_ask_with_input(
+    bootstrap: &str,
+    data_dir: &Path,
+    extra: &[&str],
+    input: &str,
+) -> Output {
+    nakshatra_with_input(&node_ask_args(bootstrap, data_dir, extra), input)
+}
+
+/// `--data-dir DIR node ask --no-mdns --bootstrap ADDR EXTRA...`.
+fn node_ask_args<'a>(bootstrap: &'a str, data_dir: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let d = data_dir.to_str().unwrap_or_default();
     let mut args = vec![
         "--data-dir",
@@ -733,8 +751,7 @@ pub fn node_ask(bootstrap: &str, data_dir: &Path, extra: &[&str], prompt: &str) 
         bootstrap,
     ];
     args.extend_from_slice(extra);
-    args.push(prompt);
-    nakshatra(&args)
+    args
 }
 
 /// A small tmpfs mounted on a fresh temporary directory: a disk that fills

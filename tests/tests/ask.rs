@@ -220,66 +220,34 @@ fn chain_gives_the_whole_models_text_and_more() {
     // turn too long for the context is reported and left out, and the
     // conversation goes on. Both runs start with the same system message
     // (--system).
+    let terse = [
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--system",
+        "You are terse.",
+    ];
     let one_shot = ask(
         &boot,
         asker.path(),
-        &[
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-            "--system",
-            "You are terse.",
-        ],
+        &terse,
         "What is the capital of France?",
     );
     assert!(one_shot.status.success(), "{}", err(&one_shot));
-    let d = asker.path().to_str().unwrap();
     // `-` takes the prompt from standard input, to its end.
-    let piped = nakshatra_with_input(
-        &[
-            "--data-dir",
-            d,
-            "node",
-            "ask",
-            "--no-mdns",
-            "--bootstrap",
-            &boot,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-            "--system",
-            "You are terse.",
-            "-",
-        ],
-        "What is the capital of France?",
-    );
+    let mut dash = terse.to_vec();
+    dash.push("-");
+    let piped = node_ask_with_input(&boot, asker.path(), &dash, "What is the capital of France?");
     assert!(piped.status.success(), "{}", err(&piped));
     assert_eq!(text(&piped), text(&one_shot), "the prompt from stdin");
     let turns = format!(
         "What is the capital of France?\n{}\nAnd what is the capital of Italy?\n",
         "word ".repeat(700)
     );
-    let o = nakshatra_with_input(
-        &[
-            "--data-dir",
-            d,
-            "node",
-            "ask",
-            "--no-mdns",
-            "--bootstrap",
-            &boot,
-            "--chat",
-            "--system",
-            "You are terse.",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-        ],
-        &turns,
-    );
+    let mut chat = terse.to_vec();
+    chat.push("--chat");
+    let o = node_ask_with_input(&boot, asker.path(), &chat, &turns);
     let (out, e) = (text(&o), err(&o));
     assert_eq!(o.status.code(), Some(1), "one turn failed: {e}");
     assert!(e.contains("longer than the context"), "{e}");

@@ -242,6 +242,21 @@ fn resolve(view: &SwarmView, name: Option<&str>) -> Result<String, ApiError> {
     })
 }
 
+/// The longest context a chain of `m`'s servers can give a session: for
+/// each block the most any online holder gives, the least of those over
+/// the blocks (0 while a block has no holder).
+fn served_context(m: &nakshatra_swarm::ModelView) -> u32 {
+    let best_holder = |holders: &Vec<nakshatra_swarm::PeerId>| {
+        m.peers
+            .iter()
+            .filter(|p| holders.contains(&p.peer_id))
+            .map(|p| p.context_per_session)
+            .max()
+            .unwrap_or(0)
+    };
+    m.coverage.iter().map(best_holder).min().unwrap_or(0)
+}
+
 /// Refreshes the shared view every [`VIEW_REFRESH`].
 async fn refresh_view(
     svc: AskerService,

@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use nakshatra_swarm::{ModelView, PeerId, SwarmView};
+use nakshatra_swarm::{ModelView, SwarmView};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
@@ -58,7 +58,7 @@ pub async fn ps(State(st): State<AppState>) -> Response {
             let mut v = listed(&snap.view, m);
             v["expires_at"] = json!(NEVER);
             v["size_vram"] = json!(0);
-            v["context_length"] = json!(served_context(m));
+            v["context_length"] = json!(super::served_context(m));
             v
         })
         .collect();
@@ -67,7 +67,7 @@ pub async fn ps(State(st): State<AppState>) -> Response {
 
 /// `POST /api/show`: one model, named as any request names it: its
 /// details, and in `model_info` its architecture, layers, name, id and
-/// the context a chain can give (see [`served_context`]).
+/// the context a chain can give (see [`super::served_context`]).
 pub async fn show(State(st): State<AppState>, body: Bytes) -> Response {
     let name = match params::ollama_show(&body) {
         Ok(n) => n,
@@ -96,7 +96,7 @@ pub async fn show(State(st): State<AppState>, body: Bytes) -> Response {
             "general.architecture": arch,
             "general.name": m.name,
             format!("{arch}.block_count"): m.n_layers,
-            format!("{arch}.context_length"): served_context(m),
+            format!("{arch}.context_length"): super::served_context(m),
             "nakshatra.model_id": m.id,
             "nakshatra.blocks_covered": covered,
         },
@@ -134,21 +134,6 @@ fn listed(view: &SwarmView, m: &ModelView) -> Value {
 fn details(m: &ModelView) -> Value {
     json!({"parent_model": "", "format": "gguf", "family": m.arch, "families": [m.arch],
            "parameter_size": "", "quantization_level": ""})
-}
-
-/// The longest context a chain of `m`'s servers can give a session: for
-/// each block the most any online holder gives, the least of those over
-/// the blocks (0 while a block has no holder).
-pub(super) fn served_context(m: &ModelView) -> u32 {
-    let best_holder = |holders: &Vec<PeerId>| {
-        m.peers
-            .iter()
-            .filter(|p| holders.contains(&p.peer_id))
-            .map(|p| p.context_per_session)
-            .max()
-            .unwrap_or(0)
-    };
-    m.coverage.iter().map(best_holder).min().unwrap_or(0)
 }
 
 /// Which endpoint: `message` objects or `response` text.

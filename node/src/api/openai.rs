@@ -68,7 +68,7 @@ fn model_object(m: &nakshatra_swarm::ModelView) -> Value {
         "owned_by": "nakshatra",
         "arch": m.arch,
         "n_layers": m.n_layers,
-        "context_length": super::ollama::served_context(m),
+        "context_length": super::served_context(m),
         "coverage": {"covered": covered, "total": m.n_layers, "gaps": m.gaps},
     })
 }

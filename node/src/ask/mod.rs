@@ -968,11 +968,10 @@ impl Asker<'_> {
     /// id prefix: [`nakshatra_swarm::SwarmView::resolve`]), or of the only
     /// one the swarm serves.
     async fn model_id(&self) -> Result<String, AskError> {
-        let name = self.opts.model.as_deref().map(str::trim);
-        if let Some(id) = name.filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
+        let name = self.opts.model.as_deref();
+        if let Some(id) = name.and_then(nakshatra_swarm::whole_model_id) {
             // A whole id needs no view.
-            return Ok(id.to_ascii_lowercase());
+            return Ok(id);
         }
         let view = self.swarm.swarm_view().await?;
         Ok(view.resolve(name)?)
